@@ -328,6 +328,7 @@ class Heartbeat(Message):
     free_slots: int = 0
     free_blocks: int = 0
     leases: int = 0
+    max_decode_batch: int = 0     # largest decode batch since the previous heartbeat
 
 
 @message(22)

@@ -1,0 +1,492 @@
+"""The broker's whole state machine: requests, queues, workers, leases and timers.
+
+This module does no I/O and reads no clock of its own: the server loop hands it decoded messages
+and the time (an injected monotonic clock), and sends the messages it returns. Every decision
+about a request's lifecycle (DESIGN §2) is made here, so it is tested without sockets.
+
+Invariants kept here: every accepted request gets exactly one final message (``Final`` or
+``Error``); tokens reach the client in order with no gap and no duplicate; every KV lease a
+context worker holds is released (``KvRelease``) once nobody needs it.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from broker import protocol as p
+from broker.config import BrokerConfig
+
+log = logging.getLogger("broker.state")
+
+FRONT, BACK = "front", "back"     # which socket an outgoing message goes to
+
+# request states (DESIGN §2)
+QUEUED, PREFILLING, KV_READY, DECODING, STREAMING = "QUEUED", "PREFILLING", "KV_READY", "DECODING", "STREAMING"
+GENERATING = "GENERATING"          # the whole request on a `both` worker
+
+
+@dataclass
+class Out:
+    socket: str          # FRONT or BACK
+    identity: bytes
+    msg: p.Message
+
+
+@dataclass
+class Worker:
+    identity: bytes
+    worker_id: str
+    role: str
+    model: str
+    slots: int
+    kv_blocks: int
+    block_size: int
+    max_seq_len: int
+    transfer: dict
+    pid: int
+    heartbeat_s: float
+    last_seen: float
+    free_blocks: int = 0
+    leases_reported: int = 0
+    max_decode_batch: int = 0
+    inflight: set = field(default_factory=set)    # request ids whose current phase runs here
+    leases: set = field(default_factory=set)      # request ids whose KV this worker holds
+
+    @property
+    def credits(self) -> int:
+        return self.slots - len(self.inflight)
+
+    def does(self, phase: str) -> bool:
+        return self.role == phase or self.role == "both"
+
+
+@dataclass
+class Request:
+    request_id: str
+    client: bytes
+    submit: p.Submit
+    sampling: dict
+    received: float
+    deadline: float
+    state: str = QUEUED
+    attempt: int = 0                  # bumped on every dispatch; stale worker messages are dropped
+    prefill_attempts: int = 0
+    mode: str = ""                    # "disagg" or "agg", fixed at first dispatch
+    worker: Optional[bytes] = None    # the worker running the current phase
+    ctx_worker: Optional[bytes] = None  # the context worker holding the KV lease
+    lease_attempt: int = 0
+    lease_deadline: Optional[float] = None
+    context: Optional[p.ContextDone] = None
+    next_index: int = 0               # tokens already sent to the client
+    prompt_tokens: int = 0
+    t_dispatch: Optional[float] = None
+    t_first: Optional[float] = None
+    prefill_s: float = 0.0
+    kv_transfer_s: float = 0.0
+    decode_tries: int = 0
+    note: str = ""                    # why the request was re-run, for its final error
+
+
+class BrokerState:
+    def __init__(self, config: BrokerConfig = BrokerConfig(), clock: Callable[[], float] = time.monotonic,
+                 rng: Optional[random.Random] = None):
+        self.cfg = config
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.requests: dict[str, Request] = {}
+        self.prefill_queue: deque[str] = deque()   # QUEUED requests, in arrival order
+        self.decode_queue: deque[str] = deque()    # KV_READY requests waiting for a generation worker
+        self.workers: dict[bytes, Worker] = {}
+        self.next_heartbeat = 0.0
+        self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0}
+
+    # -----------------------------------------------------------------------------------------
+    # client side
+
+    def on_client(self, identity: bytes, msg: p.Message) -> list[Out]:
+        out: list[Out] = []
+        if isinstance(msg, p.Submit):
+            self._submit(identity, msg, out)
+        elif isinstance(msg, p.Cancel):
+            req = self.requests.get(msg.request_id)
+            if req is not None and req.client == identity:
+                self._finish(req, out, p.Final(req.request_id, p.Finish.CANCELLED,
+                                               self._usage(req), self._timings(req)))
+                self.counters["cancelled"] += 1
+        elif isinstance(msg, p.Ping):
+            out.append(Out(FRONT, identity, p.Pong(msg.nonce, self.stats())))
+        else:
+            out.append(Out(FRONT, identity, p.Error("", p.Code.PROTOCOL,
+                                                    f"{type(msg).__name__} is not a client command")))
+        out.extend(self._dispatch())
+        return out
+
+    def _submit(self, identity: bytes, msg: p.Submit, out: list[Out]) -> None:
+        rid = msg.request_id
+
+        def reject(code: str, text: str, retryable: bool = False) -> None:
+            self.counters["rejected"] += 1
+            out.append(Out(FRONT, identity, p.Error(rid, code, text, retryable)))
+
+        if rid in self.requests:
+            return reject(p.Code.DUPLICATE_REQUEST, f"request id {rid!r} is already in flight")
+        if not any(w.does("context") or w.role == "both" for w in self.workers.values()) or \
+                not self._can_serve():
+            return reject(p.Code.NO_WORKERS, self._no_worker_text(), True)
+        if len(self.prefill_queue) >= self.cfg.max_queue:
+            return reject(p.Code.OVERLOADED, f"the broker's queue is full ({self.cfg.max_queue} "
+                                             "requests waiting); retry later", True)
+        sampling = dict(msg.sampling)
+        if sampling.get("seed") is None:
+            # a fixed seed makes a re-run prefill (after a worker died) give the same tokens,
+            # so the client never sees a changed or duplicated token
+            sampling["seed"] = self.rng.randrange(2**63)
+        now = self.clock()
+        timeout = msg.timeout_ms / 1000 if msg.timeout_ms else self.cfg.request_timeout_s
+        self.requests[rid] = Request(rid, identity, msg, sampling, now, now + timeout)
+        self.prefill_queue.append(rid)
+        self.counters["submitted"] += 1
+        out.append(Out(FRONT, identity, p.Accepted(rid)))
+
+    def client_gone(self, identity: bytes) -> list[Out]:
+        """The frontend could not deliver to this client: drop its requests and free their work."""
+        out: list[Out] = []
+        for req in [r for r in self.requests.values() if r.client == identity]:
+            log.info("client of request %s is gone; cancelling it", req.request_id)
+            self.counters["cancelled"] += 1
+            self._finish(req, out, None)
+        return out
+
+    # -----------------------------------------------------------------------------------------
+    # worker side
+
+    def on_worker(self, identity: bytes, msg: p.Message) -> list[Out]:
+        out: list[Out] = []
+        now = self.clock()
+        w = self.workers.get(identity)
+        if isinstance(msg, p.Ready):
+            if w is not None:   # a restarted worker with the same identity: its old work is lost
+                self._expire(w, out, "re-registered")
+            self.workers[identity] = Worker(identity, msg.worker_id, msg.role, msg.model, msg.slots,
+                                            msg.kv_blocks, msg.block_size, msg.max_seq_len,
+                                            dict(msg.transfer), msg.pid, msg.heartbeat_ms / 1000,
+                                            now, free_blocks=msg.kv_blocks)
+            log.info("worker %s ready: role=%s model=%s slots=%d kv_blocks=%d transfer=%s",
+                     msg.worker_id, msg.role, msg.model, msg.slots, msg.kv_blocks, msg.transfer)
+            out.extend(self._dispatch())
+            return out
+        if w is None:
+            if isinstance(msg, p.ContextDone):   # KV held for a worker we forgot: free it
+                out.append(Out(BACK, identity, p.KvRelease(msg.request_id, msg.attempt)))
+            if not isinstance(msg, p.Disconnect):
+                out.append(Out(BACK, identity, p.Reconnect("unknown worker; send Ready")))
+            return out
+        w.last_seen = now
+        if isinstance(msg, p.Heartbeat):
+            w.free_blocks, w.leases_reported = msg.free_blocks, msg.leases
+            w.max_decode_batch = max(w.max_decode_batch, msg.max_decode_batch)
+        elif isinstance(msg, p.Disconnect):
+            self._expire(w, out, f"disconnected ({msg.reason})" if msg.reason else "disconnected")
+        elif isinstance(msg, p.ContextDone):
+            self._context_done(w, msg, out)
+        elif isinstance(msg, p.KvPulled):
+            req = self._current(msg.request_id, msg.attempt, w)
+            if req is not None and req.state == DECODING:
+                req.kv_transfer_s = msg.kv_transfer_s
+                req.state = STREAMING
+                self._release_lease(req, out)
+        elif isinstance(msg, p.Tokens):
+            req = self._current(msg.request_id, msg.attempt, w)
+            if req is not None:
+                self._relay_tokens(req, msg.index, msg.token_ids, msg.text, out)
+        elif isinstance(msg, p.Finished):
+            req = self._current(msg.request_id, msg.attempt, w)
+            if req is not None:
+                if msg.prompt_tokens:
+                    req.prompt_tokens = msg.prompt_tokens
+                if msg.prefill_s:
+                    req.prefill_s = msg.prefill_s
+                self.counters["finished"] += 1
+                self._finish(req, out, p.Final(req.request_id, msg.finish_reason,
+                                               self._usage(req), self._timings(req)))
+        elif isinstance(msg, p.Failed):
+            req = self._current(msg.request_id, msg.attempt, w)
+            if req is not None:
+                self._failed(req, w, msg, out)
+        out.extend(self._dispatch())
+        return out
+
+    def _current(self, rid: str, attempt: int, w: Worker) -> Optional[Request]:
+        """The request if this message belongs to its current dispatch on this worker, else None."""
+        req = self.requests.get(rid)
+        if req is None or req.attempt != attempt or req.worker != w.identity:
+            log.debug("dropping stale message for %s attempt %d from %s", rid, attempt, w.worker_id)
+            return None
+        return req
+
+    def _context_done(self, w: Worker, msg: p.ContextDone, out: list[Out]) -> None:
+        req = self._current(msg.request_id, msg.attempt, w)
+        if req is None or req.state != PREFILLING:
+            out.append(Out(BACK, w.identity, p.KvRelease(msg.request_id, msg.attempt)))
+            return
+        w.inflight.discard(req.request_id)
+        w.leases.add(req.request_id)
+        req.ctx_worker, req.lease_attempt = w.identity, msg.attempt
+        req.lease_deadline = self.clock() + self.cfg.kv_lease_s
+        req.context, req.worker = msg, None
+        req.prompt_tokens, req.prefill_s = len(msg.prompt_token_ids), msg.prefill_s
+        self._relay_tokens(req, 0, [msg.first_token], msg.first_text, out)
+        if msg.finish_reason is not None:
+            self.counters["finished"] += 1
+            self._finish(req, out, p.Final(req.request_id, msg.finish_reason,
+                                           self._usage(req), self._timings(req)))
+            return
+        req.state = KV_READY
+        self.decode_queue.append(req.request_id)
+
+    def _relay_tokens(self, req: Request, index: int, ids: list, text: str, out: list[Out]) -> None:
+        if index + len(ids) <= req.next_index:
+            return    # a re-run phase repeating tokens the client already has
+        if index != req.next_index:
+            log.error("request %s: token index %d, expected %d; dropping the batch",
+                      req.request_id, index, req.next_index)
+            return
+        if req.t_first is None:
+            req.t_first = self.clock()
+        req.next_index += len(ids)
+        out.append(Out(FRONT, req.client, p.Tokens(req.request_id, index, list(ids), text)))
+
+    def _failed(self, req: Request, w: Worker, msg: p.Failed, out: list[Out]) -> None:
+        w.inflight.discard(req.request_id)
+        req.worker = None
+        log.info("request %s failed on %s: %s %s", req.request_id, w.worker_id, msg.code, msg.message)
+        if msg.retryable and req.next_index <= 1 and req.prefill_attempts < self.cfg.max_attempts:
+            # nothing past the first token reached the client: prefill again from scratch
+            req.note = f"{msg.code} on {w.worker_id}: {msg.message}; "
+            self._release_lease(req, out)
+            self._requeue(req)
+            return
+        self.counters["failed"] += 1
+        self._finish(req, out, p.Error(req.request_id, msg.code, msg.message, False))
+
+    # -----------------------------------------------------------------------------------------
+    # time
+
+    def tick(self) -> list[Out]:
+        """Heartbeats, worker expiry, lease expiry, deadlines, then dispatch."""
+        now = self.clock()
+        out: list[Out] = []
+        for w in list(self.workers.values()):
+            if now - w.last_seen > w.heartbeat_s * self.cfg.liveness:
+                self._expire(w, out, f"silent for {now - w.last_seen:.1f} s")
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.cfg.heartbeat_interval_s
+            out.extend(Out(BACK, w.identity, p.BrokerHeartbeat()) for w in self.workers.values())
+        for req in list(self.requests.values()):
+            if now >= req.deadline:
+                self.counters["failed"] += 1
+                self._finish(req, out, p.Error(
+                    req.request_id, p.Code.TIMEOUT,
+                    f"request {req.request_id} passed its deadline of "
+                    f"{req.deadline - req.received:.1f} s in state {req.state}", False))
+            elif req.lease_deadline is not None and now >= req.lease_deadline and req.state == KV_READY:
+                log.warning("request %s: KV lease expired before a generation worker took it; "
+                            "prefilling again", req.request_id)
+                self._release_lease(req, out)
+                self._requeue(req)
+        out.extend(self._dispatch())
+        return out
+
+    def next_timer(self) -> float:
+        """Seconds until tick() has something to do (the server loop's poll timeout)."""
+        now = self.clock()
+        times = [self.next_heartbeat]
+        times.extend(w.last_seen + w.heartbeat_s * self.cfg.liveness for w in self.workers.values())
+        for r in self.requests.values():
+            times.append(r.deadline)
+            if r.lease_deadline is not None and r.state == KV_READY:
+                times.append(r.lease_deadline)
+        return max(0.0, min(times) - now)
+
+    def _expire(self, w: Worker, out: list[Out], why: str) -> None:
+        log.warning("worker %s (%s, pid %d) expired: %s", w.worker_id, w.role, w.pid, why)
+        del self.workers[w.identity]
+        for rid in sorted(w.leases):
+            req = self.requests.get(rid)
+            if req is None or req.ctx_worker != w.identity:
+                continue
+            req.ctx_worker, req.lease_deadline = None, None
+            if req.state == KV_READY:      # the KV is gone with the worker: prefill again
+                req.note = f"context worker {w.worker_id} holding its KV stopped answering; "
+                self._requeue(req)
+            # DECODING: the generation worker's pull fails and reports it
+        for rid in sorted(w.inflight):
+            req = self.requests.get(rid)
+            if req is None or req.worker != w.identity:
+                continue
+            req.worker = None
+            if req.state == PREFILLING and req.prefill_attempts < self.cfg.max_attempts:
+                req.note = f"context worker {w.worker_id} (pid {w.pid}) stopped answering ({why}); "
+                self._requeue(req)
+            elif req.state == DECODING and req.ctx_worker in self.workers \
+                    and req.decode_tries < self.cfg.max_attempts:
+                req.state = KV_READY        # died before the pull: another generation worker
+                self.decode_queue.appendleft(rid)
+            else:
+                self.counters["failed"] += 1
+                self._finish(req, out, p.Error(
+                    rid, p.Code.WORKER_DIED,
+                    f"{w.role} worker {w.worker_id} (pid {w.pid}) stopped answering ({why}) "
+                    f"while running request {rid} in state {req.state}", False))
+
+    # -----------------------------------------------------------------------------------------
+    # dispatch
+
+    def _can_serve(self) -> bool:
+        roles = {w.role for w in self.workers.values()}
+        return "both" in roles or {"context", "generation"} <= roles
+
+    def _no_worker_text(self) -> str:
+        roles = sorted({w.role for w in self.workers.values()}) or ["none"]
+        return ("no worker can serve this request: need a 'both' worker, or a 'context' and a "
+                f"'generation' worker; registered roles: {', '.join(roles)}")
+
+    def _pick(self, role: str) -> Optional[Worker]:
+        best = None
+        for w in self.workers.values():
+            if w.role == role and w.credits > 0:
+                if best is None or (w.credits, w.free_blocks) > (best.credits, best.free_blocks):
+                    best = w
+        return best
+
+    def _dispatch(self) -> list[Out]:
+        out: list[Out] = []
+        while self.prefill_queue:
+            rid = self.prefill_queue[0]
+            req = self.requests.get(rid)
+            if req is None or req.state != QUEUED:
+                self.prefill_queue.popleft()
+                continue
+            if not self._can_serve():
+                self.prefill_queue.popleft()
+                self.counters["failed"] += 1
+                self._finish(req, out, p.Error(rid, p.Code.NO_WORKERS,
+                                               req.note + self._no_worker_text(), True))
+                continue
+            disagg = self._pick_any("context") and self._pick_any("generation")
+            w = self._pick("context") if disagg else self._pick("both")
+            if w is None:
+                break
+            self.prefill_queue.popleft()
+            self._send_prefill(req, w, disagg, out)
+        while self.decode_queue:
+            rid = self.decode_queue[0]
+            req = self.requests.get(rid)
+            if req is None or req.state != KV_READY:
+                self.decode_queue.popleft()
+                continue
+            if not self._pick_any("generation"):
+                self.decode_queue.popleft()
+                self.counters["failed"] += 1
+                self._finish(req, out, p.Error(rid, p.Code.NO_WORKERS,
+                                               "no generation worker is up to decode this request", True))
+                continue
+            w = self._pick("generation")
+            if w is None:
+                break
+            self.decode_queue.popleft()
+            c = req.context
+            req.attempt += 1
+            req.decode_tries += 1
+            req.state, req.worker = DECODING, w.identity
+            w.inflight.add(rid)
+            out.append(Out(BACK, w.identity, p.Decode(rid, req.attempt, c.prompt_token_ids, c.first_token,
+                                                      c.first_text, c.kv_handle, req.sampling)))
+        return out
+
+    def _pick_any(self, role: str) -> bool:
+        return any(w.role == role for w in self.workers.values())
+
+    def _send_prefill(self, req: Request, w: Worker, disagg: bool, out: list[Out]) -> None:
+        s = req.submit
+        req.attempt += 1
+        req.prefill_attempts += 1
+        req.worker = w.identity
+        req.mode = "disagg" if disagg else "agg"
+        if req.t_dispatch is None:
+            req.t_dispatch = self.clock()
+        w.inflight.add(req.request_id)
+        if disagg:
+            req.state = PREFILLING
+            lease_ms = int(self.cfg.kv_lease_s * 1000)
+            msg = p.Prefill(req.request_id, req.attempt, s.prompt, s.token_ids, s.messages, req.sampling, lease_ms)
+        else:
+            req.state = GENERATING
+            msg = p.Generate(req.request_id, req.attempt, s.prompt, s.token_ids, s.messages, req.sampling)
+        out.append(Out(BACK, w.identity, msg))
+
+    def _requeue(self, req: Request) -> None:
+        req.state, req.worker, req.context = QUEUED, None, None
+        req.decode_tries = 0
+        self.prefill_queue.appendleft(req.request_id)
+
+    # -----------------------------------------------------------------------------------------
+    # endings
+
+    def _release_lease(self, req: Request, out: list[Out]) -> None:
+        if req.ctx_worker is None:
+            return
+        w = self.workers.get(req.ctx_worker)
+        if w is not None:
+            w.leases.discard(req.request_id)
+            out.append(Out(BACK, w.identity, p.KvRelease(req.request_id, req.lease_attempt)))
+        req.ctx_worker, req.lease_deadline = None, None
+
+    def _finish(self, req: Request, out: list[Out], final: Optional[p.Message]) -> None:
+        """The one exit of a request: final message to the client, work cancelled, KV released."""
+        self.requests.pop(req.request_id, None)
+        if req.worker is not None:
+            w = self.workers.get(req.worker)
+            if w is not None:
+                w.inflight.discard(req.request_id)
+                if not isinstance(final, p.Final) or final.finish_reason == p.Finish.CANCELLED \
+                        or req.state in (PREFILLING, DECODING):
+                    out.append(Out(BACK, w.identity, p.CancelWork(req.request_id, req.attempt)))
+            req.worker = None
+        self._release_lease(req, out)
+        if final is not None:
+            out.append(Out(FRONT, req.client, final))
+
+    def _usage(self, req: Request) -> dict:
+        return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.next_index}
+
+    def _timings(self, req: Request) -> dict:
+        now = self.clock()
+        return {
+            "queue": (req.t_dispatch - req.received) if req.t_dispatch is not None else now - req.received,
+            "prefill": req.prefill_s,
+            "kv_transfer": req.kv_transfer_s,
+            "ttft": (req.t_first - req.received) if req.t_first is not None else None,
+            "total": now - req.received,
+        }
+
+    # -----------------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {
+            "requests": len(self.requests),
+            "queued": len(self.prefill_queue),
+            "waiting_decode": len(self.decode_queue),
+            "counters": dict(self.counters),
+            "workers": [
+                {"worker_id": w.worker_id, "role": w.role, "pid": w.pid, "slots": w.slots,
+                 "inflight": len(w.inflight), "leases": len(w.leases), "kv_blocks": w.kv_blocks,
+                 "free_blocks": w.free_blocks, "leases_reported": w.leases_reported,
+                 "max_decode_batch": w.max_decode_batch}
+                for w in self.workers.values()
+            ],
+        }

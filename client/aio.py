@@ -1,0 +1,295 @@
+"""The asyncio client: one ZeroMQ DEALER socket, one reader task, one queue per request.
+
+Safe for many concurrent requests from one event loop (``asyncio.gather`` of many ``generate``
+calls). The reader task routes each broker message to its request's queue and drops messages for
+requests this client no longer tracks; every wait is bounded by the call's timeout. Use an
+``AsyncClient`` from the event loop that first used it only.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any, Optional
+
+import zmq
+import zmq.asyncio
+
+from broker.protocol import Cancel, Code, Message, Ping, Pong, ProtocolError, decode
+
+from .errors import BrokerUnavailable, ClientError, RequestTimeout, failure
+from .request import Chunk, Completion, RequestState, build_submit, check_timeout
+
+log = logging.getLogger(__name__)
+
+
+class _Stop:
+    """Put in a request's queue when the client can no longer deliver to it."""
+
+    def __init__(self, error: ClientError) -> None:
+        self.error = error
+
+
+class AsyncClient:
+    """Asyncio client. ``async with AsyncClient(addr) as c: await c.generate("Hi")``."""
+
+    def __init__(self, address: str, *, timeout: float = 120.0) -> None:
+        self.address = address
+        self.timeout = check_timeout(timeout, timeout)
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self._sock.connect(address)
+        except zmq.ZMQError as e:
+            self._sock.close(linger=0)
+            self._ctx.term()
+            raise ClientError(f"cannot connect to broker address {address!r}: {e}") from None
+        self._queues: dict[str, asyncio.Queue] = {}      # in-flight request id -> its messages
+        self._pings: dict[int, asyncio.Future] = {}
+        self._reader: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.closed = False
+
+    # -- public API ----------------------------------------------------------------------------
+
+    async def generate(self, prompt: Optional[str] = None, *, token_ids: Any = None,
+                       messages: Any = None, timeout: Optional[float] = None,
+                       request_id: Optional[str] = None, **sampling: Any) -> Completion:
+        """Run one request to the end and return its completion."""
+        stream = self._submit(prompt, token_ids, messages, timeout, request_id, sampling, False)
+        async with stream:
+            async for _ in stream:
+                pass
+        assert stream.completion is not None
+        return stream.completion
+
+    def stream(self, prompt: Optional[str] = None, *, token_ids: Any = None, messages: Any = None,
+               timeout: Optional[float] = None, request_id: Optional[str] = None,
+               **sampling: Any) -> "AsyncStream":
+        """Submit now; ``async for chunk in client.stream(...)``. Leaving early (``break``,
+        ``aclose()``, the end of ``async with``) cancels the request."""
+        return self._submit(prompt, token_ids, messages, timeout, request_id, sampling, True)
+
+    async def chat(self, messages: list[dict], **kw: Any) -> Completion:
+        return await self.generate(messages=messages, **kw)
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask the broker to stop a request; its stream then ends with finish_reason "cancelled"."""
+        self._start()
+        await self._await_send(self._send(Cancel(request_id).encode()), self.timeout)
+
+    async def ping(self, timeout: float = 5.0) -> dict:
+        """Round trip to the broker; returns its ``Pong.stats``. Raises ``BrokerUnavailable``."""
+        self._start()
+        timeout = check_timeout(timeout, timeout)
+        deadline = time.monotonic() + timeout
+        nonce = random.getrandbits(62)
+        pong = self._pings[nonce] = self._loop.create_future()
+        try:
+            await self._await_send(self._send(Ping(nonce).encode()), timeout)
+            return dict(await asyncio.wait_for(pong, max(0.0, deadline - time.monotonic())))
+        except asyncio.TimeoutError:
+            raise BrokerUnavailable(f"no answer from the broker at {self.address} to ping "
+                                    f"within {timeout:g} s") from None
+        finally:
+            self._pings.pop(nonce, None)
+
+    async def close(self) -> None:
+        """Stop the reader, fail waiting calls, close the socket and context (linger 0)."""
+        if self.closed:
+            return
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        else:
+            await asyncio.sleep(0)   # let cancels scheduled by finalizers go out first
+        self.closed = True
+        self._stop_all(ClientError("client is closed"))
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    # -- internals used by AsyncStream --------------------------------------------------------
+
+    def _start(self) -> None:
+        if self.closed:
+            raise ClientError("client is closed")
+        if self._reader is None:
+            self._loop = asyncio.get_running_loop()
+            self._reader = self._loop.create_task(self._read_loop())
+
+    def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling, stream) -> "AsyncStream":
+        self._start()
+        timeout = check_timeout(timeout, self.timeout)
+        submit, frames = build_submit(prompt, token_ids=token_ids, messages=messages,
+                                      sampling=sampling, stream=stream, timeout=timeout,
+                                      request_id=request_id)
+        rid = submit.request_id
+        if rid in self._queues:
+            raise failure(Code.DUPLICATE_REQUEST,
+                          f"request id {rid!r} is already in flight on this client", False, rid)
+        self._queues[rid] = asyncio.Queue()
+        return AsyncStream(self, RequestState(rid), time.monotonic() + timeout, timeout,
+                           self._send(frames))
+
+    async def _next_message(self, state: RequestState, deadline: float, timeout: float) -> Message:
+        """The next broker message for this request, or a timeout error."""
+        rid = state.request_id
+        queue = self._queues.get(rid)
+        if queue is None:
+            raise ClientError("client is closed")
+        try:
+            if queue.empty():
+                item = await asyncio.wait_for(queue.get(), deadline - time.monotonic())
+            else:
+                item = queue.get_nowait()
+        except asyncio.TimeoutError:
+            if not state.heard:
+                raise BrokerUnavailable(f"no answer from the broker at {self.address} to request "
+                                        f"{rid} within {timeout:g} s", rid) from None
+            raise RequestTimeout(f"request {rid} did not finish within {timeout:g} s; cancelled",
+                                 rid) from None
+        if isinstance(item, _Stop):
+            raise item.error
+        return item
+
+    def _release(self, state: RequestState, deferred: bool = False) -> None:
+        """Forget a request; cancel it at the broker unless the broker already finished it.
+        ``deferred``: called from a finalizer, which may run anywhere (even inside a send)."""
+        if self._queues.pop(state.request_id, None) is None or self.closed or state.finished:
+            return
+        frames = Cancel(state.request_id).encode()
+        if not deferred:
+            self._send(frames)
+        elif self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._send_if_open, frames)
+
+    # -- socket I/O ----------------------------------------------------------------------------
+
+    def _send(self, frames: list) -> asyncio.Future:
+        """Start a send (pyzmq sends at once when it can); the future is safe to leave unawaited."""
+        fut = self._sock.send_multipart(frames)
+        fut.add_done_callback(_consume_exception)
+        return fut
+
+    def _send_if_open(self, frames: list) -> None:
+        if not self.closed:
+            self._send(frames)
+
+    async def _await_send(self, fut: asyncio.Future, timeout: float) -> None:
+        if fut.done():
+            fut.result()
+            return
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise BrokerUnavailable(f"cannot send to the broker at {self.address} "
+                                    f"within {timeout:g} s") from None
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                frames = await self._sock.recv_multipart()
+                try:
+                    msg = decode(frames)
+                except ProtocolError as e:
+                    log.warning("dropped an undecodable message from the broker: %s", e)
+                    continue
+                if isinstance(msg, Pong):
+                    pong = self._pings.get(msg.nonce)
+                    if pong is not None and not pong.done():
+                        pong.set_result(msg.stats)
+                    continue
+                queue = self._queues.get(getattr(msg, "request_id", None))
+                if queue is not None:
+                    queue.put_nowait(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the socket failed: every waiting call gets a clear error
+            log.error("reader for the broker at %s stopped: %s", self.address, e)
+            self._stop_all(ClientError(f"connection to the broker at {self.address} failed: {e}"))
+            self.closed = True
+
+    def _stop_all(self, error: ClientError) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(_Stop(error))
+        for pong in self._pings.values():
+            if not pong.done():
+                pong.set_exception(error)
+
+
+class AsyncStream:
+    """The chunks of one streamed request, in order. After the last chunk, ``completion`` holds
+    the finish reason, usage and timings. Leaving before the end cancels the request."""
+
+    def __init__(self, client: AsyncClient, state: RequestState, deadline: float, timeout: float,
+                 sent: asyncio.Future) -> None:
+        self._client = client
+        self._state = state
+        self._deadline = deadline
+        self._timeout = timeout
+        self._sent: Optional[asyncio.Future] = sent
+        self._closed = False
+
+    @property
+    def request_id(self) -> str:
+        return self._state.request_id
+
+    @property
+    def completion(self) -> Optional[Completion]:
+        return self._state.completion
+
+    def __aiter__(self) -> "AsyncStream":
+        return self
+
+    async def __anext__(self) -> Chunk:
+        state = self._state
+        try:
+            if self._sent is not None:
+                sent, self._sent = self._sent, None
+                await self._client._await_send(sent, max(0.0, self._deadline - time.monotonic()))
+            while not self._closed and not state.done:
+                msg = await self._client._next_message(state, self._deadline, self._timeout)
+                chunk = state.feed(msg)
+                if chunk is not None:
+                    return chunk
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+        raise StopAsyncIteration
+
+    def close(self, _deferred: bool = False) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client._release(self._state, _deferred)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "AsyncStream":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close(_deferred=True)
+        except Exception:   # a finalizer must not raise (loop closed, interpreter shutdown)
+            pass
+
+
+def _consume_exception(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()

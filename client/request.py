@@ -1,0 +1,161 @@
+"""One request as the client sees it: building and validating the Submit, and the per-request
+state machine that turns broker messages into chunks and one completion.
+
+Shared by ``Client`` and ``AsyncClient``; this module does no I/O. Bad input is caught here so it
+never leaves the process.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from broker.protocol import (Accepted, Code, Error, Final, Message, ProtocolError,
+                             SamplingParams, Submit, Tokens)
+
+from .errors import InvalidRequest, RequestFailed, failure
+
+
+@dataclass
+class Chunk:
+    """A batch of output tokens; ``index`` is the position of its first token in the output."""
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class Completion:
+    """A finished request. ``finish_reason`` is "stop", "length" or "cancelled"; ``usage`` has
+    prompt_tokens and completion_tokens; ``timings`` has queue, prefill, kv_transfer, ttft, total
+    (seconds), as the broker reported them."""
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+def check_timeout(timeout: Any, default: float) -> float:
+    """The call's timeout in seconds: ``timeout`` or the client's default, a finite number > 0."""
+    t = default if timeout is None else timeout
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise InvalidRequest(Code.INVALID_REQUEST, f"invalid timeout={t!r}: expected a number of seconds > 0")
+    return float(t)
+
+
+def build_submit(prompt: Optional[str] = None, *, token_ids: Any = None, messages: Any = None,
+                 sampling: Optional[dict] = None, stream: bool, timeout: float,
+                 request_id: Optional[str] = None) -> tuple[Submit, list]:
+    """Validate everything locally and return the ``Submit`` and its encoded frames.
+
+    Raises ``InvalidRequest`` (code INVALID_REQUEST) naming the field and value.
+    """
+    rid = uuid.uuid4().hex if request_id is None else request_id
+    if not isinstance(rid, str):
+        raise InvalidRequest(Code.INVALID_REQUEST, f"invalid request_id={rid!r}: expected a string")
+    try:
+        given = dict(sampling or {})
+        params = SamplingParams.from_dict(given)
+        # send only what the caller set (normalized), so the server's defaults apply to the rest
+        wire_sampling = {k: v for k, v in params.to_dict().items() if k in given}
+        if token_ids is not None:
+            token_ids = _token_list(token_ids)
+        if messages is not None:
+            messages = _message_list(messages)
+        submit = Submit(request_id=rid, prompt=prompt, token_ids=token_ids, messages=messages,
+                        sampling=wire_sampling, stream=stream,
+                        timeout_ms=max(1, math.ceil(timeout * 1000)))
+        frames = submit.encode()
+    except ProtocolError as e:
+        raise InvalidRequest(Code.INVALID_REQUEST, str(e), False, rid) from None
+    except (TypeError, ValueError) as e:  # a value msgpack cannot carry
+        raise InvalidRequest(Code.INVALID_REQUEST, f"request cannot be encoded: {e}", False, rid) from None
+    return submit, frames
+
+
+def _token_list(token_ids: Any) -> list[int]:
+    if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__iter__"):
+        raise ProtocolError(f"invalid token_ids={token_ids!r}: expected a list of token ids >= 0")
+    out = []
+    for i, t in enumerate(token_ids):
+        try:
+            v = operator.index(t)   # accepts numpy integers, refuses floats and bools' cousins
+        except TypeError:
+            v = None
+        if v is None or isinstance(t, bool) or v < 0:
+            raise ProtocolError(f"invalid token_ids[{i}]={t!r}: expected an integer >= 0")
+        out.append(v)
+    return out
+
+
+def _message_list(messages: Any) -> list[dict]:
+    if not isinstance(messages, (list, tuple)):
+        raise ProtocolError(f"invalid messages={messages!r}: expected a list of "
+                            "{'role': str, 'content': str}")
+    return [dict(m) if isinstance(m, dict) else m for m in messages]
+
+
+class RequestState:
+    """What the client knows about one in-flight request.
+
+    ``feed`` takes the broker's messages for this request in arrival order. Token batches are
+    placed by ``index``: a batch already received is dropped, a gap (or a partial overlap, whose
+    text cannot be split) fails the request with code PROTOCOL. ``finished`` turns true on Final or
+    Error; a request left unfinished must be cancelled at the broker by the caller.
+    """
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.heard = False          # any message from the broker for this request
+        self.finished = False       # the broker sent its one final message
+        self.failed = False         # finished, or given up on locally (protocol violation)
+        self.token_ids: list[int] = []
+        self._texts: list[str] = []
+        self.completion: Optional[Completion] = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.failed
+
+    def feed(self, msg: Message) -> Optional[Chunk]:
+        """Apply one message; return the new chunk, if any. Raises ``RequestFailed`` on Error."""
+        self.heard = True
+        if self.done:
+            return None
+        if isinstance(msg, Tokens):
+            return self._tokens(msg)
+        if isinstance(msg, Final):
+            self.finished = True
+            self.completion = Completion(self.request_id, "".join(self._texts), list(self.token_ids),
+                                         msg.finish_reason, dict(msg.usage), dict(msg.timings))
+            return None
+        if isinstance(msg, Error):
+            self.finished = True
+            raise failure(msg.code, msg.message, msg.retryable, self.request_id)
+        if not isinstance(msg, Accepted):
+            self._violation(f"unexpected {type(msg).__name__} message")
+        return None
+
+    def _tokens(self, msg: Tokens) -> Optional[Chunk]:
+        expected = len(self.token_ids)
+        end = msg.index + len(msg.token_ids)
+        if msg.index < expected and end <= expected:
+            return None     # a duplicate of tokens already delivered
+        if msg.index != expected:
+            what = "gap" if msg.index > expected else "partial overlap"
+            self._violation(f"{what} in the token stream: got tokens [{msg.index}, {end}), "
+                            f"expected index {expected}")
+        if not msg.token_ids:
+            return None
+        self.token_ids.extend(msg.token_ids)
+        self._texts.append(msg.text)
+        return Chunk(self.request_id, msg.index, list(msg.token_ids), msg.text)
+
+    def _violation(self, what: str) -> None:
+        self.failed = True
+        raise RequestFailed(Code.PROTOCOL, f"broker broke the protocol: {what}", False, self.request_id)

@@ -1,0 +1,253 @@
+"""The synchronous client: one ZeroMQ DEALER socket to the broker's frontend, many requests.
+
+Not thread-safe: use one ``Client`` per thread (or ``AsyncClient``). Every receive polls with the
+time left of the call, so nothing waits forever. Messages for other in-flight requests (a stream
+the caller has not finished reading) are buffered per request until read; messages for requests
+this client no longer tracks are dropped.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import random
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import zmq
+
+from broker.protocol import Cancel, Code, Message, Ping, Pong, ProtocolError, decode
+
+from .errors import BrokerUnavailable, ClientError, RequestTimeout, failure
+from .request import Chunk, Completion, RequestState, build_submit, check_timeout
+
+log = logging.getLogger(__name__)
+
+
+class Client:
+    """Synchronous client. ``with Client("tcp://127.0.0.1:5555") as c: c.generate("Hi")``."""
+
+    def __init__(self, address: str, *, timeout: float = 120.0) -> None:
+        self.address = address
+        self.timeout = check_timeout(timeout, timeout)
+        self._inbox: dict[str, collections.deque] = {}   # in-flight request id -> unread messages
+        self._sending = False
+        self._deferred: list[list] = []                  # frames to send once a send finishes
+        self.closed = False
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self._sock.connect(address)
+        except zmq.ZMQError as e:
+            self.close()
+            raise ClientError(f"cannot connect to broker address {address!r}: {e}") from None
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def generate(self, prompt: Optional[str] = None, *, token_ids: Any = None, messages: Any = None,
+                 timeout: Optional[float] = None, request_id: Optional[str] = None,
+                 **sampling: Any) -> Completion:
+        """Run one request to the end and return its completion."""
+        stream = self._submit(prompt, token_ids, messages, timeout, request_id, sampling, False)
+        with stream:
+            for _ in stream:
+                pass
+        assert stream.completion is not None
+        return stream.completion
+
+    def stream(self, prompt: Optional[str] = None, *, token_ids: Any = None, messages: Any = None,
+               timeout: Optional[float] = None, request_id: Optional[str] = None,
+               **sampling: Any) -> "Stream":
+        """Submit now; iterate the returned ``Stream`` for chunks. Closing it early (``break`` out
+        of a ``for`` over it, ``close()``, or leaving its ``with`` block) cancels the request."""
+        return self._submit(prompt, token_ids, messages, timeout, request_id, sampling, True)
+
+    def chat(self, messages: list[dict], **kw: Any) -> Completion:
+        return self.generate(messages=messages, **kw)
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the broker to stop a request; its stream then ends with finish_reason "cancelled"."""
+        self._check_open()
+        self._send(Cancel(request_id).encode(), self.timeout)
+
+    def ping(self, timeout: float = 5.0) -> dict:
+        """Round trip to the broker; returns its ``Pong.stats``. Raises ``BrokerUnavailable``."""
+        self._check_open()
+        timeout = check_timeout(timeout, timeout)
+        deadline = time.monotonic() + timeout
+        nonce = random.getrandbits(62)
+        self._send(Ping(nonce).encode(), timeout)
+        pong = self._receive(lambda m: isinstance(m, Pong) and m.nonce == nonce, deadline)
+        if pong is None:
+            raise BrokerUnavailable(f"no answer from the broker at {self.address} to ping "
+                                    f"within {timeout:g} s")
+        return dict(pong.stats)
+
+    def close(self) -> None:
+        """Close the socket and context at once (linger 0); in-flight requests are abandoned."""
+        self.closed = True
+        self._inbox.clear()
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- internals used by Stream -------------------------------------------------------------
+
+    def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling, stream) -> "Stream":
+        self._check_open()
+        timeout = check_timeout(timeout, self.timeout)
+        submit, frames = build_submit(prompt, token_ids=token_ids, messages=messages,
+                                      sampling=sampling, stream=stream, timeout=timeout,
+                                      request_id=request_id)
+        rid = submit.request_id
+        if rid in self._inbox:
+            raise failure(Code.DUPLICATE_REQUEST,
+                          f"request id {rid!r} is already in flight on this client", False, rid)
+        deadline = time.monotonic() + timeout
+        self._inbox[rid] = collections.deque()
+        try:
+            self._send(frames, timeout)
+        except BaseException:
+            del self._inbox[rid]
+            raise
+        return Stream(self, RequestState(rid), deadline, timeout)
+
+    def _next_message(self, state: RequestState, deadline: float, timeout: float) -> Message:
+        """The next broker message for this request, or a timeout error."""
+        rid = state.request_id
+        queued = self._inbox.get(rid)
+        if queued:
+            return queued.popleft()
+        msg = self._receive(lambda m: getattr(m, "request_id", None) == rid, deadline)
+        if msg is not None:
+            return msg
+        if not state.heard:
+            raise BrokerUnavailable(f"no answer from the broker at {self.address} to request "
+                                    f"{rid} within {timeout:g} s", rid)
+        raise RequestTimeout(f"request {rid} did not finish within {timeout:g} s; cancelled", rid)
+
+    def _release(self, state: RequestState) -> None:
+        """Forget a request; cancel it at the broker unless the broker already finished it."""
+        if self._inbox.pop(state.request_id, None) is None or self.closed:
+            return
+        if not state.finished:
+            frames = Cancel(state.request_id).encode()
+            if self._sending:   # called from a finalizer in the middle of a multipart send
+                self._deferred.append(frames)
+            else:
+                self._send(frames, self.timeout, quiet=True)
+
+    # -- socket I/O ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClientError("client is closed")
+
+    def _send(self, frames: list, timeout: float, quiet: bool = False) -> None:
+        """Send without ever blocking longer than ``timeout``."""
+        deadline = time.monotonic() + timeout
+        self._sending = True
+        try:
+            while True:
+                try:
+                    self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._sock.poll(_ms(left), zmq.POLLOUT):
+                        if quiet:
+                            log.warning("could not send to the broker at %s; dropped", self.address)
+                            return
+                        raise BrokerUnavailable(f"cannot send to the broker at {self.address} "
+                                                f"within {timeout:g} s") from None
+        finally:
+            self._sending = False
+        while self._deferred:
+            self._send(self._deferred.pop(0), timeout, quiet=True)
+
+    def _receive(self, wanted: Callable[[Message], bool], deadline: float) -> Optional[Message]:
+        """Read until a message satisfies ``wanted`` (returned) or the deadline passes (None).
+        Messages for other in-flight requests are buffered; anything else is dropped."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(_ms(left), zmq.POLLIN):
+                if time.monotonic() >= deadline:
+                    return None
+                continue
+            try:
+                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            try:
+                msg = decode(frames)
+            except ProtocolError as e:
+                log.warning("dropped an undecodable message from the broker: %s", e)
+                continue
+            if wanted(msg):
+                return msg
+            queued = self._inbox.get(getattr(msg, "request_id", None))
+            if queued is not None:
+                queued.append(msg)
+
+
+class Stream:
+    """The chunks of one streamed request, in order. After the last chunk, ``completion`` holds
+    the finish reason, usage and timings. ``close()`` before the end cancels the request."""
+
+    def __init__(self, client: Client, state: RequestState, deadline: float, timeout: float) -> None:
+        self._client = client
+        self._state = state
+        self._deadline = deadline
+        self._timeout = timeout
+        self._closed = False
+
+    @property
+    def request_id(self) -> str:
+        return self._state.request_id
+
+    @property
+    def completion(self) -> Optional[Completion]:
+        return self._state.completion
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self
+
+    def __next__(self) -> Chunk:
+        state = self._state
+        try:
+            while not self._closed and not state.done:
+                chunk = state.feed(self._client._next_message(state, self._deadline, self._timeout))
+                if chunk is not None:
+                    return chunk
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client._release(self._state)
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:   # a finalizer must not raise (interpreter shutdown, closed client)
+            pass
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))

@@ -1,0 +1,290 @@
+"""The broker's state machine, driven without sockets by a fake clock."""
+import pytest
+
+from broker import protocol as p
+from broker.config import BrokerConfig
+from broker.state import BACK, FRONT, BrokerState
+
+C1 = b"client-1"
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+    def advance(self, dt):
+        self.t += dt
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def st(clock):
+    return BrokerState(BrokerConfig(heartbeat_interval_s=1.0, liveness=3, max_queue=4,
+                                    request_timeout_s=60, kv_lease_s=10, max_attempts=2), clock)
+
+
+def ready(st, ident, role, slots=4, blocks=100):
+    return st.on_worker(ident, p.Ready(ident.decode(), role, "tiny", slots, blocks, 16, 4096,
+                                       {"backend": "ZMQ", "endpoint": "tcp://x"}, 1, 1000))
+
+
+def of(out, cls, socket=None, ident=None):
+    return [o.msg for o in out if isinstance(o.msg, cls) and (socket is None or o.socket == socket)
+            and (ident is None or o.identity == ident)]
+
+
+def submit(st, rid="r1", **kw):
+    return st.on_client(C1, p.Submit(request_id=rid, prompt="hello", **kw))
+
+
+def context_done(st, ident, prefill, first=7, finish=None):
+    return st.on_worker(ident, p.ContextDone(prefill.request_id, prefill.attempt, first, "x", [1, 2, 3],
+                                             {"transfer_id": prefill.request_id}, finish, 0.01))
+
+
+def assert_empty(st):
+    assert st.requests == {} and not st.prefill_queue and not st.decode_queue
+    for w in st.workers.values():
+        assert w.inflight == set() and w.leases == set()
+
+
+def test_disaggregated_happy_path(st):
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation")
+    out = submit(st)
+    assert of(out, p.Accepted, FRONT)[0].request_id == "r1"
+    [pre] = of(out, p.Prefill, BACK, b"ctx")
+    assert pre.sampling["seed"] is not None          # the broker fixes a seed for re-runs
+    out = context_done(st, b"ctx", pre)
+    [tok] = of(out, p.Tokens, FRONT)
+    assert (tok.index, tok.token_ids) == (0, [7])
+    [dec] = of(out, p.Decode, BACK, b"gen")
+    assert dec.first_token == 7 and dec.kv_handle == {"transfer_id": "r1"} and dec.attempt > pre.attempt
+    out = st.on_worker(b"gen", p.KvPulled("r1", dec.attempt, 0.002, 1000))
+    assert of(out, p.KvRelease, BACK, b"ctx")[0].attempt == pre.attempt
+    out = st.on_worker(b"gen", p.Tokens("r1", 1, [8, 9], "yz", dec.attempt))
+    assert of(out, p.Tokens, FRONT)[0].token_ids == [8, 9]
+    out = st.on_worker(b"gen", p.Finished("r1", dec.attempt, "length", 3))
+    [fin] = of(out, p.Final, FRONT)
+    assert fin.finish_reason == "length"
+    assert fin.usage == {"prompt_tokens": 3, "completion_tokens": 3}
+    assert fin.timings["kv_transfer"] == 0.002 and fin.timings["ttft"] is not None
+    assert not of(out, p.CancelWork)
+    assert_empty(st)
+
+
+def test_aggregated_when_only_both_workers(st):
+    ready(st, b"w", "both")
+    out = submit(st)
+    [gen] = of(out, p.Generate, BACK, b"w")
+    st.on_worker(b"w", p.Tokens("r1", 0, [1, 2], "ab", gen.attempt))
+    out = st.on_worker(b"w", p.Finished("r1", gen.attempt, "stop", 2, prompt_tokens=5))
+    assert of(out, p.Final)[0].usage == {"prompt_tokens": 5, "completion_tokens": 2}
+    assert_empty(st)
+
+
+def test_first_token_ends_request_releases_kv(st):
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation")
+    [pre] = of(submit(st), p.Prefill)
+    out = context_done(st, b"ctx", pre, finish="stop")
+    assert of(out, p.Final)[0].finish_reason == "stop"
+    assert of(out, p.KvRelease, BACK, b"ctx") and not of(out, p.Decode)
+    assert_empty(st)
+
+
+def test_rejections_name_the_cause(st):
+    out = submit(st)
+    [err] = of(out, p.Error)
+    assert err.code == p.Code.NO_WORKERS and err.retryable and "registered roles: none" in err.message
+    ready(st, b"ctx", "context", slots=1)
+    ready(st, b"gen", "generation")
+    for i in range(5):                       # 1 dispatched + 4 queued fill the queue
+        assert of(submit(st, f"q{i}"), p.Accepted)
+    [err] = of(submit(st, "q5"), p.Error)
+    assert err.code == p.Code.OVERLOADED and err.retryable
+    [err] = of(submit(st, "q0"), p.Error)
+    assert err.code == p.Code.DUPLICATE_REQUEST
+
+
+def test_credits_bound_dispatch(st):
+    ready(st, b"ctx", "context", slots=2)
+    ready(st, b"gen", "generation")
+    sent = [of(submit(st, f"r{i}"), p.Prefill) for i in range(3)]
+    assert [len(s) for s in sent] == [1, 1, 0]
+    out = context_done(st, b"ctx", sent[0][0])
+    assert [m.request_id for m in of(out, p.Prefill)] == ["r2"]   # a slot freed: the queue moves
+
+
+def test_cancel_releases_work_and_kv(st):
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation", slots=1)
+    [pre] = of(submit(st), p.Prefill)
+    out = st.on_client(C1, p.Cancel("r1"))
+    assert of(out, p.Final)[0].finish_reason == "cancelled"
+    assert of(out, p.CancelWork, BACK, b"ctx")
+    assert_empty(st)
+    # a ContextDone arriving after the cancel must not leak the KV
+    out = context_done(st, b"ctx", pre)
+    assert of(out, p.KvRelease, BACK, b"ctx") and not of(out, p.Tokens)
+    # cancel during decode: work cancelled on the generation worker, KV released on the context one
+    [pre] = of(submit(st, "r2"), p.Prefill)
+    [dec] = of(context_done(st, b"ctx", pre), p.Decode)
+    out = st.on_client(C1, p.Cancel("r2"))
+    assert of(out, p.CancelWork, BACK, b"gen") and of(out, p.KvRelease, BACK, b"ctx")
+    assert_empty(st)
+
+
+def test_deadline(st, clock):
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation")
+    submit(st, timeout_ms=500)
+    clock.advance(0.4)
+    assert not of(st.tick(), p.Error)
+    clock.advance(0.2)
+    st.on_worker(b"ctx", p.Heartbeat(1, 100, 0))
+    st.on_worker(b"gen", p.Heartbeat(1, 100, 0))
+    out = st.tick()
+    [err] = of(out, p.Error, FRONT)
+    assert err.code == p.Code.TIMEOUT and "deadline" in err.message
+    assert of(out, p.CancelWork, BACK, b"ctx")
+    assert_empty(st)
+
+
+def test_context_worker_death_requeues_to_another(st, clock):
+    ready(st, b"ctx1", "context")
+    ready(st, b"gen", "generation")
+    [pre] = of(submit(st), p.Prefill, BACK, b"ctx1")
+    ready(st, b"ctx2", "context")
+    clock.advance(2.0)
+    st.on_worker(b"ctx2", p.Heartbeat(4, 100, 0))
+    st.on_worker(b"gen", p.Heartbeat(4, 100, 0))
+    clock.advance(1.5)                        # ctx1 silent for 3.5 s > 3 intervals
+    out = st.tick()
+    assert b"ctx1" not in st.workers
+    [pre2] = of(out, p.Prefill, BACK, b"ctx2")
+    assert pre2.attempt > pre.attempt
+    # the dead worker's late answer is stale and is not relayed
+    out = context_done(st, b"ctx1", pre)
+    assert not of(out, p.Tokens) and of(out, p.Reconnect)
+
+
+def test_context_worker_death_with_none_left_fails_clearly(st, clock):
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation")
+    submit(st)
+    clock.advance(2.0)
+    st.on_worker(b"gen", p.Heartbeat(4, 100, 0))
+    clock.advance(1.5)
+    [err] = of(st.tick(), p.Error, FRONT)
+    assert err.code == p.Code.NO_WORKERS
+    assert "context worker ctx" in err.message and "stopped answering" in err.message
+    assert_empty(st)
+
+
+def test_generation_death_before_pull_redispatches(st, clock):
+    ready(st, b"ctx", "context")
+    ready(st, b"gen1", "generation")
+    [pre] = of(submit(st), p.Prefill)
+    [dec] = of(context_done(st, b"ctx", pre), p.Decode, BACK, b"gen1")
+    ready(st, b"gen2", "generation")
+    out = st.on_worker(b"gen1", p.Disconnect("shutting down"))
+    [dec2] = of(out, p.Decode, BACK, b"gen2")
+    assert dec2.kv_handle == dec.kv_handle and not of(out, p.Error)
+
+
+def test_generation_death_after_pull_fails(st):
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation")
+    [pre] = of(submit(st), p.Prefill)
+    [dec] = of(context_done(st, b"ctx", pre), p.Decode)
+    st.on_worker(b"gen", p.KvPulled("r1", dec.attempt))
+    st.on_worker(b"gen", p.Tokens("r1", 1, [5], "a", dec.attempt))
+    out = st.on_worker(b"gen", p.Disconnect())
+    [err] = of(out, p.Error, FRONT)
+    assert err.code == p.Code.WORKER_DIED and "generation worker gen" in err.message
+    assert_empty(st)
+
+
+def test_lease_expiry_prefills_again_without_duplicating_the_first_token(st, clock):
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation", slots=1)
+    [busy] = of(submit(st, "busy"), p.Prefill)
+    [dec_busy] = of(context_done(st, b"ctx", busy), p.Decode)   # gen's only slot is taken
+    [pre] = of(submit(st), p.Prefill)
+    context_done(st, b"ctx", pre)                     # r1 waits for a generation slot
+    for _ in range(11):
+        clock.advance(1.0)
+        st.on_worker(b"ctx", p.Heartbeat(4, 100, 1))
+        st.on_worker(b"gen", p.Heartbeat(0, 100, 0))
+        out = st.tick()
+        if of(out, p.Prefill):
+            break
+    assert of(out, p.KvRelease, BACK, b"ctx")[0].request_id == "r1"
+    [pre2] = of(out, p.Prefill)
+    out = context_done(st, b"ctx", pre2)
+    assert not of(out, p.Tokens)        # index 0 was already sent
+
+
+def test_retryable_pull_failure_prefills_again(st):
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation")
+    [pre] = of(submit(st), p.Prefill)
+    [dec] = of(context_done(st, b"ctx", pre), p.Decode)
+    out = st.on_worker(b"gen", p.Failed("r1", dec.attempt, p.Code.KV_TRANSFER_FAILED, "peer gone", True))
+    assert of(out, p.KvRelease, BACK, b"ctx") and of(out, p.Prefill, BACK, b"ctx")
+    # a non-retryable failure (a timeout) ends the request with the worker's message
+    [pre2] = of(out, p.Prefill)
+    [dec2] = of(context_done(st, b"ctx", pre2), p.Decode)
+    out = st.on_worker(b"gen", p.Failed("r1", dec2.attempt, p.Code.KV_TRANSFER_TIMEOUT,
+                                        "KV transfer timed out after 100 ms", False))
+    [err] = of(out, p.Error, FRONT)
+    assert err.code == p.Code.KV_TRANSFER_TIMEOUT and "timed out" in err.message
+    assert of(out, p.KvRelease, BACK, b"ctx")
+    assert_empty(st)
+
+
+def test_out_of_order_tokens_are_never_relayed(st):
+    ready(st, b"w", "both")
+    [gen] = of(submit(st), p.Generate)
+    assert of(st.on_worker(b"w", p.Tokens("r1", 0, [1], "a", gen.attempt)), p.Tokens)
+    assert not of(st.on_worker(b"w", p.Tokens("r1", 0, [1], "a", gen.attempt)), p.Tokens)  # duplicate
+    assert not of(st.on_worker(b"w", p.Tokens("r1", 5, [1], "a", gen.attempt)), p.Tokens)  # gap
+    assert not of(st.on_worker(b"w", p.Tokens("r1", 1, [1], "a", gen.attempt - 1)), p.Tokens)  # stale
+
+
+def test_client_gone_cancels_its_requests(st):
+    ready(st, b"w", "both")
+    submit(st)
+    out = st.client_gone(C1)
+    assert of(out, p.CancelWork, BACK, b"w") and not of(out, p.Final)
+    assert_empty(st)
+
+
+def test_heartbeats_and_timer(st, clock):
+    ready(st, b"w", "both")
+    out = st.tick()
+    assert of(out, p.BrokerHeartbeat, BACK, b"w")
+    assert not of(st.tick(), p.BrokerHeartbeat)
+    assert 0 < st.next_timer() <= 1.0
+    clock.advance(1.0)
+    assert of(st.tick(), p.BrokerHeartbeat)
+
+
+def test_unknown_worker_is_told_to_reconnect(st):
+    out = st.on_worker(b"ghost", p.Heartbeat())
+    assert of(out, p.Reconnect)
+
+
+def test_stats(st):
+    ready(st, b"w", "both")
+    submit(st)
+    s = st.stats()
+    assert s["requests"] == 1 and s["workers"][0]["inflight"] == 1
