@@ -1,0 +1,111 @@
+"""Loads a llama or qwen2 GGUF file: config from its metadata, weights dequantized to fp32, and
+the tokenizer rebuilt from its fields. Reads the file only; never writes or downloads."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .gguf_file import GGUFFile, dequantize
+from .model import LlamaModel
+from .tokenizer import HFTokenizer, tokenizer_from_gguf
+
+SUPPORTED_ARCHS = ("llama", "qwen2")
+
+# GGUF tensor name -> our parameter name ({i} is the layer)
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+                 "output.weight": "lm_head.weight"}
+
+
+def _param_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's convert-time permutation of Q/K rows (made for interleaved RoPE), giving
+    back the HF layout in which each head's two halves rotate together."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
+             .swapaxes(1, 2).reshape(w.shape))
+
+
+def _config(reader: GGUFFile, arch: str, path: str) -> ModelConfig:
+    def get(key, default=None):
+        return reader.fields.get(key, default)
+
+    def arch_key(key, default=None):
+        return get(f"{arch}.{key}", default)
+
+    scaling = arch_key("rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ValueError(f"{path}: rope scaling {scaling!r} is not supported")
+    hidden = arch_key("embedding_length")
+    heads = arch_key("attention.head_count")
+    head_dim = arch_key("attention.key_length", hidden // heads)
+    rope_dim = arch_key("rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise ValueError(f"{path}: partial rotary (rope.dimension_count={rope_dim}, head_dim="
+                         f"{head_dim}) is not supported")
+    names = {t.name for t in reader.tensors}
+    eos = tuple(i for i in (get("tokenizer.ggml.eos_token_id"), get("tokenizer.ggml.eot_token_id"))
+                if i is not None)
+    return ModelConfig(
+        name=get("general.name") or os.path.basename(path),
+        num_layers=arch_key("block_count"), hidden_size=hidden,
+        intermediate_size=arch_key("feed_forward_length"), num_heads=heads,
+        num_kv_heads=arch_key("attention.head_count_kv", heads), head_dim=head_dim,
+        vocab_size=arch_key("vocab_size", len(get("tokenizer.ggml.tokens", []))),
+        rope_theta=float(arch_key("rope.freq_base", 10000.0)),
+        rms_eps=float(arch_key("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position=arch_key("context_length"),
+        tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=get("tokenizer.ggml.bos_token_id"), eos_token_ids=tuple(dict.fromkeys(eos)))
+
+
+def load_gguf(path: str) -> tuple[LlamaModel, HFTokenizer]:
+    reader = GGUFFile(path)
+    arch = reader.fields.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ARCHS)}")
+    cfg = _config(reader, arch, path)
+    state = {}
+    for t in reader.tensors:
+        name = _param_name(t.name)
+        if name is None:
+            continue   # e.g. rope_freqs: tables the model computes itself
+        w = dequantize(t)
+        # llama.cpp permutes Q/K only for the llama architecture; qwen2 is stored as in HF.
+        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
+            w = unpermute_rope_rows(w, cfg.num_heads)
+        elif arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
+            w = unpermute_rope_rows(w, cfg.num_kv_heads)
+        if not (w.flags.writeable and w.flags.c_contiguous):   # F32 tensors view the mmap
+            w = np.ascontiguousarray(w).copy()
+        state[name] = torch.from_numpy(w)
+    try:
+        model = LlamaModel.from_state_dict(cfg, state)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return model, tokenizer_from_gguf(reader)

