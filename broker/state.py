@@ -313,7 +313,8 @@ class BrokerState:
         return max(0.0, min(times) - now)
 
     def _expire(self, w: Worker, out: list[Out], why: str) -> None:
-        log.warning("worker %s (%s, pid %d) expired: %s", w.worker_id, w.role, w.pid, why)
+        graceful = why.startswith("disconnected") and not w.inflight
+        (log.info if graceful else log.warning)("worker %s (%s, pid %d) expired: %s", w.worker_id, w.role, w.pid, why)
         del self.workers[w.identity]
         for rid in sorted(w.leases):
             req = self.requests.get(rid)

@@ -1,0 +1,303 @@
+"""One suite over the ZMQ backend (the source in a real child process) and the FAKE backend."""
+import time
+
+import pytest
+import torch
+
+from transfer.base import KvLayout, TransferError, TransferTimeout, token_view
+from transfer.config import CacheTransceiverConfig
+from transfer.loopback import LoopbackSource, fill_pool
+from transfer.registry import create_sink, create_source
+
+BACKENDS = ["ZMQ", "FAKE"]
+SEED = 7
+
+
+def layout(block_size=16, **kw):
+    base = dict(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_size=block_size)
+    return KvLayout(**{**base, **kw})
+
+
+class LocalSource:
+    """An in-process source with the same calls as LoopbackSource (the FAKE side)."""
+
+    def __init__(self, lay, num_blocks, seed, config):
+        self.pool = fill_pool(lay, num_blocks, seed)
+        self.source = create_source(CacheTransceiverConfig.from_dict(config), self.pool, lay)
+
+    def register(self, tid, block_ids, num_tokens):
+        return self.source.register(tid, block_ids, num_tokens)
+
+    def call(self, op, tid=None, timeout=0.0):
+        if op == "release":
+            self.source.release(tid)
+            return {"num_registered": self.source.num_registered}
+        deadline = time.monotonic() + timeout
+        events = self.source.poll()
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.002)
+            events = self.source.poll()
+        return {"events": [[e.kind, e.transfer_id] for e in events],
+                "num_registered": self.source.num_registered}
+
+    def kill(self):
+        self.source.close()
+
+
+class SourceView:
+    """One test's view of a shared source: what the test registered is released afterwards."""
+
+    def __init__(self, shared):
+        self.shared, self.tids = shared, set()
+
+    def register(self, tid, block_ids, num_tokens):
+        self.tids.add(tid)
+        return self.shared.register(tid, block_ids, num_tokens)
+
+    def call(self, **cmd):
+        return self.shared.call(**cmd)
+
+    def release_all(self):
+        for tid in self.tids:
+            self.shared.call(op="release", tid=tid)
+
+
+@pytest.fixture(scope="module")
+def shared_sources():
+    """Sources by (backend, layout, config), started once per module (a child process costs
+    seconds of torch import) and stopped at the end."""
+    made = {}
+    yield made
+    for src in made.values():
+        src.kill()
+
+
+@pytest.fixture
+def sources(shared_sources):
+    """make(backend, layout, config) -> this test's view of a source."""
+    views = []
+
+    def make(backend, lay, config=None):
+        config = {"backend": backend, **(config or {})}
+        key = (backend, lay, tuple(sorted(config.items())))
+        if key not in shared_sources:
+            shared_sources[key] = (LoopbackSource(lay, 64, SEED, config) if backend == "ZMQ"
+                                   else LocalSource(lay, 64, SEED, config))
+        views.append(SourceView(shared_sources[key]))
+        return views[-1]
+
+    yield make
+    for view in views:
+        view.release_all()
+
+
+@pytest.fixture
+def sinks():
+    made = []
+
+    def make(backend, lay, num_blocks=64, **config):
+        cfg = CacheTransceiverConfig(backend=backend, **config)
+        pool = torch.zeros(num_blocks, lay.num_layers, 2, lay.block_size, lay.num_kv_heads,
+                           lay.head_dim, dtype=getattr(torch, lay.dtype))
+        sink = create_sink(cfg, pool, lay)
+        made.append(sink)
+        return sink, pool
+
+    yield make
+    for sink in made:
+        sink.close()
+
+
+def wait_results(sink, n=1, timeout=20.0):
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"no result in {timeout} s"
+        out += sink.poll()
+        time.sleep(0.002)
+    return {r.pull_id: r for r in out}
+
+
+def assert_tokens_equal(src_layout, num_src_blocks, src_ids, dst_pool, dst_layout, dst_ids, n):
+    """Token t of the transfer must sit at the same place in the sink's blocks."""
+    t = torch.arange(n)
+    src = token_view(fill_pool(src_layout, num_src_blocks, SEED).view(torch.uint8)
+                     .reshape(num_src_blocks, -1), src_layout)
+    dst = token_view(dst_pool.view(torch.uint8).reshape(dst_pool.shape[0], -1), dst_layout)
+    want = src[torch.tensor(src_ids)[t // src_layout.block_size], :, :, t % src_layout.block_size]
+    got = dst[torch.tensor(dst_ids)[t // dst_layout.block_size], :, :, t % dst_layout.block_size]
+    assert torch.equal(want, got)
+
+
+CASES = [  # (source block ids, number of tokens, destination block ids)
+    ([5], 1, [0]),
+    ([9, 3, 4, 5, 20], 70, [1, 2, 3, 40, 41]),
+    ([30, 31, 32, 33, 34, 35, 36, 37, 38, 39], 160, [50, 51, 52, 53, 54, 10, 11, 12, 13, 14]),
+    ([63, 0, 17], 35, [60, 61, 62]),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_round_trips_are_byte_exact(backend, sources, sinks):
+    lay = layout()
+    src = sources(backend, lay)
+    sink, pool = sinks(backend, lay)
+    for i, (src_ids, n, dst_ids) in enumerate(CASES):     # all pulls in flight together
+        sink.start_pull(f"p{i}", src.register(f"t{i}", src_ids, n), dst_ids)
+    results = wait_results(sink, len(CASES))
+    for i, (src_ids, n, dst_ids) in enumerate(CASES):
+        r = results[f"p{i}"]
+        assert r.ok, r.error
+        assert r.nbytes == len(src_ids) * lay.block_nbytes and r.seconds >= 0
+        assert_tokens_equal(lay, 64, src_ids, pool, lay, dst_ids, n)
+    assert sink.num_active == 0
+    events, deadline = set(), time.monotonic() + 20
+    while len(events) < len(CASES) and time.monotonic() < deadline:
+        events |= {tuple(e) for e in src.call(op="wait_events", timeout=5.0)["events"]}
+    assert events == {("pulled", f"t{i}") for i in range(len(CASES))}
+    assert src.call(op="poll")["num_registered"] == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transfers_longer_than_the_buffer_go_in_rounds(backend, sources, sinks):
+    lay = layout()
+    src = sources(backend, lay)
+    sink, pool = sinks(backend, lay, max_tokens_in_buffer=32)
+    src_ids, dst_ids = list(range(40, 60)), [3, 4, 5] + list(range(20, 37))
+    sink.start_pull("p", src.register("t", src_ids, 315), dst_ids)
+    assert wait_results(sink)["p"].ok
+    assert sink.rounds_done == 10
+    assert_tokens_equal(lay, 64, src_ids, pool, lay, dst_ids, 315)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("src_bs,dst_bs,buffer", [(16, 32, 64), (16, 8, 8), (16, 8, None),
+                                                  (8, 24, 48)])
+def test_different_block_sizes_are_exact_token_wise(backend, src_bs, dst_bs, buffer, sources,
+                                                    sinks):
+    src_lay, dst_lay = layout(src_bs), layout(dst_bs)
+    n = 150
+    src_ids = list(range(63, 63 - src_lay.blocks_for(n), -1))
+    dst_ids = list(range(2, 2 + dst_lay.blocks_for(n)))
+    src = sources(backend, src_lay)
+    sink, pool = sinks(backend, dst_lay, max_tokens_in_buffer=buffer)
+    sink.start_pull("p", src.register("t", src_ids, n), dst_ids)
+    r = wait_results(sink)["p"]
+    assert r.ok, r.error
+    assert_tokens_equal(src_lay, 64, src_ids, pool, dst_lay, dst_ids, n)
+    untouched = [b for b in range(64) if b not in dst_ids]
+    assert not pool[untouched].any()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("field,value,words", [("dtype", "float16", ["float16", "float32"]),
+                                               ("num_kv_heads", 4, ["4", "2", "KV heads"])])
+def test_incompatible_layout_raises_at_once(backend, field, value, words, sources, sinks):
+    src = sources(backend, layout(**{field: value}))
+    sink, _ = sinks(backend, layout())
+    with pytest.raises(TransferError) as err:
+        sink.start_pull("p", src.register("t", [1, 2], 20), [0, 1])
+    assert all(w in str(err.value) for w in words) and "context worker" in str(err.value)
+    assert sink.num_active == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_destination_raises_at_once(backend, sources, sinks):
+    src = sources(backend, layout())
+    sink, _ = sinks(backend, layout())
+    handle = src.register("t", [1, 2], 20)
+    with pytest.raises(TransferError, match="dest_block_ids has 1 blocks"):
+        sink.start_pull("p", handle, [0])
+    with pytest.raises(TransferError, match="out of range"):
+        sink.start_pull("p", handle, [0, 64])
+    with pytest.raises(TransferError, match="malformed KV handle"):
+        sink.start_pull("p", {k: v for k, v in handle.items() if k != "endpoint"}, [0, 1])
+    assert sink.num_active == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocks_past_the_last_token_are_neither_served_nor_written(backend, sources, sinks):
+    src = sources(backend, layout())
+    sink, pool = sinks(backend, layout())
+    handle = src.register("t", [4, 9, 11], 20)               # a third block reserved for later
+    assert handle["block_ids"] == [4, 9] and handle["num_tokens"] == 20
+    sink.start_pull("p", handle, [0, 1, 2, 3])
+    assert wait_results(sink)["p"].ok
+    assert_tokens_equal(layout(), 64, [4, 9], pool, layout(), [0, 1], 20)
+    assert not pool[2:].any()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_released_transfer_fails_cleanly_and_release_is_idempotent(backend, sources, sinks):
+    src = sources(backend, layout())
+    sink, pool = sinks(backend, layout())
+    handle = src.register("t", [1, 2], 20)
+    assert src.call(op="release", tid="t")["num_registered"] == 0
+    assert src.call(op="release", tid="t")["num_registered"] == 0
+    assert src.call(op="release", tid="never")["num_registered"] == 0
+    sink.start_pull("p", handle, [0, 1])
+    r = wait_results(sink)["p"]
+    assert not r.ok and isinstance(r.error, TransferError)
+    assert "no longer holds the KV for transfer 't'" in str(r.error)
+    assert sink.num_active == 0 and not pool.any()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pulled_transfer_cannot_be_pulled_again(backend, sources, sinks):
+    src = sources(backend, layout())
+    sink, _ = sinks(backend, layout())
+    handle = src.register("t", [1, 2], 20)
+    sink.start_pull("p1", handle, [0, 1])
+    assert wait_results(sink)["p1"].ok
+    assert src.call(op="wait_events", timeout=10.0)["events"] == [["pulled", "t"]]
+    sink.start_pull("p2", handle, [2, 3])
+    assert "no longer holds" in str(wait_results(sink)["p2"].error)
+
+
+@pytest.mark.timeout(60)
+def test_fake_timeout_expires_both_sides(sources, sinks):
+    src = sources("FAKE", layout(), config={"kv_transfer_timeout_ms": 200})
+    sink, pool = sinks("FAKE", layout(), kv_transfer_timeout_ms=200)
+    sink.delay_s = 30.0
+    sink.start_pull("p", src.register("t", [1, 2], 20), [0, 1])
+    assert sink.num_active == 1
+    r = wait_results(sink)["p"]
+    assert isinstance(r.error, TransferTimeout) and r.error.code == "KV_TRANSFER_TIMEOUT"
+    assert "timed out" in str(r.error) and "kv_transfer_timeout_ms=200" in str(r.error)
+    answer = src.call(op="wait_events", timeout=5.0)
+    assert answer["events"] == [["expired", "t"]] and answer["num_registered"] == 0
+    assert sink.num_active == 0 and not pool.any()
+
+
+@pytest.mark.timeout(60)
+def test_fake_failure_injection(sources, sinks):
+    src = sources("FAKE", layout())
+    sink, pool = sinks("FAKE", layout())
+    sink.fail_with = "injected"
+    sink.start_pull("p", src.register("t", [1, 2], 20), [0, 1])
+    r = wait_results(sink)["p"]
+    assert not r.ok and str(r.error) == "injected" and not pool.any()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cancel_stops_writes_and_reports_nothing(backend, sources, sinks):
+    src = sources(backend, layout())
+    sink, pool = sinks(backend, layout(), max_tokens_in_buffer=16)
+    sink.start_pull("p", src.register("t", list(range(60)), 960), list(range(60)))
+    sink.cancel("p")
+    sink.cancel("p")
+    assert sink.num_active == 0
+    snapshot = pool.clone()
+    second = src.register("u", [1], 16)           # the sink keeps working afterwards
+    sink.start_pull("q", second, [63])
+    results = wait_results(sink)
+    assert list(results) == ["q"] and results["q"].ok
+    assert torch.equal(pool[:63].view(torch.uint8), snapshot[:63].view(torch.uint8))

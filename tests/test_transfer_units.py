@@ -1,0 +1,158 @@
+"""Pure parts of the transfer package: planning, layout, handle, config, backend selection."""
+import logging
+
+import pytest
+import torch
+
+from transfer import registry
+from transfer.base import BackendUnavailable, KvLayout, TransferError, parse_handle, pool_bytes
+from transfer.config import CacheTransceiverConfig, ConfigError
+from transfer.plan import Segment, merge_segments, plan_rounds, split_frames, token_runs
+
+LAYOUT = KvLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_size=16)
+
+
+def test_merge_segments_joins_runs_contiguous_on_both_sides():
+    assert merge_segments([3, 4, 5, 9, 10, 2], [0, 1, 7, 8, 9, 3]) == [
+        Segment(3, 0, 2), Segment(5, 7, 1), Segment(9, 8, 2), Segment(2, 3, 1)]
+
+
+def test_plan_rounds_caps_blocks_per_round_and_stages_from_slot_zero():
+    rounds = plan_rounds([1, 2, 3, 4, 5], [10, 11, 12, 13, 14], 2)
+    assert [(r.first, r.count) for r in rounds] == [(0, 2), (2, 2), (4, 1)]
+    assert rounds[1].segments == [Segment(3, 12, 2)]
+    staged = plan_rounds([7, 8, 3], None, 2)
+    assert [r.segments for r in staged] == [[Segment(7, 0, 2)], [Segment(3, 0, 1)]]
+
+
+def test_split_frames_never_spans_segments():
+    frames = split_frames([Segment(0, 5, 3), Segment(9, 0, 1)], 100, 10, 120)
+    assert [(f.src, f.dst, f.nbytes) for f in frames] == [
+        (0, 50, 120), (120, 170, 120), (240, 290, 60), (900, 0, 100)]
+
+
+@pytest.mark.parametrize("src_bs,dst_bs", [(16, 32), (16, 8), (8, 24), (16, 16)])
+def test_token_runs_cover_every_token_once(src_bs, dst_bs):
+    seen = []
+    for run in token_runs(5, 100, src_bs, dst_bs):
+        assert run.src_off + run.n <= src_bs and run.dst_off + run.n <= dst_bs
+        for k in range(run.n):
+            seen.append((run.src_block * src_bs + run.src_off + k,
+                         run.dst_block * dst_bs + run.dst_off + k))
+    assert seen == [(t, t) for t in range(5, 100)]
+
+
+def test_layout_sizes_and_round_trip():
+    assert LAYOUT.token_nbytes == 2 * 2 * 2 * 8 * 4
+    assert LAYOUT.block_nbytes == 16 * LAYOUT.token_nbytes
+    assert KvLayout.from_dict(LAYOUT.to_dict()) == LAYOUT
+    assert KvLayout.from_pool(torch.zeros(3, 2, 2, 16, 2, 8)) == LAYOUT
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("dtype", "float16", ["KV dtype", "float16", "float32"]),
+    ("num_kv_heads", 4, ["KV heads", "4", "2"]),
+    ("head_dim", 16, ["head size", "16", "8"]),
+    ("num_layers", 3, ["layers", "3", "2"]),
+])
+def test_incompatible_layout_names_both_values(field, value, words):
+    remote = KvLayout(**{**LAYOUT.to_dict(), field: value})
+    with pytest.raises(TransferError) as err:
+        LAYOUT.check_compatible(remote)
+    assert all(w in str(err.value) for w in words)
+    assert f"context worker {value}" in str(err.value)
+    LAYOUT.check_compatible(KvLayout(**{**LAYOUT.to_dict(), "block_size": 32}))
+
+
+@pytest.mark.parametrize("handle,words", [
+    ("nope", "expected a map"),
+    ({"backend": "ZMQ"}, "missing"),
+    ({"backend": "FAKE", "endpoint": "e", "transfer_id": "t", "block_ids": [1],
+      "num_tokens": 3, "layout": LAYOUT.to_dict()}, "'FAKE' transfer backend"),
+    ({"backend": "ZMQ", "endpoint": "e", "transfer_id": "t", "block_ids": [1],
+      "num_tokens": 17, "layout": LAYOUT.to_dict()}, "need 2 blocks"),
+    ({"backend": "ZMQ", "endpoint": "e", "transfer_id": "t", "block_ids": [1],
+      "num_tokens": 3, "layout": {"dtype": "float32"}}, "malformed KV layout"),
+])
+def test_malformed_handle_is_a_clear_error(handle, words):
+    with pytest.raises(TransferError, match=words):
+        parse_handle(handle, "ZMQ")
+
+
+def test_pool_not_in_host_memory_is_refused():
+    with pytest.raises(TransferError, match="GPU memory is not supported by the ZMQ"):
+        pool_bytes(torch.zeros(3, 2, 2, 16, 2, 8, device="meta"), LAYOUT, "ZMQ")
+    with pytest.raises(TransferError, match="does not match the declared layout"):
+        pool_bytes(torch.zeros(3, 2, 2, 8, 2, 8), LAYOUT, "ZMQ")
+
+
+def test_config_defaults_and_normalisation():
+    cfg = CacheTransceiverConfig.from_dict({"backend": "zmq"})
+    assert cfg.backend == "ZMQ" and cfg.max_tokens_in_buffer is None
+    assert cfg.buffer_tokens(48) == 4128 and cfg.buffer_tokens(16) == 4096
+    assert cfg.timeout_s == 60.0
+    assert CacheTransceiverConfig.from_dict(None) == CacheTransceiverConfig()
+    assert CacheTransceiverConfig.from_dict({"kv_transfer_timeout_ms": 500}).timeout_s == 0.5
+
+
+@pytest.mark.parametrize("d,words", [
+    ({"backnd": "ZMQ"}, ["unknown key 'backnd'", "'ZMQ'", "w.yaml"]),
+    ({"backend": "TCP"}, ["backend='TCP'", "DEFAULT, NIXL, UCX, MPI, ZMQ", "w.yaml"]),
+    ({"max_tokens_in_buffer": 0}, ["max_tokens_in_buffer=0", "w.yaml"]),
+    ({"max_tokens_in_buffer": "4096"}, ["max_tokens_in_buffer='4096'"]),
+    ({"kv_transfer_timeout_ms": True}, ["kv_transfer_timeout_ms=True"]),
+    ({"kv_transfer_timeout_ms": -5}, ["kv_transfer_timeout_ms=-5"]),
+])
+def test_config_errors_name_key_value_and_file(d, words):
+    with pytest.raises(ConfigError) as err:
+        CacheTransceiverConfig.from_dict(d, where="w.yaml")
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_config_buffer_must_be_a_multiple_of_the_block_size():
+    cfg = CacheTransceiverConfig.from_dict({"max_tokens_in_buffer": 100}, where="w.yaml")
+    with pytest.raises(ConfigError, match=r"max_tokens_in_buffer=100.*multiple of .* size 16"):
+        cfg.check_block_size(16)
+    cfg.check_block_size(20)
+
+
+def _pretend(monkeypatch, present):
+    monkeypatch.setattr(registry, "_found", lambda module: module in present)
+
+
+def test_default_falls_back_to_zmq_with_a_warning(monkeypatch, caplog):
+    _pretend(monkeypatch, {"transfer.zmq_backend", "transfer.fake"})
+    with caplog.at_level(logging.WARNING, logger="transfer.registry"):
+        assert registry.resolve_backend("DEFAULT") == "ZMQ"
+    assert "falling back to the ZMQ" in caplog.text and "nixl" in caplog.text
+
+
+def test_default_falls_back_when_nixl_is_installed_but_not_built(monkeypatch, caplog):
+    _pretend(monkeypatch, {"nixl", "transfer.zmq_backend"})
+    with caplog.at_level(logging.WARNING, logger="transfer.registry"):
+        assert registry.resolve_backend("default") == "ZMQ"
+    assert "not built yet" in caplog.text
+    with pytest.raises(BackendUnavailable, match="NIXL transfer backend is not built yet.*ZMQ"):
+        registry.resolve_backend("NIXL")
+
+
+@pytest.mark.parametrize("name,extra", [("NIXL", "nixl"), ("ucx", "ucx"), ("MPI", "mpi")])
+def test_missing_backend_names_the_pip_extra(monkeypatch, name, extra):
+    _pretend(monkeypatch, set())
+    with pytest.raises(BackendUnavailable) as err:
+        registry.resolve_backend(name)
+    assert f"pip install 'disagg-serve[{extra}]'" in str(err.value)
+    assert name.upper() in str(err.value)
+
+
+def test_zmq_and_fake_resolve_and_unknown_is_refused():
+    assert registry.resolve_backend("zmq") == "ZMQ"
+    assert registry.resolve_backend("FAKE") == "FAKE"
+    with pytest.raises(BackendUnavailable, match="unknown transfer backend 'RDMA'"):
+        registry.resolve_backend("RDMA")
+
+
+def test_create_checks_the_buffer_against_the_block_size():
+    cfg = CacheTransceiverConfig(backend="FAKE", max_tokens_in_buffer=24)
+    with pytest.raises(ConfigError, match="multiple of the KV block size 16"):
+        registry.create_sink(cfg, torch.zeros(4, 2, 2, 16, 2, 8), LAYOUT)

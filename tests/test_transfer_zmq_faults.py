@@ -1,0 +1,196 @@
+"""ZMQ backend under faults: a stopped or killed context worker, late answers, a stalled puller."""
+import signal
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from transfer import zmq_backend
+from transfer.base import KvLayout, TransferError, TransferTimeout, token_view
+from transfer.config import CacheTransceiverConfig
+from transfer.loopback import LoopbackSource, fill_pool
+from transfer.registry import create_sink, create_source
+
+LAYOUT = KvLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_size=16)
+BIG = KvLayout(num_layers=2, num_kv_heads=2, head_dim=128, dtype="float32", block_size=16)
+
+
+def empty_pool(lay, num_blocks):
+    return torch.zeros(num_blocks, lay.num_layers, 2, lay.block_size, lay.num_kv_heads,
+                       lay.head_dim)
+
+
+def wait_result(sink, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        results = sink.poll()
+        if results:
+            assert len(results) == 1
+            return results[0]
+        assert time.monotonic() < deadline, f"no result in {timeout} s"
+        time.sleep(0.002)
+
+
+def same_blocks(pool, lay, dst_ids, src_ids, num_src_blocks, seed):
+    want = fill_pool(lay, num_src_blocks, seed).view(torch.uint8)
+    return torch.equal(pool.view(torch.uint8)[dst_ids], want[src_ids])
+
+
+@pytest.fixture
+def closing():
+    """closing(obj) -> obj, closed at the end of the test whatever happened."""
+    objs = []
+    yield lambda obj: objs.append(obj) or obj
+    for obj in reversed(objs):
+        obj.close()
+
+
+@pytest.mark.timeout(60)
+def test_stopped_source_times_out_late_answer_is_dropped_and_source_expires(closing):
+    cfg = CacheTransceiverConfig(backend="ZMQ", kv_transfer_timeout_ms=600)
+    with LoopbackSource(LAYOUT, 64, 3, {"backend": "ZMQ", "kv_transfer_timeout_ms": 600}) as src:
+        first, second = src.register("t1", [1, 2], 20), src.register("t2", [7, 8, 9], 40)
+        pool = empty_pool(LAYOUT, 16)
+        sink = closing(create_sink(cfg, pool, LAYOUT))
+        src.signal(signal.SIGSTOP)
+        started = time.monotonic()
+        sink.start_pull("p1", first, [0, 1])
+        r = wait_result(sink)
+        assert isinstance(r.error, TransferTimeout) and "timed out" in str(r.error)
+        assert "kv_transfer_timeout_ms=600" in str(r.error)
+        assert r.error.code == "KV_TRANSFER_TIMEOUT"
+        assert 0.5 < time.monotonic() - started < 5 and sink.num_active == 0
+        src.signal(signal.SIGCONT)           # it now answers p1's request, too late
+        sink.start_pull("p2", second, [5, 6, 7])
+        assert wait_result(sink).ok
+        assert same_blocks(pool, LAYOUT, [5, 6, 7], [7, 8, 9], 64, 3)
+        assert not pool[:2].any(), "the late answer to the timed-out pull was written"
+        events, deadline = set(), time.monotonic() + 20
+        while ("expired", "t1") not in events:
+            assert time.monotonic() < deadline, events
+            events |= {tuple(e) for e in src.call(op="wait_events", timeout=10.0)["events"]}
+        assert events == {("pulled", "t2"), ("expired", "t1")}
+        assert src.call(op="poll")["num_registered"] == 0
+        src.signal(signal.SIGSTOP)
+        src.signal(signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_source_killed_mid_transfer_fails_fast_with_a_clear_error(closing):
+    cfg = CacheTransceiverConfig(backend="ZMQ", max_tokens_in_buffer=16,
+                                 kv_transfer_timeout_ms=30_000)
+    with LoopbackSource(BIG, 512, 4, {"backend": "ZMQ"}) as src:
+        handle = src.register("t", list(range(512)), 512 * 16)
+        sink = closing(create_sink(cfg, empty_pool(BIG, 512), BIG))
+        sink.start_pull("p", handle, list(range(512)))
+        deadline = time.monotonic() + 20
+        while sink.rounds_done < 1:          # one round of 512 has arrived: kill it mid-way
+            assert time.monotonic() < deadline
+        src.signal(signal.SIGSTOP)
+        assert sink.num_active == 1, "the transfer finished before the kill"
+        killed = time.monotonic()
+        src.signal(signal.SIGKILL)
+        r = wait_result(sink)
+    assert not r.ok and isinstance(r.error, TransferError)
+    assert "context worker" in str(r.error) and "lost the connection" in str(r.error)
+    assert time.monotonic() - killed < 10 and sink.num_active == 0
+
+
+def _raw_puller(ctx, endpoint, **opts):
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    for opt, value in opts.items():
+        sock.setsockopt(getattr(zmq, opt), value)
+    sock.connect(endpoint)
+    return sock
+
+
+def _ask(sock, **body):
+    sock.send_multipart([zmq_backend.MAGIC, msgpack.packb(body)])
+
+
+def _answer(sock, timeout_ms=10_000):
+    assert sock.poll(timeout_ms), "no answer"
+    frames = sock.recv_multipart()
+    return msgpack.unpackb(frames[1]), frames[2:]
+
+
+@pytest.mark.timeout(60)
+def test_source_expires_a_started_transfer_and_refuses_it_afterwards(closing):
+    cfg = CacheTransceiverConfig(backend="ZMQ", kv_transfer_timeout_ms=300)
+    source = closing(create_source(cfg, fill_pool(LAYOUT, 8, 5), LAYOUT))
+    source.register("t", [3, 4], 20)
+    ctx = zmq.Context()
+    try:
+        sock = _raw_puller(ctx, source.endpoint)
+        sock.send_multipart([b"junk"])        # malformed: dropped, the source keeps going
+        _ask(sock, op="pull", seq=1, tid="t", segs=[[3, 1]], frame_bytes=1 << 20)
+        header, data = _answer(sock)
+        assert header == {"seq": 1, "i": 0, "n": 1, "nbytes": LAYOUT.block_nbytes}
+        assert bytes(data[0]) == fill_pool(LAYOUT, 8, 5)[3].numpy().tobytes()
+        _ask(sock, op="pull", seq=2, tid="t", segs=[[5, 1]], frame_bytes=1 << 20)
+        assert "outside transfer" in _answer(sock)[0]["error"]
+        events, deadline = [], time.monotonic() + 10
+        while not events:
+            assert time.monotonic() < deadline
+            events = source.poll()
+            time.sleep(0.005)
+        assert [(e.kind, e.transfer_id) for e in events] == [("expired", "t")]
+        assert source.num_registered == 0
+        _ask(sock, op="pull", seq=3, tid="t", segs=[[4, 1]], frame_bytes=1 << 20)
+        header, _ = _answer(sock)
+        assert header["seq"] == 3 and "no longer holds the KV for transfer 't'" in header["error"]
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.timeout(60)
+def test_release_with_a_stalled_puller_stops_reading_the_blocks(closing, monkeypatch, caplog):
+    monkeypatch.setattr(zmq_backend, "RELEASE_WAIT_S", 0.3)
+    lay = KvLayout(num_layers=4, num_kv_heads=8, head_dim=128, dtype="float32", block_size=16)
+    cfg = CacheTransceiverConfig(backend="ZMQ")
+    source = closing(create_source(cfg, fill_pool(lay, 66, 6), lay))
+    source.register("t", list(range(64)), 64 * 16)        # 64 MiB, never read by the puller
+    source.register("u", [64, 65], 32)
+    ctx = zmq.Context()
+    try:
+        stalled = _raw_puller(ctx, source.endpoint, RCVHWM=1, RCVBUF=1 << 16)
+        _ask(stalled, op="pull", seq=1, tid="t", segs=[[0, 64]], frame_bytes=8 << 20)
+        deadline = time.monotonic() + 10
+        while True:                                       # wait until the frames are queued
+            with source._lock:
+                reg = source._regs["t"]
+                trackers = [t for t in reg.trackers if not t.done]
+            if len(reg.served) == 64:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert trackers, "the puller absorbed every frame: nothing was left queued"
+        source.release("t")
+        assert all(t.done for t in trackers), "frames still queued after release()"
+        assert "resetting the socket" in caplog.text
+        assert source.num_registered == 1
+        pool = empty_pool(lay, 4)                         # the source still serves others
+        sink = closing(create_sink(cfg, pool, lay))
+        sink.start_pull("p", source.register("v", [64, 65], 32), [2, 3])
+        r = wait_result(sink)
+        assert r.ok, r.error
+        assert same_blocks(pool, lay, [2, 3], [64, 65], 66, 6)
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_pool_is_a_clear_error():
+    pool = empty_pool(LAYOUT, 4).cuda()
+    with pytest.raises(TransferError, match="GPU memory is not supported by the ZMQ"):
+        create_sink(CacheTransceiverConfig(backend="ZMQ"), pool, LAYOUT)
+
+
+def test_token_view_matches_the_pool_layout():
+    pool = fill_pool(LAYOUT, 2, 1)
+    tokens = token_view(pool.view(torch.uint8).reshape(2, -1), LAYOUT)
+    assert torch.equal(tokens[1, 1, 0, 5], pool[1, 1, 0, 5].reshape(-1).view(torch.uint8))

@@ -1,0 +1,76 @@
+"""Backend selection. Backend modules are imported lazily: only the one a worker uses is loaded,
+and a backend whose library is missing costs nothing until it is asked for."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+
+import torch
+
+from .base import BackendUnavailable, KvLayout, KvSink, KvSource
+from .config import CacheTransceiverConfig
+
+log = logging.getLogger(__name__)
+
+# backend -> (module of this package, python module of its library, pip extra)
+_BACKENDS = {
+    "NIXL": ("transfer.nixl_backend", "nixl", "nixl"),
+    "UCX": ("transfer.ucx_backend", "ucxx", "ucx"),
+    "MPI": ("transfer.mpi_backend", "mpi4py", "mpi"),
+    "ZMQ": ("transfer.zmq_backend", None, None),
+    "FAKE": ("transfer.fake", None, None),
+}
+
+
+def _found(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _why_unavailable(name: str) -> str | None:
+    """None when the backend can be used here, else what to do about it."""
+    ours, library, extra = _BACKENDS[name]
+    if library is not None and not _found(library):
+        return (f"the {name} transfer backend needs the python module {library!r}, which is not "
+                f"installed: pip install 'disagg-serve[{extra}]'")
+    if not _found(ours):
+        return (f"the {name} transfer backend is not built yet in this version of disagg-serve; "
+                f"set cache_transceiver_config.backend: ZMQ")
+    return None
+
+
+def resolve_backend(name: str) -> str:
+    """The backend to use for a configured name; DEFAULT is NIXL where it can be used, else ZMQ."""
+    key = str(name).upper()
+    if key == "DEFAULT":
+        why = _why_unavailable("NIXL")
+        if why is None:
+            return "NIXL"
+        log.warning("cache_transceiver_config.backend DEFAULT: NIXL is unavailable (%s); "
+                    "falling back to the ZMQ transfer backend", why)
+        return "ZMQ"
+    if key not in _BACKENDS:
+        raise BackendUnavailable(f"unknown transfer backend {name!r}: expected one of "
+                                 "DEFAULT, NIXL, UCX, MPI, ZMQ")
+    why = _why_unavailable(key)
+    if why is not None:
+        raise BackendUnavailable(why)
+    return key
+
+
+def _module(cfg: CacheTransceiverConfig):
+    return importlib.import_module(_BACKENDS[resolve_backend(cfg.backend)][0])
+
+
+def create_source(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout, *,
+                  host: str = "127.0.0.1") -> KvSource:
+    cfg.check_block_size(layout.block_size)
+    return _module(cfg).make_source(cfg, pool, layout, host=host)
+
+
+def create_sink(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout) -> KvSink:
+    cfg.check_block_size(layout.block_size)
+    return _module(cfg).make_sink(cfg, pool, layout)

@@ -1,0 +1,77 @@
+"""A request as a worker sees it: its tokens, blocks, sampling state and emitted text.
+
+Pure bookkeeping, no I/O and no model calls: the worker loop (``workers/worker.py``) owns the
+sockets and the engine; this module decides what a new token means (text to emit, stop or go).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from broker.protocol import Finish, SamplingParams
+from workers.engine.tokenizer import Tokenizer, incremental_text
+
+CONTEXT, DECODE, FULL = "context", "decode", "full"   # what the worker does with the request
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    attempt: int
+    kind: str
+    prompt_ids: list
+    params: SamplingParams
+    max_new: int                      # max_tokens clipped to the context and the KV reservation
+    output_ids: list = field(default_factory=list)
+    blocks: list = field(default_factory=list)
+    num_cached: int = 0               # prompt tokens whose KV is in the blocks
+    emitted_chars: int = 0
+    text: str = ""                    # text emitted so far (after stop-string cuts)
+    finish_reason: Optional[str] = None
+    kv_handle: Optional[dict] = None  # DECODE: where to pull the prompt's KV from
+    lease_ms: int = 30000
+    t_arrival: float = field(default_factory=time.monotonic)
+    t_prefill_start: float = 0.0
+    prefill_s: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """Unique per dispatch: used as the transfer and pull id."""
+        return f"{self.request_id}#{self.attempt}"
+
+    @property
+    def reserve_tokens(self) -> int:
+        """Tokens of KV this request may ever hold here (reserved at admission: no mid-decode OOM)."""
+        if self.kind == CONTEXT:
+            return len(self.prompt_ids)
+        return len(self.prompt_ids) + self.max_new
+
+    def accept(self, token: int, tok: Tokenizer, eos_ids) -> str:
+        """Append a sampled token; returns the text to emit for it and sets finish_reason if done.
+
+        Text that may still change (an incomplete UTF-8 sequence, a possible stop-string start) is
+        held back until the next token or the end; at the end everything left is released.
+        """
+        self.output_ids.append(token)
+        p = self.params
+        if (token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            # a stop token: its own text is never shown, what was held back is
+            self.finish_reason = Finish.STOP
+            return self._emit(incremental_text(tok, self.output_ids[:-1], self.emitted_chars, final=True))
+        if p.stop:
+            full = tok.decode(self.output_ids)
+            start = max(0, len(self.text) - max(len(s) for s in p.stop) + 1)
+            hits = [i for i in (full.find(s, start) for s in p.stop) if i >= 0]
+            if hits:
+                self.finish_reason = Finish.STOP
+                return self._emit(full[self.emitted_chars:max(self.emitted_chars, min(hits))])
+        if len(self.output_ids) >= self.max_new:
+            self.finish_reason = Finish.LENGTH
+            return self._emit(incremental_text(tok, self.output_ids, self.emitted_chars, final=True))
+        return self._emit(incremental_text(tok, self.output_ids, self.emitted_chars, stop=p.stop))
+
+    def _emit(self, delta: str) -> str:
+        self.emitted_chars += len(delta)
+        self.text += delta
+        return delta
