@@ -14,9 +14,7 @@ from broker.config import BrokerConfig, ConfigError, DisaggConfig, load_disagg_c
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="broker", description="The disaggregated-serving broker.")
     sub = ap.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-
-    s = sub.add_parser("start", formatter_class=fmt, help="run the broker alone",
+    s = sub.add_parser("start", help="run the broker alone",
                        description="Run the broker: clients connect to --frontend, workers to "
                                    "--backend. A port of 0 (or *) picks a free port; the chosen "
                                    "addresses are printed on the first line of stdout.")
@@ -36,21 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds a context worker holds KV waiting for a pull (default {d.kv_lease_s})")
     s.add_argument("--request-timeout", type=float, default=None,
                    help=f"deadline of requests that set none, seconds (default {d.request_timeout_s})")
-    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log verbosity on stderr (default: INFO)")
 
-    lp = sub.add_parser("launch", formatter_class=fmt, help="run a broker and its workers from a config",
+    lp = sub.add_parser("launch", help="run a broker and its workers from a config",
                         description="Start the broker and, as child processes, the context and "
                                     "generation workers the config's num_instances ask for; wait "
                                     "until all are ready; stop them all on Ctrl-C or SIGTERM.")
     lp.add_argument("-c", "--config", required=True, help="TensorRT-LLM-style disagg_config.yaml")
-    lp.add_argument("--model", help="override the config's model")
+    lp.add_argument("--model", help="override the config's model: smollm2-135m, tiny, or a path")
     lp.add_argument("--demo", action="store_true",
                     help="answer a few built-in chat prompts, print them with timings, then stop")
     lp.add_argument("--prompt", action="append", default=[],
                     help="with --demo: a chat prompt to answer instead of the built-in ones (repeatable)")
-    lp.add_argument("--max-tokens", type=int, default=48, help="with --demo: output tokens per answer")
-    lp.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for workers")
-    lp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    lp.add_argument("--max-tokens", type=int, default=48,
+                    help="with --demo: output tokens per answer (default: 48)")
+    lp.add_argument("--ready-timeout", type=float, default=600,
+                    help="seconds to wait for the workers to register (default: 600)")
+    lp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                    help="log verbosity on stderr (default: INFO)")
     return ap
 
 

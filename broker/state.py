@@ -357,11 +357,13 @@ class BrokerState:
                 f"'generation' worker; registered roles: {', '.join(roles)}")
 
     def _pick(self, role: str) -> Optional[Worker]:
-        best = None
+        """The worker of this role with a free slot, preferring free KV blocks, then most credits."""
+        best, best_rank = None, None
         for w in self.workers.values():
             if w.role == role and w.credits > 0:
-                if best is None or (w.credits, w.free_blocks) > (best.credits, best.free_blocks):
-                    best = w
+                rank = (w.free_blocks > 0, w.credits, w.free_blocks)
+                if best is None or rank > best_rank:
+                    best, best_rank = w, rank
         return best
 
     def _dispatch(self) -> list[Out]:

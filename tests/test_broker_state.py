@@ -288,3 +288,11 @@ def test_stats(st):
     submit(st)
     s = st.stats()
     assert s["requests"] == 1 and s["workers"][0]["inflight"] == 1
+
+
+def test_dispatch_prefers_workers_with_free_blocks(st):
+    ready(st, b"full", "context", slots=8)
+    ready(st, b"roomy", "context", slots=2)
+    ready(st, b"gen", "generation")
+    st.on_worker(b"full", p.Heartbeat(8, 0, 5))     # every block held by leases
+    assert of(submit(st), p.Prefill, BACK, b"roomy")

@@ -179,3 +179,24 @@ def test_prompt_longer_than_kv_capacity_is_rejected():
             r = c.generate(token_ids=[1] * 40, max_tokens=100, ignore_eos=True)
             assert r.finish_reason == "length" and len(r.token_ids) == 64 - 40
         d.wait_idle()
+
+
+def test_client_gone_mid_stream_frees_its_work(disagg):
+    import zmq
+
+    from broker import protocol as p
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(disagg.frontend)
+    s.send_multipart(p.Submit("gone-1", token_ids=[7] * 20,
+                              sampling={"max_tokens": 100000, "ignore_eos": True}).encode())
+    seen = 0
+    while seen < 3 and s.poll(10000):
+        if isinstance(p.decode(s.recv_multipart()), p.Tokens):
+            seen += 1
+    assert seen == 3
+    s.close(0)           # the client vanishes without a Cancel
+    ctx.term()
+    s = disagg.wait_idle()
+    assert s["counters"]["cancelled"] >= 1

@@ -16,8 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "start", help="start a worker and register it with the broker",
         description="Start a worker. It loads the model, connects to the broker's backend address, "
-                    "registers its role and capacity, and serves until SIGINT/SIGTERM.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "registers its role and capacity, and serves until SIGINT/SIGTERM.")
     s.add_argument("--role", required=True, choices=["context", "generation", "both"],
                    help="context: prefill and hand the KV cache over; generation: pull the KV "
                         "cache and decode; both: serve whole requests (aggregated)")
@@ -25,16 +24,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the broker's backend (worker-facing) address")
     s.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (embedded default), tiny (seeded test model), a .gguf file, "
-                        "or a Hugging Face directory with safetensors and tokenizer.json")
+                        "or a Hugging Face directory with safetensors and tokenizer.json (default: smollm2-135m)")
     s.add_argument("--extra-llm-api-options", "--extra_llm_api_options", dest="options", metavar="YAML",
                    help="TensorRT-LLM-style worker options: cache_transceiver_config, "
                         "kv_cache_config, max_batch_size, max_num_tokens, tokens_per_block, ...")
     s.add_argument("--worker-id", help="name shown in the broker's logs (default: ROLE-HOST-PID)")
     s.add_argument("--host", default="127.0.0.1",
-                   help="address the KV transfer endpoint binds to (context workers)")
+                   help="address the KV transfer endpoint binds to, on context workers (default: 127.0.0.1)")
     s.add_argument("--exit-with-parent", action="store_true",
                    help="stop when the parent process exits (used by `broker launch`)")
-    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log verbosity on stderr (default: INFO)")
     return ap
 
 

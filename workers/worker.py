@@ -143,7 +143,9 @@ class Worker:
 
     def _step(self) -> None:
         busy = bool(self.prefilling or self.running)
-        timeout = 0 if busy else (1 if self.pulling or self.leases else self._until_heartbeat_ms())
+        # pulls finish in the transfer thread: look often; held leases only expire: look now and then
+        timeout = 0 if busy else 1 if self.pulling else min(20 if self.leases else 1000,
+                                                             self._until_heartbeat_ms())
         if self.sock.poll(timeout, zmq.POLLIN):
             for _ in range(10_000):
                 try:
