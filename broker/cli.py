@@ -88,7 +88,7 @@ def cmd_launch(args) -> int:
     cfg = load_disagg_config(args.config)
     if args.model:
         cfg = dataclasses.replace(cfg, model=args.model)
-    launch = Launch(cfg)
+    launch = Launch(cfg, args.log_level)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -48,8 +48,9 @@ def ping(address: str, timeout: float = 2.0, ctx: Optional[zmq.Context] = None) 
 
 
 class Launch:
-    def __init__(self, cfg: DisaggConfig):
+    def __init__(self, cfg: DisaggConfig, log_level: str = "INFO"):
         self.cfg = cfg
+        self.log_level = log_level
         self.server = BrokerServer(cfg.frontend, cfg.backend_address, cfg.broker)
         self.thread = threading.Thread(target=self.server.run, name="broker", daemon=True)
         self.children: list[subprocess.Popen] = []
@@ -86,7 +87,8 @@ class Launch:
             for i in range(group.num_instances):
                 cmd = [sys.executable, "-m", "workers.cli", "start", "--role", role,
                        "--broker", self.server.backend, "--model", self.cfg.model,
-                       "--worker-id", f"{role}-{i}", "--exit-with-parent", *group.args]
+                       "--worker-id", f"{role}-{i}", "--exit-with-parent",
+                       "--log-level", self.log_level, *group.args]
                 if opts:
                     cmd += ["--extra-llm-api-options", opts]
                 self.children.append(subprocess.Popen(cmd))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Optional
 
 import zmq
@@ -136,14 +135,3 @@ def _request_id_of(body: list) -> str:
         return rid if isinstance(rid, str) else ""
     except Exception:
         return ""
-
-
-def serve_forever(frontend: str, backend: str, config: BrokerConfig, on_ready=None) -> None:
-    server = BrokerServer(frontend, backend, config)
-    try:
-        if on_ready:
-            on_ready(server)
-        server.run()
-    finally:
-        server.close()
-        time.sleep(0)

@@ -16,10 +16,10 @@ from typing import Any, Optional
 import zmq
 import zmq.asyncio
 
-from broker.protocol import Cancel, Code, Message, Ping, Pong, ProtocolError, decode
+from broker.protocol import Cancel, Message, Ping, Pong, ProtocolError, decode
 
-from .errors import BrokerUnavailable, ClientError, RequestTimeout, failure
-from .request import Chunk, Completion, RequestState, build_submit, check_timeout
+from .errors import BrokerUnavailable, ClientError, RequestTimeout
+from .request import Chunk, Completion, RequestState, check_timeout, prepare_submit
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +80,16 @@ class AsyncClient:
         self._start()
         await self._await_send(self._send(Cancel(request_id).encode()), self.timeout)
 
-    async def ping(self, timeout: float = 5.0) -> dict:
-        """Round trip to the broker; returns its ``Pong.stats``. Raises ``BrokerUnavailable``."""
+    async def ping(self, timeout: float = 5.0, metrics: bool = False) -> dict:
+        """Round trip to the broker; returns its ``Pong.stats`` (with ``metrics``, also the
+        Prometheus text under "prometheus"). Raises ``BrokerUnavailable``."""
         self._start()
         timeout = check_timeout(timeout, timeout)
         deadline = time.monotonic() + timeout
         nonce = random.getrandbits(62)
         pong = self._pings[nonce] = self._loop.create_future()
         try:
-            await self._await_send(self._send(Ping(nonce).encode()), timeout)
+            await self._await_send(self._send(Ping(nonce, metrics).encode()), timeout)
             return dict(await asyncio.wait_for(pong, max(0.0, deadline - time.monotonic())))
         except asyncio.TimeoutError:
             raise BrokerUnavailable(f"no answer from the broker at {self.address} to ping "
@@ -130,14 +131,8 @@ class AsyncClient:
 
     def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling, stream) -> "AsyncStream":
         self._start()
-        timeout = check_timeout(timeout, self.timeout)
-        submit, frames = build_submit(prompt, token_ids=token_ids, messages=messages,
-                                      sampling=sampling, stream=stream, timeout=timeout,
-                                      request_id=request_id)
-        rid = submit.request_id
-        if rid in self._queues:
-            raise failure(Code.DUPLICATE_REQUEST,
-                          f"request id {rid!r} is already in flight on this client", False, rid)
+        rid, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
+                                              request_id, sampling, stream, self._queues)
         self._queues[rid] = asyncio.Queue()
         return AsyncStream(self, RequestState(rid), time.monotonic() + timeout, timeout,
                            self._send(frames))

@@ -78,6 +78,22 @@ def build_submit(prompt: Optional[str] = None, *, token_ids: Any = None, message
     return submit, frames
 
 
+def prepare_submit(prompt, token_ids, messages, timeout, default_timeout: float, request_id,
+                   sampling, stream: bool, in_flight) -> tuple[str, float, list]:
+    """What both clients do before sending: check the timeout, validate, refuse a duplicate id.
+
+    Returns the request id, the call's timeout in seconds and the encoded frames.
+    """
+    timeout = check_timeout(timeout, default_timeout)
+    submit, frames = build_submit(prompt, token_ids=token_ids, messages=messages, sampling=sampling,
+                                  stream=stream, timeout=timeout, request_id=request_id)
+    rid = submit.request_id
+    if rid in in_flight:
+        raise failure(Code.DUPLICATE_REQUEST, f"request id {rid!r} is already in flight on this client",
+                      False, rid)
+    return rid, timeout, frames
+
+
 def _token_list(token_ids: Any) -> list[int]:
     if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__iter__"):
         raise ProtocolError(f"invalid token_ids={token_ids!r}: expected a list of token ids >= 0")

@@ -16,10 +16,10 @@ from typing import Any, Callable, Iterator, Optional
 
 import zmq
 
-from broker.protocol import Cancel, Code, Message, Ping, Pong, ProtocolError, decode
+from broker.protocol import Cancel, Message, Ping, Pong, ProtocolError, decode
 
-from .errors import BrokerUnavailable, ClientError, RequestTimeout, failure
-from .request import Chunk, Completion, RequestState, build_submit, check_timeout
+from .errors import BrokerUnavailable, ClientError, RequestTimeout
+from .request import Chunk, Completion, RequestState, check_timeout, prepare_submit
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,14 @@ class Client:
         self._check_open()
         self._send(Cancel(request_id).encode(), self.timeout)
 
-    def ping(self, timeout: float = 5.0) -> dict:
-        """Round trip to the broker; returns its ``Pong.stats``. Raises ``BrokerUnavailable``."""
+    def ping(self, timeout: float = 5.0, metrics: bool = False) -> dict:
+        """Round trip to the broker; returns its ``Pong.stats`` (with ``metrics``, also the
+        Prometheus text under "prometheus"). Raises ``BrokerUnavailable``."""
         self._check_open()
         timeout = check_timeout(timeout, timeout)
         deadline = time.monotonic() + timeout
         nonce = random.getrandbits(62)
-        self._send(Ping(nonce).encode(), timeout)
+        self._send(Ping(nonce, metrics).encode(), timeout)
         pong = self._receive(lambda m: isinstance(m, Pong) and m.nonce == nonce, deadline)
         if pong is None:
             raise BrokerUnavailable(f"no answer from the broker at {self.address} to ping "
@@ -101,14 +102,8 @@ class Client:
 
     def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling, stream) -> "Stream":
         self._check_open()
-        timeout = check_timeout(timeout, self.timeout)
-        submit, frames = build_submit(prompt, token_ids=token_ids, messages=messages,
-                                      sampling=sampling, stream=stream, timeout=timeout,
-                                      request_id=request_id)
-        rid = submit.request_id
-        if rid in self._inbox:
-            raise failure(Code.DUPLICATE_REQUEST,
-                          f"request id {rid!r} is already in flight on this client", False, rid)
+        rid, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
+                                              request_id, sampling, stream, self._inbox)
         deadline = time.monotonic() + timeout
         self._inbox[rid] = collections.deque()
         try:

@@ -5,6 +5,7 @@ worker registry over Ping), never guessed with sleep().
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 from typing import Optional
 
 import yaml
+import zmq
 
 from broker.launch import ping
 
@@ -25,6 +27,20 @@ def _env() -> dict:
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+@contextlib.contextmanager
+def raw_client(address: str):
+    """A bare DEALER on a broker frontend, for tests that speak the protocol byte by byte."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(address)
+    try:
+        yield s
+    finally:
+        s.close(0)
+        ctx.term()
 
 
 class Deployment:

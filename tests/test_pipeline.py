@@ -2,10 +2,12 @@
 import asyncio
 import random
 
+import msgpack
 import pytest
 
+from broker import protocol as p
 from client import AsyncClient, Client, RequestFailed
-from tests.harness import Deployment
+from tests.harness import Deployment, raw_client
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -125,21 +127,13 @@ def test_cancel_mid_stream_frees_everything(disagg):
 
 
 def test_bad_input_gets_clear_errors_and_the_broker_keeps_serving(disagg):
-    import zmq
-
-    from broker import protocol as p
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(disagg.frontend)
-    try:
+    with raw_client(disagg.frontend) as s:
         s.send_multipart([b"garbage"])                                   # too few frames: dropped
         s.send_multipart([b"XX", b"\x01", b"\x80"])                      # wrong version
         s.send_multipart([p.VERSION, b"\x63", b"\x80"])                  # unknown command
         s.send_multipart([p.VERSION, b"\x01", b"\xc1\xc1"])              # undecodable body
         bad = p.Submit("r-bad", prompt="x").body()
         bad["sampling"] = {"top_p": 7}
-        import msgpack
         s.send_multipart([p.VERSION, b"\x01", msgpack.packb(bad)])       # invalid sampling value
         replies = []
         while s.poll(2000):
@@ -150,9 +144,6 @@ def test_bad_input_gets_clear_errors_and_the_broker_keeps_serving(disagg):
         assert any("undecodable" in e.message for e in errors)
         [samp] = [e for e in errors if e.request_id == "r-bad"]
         assert samp.code == p.Code.INVALID_REQUEST and "top_p" in samp.message and "7" in samp.message
-    finally:
-        s.close(0)
-        ctx.term()
     with Client(disagg.frontend, timeout=60) as c:
         with pytest.raises(RequestFailed) as e:
             c.generate(token_ids=[1] * 5000, max_tokens=4)               # longer than the context
@@ -182,21 +173,14 @@ def test_prompt_longer_than_kv_capacity_is_rejected():
 
 
 def test_client_gone_mid_stream_frees_its_work(disagg):
-    import zmq
-
-    from broker import protocol as p
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(disagg.frontend)
-    s.send_multipart(p.Submit("gone-1", token_ids=[7] * 20,
-                              sampling={"max_tokens": 100000, "ignore_eos": True}).encode())
-    seen = 0
-    while seen < 3 and s.poll(10000):
-        if isinstance(p.decode(s.recv_multipart()), p.Tokens):
-            seen += 1
-    assert seen == 3
-    s.close(0)           # the client vanishes without a Cancel
-    ctx.term()
-    s = disagg.wait_idle()
-    assert s["counters"]["cancelled"] >= 1
+    with raw_client(disagg.frontend) as s:
+        s.send_multipart(p.Submit("gone-1", token_ids=[7] * 20,
+                                  sampling={"max_tokens": 100000, "ignore_eos": True}).encode())
+        seen = 0
+        while seen < 3 and s.poll(10000):
+            if isinstance(p.decode(s.recv_multipart()), p.Tokens):
+                seen += 1
+        assert seen == 3
+    # the client vanished without a Cancel
+    stats = disagg.wait_idle()
+    assert stats["counters"]["cancelled"] >= 1
