@@ -115,3 +115,14 @@ def test_a_bf16_cache_stays_close_to_fp32():
     out = half.decode([ids[-1]], [11], [[3, 1, 5]])[0]
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, reference_logits(ids)[-1], atol=0.1, rtol=0.05)
+
+
+def test_prefill_calls_on_layer_after_every_layer():
+    model, _ = tiny_model()
+    kv = KVCache(model.cfg, 8, 16)
+    seen = []
+    runner = ModelRunner(model, kv)
+    with_hook = runner.prefill(list(range(20)), kv.allocator.allocate(2), on_layer=seen.append)
+    assert seen == list(range(model.cfg.num_layers))
+    without = runner.prefill(list(range(20)), kv.allocator.allocate(2))
+    assert torch.equal(with_hook, without)

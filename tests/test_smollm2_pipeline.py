@@ -35,3 +35,18 @@ def test_smollm2_disaggregated_equals_aggregated_and_answers_paris():
         assert dr.text == ar.text
     assert "Paris" in disagg[0].text, disagg[0].text
     assert disagg[0].timings["kv_transfer"] > 0
+
+
+def test_long_prefill_keeps_the_worker_alive_past_the_liveness_window():
+    # a 512-token chunk takes 4-5 s on 2 cores; the liveness window here is 2.4 s, so only the
+    # heartbeats sent between layers keep the context worker from being expired mid-prefill
+    with Deployment(heartbeat_s=0.3, liveness=8) as d:
+        opts = dict(OPTS, heartbeat_ms=300, max_num_tokens=512)
+        d.add_worker("context", "ctx", model="smollm2-135m", options=opts, timeout=300)
+        d.add_worker("generation", "gen", model="smollm2-135m", options=opts, timeout=300)
+        with Client(d.frontend, timeout=300) as c:
+            r = c.generate(prompt="The history of the city of Paris. " * 60, max_tokens=4, ignore_eos=True)
+        assert len(r.token_ids) == 4 and r.usage["prompt_tokens"] > 400
+        s = d.wait_idle()
+        assert {w["worker_id"] for w in s["workers"]} == {"ctx", "gen"}
+        assert s["counters"]["failed"] == 0

@@ -175,6 +175,9 @@ class Worker:
             self._prefill_chunk()
         if self.running:
             self._decode_step()
+        self._heartbeat_if_due()
+
+    def _heartbeat_if_due(self, _layer: int = 0) -> None:
         if time.monotonic() >= self.next_heartbeat:
             self._heartbeat()
 
@@ -340,7 +343,7 @@ class Worker:
         seq = self.prefilling[0]
         start = seq.num_cached
         chunk = seq.prompt_ids[start:start + self.opts.max_num_tokens]
-        logits = self.runner.prefill(chunk, seq.blocks, start_pos=start)
+        logits = self.runner.prefill(chunk, seq.blocks, start_pos=start, on_layer=self._heartbeat_if_due)
         seq.num_cached += len(chunk)
         if seq.num_cached < len(seq.prompt_ids):
             return

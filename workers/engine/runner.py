@@ -8,7 +8,7 @@ or frees blocks (the caller owns block tables) and never samples.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +55,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, token_ids: Sequence[int], block_table: Sequence[int],
-                start_pos: int = 0) -> torch.Tensor:
+                start_pos: int = 0, on_layer: Optional[Callable[[int], None]] = None) -> torch.Tensor:
         """Logits [vocab] after the last of ``token_ids``, placed at ``start_pos`` onward; K/V of
-        positions before ``start_pos`` must already be in the table's blocks."""
+        positions before ``start_pos`` must already be in the table's blocks.
+
+        ``on_layer(i)`` runs after each layer's attention: the worker sends heartbeats from it,
+        so a long prefill stays visibly alive while a wedged one goes silent."""
         n = len(token_ids)
         if n == 0:
             raise ValueError("prefill needs at least one token")
@@ -79,6 +82,8 @@ class ModelRunner:
             out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, values,
                                                  attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=True)
+            if on_layer is not None:
+                on_layer(layer)
             return out[0].transpose(0, 1).reshape(n, -1)
 
         hidden = self.model(torch.tensor(list(token_ids), dtype=torch.long), positions, attend)
