@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds a context worker holds KV waiting for a pull (default {d.kv_lease_s})")
     s.add_argument("--request-timeout", type=float, default=None,
                    help=f"deadline of requests that set none, seconds (default {d.request_timeout_s})")
+    _http_args(s)
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="log verbosity on stderr (default: INFO)")
 
@@ -51,9 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --demo: output tokens per answer (default: 48)")
     lp.add_argument("--ready-timeout", type=float, default=600,
                     help="seconds to wait for the workers to register (default: 600)")
+    _http_args(lp)
     lp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                     help="log verbosity on stderr (default: INFO)")
     return ap
+
+
+def _http_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--http-port", type=int, default=None,
+                   help="port of the OpenAI-compatible HTTP gateway; 0 picks a free one "
+                        "(default: the config's port, 8000 without a config)")
+    p.add_argument("--no-http", action="store_true", help="do not start the HTTP gateway")
 
 
 def _setup_logging(level: str) -> None:
@@ -73,12 +82,20 @@ def cmd_start(args) -> int:
     cfg = load_disagg_config(args.config) if args.config else DisaggConfig()
     server = BrokerServer(args.frontend or cfg.frontend, args.backend or cfg.backend_address,
                           _broker_config(args, cfg.broker))
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    print(f"broker ready frontend={server.frontend} backend={server.backend}", flush=True)
+    gateway = None
     try:
+        if not args.no_http:
+            from broker.launch import start_gateway
+            models = (cfg.model,) if args.config else ()
+            gateway = start_gateway(cfg, server.frontend, args.http_port, models)
+        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        signal.signal(signal.SIGINT, lambda *_: server.stop())
+        http = f" http={gateway.gateway.url}" if gateway is not None else ""
+        print(f"broker ready frontend={server.frontend} backend={server.backend}{http}", flush=True)
         server.run()
     finally:
+        if gateway is not None:
+            gateway.stop()
         server.close()
     return 0
 
@@ -88,7 +105,7 @@ def cmd_launch(args) -> int:
     cfg = load_disagg_config(args.config)
     if args.model:
         cfg = dataclasses.replace(cfg, model=args.model)
-    launch = Launch(cfg, args.log_level)
+    launch = Launch(cfg, args.log_level, http=not args.no_http, http_port=args.http_port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -96,8 +113,9 @@ def cmd_launch(args) -> int:
     try:
         launch.start()
         launch.wait_ready(args.ready_timeout)
+        http = f" http={launch.http_url}" if launch.http_url else ""
         print(f"ready: frontend={launch.frontend} backend={launch.server.backend} "
-              f"model={cfg.model}", flush=True)
+              f"model={cfg.model}{http}", flush=True)
         if args.demo:
             prompts = [[{"role": "user", "content": q}] for q in args.prompt] or DEMO_PROMPTS
             rc = run_demo(launch.frontend, prompts, args.max_tokens)

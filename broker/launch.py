@@ -47,13 +47,29 @@ def ping(address: str, timeout: float = 2.0, ctx: Optional[zmq.Context] = None) 
         s.close(0)
 
 
+def start_gateway(cfg: DisaggConfig, frontend: str, port: Optional[int] = None, models: tuple = ()):
+    """The OpenAI-compatible HTTP gateway on the config's hostname:port (``port`` overrides it),
+    in a thread of this process, talking to the broker at ``frontend``. Returns the running
+    ``GatewayThread``; raises OSError when the port cannot be bound."""
+    from client.gateway import Gateway, GatewayThread     # aiohttp is needed only when serving HTTP
+    gw = Gateway(frontend, host=cfg.hostname, port=cfg.port if port is None else port, models=models,
+                 min_workers=cfg.min_workers, request_timeout=cfg.broker.request_timeout_s)
+    thread = GatewayThread(gw)
+    thread.start()
+    return thread
+
+
 class Launch:
-    def __init__(self, cfg: DisaggConfig, log_level: str = "INFO"):
+    def __init__(self, cfg: DisaggConfig, log_level: str = "INFO", http: bool = True,
+                 http_port: Optional[int] = None):
         self.cfg = cfg
         self.log_level = log_level
         self.server = BrokerServer(cfg.frontend, cfg.backend_address, cfg.broker)
         self.thread = threading.Thread(target=self.server.run, name="broker", daemon=True)
+        self.http, self.http_port = http, http_port
+        self.gateway = None
         self.children: list[subprocess.Popen] = []
+        self.groups: dict[int, str] = {}     # worker pid -> which group of the config started it
         self.tmpdir = tempfile.TemporaryDirectory(prefix="disagg-launch-")
 
     @property
@@ -79,8 +95,14 @@ class Launch:
             yaml.safe_dump(base, f)
         return out
 
+    @property
+    def http_url(self) -> Optional[str]:
+        return self.gateway.gateway.url if self.gateway is not None else None
+
     def start(self) -> None:
         self.thread.start()
+        if self.http:
+            self.gateway = start_gateway(self.cfg, self.frontend, self.http_port, (self.cfg.model,))
         for name, role, group in (("context_servers", "context", self.cfg.context_servers),
                                   ("generation_servers", "generation", self.cfg.generation_servers)):
             opts = self._options_file(name, group)
@@ -92,6 +114,7 @@ class Launch:
                 if opts:
                     cmd += ["--extra-llm-api-options", opts]
                 self.children.append(subprocess.Popen(cmd))
+                self.groups[self.children[-1].pid] = f"{name}[{i}] of {self.cfg.source}"
                 log.info("started %s worker %d (pid %d)", role, i, self.children[-1].pid)
 
     def wait_ready(self, timeout: float, progress=print) -> None:
@@ -102,8 +125,8 @@ class Launch:
         while True:
             for c in self.children:
                 if c.poll() is not None:
-                    raise RuntimeError(f"worker pid {c.pid} exited with code {c.returncode} before "
-                                       "it was ready (see its log above)")
+                    raise RuntimeError(f"worker pid {c.pid} ({self.groups.get(c.pid, 'worker')}) exited "
+                                       f"with code {c.returncode} before it was ready (see its log above)")
             stats = ping(self.frontend, timeout=1.0) or {"workers": []}
             have = {r: sum(1 for w in stats["workers"] if w["role"] == r) for r in want}
             line = ", ".join(f"{r} {have[r]}/{want[r]}" for r in want)
@@ -128,6 +151,8 @@ class Launch:
                 log.warning("worker pid %d did not stop in %.0f s; killing it", c.pid, grace)
                 c.kill()
                 c.wait(5)
+        if self.gateway is not None:
+            self.gateway.stop()
         self.server.stop()
         self.thread.join(5)
         self.server.close()

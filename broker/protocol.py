@@ -267,6 +267,7 @@ class Cancel(Message):
 @message(3)
 class Ping(Message):
     nonce: int = 0
+    metrics: bool = False     # ask for the Prometheus text in Pong.stats["prometheus"]
 
 
 @message(10)

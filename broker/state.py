@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 from broker import protocol as p
 from broker.config import BrokerConfig
+from broker.metrics import ROLES, WORKER_STATES, Metrics
 
 log = logging.getLogger("broker.state")
 
@@ -103,6 +104,7 @@ class BrokerState:
         self.workers: dict[bytes, Worker] = {}
         self.next_heartbeat = 0.0
         self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0}
+        self.metrics = Metrics()
 
     # -----------------------------------------------------------------------------------------
     # client side
@@ -116,9 +118,12 @@ class BrokerState:
             if req is not None and req.client == identity:
                 self._finish(req, out, p.Final(req.request_id, p.Finish.CANCELLED,
                                                self._usage(req), self._timings(req)))
-                self.counters["cancelled"] += 1
+                self._outcome("cancelled")
         elif isinstance(msg, p.Ping):
-            out.append(Out(FRONT, identity, p.Pong(msg.nonce, self.stats())))
+            stats = self.stats()
+            if msg.metrics:
+                stats["prometheus"] = self.metrics_text()
+            out.append(Out(FRONT, identity, p.Pong(msg.nonce, stats)))
         else:
             out.append(Out(FRONT, identity, p.Error("", p.Code.PROTOCOL,
                                                     f"{type(msg).__name__} is not a client command")))
@@ -129,7 +134,7 @@ class BrokerState:
         rid = msg.request_id
 
         def reject(code: str, text: str, retryable: bool = False) -> None:
-            self.counters["rejected"] += 1
+            self._outcome("rejected", code)
             out.append(Out(FRONT, identity, p.Error(rid, code, text, retryable)))
 
         if rid in self.requests:
@@ -157,7 +162,7 @@ class BrokerState:
         out: list[Out] = []
         for req in [r for r in self.requests.values() if r.client == identity]:
             log.info("client of request %s is gone; cancelling it", req.request_id)
-            self.counters["cancelled"] += 1
+            self._outcome("cancelled")
             self._finish(req, out, None)
         return out
 
@@ -197,6 +202,9 @@ class BrokerState:
             req = self._current(msg.request_id, msg.attempt, w)
             if req is not None and req.state == DECODING:
                 req.kv_transfer_s = msg.kv_transfer_s
+                backend = (("backend", str(w.transfer.get("backend") or "unknown")),)
+                self.metrics.kv_seconds.observe(msg.kv_transfer_s, backend)
+                self.metrics.kv_bytes.observe(msg.nbytes, backend)
                 req.state = STREAMING
                 self._release_lease(req, out)
         elif isinstance(msg, p.Tokens):
@@ -210,7 +218,7 @@ class BrokerState:
                     req.prompt_tokens = msg.prompt_tokens
                 if msg.prefill_s:
                     req.prefill_s = msg.prefill_s
-                self.counters["finished"] += 1
+                self._outcome("finished")
                 self._finish(req, out, p.Final(req.request_id, msg.finish_reason,
                                                self._usage(req), self._timings(req)))
         elif isinstance(msg, p.Failed):
@@ -241,7 +249,7 @@ class BrokerState:
         req.prompt_tokens, req.prefill_s = len(msg.prompt_token_ids), msg.prefill_s
         self._relay_tokens(req, 0, [msg.first_token], msg.first_text, out)
         if msg.finish_reason is not None:
-            self.counters["finished"] += 1
+            self._outcome("finished")
             self._finish(req, out, p.Final(req.request_id, msg.finish_reason,
                                            self._usage(req), self._timings(req)))
             return
@@ -257,6 +265,7 @@ class BrokerState:
             return
         if req.t_first is None:
             req.t_first = self.clock()
+            self.metrics.ttft.observe(req.t_first - req.received)
         req.next_index += len(ids)
         out.append(Out(FRONT, req.client, p.Tokens(req.request_id, index, list(ids), text)))
 
@@ -270,7 +279,7 @@ class BrokerState:
             self._release_lease(req, out)
             self._requeue(req)
             return
-        self.counters["failed"] += 1
+        self._outcome("failed", msg.code)
         self._finish(req, out, p.Error(req.request_id, msg.code, msg.message, False))
 
     # -----------------------------------------------------------------------------------------
@@ -288,7 +297,7 @@ class BrokerState:
             out.extend(Out(BACK, w.identity, p.BrokerHeartbeat()) for w in self.workers.values())
         for req in list(self.requests.values()):
             if now >= req.deadline:
-                self.counters["failed"] += 1
+                self._outcome("failed", p.Code.TIMEOUT)
                 self._finish(req, out, p.Error(
                     req.request_id, p.Code.TIMEOUT,
                     f"request {req.request_id} passed its deadline of "
@@ -316,6 +325,7 @@ class BrokerState:
         graceful = why.startswith("disconnected") and not w.inflight
         (log.info if graceful else log.warning)("worker %s (%s, pid %d) expired: %s", w.worker_id, w.role, w.pid, why)
         del self.workers[w.identity]
+        self.metrics.expirations.inc((("role", w.role),))
         for rid in sorted(w.leases):
             req = self.requests.get(rid)
             if req is None or req.ctx_worker != w.identity:
@@ -338,7 +348,7 @@ class BrokerState:
                 req.state = KV_READY        # died before the pull: another generation worker
                 self.decode_queue.appendleft(rid)
             else:
-                self.counters["failed"] += 1
+                self._outcome("failed", p.Code.WORKER_DIED)
                 self._finish(req, out, p.Error(
                     rid, p.Code.WORKER_DIED,
                     f"{w.role} worker {w.worker_id} (pid {w.pid}) stopped answering ({why}) "
@@ -376,7 +386,7 @@ class BrokerState:
                 continue
             if not self._can_serve():
                 self.prefill_queue.popleft()
-                self.counters["failed"] += 1
+                self._outcome("failed", p.Code.NO_WORKERS)
                 self._finish(req, out, p.Error(rid, p.Code.NO_WORKERS,
                                                req.note + self._no_worker_text(), True))
                 continue
@@ -394,7 +404,7 @@ class BrokerState:
                 continue
             if not self._pick_any("generation"):
                 self.decode_queue.popleft()
-                self.counters["failed"] += 1
+                self._outcome("failed", p.Code.NO_WORKERS)
                 self._finish(req, out, p.Error(rid, p.Code.NO_WORKERS,
                                                "no generation worker is up to decode this request", True))
                 continue
@@ -422,6 +432,7 @@ class BrokerState:
         req.mode = "disagg" if disagg else "agg"
         if req.t_dispatch is None:
             req.t_dispatch = self.clock()
+            self.metrics.queue.observe(req.t_dispatch - req.received)
         w.inflight.add(req.request_id)
         if disagg:
             req.state = PREFILLING
@@ -463,6 +474,11 @@ class BrokerState:
         self._release_lease(req, out)
         if final is not None:
             out.append(Out(FRONT, req.client, final))
+        if isinstance(final, p.Final) and final.finish_reason != p.Finish.CANCELLED:
+            now = self.clock()
+            self.metrics.e2e.observe(now - req.received)
+            if req.t_first is not None and req.next_index > 1:
+                self.metrics.tpot.observe((now - req.t_first) / (req.next_index - 1))
 
     def _usage(self, req: Request) -> dict:
         return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.next_index}
@@ -479,6 +495,10 @@ class BrokerState:
 
     # -----------------------------------------------------------------------------------------
 
+    def _outcome(self, outcome: str, code: Optional[str] = None) -> None:
+        self.counters[outcome] += 1
+        self.metrics.outcome(outcome, code)
+
     def stats(self) -> dict:
         return {
             "requests": len(self.requests),
@@ -486,10 +506,29 @@ class BrokerState:
             "waiting_decode": len(self.decode_queue),
             "counters": dict(self.counters),
             "workers": [
-                {"worker_id": w.worker_id, "role": w.role, "pid": w.pid, "slots": w.slots,
+                {"worker_id": w.worker_id, "role": w.role, "model": w.model, "pid": w.pid, "slots": w.slots,
                  "inflight": len(w.inflight), "leases": len(w.leases), "kv_blocks": w.kv_blocks,
                  "free_blocks": w.free_blocks, "leases_reported": w.leases_reported,
                  "max_decode_batch": w.max_decode_batch}
                 for w in self.workers.values()
             ],
         }
+
+    def metrics_text(self) -> str:
+        """Every metric in Prometheus text format: what the broker recorded, plus gauges of now."""
+        workers = {(("role", r), ("state", st)): 0 for r in ROLES for st in WORKER_STATES}
+        used, free = {}, {}
+        for w in self.workers.values():
+            st = "full" if w.credits <= 0 else "busy" if (w.inflight or w.leases) else "idle"
+            workers[(("role", w.role), ("state", st))] = workers.get((("role", w.role), ("state", st)), 0) + 1
+            key = (("worker", w.worker_id), ("role", w.role))
+            used[key], free[key] = w.kv_blocks - w.free_blocks, w.free_blocks
+        gauges = {
+            "disagg_requests_in_flight": {(): len(self.requests)},
+            "disagg_queue_depth": {(("queue", "prefill"),): len(self.prefill_queue),
+                                   (("queue", "decode"),): len(self.decode_queue)},
+            "disagg_workers": workers,
+            "disagg_kv_blocks_used": used,
+            "disagg_kv_blocks_free": free,
+        }
+        return self.metrics.render(gauges)

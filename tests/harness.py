@@ -47,7 +47,8 @@ class Deployment:
     """A broker process and any number of worker processes; ``close()`` kills every one by pid."""
 
     def __init__(self, heartbeat_s: float = 0.2, liveness: int = 10, kv_lease_s: float = 30.0,
-                 max_queue: int = 1024, tmpdir: Optional[str] = None):
+                 max_queue: int = 1024, tmpdir: Optional[str] = None, http: bool = False,
+                 config: Optional[str] = None):
         self.tmp = tempfile.TemporaryDirectory(prefix="dsrv-test-")
         self.procs: list[subprocess.Popen] = []
         self.workers: dict[str, subprocess.Popen] = {}
@@ -55,6 +56,9 @@ class Deployment:
         cmd = [sys.executable, "-m", "broker.cli", "start", "--frontend", "tcp://127.0.0.1:0",
                "--backend", "tcp://127.0.0.1:0", "--heartbeat-interval", str(heartbeat_s),
                "--liveness", str(liveness), "--kv-lease", str(kv_lease_s), "--max-queue", str(max_queue)]
+        cmd += ["--http-port", "0"] if http else ["--no-http"]     # the OpenAI gateway, on a free port
+        if config:
+            cmd += ["--config", config]
         log = open(os.path.join(self.tmp.name, "broker.log"), "w")
         self.logs["broker"] = log.name
         self.broker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=_env(), text=True)
@@ -62,6 +66,7 @@ class Deployment:
         line = self._first_line(self.broker, 30)
         parts = dict(w.split("=", 1) for w in line.split() if "=" in w)
         self.frontend, self.backend = parts["frontend"], parts["backend"]
+        self.http: Optional[str] = parts.get("http")     # http://127.0.0.1:PORT when http=True
 
     def _first_line(self, proc: subprocess.Popen, timeout: float) -> str:
         import selectors

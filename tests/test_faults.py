@@ -118,7 +118,7 @@ def test_launcher_starts_workers_and_leaves_no_orphan(tmp_path):
     cfg = tmp_path / "disagg.yaml"
     cfg.write_text("model: tiny\ncontext_servers:\n  num_instances: 1\n  heartbeat_ms: 200\n"
                    "generation_servers:\n  num_instances: 2\n  kv_cache_config:\n    max_tokens: 4096\n")
-    proc = subprocess.Popen([sys.executable, "-m", "broker.cli", "launch", "-c", str(cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "broker.cli", "launch", "-c", str(cfg), "--http-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=_env(), cwd=ROOT)
     try:

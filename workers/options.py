@@ -11,17 +11,13 @@ from typing import Any, Optional
 
 import yaml
 
+from broker.config import KV_CACHE_KEYS, WORKER_IGNORED, WORKER_KEYS, unknown_key
 from transfer.config import CacheTransceiverConfig, ConfigError
 
 log = logging.getLogger("workers.options")
 
-# TensorRT-LLM LLM-API keys we accept but that change nothing here (GPU-specific or TRT-specific)
-_IGNORED = {"backend", "tensor_parallel_size", "pipeline_parallel_size", "moe_expert_parallel_size",
-            "disable_overlap_scheduler", "print_iter_log", "enable_attention_dp", "cuda_graph_config",
-            "use_cuda_graph", "pytorch_backend_config", "enable_chunked_prefill", "scheduler_config",
-            "trust_remote_code", "enable_iter_perf_stats", "stream_interval", "return_perf_metrics"}
-_KV_KEYS = {"max_tokens", "free_gpu_memory_fraction", "enable_block_reuse", "dtype",
-            "host_cache_size", "max_attention_window", "event_buffer_max_size"}
+# TensorRT-LLM's LLM-API vocabulary, shared with the per-group keys of disagg_config.yaml
+_KNOWN, _IGNORED, _KV_KEYS = WORKER_KEYS, WORKER_IGNORED, KV_CACHE_KEYS
 
 
 @dataclass(frozen=True)
@@ -51,20 +47,24 @@ def parse_options(raw: Optional[dict], source: str = "<dict>") -> WorkerOptions:
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a map at the top level, got {type(raw).__name__}")
-    known = {"max_batch_size", "max_num_tokens", "max_seq_len", "tokens_per_block", "kv_cache_config",
-             "cache_transceiver_config", "num_threads", "heartbeat_ms", "broker_timeout_ms"}
     for k in raw:
         if k in _IGNORED:
             log.info("%s: %s has no effect on this engine; ignored", source, k)
-        elif k not in known:
-            raise ConfigError(f"{source}: unknown key {k!r}; known: {', '.join(sorted(known | _IGNORED))}")
+        elif k not in _KNOWN:
+            raise ConfigError(str(unknown_key(source, k, _KNOWN | _IGNORED)))
     kv = raw.get("kv_cache_config") or {}
     if not isinstance(kv, dict):
         raise ConfigError(f"{source}: kv_cache_config must be a map, got {kv!r}")
     for k in kv:
         if k not in _KV_KEYS:
-            raise ConfigError(f"{source}: unknown key kv_cache_config.{k}; known: {', '.join(sorted(_KV_KEYS))}")
+            raise ConfigError(str(unknown_key(source, f"kv_cache_config.{k}", _KV_KEYS)))
     block = _int(raw, "tokens_per_block", source, 16)
+    if "tokens_per_block" in kv:     # where newer TensorRT-LLM versions put it
+        kv_block = _int(kv, "tokens_per_block", f"{source}: kv_cache_config", 16)
+        if "tokens_per_block" in raw and kv_block != block:
+            raise ConfigError(f"{source}: tokens_per_block={block} and kv_cache_config.tokens_per_block="
+                              f"{kv_block} disagree")
+        block = kv_block
     ctc = CacheTransceiverConfig.from_dict(raw.get("cache_transceiver_config"),
                                            where=f"{source}: cache_transceiver_config")
     ctc.check_block_size(block)

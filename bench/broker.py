@@ -1,0 +1,436 @@
+"""The broker alone: full disaggregated requests per second with null workers, against a direct
+DEALER-ROUTER round trip measured in the same run.
+
+One request through the broker is the whole disaggregated path: ``Submit`` -> ``Accepted`` ->
+``Prefill`` to a null context worker -> ``ContextDone`` -> first ``Tokens`` to the client ->
+``Decode`` to a null generation worker -> ``KvPulled`` -> ``KvRelease`` -> ``Tokens`` ... ->
+``Finished`` -> ``Final``. The baselines use the same load generator and the same messages with
+no broker in between: a ROUTER that answers each ``Submit`` with one ``Final`` (``direct-rt``, the
+plain round trip) and one that answers with the very messages the broker would send this client
+(``direct-seq``: ``Accepted``, ``Tokens`` per token, ``Final``, same sizes).
+
+Processes: the broker (``broker.cli start``), one process holding the null context and generation
+workers (``bench.null_worker``), the direct servers, and ``--processes`` load generators, each a
+closed loop of raw ZeroMQ DEALER sockets and ``broker.protocol`` frames (not the client library,
+whose per-request cost would be measured instead of the broker's). On a small machine these all
+share the cores: the table reports each one's CPU use so the reader can see who was the limit.
+
+    python -m bench.broker                     # defaults: 5 runs, table + bench/results/broker.json
+    python -m bench.broker --runs 1 --duration 1 --out /tmp/b.json    # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import msgpack
+import zmq
+
+from broker import protocol as p
+from bench.common import (RESULTS, Procs, cpu_seconds, machine, median, read_line, recv_frames,
+                          send_frames, start_broker, summarize, table, wait_for_workers, write_json)
+
+_TOKENS, _FINAL, _ERROR, _ACCEPTED = p.Tokens.CMD, p.Final.CMD, p.Error.CMD, p.Accepted.CMD
+
+
+def submit_template(prompt_tokens: int, output_tokens: int) -> dict:
+    """The body of one benchmark ``Submit`` (its request id is replaced per request)."""
+    ids = [3 + i % 250 for i in range(prompt_tokens)]
+    msg = p.Submit("x", token_ids=ids, sampling={"max_tokens": output_tokens, "ignore_eos": True},
+                   stream=True, timeout_ms=60_000)
+    return msg.body()
+
+
+def broker_messages_per_request(output_tokens: int) -> int:
+    """Messages the broker receives and sends for one full disaggregated request."""
+    n = output_tokens
+    received = 1 + 1 + 1 + (n - 1) + 1      # Submit, ContextDone, KvPulled, Tokens, Finished
+    sent = 1 + 1 + 1 + 1 + 1 + (n - 1) + 1  # Accepted, Prefill, Tokens, Decode, KvRelease, Tokens, Final
+    return received + sent
+
+
+# ---------------------------------------------------------------------------------------------
+# direct server: a ROUTER with no broker behind it
+
+def direct_replies(mode: str, prompt_tokens: int, output_tokens: int) -> list:
+    """Reply bodies (request id to be filled in) a direct server sends for each Submit: the same
+    messages, of the same sizes, that the broker sends a client for one request."""
+    final = p.Final("x", p.Finish.LENGTH, {"prompt_tokens": prompt_tokens, "completion_tokens": output_tokens},
+                    {"queue": 1.5e-5, "prefill": 0.0, "kv_transfer": 0.0, "ttft": 3.1e-4, "total": 6.2e-4})
+    if mode == "rt":
+        return [final]
+    return [p.Accepted("x"), *(p.Tokens("x", i, [42 if i == 0 else 43], "x" if i == 0 else "y")
+                               for i in range(output_tokens)), final]
+
+
+def run_direct(mode: str, prompt_tokens: int, output_tokens: int) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, 1_000_000)
+    s.setsockopt(zmq.RCVHWM, 1_000_000)
+    s.bind("tcp://127.0.0.1:*")
+    replies = [(msg.encode()[:2], msg.body()) for msg in direct_replies(mode, prompt_tokens, output_tokens)]
+    print(f"direct ready frontend={s.getsockopt_string(zmq.LAST_ENDPOINT)} pid={os.getpid()}", flush=True)
+    packb = msgpack.packb
+    parent = os.getppid()
+    while os.getppid() == parent:   # stopped by SIGTERM from the parent, or when it is gone
+        if not s.poll(1000):
+            continue
+        while True:
+            frames = recv_frames(s)
+            if frames is None:
+                break
+            rid = msgpack.unpackb(frames[3])["request_id"]
+            for head, tmpl in replies:
+                tmpl["request_id"] = rid
+                send_frames(s, [frames[0], *head, packb(tmpl, use_bin_type=True)])
+
+
+# ---------------------------------------------------------------------------------------------
+# load generator: a closed loop over raw DEALER sockets
+
+def load(address: str, conns: int, concurrency: int, t0: float, warmup: float, duration: float,
+         prompt_tokens: int, output_tokens: int, drain_s: float = 10.0) -> dict:
+    """Keep ``concurrency`` requests in flight (split over ``conns`` sockets) from monotonic time
+    ``t0`` for ``warmup + duration`` seconds; count the requests that end in the measured window."""
+    ctx = zmq.Context()
+    socks = []
+    poller = zmq.Poller()
+    for _ in range(conns):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 1_000_000)
+        s.setsockopt(zmq.RCVHWM, 1_000_000)
+        s.connect(address)
+        poller.register(s, zmq.POLLIN)
+        socks.append(s)
+    head = [p.VERSION, bytes([p.Submit.CMD])]
+    body = submit_template(prompt_tokens, output_tokens)
+    packb, unpackb, now_f = msgpack.packb, msgpack.unpackb, time.monotonic
+    per_conn = [concurrency // conns + (1 if i < concurrency % conns else 0) for i in range(conns)]
+    inflight = [0] * conns
+    sent: dict = {}          # request id -> (conn, submit time)
+    first: dict = {}         # request id -> first token time
+    lat, ttft = [], []
+    done = errors = 0
+    prefix, counter = f"{os.getpid():x}-", 0
+    warm_end, t_end = t0 + warmup, t0 + warmup + duration
+    while now_f() < t0:
+        time.sleep(min(0.01, max(0.0, t0 - now_f())))
+    cpu0, cpu_w = time.process_time(), None
+
+    def submit(i: int) -> None:
+        nonlocal counter
+        counter += 1
+        rid = prefix + str(counter)
+        body["request_id"] = rid
+        sent[rid] = (i, now_f())
+        inflight[i] += 1
+        send_frames(socks[i], [*head, packb(body, use_bin_type=True)])
+
+    def receive(sock, i: int, measure: bool) -> None:
+        nonlocal done, errors
+        for _ in range(10_000):
+            frames = recv_frames(sock)
+            if frames is None:
+                return
+            cmd = frames[1][0]
+            if cmd == _ACCEPTED:
+                continue
+            t = now_f()
+            b = unpackb(frames[2])
+            rid = b["request_id"]
+            if cmd == _TOKENS:
+                if b["index"] == 0:
+                    first[rid] = t
+            elif cmd in (_FINAL, _ERROR):
+                conn, ts = sent.pop(rid, (None, None))
+                tf = first.pop(rid, None)
+                if conn is None:
+                    continue
+                inflight[conn] -= 1
+                if cmd == _ERROR:
+                    errors += 1
+                elif measure and warm_end <= t < t_end:
+                    done += 1
+                    lat.append(t - ts)
+                    if tf is not None:
+                        ttft.append(tf - ts)
+
+    index = {s: i for i, s in enumerate(socks)}
+    while (now := now_f()) < t_end:
+        if cpu_w is None and now >= warm_end:
+            cpu_w = time.process_time()
+        for i in range(conns):
+            while inflight[i] < per_conn[i]:
+                submit(i)
+        for sock, _ in poller.poll(max(1, min(100, int((t_end - now) * 1000)))):
+            receive(sock, index[sock], True)
+    cpu1 = time.process_time()
+    drain_end = now_f() + drain_s
+    while sent and now_f() < drain_end:   # let every request finish, so the broker ends empty
+        for sock, _ in poller.poll(100):
+            receive(sock, index[sock], False)
+    for s in socks:
+        s.close(0)
+    ctx.term()
+    return {"completed": done, "errors": errors, "unfinished": len(sent),
+            "cpu_s": cpu1 - (cpu_w if cpu_w is not None else cpu0),
+            "latency_s": [round(x, 7) for x in lat], "ttft_s": [round(x, 7) for x in ttft]}
+
+
+def loadgen_main() -> int:
+    """A load generator process: one JSON command per stdin line, one JSON result per line."""
+    print("loadgen ready", flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("op") == "quit":
+            break
+        res = load(cmd["address"], cmd["conns"], cmd["concurrency"], cmd["t0"], cmd["warmup"],
+                   cmd["duration"], cmd["prompt_tokens"], cmd["output_tokens"])
+        print(json.dumps(res), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+class Bench:
+    def __init__(self, args, procs: Procs):
+        self.args, self.procs = args, procs
+        self.loadgens: list[subprocess.Popen] = []
+        self.targets: dict[str, str] = {}     # name -> frontend address
+        self.pids: dict[str, int] = {}        # name -> server process pid (CPU accounting)
+
+    def setup(self) -> None:
+        a = self.args
+        b = start_broker(self.procs)
+        self.targets["broker"], self.pids["broker"] = b["frontend"], b["pid"]
+        nw = self.procs.start("null-workers", [sys.executable, "-m", "bench.null_worker",
+                                               "--broker", b["backend"], "--role", "context",
+                                               "--role", "generation", "--max-seconds", "3600"])
+        self.pids["null-workers"] = nw.pid
+        wait_for_workers(b["frontend"], {"context": 1, "generation": 1}, 30, self.procs)
+        for mode in ("rt", "seq"):
+            name = f"direct-{mode}"
+            proc = self.procs.start(name, [sys.executable, "-m", "bench.broker", "_direct", mode,
+                                           str(a.prompt_tokens), str(a.output_tokens)],
+                                    stdout=subprocess.PIPE)
+            words = dict(w.split("=", 1) for w in read_line(proc, 30, "ready line").split() if "=" in w)
+            self.targets[name], self.pids[name] = words["frontend"], proc.pid
+        for i in range(a.processes):
+            proc = self.procs.start(f"loadgen-{i}", [sys.executable, "-m", "bench.broker", "_load"],
+                                    stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+            read_line(proc, 30, "ready line")
+            self.loadgens.append(proc)
+
+    def measure(self, target: str, processes: int, concurrency: int, duration: float) -> dict:
+        """One closed-loop measurement of one target with ``processes`` load generators."""
+        a = self.args
+        gens = self.loadgens[:processes]
+        t0 = time.monotonic() + 0.3
+        per_proc = [concurrency // processes + (1 if i < concurrency % processes else 0)
+                    for i in range(processes)]
+        for g, c in zip(gens, per_proc):
+            g.stdin.write(json.dumps({"op": "run", "address": self.targets[target],
+                                      "conns": min(a.conns, c), "concurrency": c, "t0": t0,
+                                      "warmup": a.warmup, "duration": duration,
+                                      "prompt_tokens": a.prompt_tokens,
+                                      "output_tokens": a.output_tokens}) + "\n")
+            g.stdin.flush()
+        time.sleep(max(0.0, t0 + a.warmup - time.monotonic()))
+        pid = self.pids[target]
+        helpers = [pid] + ([self.pids["null-workers"]] if target == "broker" else [])
+        cpu0 = [cpu_seconds(x) for x in helpers]
+        time.sleep(max(0.0, t0 + a.warmup + duration - time.monotonic()))
+        cpu1 = [cpu_seconds(x) for x in helpers]
+        results = [json.loads(read_line(g, duration + a.warmup + 30, "result")) for g in gens]
+        lat = [x for r in results for x in r["latency_s"]]
+        ttft = [x for r in results for x in r["ttft_s"]]
+        done = sum(r["completed"] for r in results)
+        out = {
+            "target": target, "processes": processes, "concurrency": concurrency,
+            "duration_s": duration, "completed": done,
+            "errors": sum(r["errors"] for r in results),
+            "unfinished": sum(r["unfinished"] for r in results),
+            "requests_per_s": done / duration,
+            "latency_ms": summarize(lat, 1000), "ttft_ms": summarize(ttft, 1000),
+            "server_cpu_pct": 100 * (cpu1[0] - cpu0[0]) / duration,
+            "server_cpu_us_per_request": 1e6 * (cpu1[0] - cpu0[0]) / done if done else None,
+            "loadgen_cpu_pct": 100 * sum(r["cpu_s"] for r in results) / duration,
+        }
+        if target == "broker":
+            out["null_workers_cpu_pct"] = 100 * (cpu1[1] - cpu0[1]) / duration
+        return out
+
+    def close(self) -> None:
+        for g in self.loadgens:
+            try:
+                g.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                g.stdin.flush()
+            except (OSError, ValueError):
+                pass
+
+
+TARGETS = ("direct-rt", "direct-seq", "broker")
+
+
+def summarize_runs(runs: list[dict]) -> dict:
+    """Median of each headline number over repeated runs of one target."""
+    def med(key, sub=None):
+        return median(r[key][sub] if sub else r[key] for r in runs)
+    rps = [r["requests_per_s"] for r in runs]
+    return {"requests_per_s": med("requests_per_s"), "requests_per_s_min": min(rps),
+            "requests_per_s_max": max(rps), "latency_p50_ms": med("latency_ms", "p50"),
+            "latency_p99_ms": med("latency_ms", "p99"), "ttft_p50_ms": med("ttft_ms", "p50"),
+            "server_cpu_pct": med("server_cpu_pct"), "loadgen_cpu_pct": med("loadgen_cpu_pct"),
+            "server_cpu_us_per_request": med("server_cpu_us_per_request"),
+            "null_workers_cpu_pct": med("null_workers_cpu_pct") if "null_workers_cpu_pct" in runs[0] else None,
+            "errors": sum(r["errors"] for r in runs), "unfinished": sum(r["unfinished"] for r in runs),
+            "runs": len(runs)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.broker",
+                                 description="Broker throughput and added latency with null workers, "
+                                             "against a direct DEALER-ROUTER round trip in the same run.")
+    ap.add_argument("--processes", type=int, default=2, help="load generator processes (default: 2)")
+    ap.add_argument("--conns", type=int, default=4,
+                    help="DEALER connections per load generator process (default: 4)")
+    ap.add_argument("--concurrency", type=int, default=256,
+                    help="requests kept in flight, over all load generators (default: 256)")
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="token ids per prompt (default: 32)")
+    ap.add_argument("--output-tokens", type=int, default=2,
+                    help="output tokens per request: the first from the context worker, the rest "
+                         "from the generation worker, one Tokens message each (default: 2)")
+    ap.add_argument("--duration", type=float, default=3.0, help="measured seconds per run (default: 3)")
+    ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each run (default: 0.5)")
+    ap.add_argument("--runs", type=int, default=5, help="runs of each target; medians are reported (default: 5)")
+    ap.add_argument("--latency-duration", type=float, default=2.0,
+                    help="seconds of one-at-a-time requests for the added latency (default: 2)")
+    ap.add_argument("--target-rps", type=float, default=5000.0,
+                    help="requests per second the broker should sustain (default: 5000)")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "broker.json"),
+                    help="JSON results path (default: bench/results/broker.json)")
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_load"]:
+        return loadgen_main()
+    if argv[:1] == ["_direct"]:
+        run_direct(argv[1], int(argv[2]), int(argv[3]))
+        return 0
+    args = build_parser().parse_args(argv)
+    for name in ("processes", "conns", "concurrency", "prompt_tokens", "output_tokens", "runs"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.concurrency < args.processes:
+        raise SystemExit(f"--concurrency {args.concurrency} must be >= --processes {args.processes}")
+    runs: dict = {t: [] for t in TARGETS}
+    latency: dict = {}
+    with Procs(prefix="bench-broker-") as procs:
+        bench = Bench(args, procs)
+        try:
+            bench.setup()
+            total = args.runs * len(TARGETS) + len(TARGETS)
+            step = 0
+            for r in range(args.runs):
+                # interleaved, so the machine's noise falls on every target alike
+                for t in TARGETS:
+                    step += 1
+                    res = bench.measure(t, args.processes, args.concurrency, args.duration)
+                    runs[t].append(res)
+                    print(f"[{step}/{total}] run {r + 1} {t}: {res['requests_per_s']:,.0f} req/s, "
+                          f"p50 {res['latency_ms']['p50'] or 0:.2f} ms, server CPU "
+                          f"{res['server_cpu_pct']:.0f}%, errors {res['errors']}", file=sys.stderr)
+            for t in TARGETS:
+                step += 1
+                latency[t] = bench.measure(t, 1, 1, args.latency_duration)
+                print(f"[{step}/{total}] one at a time {t}: p50 {latency[t]['latency_ms']['p50'] or 0:.3f} ms",
+                      file=sys.stderr)
+        finally:
+            bench.close()
+    report = build_report(args, runs, latency)
+    write_json(args.out, report)
+    print(render(report))
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+def build_report(args, runs: dict, latency: dict) -> dict:
+    summary = {t: summarize_runs(runs[t]) for t in TARGETS}
+    b, seq, rt = summary["broker"], summary["direct-seq"], summary["direct-rt"]
+    lb, lseq, lrt = (latency[t]["latency_ms"]["p50"] for t in ("broker", "direct-seq", "direct-rt"))
+    ratio = lambda x, y: (x / y) if x and y else None
+    return {
+        "benchmark": "broker",
+        "config": {"processes": args.processes, "conns_per_process": args.conns,
+                   "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
+                   "output_tokens": args.output_tokens, "duration_s": args.duration,
+                   "warmup_s": args.warmup, "runs": args.runs,
+                   "broker_messages_per_request": broker_messages_per_request(args.output_tokens),
+                   "process_count": {"broker": 1, "null_workers": 1, "direct_servers": 2,
+                                     "load_generators": args.processes}},
+        "machine": machine(),
+        "summary": summary,
+        "one_at_a_time": {t: {"latency_ms": latency[t]["latency_ms"], "ttft_ms": latency[t]["ttft_ms"],
+                              "requests_per_s": latency[t]["requests_per_s"]} for t in TARGETS},
+        "headline": {
+            "broker_requests_per_s": b["requests_per_s"],
+            "direct_rt_round_trips_per_s": rt["requests_per_s"],
+            "direct_seq_requests_per_s": seq["requests_per_s"],
+            "broker_vs_direct_rt": ratio(b["requests_per_s"], rt["requests_per_s"]),
+            "broker_vs_direct_seq": ratio(b["requests_per_s"], seq["requests_per_s"]),
+            "broker_messages_per_s": (b["requests_per_s"] or 0) * broker_messages_per_request(args.output_tokens),
+            # CPU seconds the broker process spent per request (its ZeroMQ I/O thread included),
+            # and what one whole core would sustain at that cost: an extrapolation, not a measurement
+            "broker_cpu_us_per_request": b["server_cpu_us_per_request"],
+            "broker_projected_requests_per_s_one_core": (1e6 / b["server_cpu_us_per_request"])
+            if b["server_cpu_us_per_request"] else None,
+            "added_latency_p50_ms_vs_direct_seq": (lb - lseq) if lb is not None and lseq is not None else None,
+            "added_latency_p50_ms_vs_direct_rt": (lb - lrt) if lb is not None and lrt is not None else None,
+            "target_requests_per_s": args.target_rps,
+            "meets_target": bool(b["requests_per_s"] and b["requests_per_s"] >= args.target_rps),
+        },
+        "runs": {t: [{k: v for k, v in r.items()} for r in runs[t]] for t in TARGETS},
+    }
+
+
+def render(report: dict) -> str:
+    c, s, h, one = report["config"], report["summary"], report["headline"], report["one_at_a_time"]
+    rows = []
+    for t in TARGETS:
+        x = s[t]
+        rows.append([t, x["requests_per_s"], f"{x['requests_per_s_min']:,.0f}-{x['requests_per_s_max']:,.0f}",
+                     x["latency_p50_ms"], x["latency_p99_ms"], one[t]["latency_ms"]["p50"],
+                     x["server_cpu_pct"], x["server_cpu_us_per_request"], x["null_workers_cpu_pct"],
+                     x["loadgen_cpu_pct"], x["errors"]])
+    head = (f"broker benchmark: {c['processes']} load generator processes x {c['conns_per_process']} "
+            f"connections, {c['concurrency']} requests in flight, {c['prompt_tokens']} prompt tokens, "
+            f"{c['output_tokens']} output tokens ({c['broker_messages_per_request']} broker messages per "
+            f"request), median of {c['runs']} runs of {c['duration_s']:g} s; "
+            f"{report['machine']['cpus']} CPUs shared by all processes")
+    t = table(["target", "req/s", "range", "p50 ms", "p99 ms", "p50 ms @1", "server CPU%",
+               "server CPU us/req", "null wkr CPU%", "loadgen CPU%", "errors"], rows)
+    tail = (f"broker: {h['broker_requests_per_s']:,.0f} full disaggregated req/s "
+            f"({h['broker_messages_per_s']:,.0f} broker messages/s) = "
+            f"{h['broker_vs_direct_rt']:.2f}x the direct round trip, "
+            f"{h['broker_vs_direct_seq']:.2f}x the direct same-messages exchange; "
+            f"added latency at one request in flight: "
+            f"{h['added_latency_p50_ms_vs_direct_seq'] * 1000:.0f} us (p50, vs direct-seq); "
+            f"target {h['target_requests_per_s']:,.0f} req/s: {'met' if h['meets_target'] else 'NOT met'}.\n"
+            f"broker CPU per request {h['broker_cpu_us_per_request'] or 0:.0f} us (process total, I/O thread "
+            f"included): one whole core would sustain about "
+            f"{h['broker_projected_requests_per_s_one_core'] or 0:,.0f} req/s (extrapolated)")
+    return f"{head}\n\n{t}\n\n{tail}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Smoke tests of the benchmarks: each runs in a tiny configuration and writes its report with the
+fields the README and the issue rely on. Timings are measured by bench/, never asserted here."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.common import ROOT, child_env, percentile, summarize
+from bench.null_worker import FIRST_TOKEN, NullWorker
+from bench.throughput import Result, goodput, metrics, sharegpt, synthetic
+from broker import protocol as p
+
+
+def _run(args: list, timeout: float) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=child_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _roundtrip(msg: p.Message) -> p.Message:
+    return p.decode(msg.encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# pure parts
+
+def test_null_workers_speak_the_worker_protocol():
+    ctx, gen = NullWorker("context", "c"), NullWorker("generation", "g")
+    assert _roundtrip(ctx.ready()).role == "context"
+    (done,) = ctx.on_message(_roundtrip(p.Prefill("r1", 1, token_ids=[5, 6, 7], sampling={"max_tokens": 3})))
+    done = _roundtrip(done)
+    assert isinstance(done, p.ContextDone) and done.prompt_token_ids == [5, 6, 7]
+    assert done.first_token == FIRST_TOKEN and done.finish_reason is None and ctx.leases == {"r1#1"}
+    replies = [_roundtrip(m) for m in gen.on_message(_roundtrip(p.Decode(
+        "r1", 2, done.prompt_token_ids, done.first_token, done.first_text, done.kv_handle, {"max_tokens": 3})))]
+    assert [type(m).__name__ for m in replies] == ["KvPulled", "Tokens", "Tokens", "Finished"]
+    assert [m.index for m in replies if isinstance(m, p.Tokens)] == [1, 2]
+    assert replies[-1].completion_tokens == 3 and replies[-1].attempt == 2
+    assert ctx.on_message(p.KvRelease("r1", 1)) == [] and ctx.leases == set()
+    # one output token: the context phase ends the request and holds no KV
+    (only,) = ctx.on_message(p.Prefill("r2", 1, token_ids=[1], sampling={"max_tokens": 1}))
+    assert only.finish_reason == p.Finish.LENGTH and "r2#1" not in ctx.leases
+
+
+def test_percentiles_and_summary():
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    s = summarize([0.001, 0.002, 0.003, None], 1000)
+    assert s["count"] == 3 and s["p50"] == pytest.approx(2.0) and s["max"] == pytest.approx(3.0)
+    assert summarize([])["p50"] is None
+
+
+def test_slo_attainment_and_goodput():
+    def res(ttft, e2e, n):
+        return Result(ok=True, ttft=ttft, e2e=e2e, output_tokens=n, input_tokens=4)
+    results = [res(0.1, 1.1, 11), res(0.1, 0.2, 11), res(3.0, 4.0, 11), Result(ok=False, error="x")]
+    m = metrics(results, 2.0, slo_ttft=1.0, slo_tpot=0.05)
+    # tpot: 0.1 s, 0.01 s, 0.1 s -> only the second meets both SLOs; the failed one counts against
+    assert m["completed"] == 3 and m["failed"] == 1 and m["slo_attainment"] == 0.25
+    assert m["output_token_throughput"] == 33 / 2.0
+    runs = [{"request_rate": r, "metrics": {"slo_attainment": a}}
+            for r, a in ((0.5, 1.0), (1.0, 0.95), (2.0, 0.5), (float("inf"), 1.0))]
+    assert goodput(runs, 0.9) == 1.0
+    assert goodput(runs, 0.99) == 0.5
+    assert goodput(runs[2:], 0.9) is None
+
+
+def test_workloads(tmp_path):
+    specs = synthetic(3, 10, 5, seed=1, text=False)
+    assert len(specs) == 3 and all(len(s.token_ids) == 10 and s.output_len == 5 for s in specs)
+    assert all(3 <= t < 256 for s in specs for t in s.token_ids)
+    assert synthetic(3, 10, 5, seed=1, text=False)[0].token_ids == specs[0].token_ids
+    assert len(synthetic(1, 12, 5, seed=1, text=True)[0].prompt.split()) == 12
+    data = [{"conversations": [{"from": "human", "value": "hello there " * 10}, {"from": "gpt", "value": "x" * 80}]},
+            {"conversations": [{"from": "human", "value": "too long " * 1000}, {"from": "gpt", "value": "y"}]},
+            {"conversations": [{"from": "human", "value": "only one turn"}]}]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    got = sharegpt(str(path), 10, seed=0, max_input=100, max_output=16, output_len=None)
+    assert len(got) == 1 and got[0].prompt.startswith("hello") and got[0].output_len == 16
+    with pytest.raises(ValueError, match="no usable conversation"):
+        sharegpt(str(path), 10, seed=0, max_input=1, max_output=16, output_len=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole benchmarks, tiny configurations
+
+def test_broker_bench_smoke(tmp_path):
+    out = tmp_path / "broker.json"
+    _run(["-m", "bench.broker", "--runs", "1", "--duration", "0.3", "--warmup", "0.1",
+          "--latency-duration", "0.2", "--processes", "1", "--conns", "2", "--concurrency", "8",
+          "--output-tokens", "3", "--out", str(out)], timeout=120)
+    rep = json.loads(out.read_text())
+    assert set(rep["summary"]) == {"direct-rt", "direct-seq", "broker"}
+    for target, s in rep["summary"].items():
+        assert s["errors"] == 0 and s["unfinished"] == 0, (target, s)
+    for target, runs in rep["runs"].items():
+        assert runs[0]["completed"] > 0, target
+    assert rep["one_at_a_time"]["broker"]["latency_ms"]["count"] > 0
+    h = rep["headline"]
+    for key in ("broker_requests_per_s", "direct_rt_round_trips_per_s", "broker_vs_direct_rt",
+                "added_latency_p50_ms_vs_direct_seq", "broker_cpu_us_per_request", "meets_target"):
+        assert key in h, key
+    assert rep["config"]["broker_messages_per_request"] == 14     # 2 * 3 output tokens + 8
+
+
+def _check_run(run: dict, n: int, output_len: int) -> None:
+    m = run["metrics"]
+    assert m["completed"] == n and m["failed"] == 0, m["errors"]
+    assert m["mean_output_tokens"] == output_len            # ignore_eos: exactly as requested
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        assert set(m[key]) >= {"mean", "p50", "p90", "p99"}, key
+    assert m["ttft_ms"]["count"] == n and m["slo_attainment"] is not None
+    assert len(run["per_request"]) == n
+
+
+def test_throughput_compare_smoke(tmp_path):
+    out = tmp_path / "t.json"
+    proc = _run(["-m", "bench.throughput", "--launch", "--compare", "--model", "tiny", "--num-prompts", "3",
+                 "--input-len", "8", "--output-len", "5", "--request-rate", "50,inf", "--warmup", "1",
+                 "--out", str(out)], timeout=240)
+    rep = json.loads(out.read_text())
+    assert [(r["target"], r["request_rate"]) for r in rep["runs"]] == \
+        [("agg", 50.0), ("agg", "inf"), ("disagg", 50.0), ("disagg", "inf")]
+    for run in rep["runs"]:
+        _check_run(run, 3, 5)
+    assert set(rep["compare"]) >= {"rate=50.0", "rate=inf"}
+    assert "output_token_throughput" in rep["compare"]["rate=inf"]
+    assert "disaggregated / aggregated" in proc.stdout
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "t.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None, reason="the HTTP gateway needs aiohttp")
+def test_throughput_http_smoke(tmp_path):
+    out = tmp_path / "h.json"
+    _run(["-m", "bench.throughput", "--launch", "--api", "http", "--mode", "disagg", "--model", "tiny",
+          "--num-prompts", "3", "--input-len", "8", "--output-len", "4", "--request-rate", "inf",
+          "--concurrency", "2", "--warmup", "1", "--no-plot", "--out", str(out)], timeout=180)
+    rep = json.loads(out.read_text())
+    assert rep["config"]["api"] == "http"
+    _check_run(rep["runs"][0], 3, 4)
+
+
+def test_throughput_rejects_bad_arguments():
+    proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--frontend", "tcp://127.0.0.1:1",
+                           "--launch"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "exactly one target" in proc.stderr

@@ -1,0 +1,114 @@
+"""Metrics: the pure histogram/counter code, the Prometheus text, and what BrokerState records."""
+import pytest
+
+from broker import protocol as p
+from broker.config import BrokerConfig
+from broker.metrics import Histogram, Metrics, parse
+from broker.state import BrokerState
+from tests.test_broker_state import C1, FakeClock, context_done, of, ready, submit
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_histogram_buckets_are_cumulative_in_the_text():
+    m = Metrics()
+    for v in (0.001, 0.02, 0.02, 3.0, 1000.0):
+        m.e2e.observe(v)
+    m.e2e.observe(float("nan"))          # ignored, never poisons the sum
+    s = parse(m.render({}))
+    b = lambda le: s[("disagg_e2e_request_latency_seconds_bucket", (("le", le),))]
+    assert b("0.005") == 1 and b("0.025") == 3 and b("5") == 4 and b("300") == 4 and b("+Inf") == 5
+    assert s[("disagg_e2e_request_latency_seconds_count", ())] == 5
+    assert s[("disagg_e2e_request_latency_seconds_sum", ())] == pytest.approx(1003.041)
+
+
+def test_value_on_a_bucket_bound_counts_in_that_bucket():
+    h = Histogram((1.0, 2.0))
+    h.observe(1.0)
+    h.observe(2.0)
+    h.observe(2.5)
+    assert h.series[()][0] == [1, 1, 1]
+
+
+def test_text_format_has_help_type_and_escaped_labels():
+    m = Metrics()
+    gauges = {"disagg_kv_blocks_free": {(("worker", 'we"ird\\name'), ("role", "context")): 7}}
+    text = m.render(gauges)
+    assert text.endswith("\n")
+    for name in ("disagg_requests_total", "disagg_kv_transfer_bytes", "disagg_time_per_output_token_seconds"):
+        assert f"# TYPE {name} " in text and f"# HELP {name} " in text
+    assert 'disagg_kv_blocks_free{worker="we\\"ird\\\\name",role="context"} 7' in text
+    s = parse(text)
+    assert s[("disagg_requests_total", (("outcome", "finished"),))] == 0   # every outcome is present
+
+
+@pytest.fixture
+def st():
+    return BrokerState(BrokerConfig(max_queue=4, request_timeout_s=60, kv_lease_s=10), FakeClock())
+
+
+def metrics(st):
+    return parse(st.metrics_text())
+
+
+def test_state_records_a_disaggregated_request(st):
+    clock = st.clock
+    ready(st, b"ctx", "context", blocks=100)
+    ready(st, b"gen", "generation", blocks=100)
+    st.on_worker(b"gen", p.Heartbeat(free_slots=4, free_blocks=90))
+    [pre] = of(submit(st), p.Prefill)
+    clock.advance(0.5)
+    [dec] = of(context_done(st, b"ctx", pre), p.Decode)            # first token: TTFT 0.5 s
+    st.on_worker(b"gen", p.KvPulled("r1", dec.attempt, 0.003, 2 * 1024 * 1024))
+    s = metrics(st)
+    assert s[("disagg_workers", (("role", "generation"), ("state", "busy")))] == 1
+    assert s[("disagg_workers", (("role", "context"), ("state", "idle")))] == 1
+    assert s[("disagg_kv_blocks_used", (("worker", "gen"), ("role", "generation")))] == 10
+    assert s[("disagg_kv_blocks_free", (("worker", "gen"), ("role", "generation")))] == 90
+    assert s[("disagg_requests_in_flight", ())] == 1
+    clock.advance(0.2)
+    st.on_worker(b"gen", p.Tokens("r1", 1, [8, 9], "yz", dec.attempt))
+    clock.advance(0.2)
+    st.on_worker(b"gen", p.Finished("r1", dec.attempt, "length", 3))
+    s = metrics(st)
+    assert s[("disagg_requests_total", (("outcome", "finished"),))] == 1
+    assert s[("disagg_time_to_first_token_seconds_sum", ())] == pytest.approx(0.5)
+    assert s[("disagg_e2e_request_latency_seconds_sum", ())] == pytest.approx(0.9)
+    # 2 tokens after the first, 0.4 s after it: 0.2 s per output token
+    assert s[("disagg_time_per_output_token_seconds_sum", ())] == pytest.approx(0.2)
+    zmq = (("backend", "ZMQ"),)
+    assert s[("disagg_kv_transfer_seconds_count", zmq)] == 1
+    assert s[("disagg_kv_transfer_seconds_sum", zmq)] == pytest.approx(0.003)
+    assert s[("disagg_kv_transfer_bytes_sum", zmq)] == 2 * 1024 * 1024
+    assert s[("disagg_kv_transfer_bytes_bucket", zmq + (("le", "1048576"),))] == 0
+    assert s[("disagg_kv_transfer_bytes_bucket", zmq + (("le", "4194304"),))] == 1
+    assert s[("disagg_requests_in_flight", ())] == 0
+
+
+def test_state_records_outcomes_queue_depth_and_expiry(st):
+    submit(st, "r0")                                               # no worker: rejected
+    ready(st, b"both", "both", slots=1)
+    submit(st, "r1")
+    submit(st, "r2")                                               # waits: the one slot is taken
+    s = metrics(st)
+    assert s[("disagg_requests_total", (("outcome", "rejected"),))] == 1
+    assert s[("disagg_request_errors_total", (("code", "NO_WORKERS"),))] == 1
+    assert s[("disagg_queue_depth", (("queue", "prefill"),))] == 1
+    assert s[("disagg_workers", (("role", "both"), ("state", "full")))] == 1
+    st.on_client(C1, p.Cancel("r2"))
+    st.on_worker(b"both", p.Disconnect("bye"))                     # r1 dies with its worker
+    s = metrics(st)
+    assert s[("disagg_requests_total", (("outcome", "cancelled"),))] == 1
+    assert s[("disagg_requests_total", (("outcome", "failed"),))] == 1
+    assert s[("disagg_request_errors_total", (("code", "WORKER_DIED"),))] == 1
+    assert s[("disagg_worker_expirations_total", (("role", "both"),))] == 1
+    assert s[("disagg_queue_depth", (("queue", "prefill"),))] == 0
+
+
+def test_ping_returns_the_text_only_when_asked(st):
+    [pong] = of(st.on_client(C1, p.Ping(5)), p.Pong)
+    assert "prometheus" not in pong.stats
+    [pong] = of(st.on_client(C1, p.Ping(6, metrics=True)), p.Pong)
+    assert "# TYPE disagg_requests_total counter" in pong.stats["prometheus"]
+    # it survives the wire: the optional field is ignored by an older decoder's rules, kept by ours
+    assert p.decode(p.Ping(6, metrics=True).encode()).metrics is True
