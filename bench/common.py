@@ -17,8 +17,10 @@ import tempfile
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
-import zmq
-from zmq.backend import Socket as _RawSocket
+# Cheap multipart send and receive for load generators and null workers: the broker's own.
+# pyzmq's send_multipart/recv_multipart cost several times more, and the load generator must
+# cost as little as possible, since it shares the cores with the broker.
+from broker.server import recv_frames, send_frames  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -170,38 +172,6 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
-
-
-# ---------------------------------------------------------------------------------------------
-# cheap multipart send and receive for load generators and null workers
-#
-# pyzmq's ``send_multipart``/``recv_multipart`` cost 10-15 us a message here, mostly enum flag
-# arithmetic per frame; the Cython socket methods with int flags cost a quarter of that. The
-# load generator must cost as little as possible, since it shares the cores with the broker.
-
-_SNDMORE_NB = int(zmq.SNDMORE | zmq.NOBLOCK)
-_NB = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-_raw_send, _raw_recv, _raw_get = _RawSocket.send, _RawSocket.recv, _RawSocket.get
-
-
-def send_frames(sock: zmq.Socket, frames: Sequence[bytes]) -> None:
-    """Send a multipart message without blocking (raises ``zmq.Again`` at the high-water mark)."""
-    last = len(frames) - 1
-    for i, f in enumerate(frames):
-        _raw_send(sock, f, _SNDMORE_NB if i < last else _NB, True, False)
-
-
-def recv_frames(sock: zmq.Socket) -> Optional[list]:
-    """One whole multipart message if one is waiting, else None (without raising ``zmq.Again``,
-    whose construction costs more than the receive)."""
-    if not _raw_get(sock, _EVENTS) & _POLLIN:
-        return None
-    parts = [_raw_recv(sock, _NB, True, False)]
-    while _raw_get(sock, _RCVMORE):
-        parts.append(_raw_recv(sock, _NB, True, False))
-    return parts
 
 
 # ---------------------------------------------------------------------------------------------

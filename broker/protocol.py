@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import msgpack
 
@@ -51,6 +52,18 @@ class Finish:
 # ---------------------------------------------------------------------------------------------
 # sampling parameters: validated at the client, at the broker and at the worker alike
 
+def _bad_param(name: str, value: Any, expected: str) -> ProtocolError:
+    return ProtocolError(f"invalid sampling parameter {name}={value!r}: expected {expected}")
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _is_num(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
@@ -64,15 +77,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        def bad(name: str, value: Any, expected: str) -> ProtocolError:
-            return ProtocolError(f"invalid sampling parameter {name}={value!r}: expected {expected}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
+        bad, is_int, is_num = _bad_param, _is_int, _is_num
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise bad("max_tokens", self.max_tokens, "an integer >= 1")
         if not is_num(self.temperature) or self.temperature < 0:
@@ -104,9 +109,9 @@ class SamplingParams:
             return cls()
         if not isinstance(d, dict):
             raise ProtocolError(f"invalid sampling parameters {d!r}: expected a map")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
+        names = _SAMPLING_NAMES
+        if not names.issuperset(d):
+            unknown = sorted(set(d) - names)
             raise ProtocolError(f"unknown sampling parameter {unknown[0]!r}; known: {', '.join(sorted(names))}")
         return cls(**d)
 
@@ -117,76 +122,177 @@ class SamplingParams:
         return d
 
 
+_SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
 # ---------------------------------------------------------------------------------------------
 # message machinery
 
 _REGISTRY: dict[int, type["Message"]] = {}
 
+# The broker handles a dozen messages per request, so decode and encode are its hot path: the
+# per-field type checks are built once per class from the annotations (below), and a decoded
+# message is built without the dataclass __init__ (see Message.from_body).
 
-def _check_type(value: Any, tp: Any) -> bool:
-    """A light structural check of a decoded value against a field annotation."""
+_INT_ONLY = frozenset((int,))
+
+
+def _all_ints(v: Any) -> bool:
+    # set(map(type, ...)) runs in C; `type(x) is int` also rejects bools (a subclass of int)
+    return isinstance(v, (list, tuple)) and set(map(type, v)) <= _INT_ONLY
+
+
+def _checker(tp: Any) -> Callable[[Any], bool]:
+    """A structural check of a decoded value against a field annotation, built once per field."""
     if tp is Any:
-        return True
+        return lambda v: True
     origin = typing.get_origin(tp)
     if origin is typing.Union:
-        return any(_check_type(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
         args = typing.get_args(tp)
+        if len(args) == 2 and type(None) in args:          # Optional[X]
+            inner = _checker(next(a for a in args if a is not type(None)))
+            return lambda v: v is None or inner(v)
+        checks = [_checker(a) for a in args]
+        return lambda v: any(c(v) for c in checks)
+    if tp is type(None):
+        return lambda v: v is None
+    if tp is float:
+        return lambda v: type(v) is float or type(v) is int or (
+            isinstance(v, (int, float)) and not isinstance(v, bool))
+    if tp is int:
+        return lambda v: type(v) is int or (isinstance(v, int) and not isinstance(v, bool))
+    if tp is bool or tp is str or tp is dict:
+        return lambda v: isinstance(v, tp)
+    if origin in (list, tuple) or tp in (list, tuple):
+        args = typing.get_args(tp)
+        if args and args[0] is int:
+            return _all_ints
         if args and args[0] is not Ellipsis:
-            return all(_check_type(v, args[0]) for v in value)
-        return True
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
+            inner = _checker(args[0])
+            return lambda v: isinstance(v, (list, tuple)) and all(map(inner, v))
+        return lambda v: isinstance(v, (list, tuple))
+    if origin is dict:
+        return lambda v: isinstance(v, dict)
     if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
+        return lambda v: isinstance(v, tp)
+    return lambda v: True
+
+
+# One msgpack Packer per thread: packb() builds (and frees) a Packer and its buffer per call,
+# which costs as much as the packing itself; a Packer is not safe to share between threads.
+_packers = threading.local()
+
+
+def _pack(obj: Any) -> bytes:
+    try:
+        return _packers.packer.pack(obj)
+    except AttributeError:
+        _packers.packer = msgpack.Packer(use_bin_type=True)
+        return _packers.packer.pack(obj)
+
+
+def _exact_types(tp: Any) -> Optional[frozenset]:
+    """The exact Python types msgpack gives for a valid value of this annotation, or None when
+    no such set says enough. Used by the decode fast path: a type() lookup in C per field."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        sets = [_exact_types(a) for a in typing.get_args(tp)]
+        return None if None in sets else frozenset().union(*sets)
+    if tp is type(None):
+        return frozenset((type(None),))
+    if tp is float:
+        return frozenset((float, int))
+    if tp in (int, str, bool, dict) or origin is dict:
+        return frozenset((origin or tp,))
+    if origin in (list, tuple) or tp in (list, tuple):
+        return frozenset((list, tuple))   # the elements are checked by the field's full checker
+    return None
+
+
+def _needs_deep_check(tp: Any) -> bool:
+    """Whether a value of the right exact type may still be wrong (a list's elements)."""
+    if typing.get_origin(tp) is typing.Union:
+        return any(_needs_deep_check(a) for a in typing.get_args(tp))
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) in (list, tuple) and bool(args) and args[0] is not Ellipsis
+
+
+_REQUIRED = object()   # marks a field without a default in Message._spec
+_contains = frozenset.__contains__
 
 
 class Message:
     CMD: ClassVar[int] = 0
-    _hints: ClassVar[dict]
-
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
+    # per-class tables filled in by @message, so that no message walks dataclasses.fields()
+    _names: ClassVar[tuple] = ()          # field names, without "frames"
+    _spec: ClassVar[tuple] = ()           # (name, check, default value | factory | _REQUIRED, is factory)
+    _has_frames: ClassVar[bool] = False
+    _cmd_frame: ClassVar[bytes] = b""
+    _fast_types: ClassVar[Optional[tuple]] = None   # per field: exact types of a valid value
+    _deep: ClassVar[tuple] = ()                     # (name, check) of fields also checked in full
+    _post_init: ClassVar[Optional[Callable]] = None
 
     def body(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "frames"}
+        return {name: getattr(self, name) for name in self._names}
 
     def encode(self) -> list:
-        frames: list = [VERSION, bytes([self.CMD]), msgpack.packb(self.body(), use_bin_type=True)]
-        frames.extend(getattr(self, "frames", ()) or ())
-        return frames
+        if self._has_frames:
+            frames: list = [VERSION, self._cmd_frame, _pack(self.body())]
+            frames.extend(self.frames or ())
+            return frames
+        # a message without raw frames holds exactly its fields in __dict__ (the dataclass
+        # __init__ and from_body set nothing else): pack it as it is, with no copy
+        return [VERSION, self._cmd_frame, _pack(self.__dict__)]
 
     @classmethod
     def from_body(cls, body: dict, frames: Sequence = ()) -> "Message":
-        hints = cls._hints
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name == "frames":
-                continue
-            if f.name in body:
-                v = body[f.name]
-                if not _check_type(v, hints[f.name]):
-                    raise ProtocolError(f"{cls.__name__}.{f.name}: bad value {v!r}")
-                kwargs[f.name] = v
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProtocolError(f"{cls.__name__}: missing field {f.name!r}")
-        if "frames" in {f.name for f in dataclasses.fields(cls)}:
-            kwargs["frames"] = tuple(frames)
-        try:
-            return cls(**kwargs)
-        except ProtocolError:
-            raise
-        except (TypeError, ValueError) as e:
-            raise ProtocolError(f"{cls.__name__}: {e}") from e
+        """A decoded body to a message: every field checked against its annotation."""
+        # Fast path, for a body that holds every field with a value of an exact expected type
+        # (what encode() sends): the lookups and type checks run in C, with a full check only
+        # for fields such as token id lists. Anything else takes the field-by-field path, which
+        # fills in defaults and names the missing or bad field.
+        names, fast_types = cls._names, cls._fast_types
+        if fast_types is not None:
+            try:
+                values = tuple(map(body.__getitem__, names))
+            except KeyError:
+                values = None
+            if values is not None and all(map(_contains, fast_types, map(type, values))):
+                for name, check in cls._deep:
+                    if not check(body[name]):
+                        raise ProtocolError(f"{cls.__name__}.{name}: bad value {body[name]!r}")
+                # a body holding exactly the fields (the usual case) becomes the message's dict
+                return cls._build(body if len(body) == len(names) and not cls._has_frames
+                                  else dict(zip(names, values)), frames)
+        values = {}
+        for name, check, default, factory in cls._spec:
+            if name in body:
+                v = body[name]
+                if not check(v):
+                    raise ProtocolError(f"{cls.__name__}.{name}: bad value {v!r}")
+                values[name] = v
+            elif default is _REQUIRED:
+                raise ProtocolError(f"{cls.__name__}: missing field {name!r}")
+            else:
+                values[name] = default() if factory else default
+        return cls._build(values, frames)
+
+    @classmethod
+    def _build(cls, values: dict, frames: Sequence) -> "Message":
+        # What the frozen dataclass __init__ does (set every field, then __post_init__), without
+        # its object.__setattr__ per field, which costs about as much as the rest of the decode.
+        if cls._has_frames:
+            values["frames"] = tuple(frames)
+        msg = cls.__new__(cls)
+        msg.__dict__.update(values)
+        if cls._post_init is not None:
+            try:
+                cls._post_init(msg)
+            except ProtocolError:
+                raise
+            except (TypeError, ValueError) as e:
+                raise ProtocolError(f"{cls.__name__}: {e}") from e
+        return msg
 
 
 def message(cmd: int):
@@ -197,7 +303,21 @@ def message(cmd: int):
         if cmd in _REGISTRY:
             raise RuntimeError(f"command {cmd} registered twice")
         _REGISTRY[cmd] = cls
-        cls._hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls)
+        fields = [f for f in dataclasses.fields(cls) if f.name != "frames"]
+        cls._names = tuple(f.name for f in fields)
+        cls._spec = tuple(
+            (f.name, _checker(hints[f.name]),
+             f.default_factory if f.default_factory is not dataclasses.MISSING
+             else _REQUIRED if f.default is dataclasses.MISSING else f.default,
+             f.default_factory is not dataclasses.MISSING)
+            for f in fields)
+        cls._has_frames = len(fields) != len(dataclasses.fields(cls))
+        cls._cmd_frame = bytes([cmd])
+        exact = tuple(_exact_types(hints[f.name]) for f in fields)
+        cls._fast_types = None if None in exact else exact
+        cls._deep = tuple((f.name, _checker(hints[f.name])) for f in fields if _needs_deep_check(hints[f.name]))
+        cls._post_init = getattr(cls, "__post_init__", None)
         return cls
     return wrap
 
@@ -206,16 +326,18 @@ def decode(frames: Sequence) -> Message:
     """Frames (without the ROUTER identity) to a message; raises ProtocolError."""
     if len(frames) < 3:
         raise ProtocolError(f"expected at least 3 frames, got {len(frames)}")
-    raw = [bytes(f.buffer) if hasattr(f, "buffer") else f for f in frames[:3]]
-    if raw[0] != VERSION:
-        raise ProtocolError(f"wrong protocol version {raw[0][:16]!r}, expected {VERSION!r}")
-    if len(raw[1]) != 1:
-        raise ProtocolError(f"command frame must be 1 byte, got {len(raw[1])}")
-    cls = _REGISTRY.get(raw[1][0])
+    version, command, body = frames[0], frames[1], frames[2]
+    if type(version) is not bytes or type(command) is not bytes:   # zmq Frames (copy=False)
+        version, command, body = (bytes(f.buffer) if hasattr(f, "buffer") else f for f in frames[:3])
+    if version != VERSION:
+        raise ProtocolError(f"wrong protocol version {version[:16]!r}, expected {VERSION!r}")
+    if len(command) != 1:
+        raise ProtocolError(f"command frame must be 1 byte, got {len(command)}")
+    cls = _REGISTRY.get(command[0])
     if cls is None:
-        raise ProtocolError(f"unknown command {raw[1][0]}")
+        raise ProtocolError(f"unknown command {command[0]}")
     try:
-        body = msgpack.unpackb(raw[2], raw=False, strict_map_key=True)
+        body = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises a zoo of exception types
         raise ProtocolError(f"undecodable body for {cls.__name__}: {e}") from e
     if not isinstance(body, dict):

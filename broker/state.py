@@ -10,6 +10,8 @@ context worker holds is released (``KvRelease``) once nobody needs it.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import random
 import time
@@ -102,6 +104,14 @@ class BrokerState:
         self.prefill_queue: deque[str] = deque()   # QUEUED requests, in arrival order
         self.decode_queue: deque[str] = deque()    # KV_READY requests waiting for a generation worker
         self.workers: dict[bytes, Worker] = {}
+        self._roles: Optional[frozenset] = None   # roles of the registered workers (cached)
+        # Timers as heaps of (time, seq, Request), so that tick() and next_timer(), which run on
+        # every turn of the server loop, cost nothing per request in flight. Entries are deleted
+        # lazily: one whose request has ended (or whose lease was released or renewed) is skipped
+        # when it comes up, and _compact_timers() drops them in bulk when they pile up.
+        self._deadlines: list = []     # every request's deadline
+        self._leases: list = []        # KV lease deadlines of requests waiting in KV_READY
+        self._seq = itertools.count()  # tie-breaker: Requests themselves are not comparable
         self.next_heartbeat = 0.0
         self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0}
         self.metrics = Metrics()
@@ -127,7 +137,8 @@ class BrokerState:
         else:
             out.append(Out(FRONT, identity, p.Error("", p.Code.PROTOCOL,
                                                     f"{type(msg).__name__} is not a client command")))
-        out.extend(self._dispatch())
+        if self.prefill_queue or self.decode_queue:
+            out.extend(self._dispatch())
         return out
 
     def _submit(self, identity: bytes, msg: p.Submit, out: list[Out]) -> None:
@@ -139,8 +150,7 @@ class BrokerState:
 
         if rid in self.requests:
             return reject(p.Code.DUPLICATE_REQUEST, f"request id {rid!r} is already in flight")
-        if not any(w.does("context") or w.role == "both" for w in self.workers.values()) or \
-                not self._can_serve():
+        if not self._can_serve():
             return reject(p.Code.NO_WORKERS, self._no_worker_text(), True)
         if len(self.prefill_queue) >= self.cfg.max_queue:
             return reject(p.Code.OVERLOADED, f"the broker's queue is full ({self.cfg.max_queue} "
@@ -152,7 +162,8 @@ class BrokerState:
             sampling["seed"] = self.rng.randrange(2**63)
         now = self.clock()
         timeout = msg.timeout_ms / 1000 if msg.timeout_ms else self.cfg.request_timeout_s
-        self.requests[rid] = Request(rid, identity, msg, sampling, now, now + timeout)
+        req = self.requests[rid] = Request(rid, identity, msg, sampling, now, now + timeout)
+        heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
         self.prefill_queue.append(rid)
         self.counters["submitted"] += 1
         out.append(Out(FRONT, identity, p.Accepted(rid)))
@@ -176,6 +187,7 @@ class BrokerState:
         if isinstance(msg, p.Ready):
             if w is not None:   # a restarted worker with the same identity: its old work is lost
                 self._expire(w, out, "re-registered")
+            self._roles = None
             self.workers[identity] = Worker(identity, msg.worker_id, msg.role, msg.model, msg.slots,
                                             msg.kv_blocks, msg.block_size, msg.max_seq_len,
                                             dict(msg.transfer), msg.pid, msg.heartbeat_ms / 1000,
@@ -225,7 +237,8 @@ class BrokerState:
             req = self._current(msg.request_id, msg.attempt, w)
             if req is not None:
                 self._failed(req, w, msg, out)
-        out.extend(self._dispatch())
+        if self.prefill_queue or self.decode_queue:
+            out.extend(self._dispatch())
         return out
 
     def _current(self, rid: str, attempt: int, w: Worker) -> Optional[Request]:
@@ -254,6 +267,7 @@ class BrokerState:
                                            self._usage(req), self._timings(req)))
             return
         req.state = KV_READY
+        self._watch_lease(req)
         self.decode_queue.append(req.request_id)
 
     def _relay_tokens(self, req: Request, index: int, ids: list, text: str, out: list[Out]) -> None:
@@ -295,19 +309,29 @@ class BrokerState:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.cfg.heartbeat_interval_s
             out.extend(Out(BACK, w.identity, p.BrokerHeartbeat()) for w in self.workers.values())
-        for req in list(self.requests.values()):
-            if now >= req.deadline:
-                self._outcome("failed", p.Code.TIMEOUT)
-                self._finish(req, out, p.Error(
-                    req.request_id, p.Code.TIMEOUT,
-                    f"request {req.request_id} passed its deadline of "
-                    f"{req.deadline - req.received:.1f} s in state {req.state}", False))
-            elif req.lease_deadline is not None and now >= req.lease_deadline and req.state == KV_READY:
-                log.warning("request %s: KV lease expired before a generation worker took it; "
-                            "prefilling again", req.request_id)
-                self._release_lease(req, out)
-                self._requeue(req)
-        out.extend(self._dispatch())
+        requests = self.requests
+        deadlines, leases = self._deadlines, self._leases
+        while deadlines and deadlines[0][0] <= now:
+            req = heapq.heappop(deadlines)[2]
+            if requests.get(req.request_id) is not req:
+                continue      # ended already
+            self._outcome("failed", p.Code.TIMEOUT)
+            self._finish(req, out, p.Error(
+                req.request_id, p.Code.TIMEOUT,
+                f"request {req.request_id} passed its deadline of "
+                f"{req.deadline - req.received:.1f} s in state {req.state}", False))
+        while leases and leases[0][0] <= now:
+            t, _, req = heapq.heappop(leases)
+            if requests.get(req.request_id) is not req or req.lease_deadline != t or req.state != KV_READY:
+                continue      # ended, released, or taken by a generation worker (re-armed if it comes back)
+            log.warning("request %s: KV lease expired before a generation worker took it; "
+                        "prefilling again", req.request_id)
+            self._release_lease(req, out)
+            self._requeue(req)
+        if len(deadlines) + len(leases) > 2 * len(requests) + 1024:
+            self._compact_timers()
+        if self.prefill_queue or self.decode_queue:
+            out.extend(self._dispatch())
         return out
 
     def next_timer(self) -> float:
@@ -315,16 +339,31 @@ class BrokerState:
         now = self.clock()
         times = [self.next_heartbeat]
         times.extend(w.last_seen + w.heartbeat_s * self.cfg.liveness for w in self.workers.values())
-        for r in self.requests.values():
-            times.append(r.deadline)
-            if r.lease_deadline is not None and r.state == KV_READY:
-                times.append(r.lease_deadline)
+        # a stale entry on top only wakes the loop early, and tick() then drops it
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        if self._leases:
+            times.append(self._leases[0][0])
         return max(0.0, min(times) - now)
+
+    def _watch_lease(self, req: Request) -> None:
+        """Arm the lease timer of a request entering KV_READY (tick() requeues it on expiry)."""
+        if req.lease_deadline is not None:
+            heapq.heappush(self._leases, (req.lease_deadline, next(self._seq), req))
+
+    def _compact_timers(self) -> None:
+        live = self.requests
+        self._deadlines = [e for e in self._deadlines if live.get(e[2].request_id) is e[2]]
+        self._leases = [e for e in self._leases
+                        if live.get(e[2].request_id) is e[2] and e[2].lease_deadline == e[0]]
+        heapq.heapify(self._deadlines)
+        heapq.heapify(self._leases)
 
     def _expire(self, w: Worker, out: list[Out], why: str) -> None:
         graceful = why.startswith("disconnected") and not w.inflight
         (log.info if graceful else log.warning)("worker %s (%s, pid %d) expired: %s", w.worker_id, w.role, w.pid, why)
         del self.workers[w.identity]
+        self._roles = None
         self.metrics.expirations.inc((("role", w.role),))
         for rid in sorted(w.leases):
             req = self.requests.get(rid)
@@ -346,6 +385,7 @@ class BrokerState:
             elif req.state == DECODING and req.ctx_worker in self.workers \
                     and req.decode_tries < self.cfg.max_attempts:
                 req.state = KV_READY        # died before the pull: another generation worker
+                self._watch_lease(req)
                 self.decode_queue.appendleft(rid)
             else:
                 self._outcome("failed", p.Code.WORKER_DIED)
@@ -357,9 +397,15 @@ class BrokerState:
     # -----------------------------------------------------------------------------------------
     # dispatch
 
+    def _worker_roles(self) -> frozenset:
+        # asked for every request dispatched, changed only when a worker comes or goes
+        if self._roles is None:
+            self._roles = frozenset(w.role for w in self.workers.values())
+        return self._roles
+
     def _can_serve(self) -> bool:
-        roles = {w.role for w in self.workers.values()}
-        return "both" in roles or {"context", "generation"} <= roles
+        roles = self._worker_roles()
+        return "both" in roles or ("context" in roles and "generation" in roles)
 
     def _no_worker_text(self) -> str:
         roles = sorted({w.role for w in self.workers.values()}) or ["none"]
@@ -422,7 +468,7 @@ class BrokerState:
         return out
 
     def _pick_any(self, role: str) -> bool:
-        return any(w.role == role for w in self.workers.values())
+        return role in self._worker_roles()
 
     def _send_prefill(self, req: Request, w: Worker, disagg: bool, out: list[Out]) -> None:
         s = req.submit

@@ -1,0 +1,123 @@
+"""The wire protocol: every message survives encode/decode, and decode rejects what is not a valid
+message of this version with ProtocolError (the decode fast path included)."""
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+
+from broker import protocol as p
+
+
+def frames(cmd: int, body, version: bytes = p.VERSION) -> list:
+    return [version, bytes([cmd]), msgpack.packb(body, use_bin_type=True)]
+
+
+def submit_body(**over) -> dict:
+    body = p.Submit("r1", token_ids=[1, 2, 3], sampling={"max_tokens": 4}).body()
+    body.update(over)
+    return body
+
+
+SAMPLES = [
+    p.Submit("r1", prompt="hello", sampling={"max_tokens": 3, "stop": ["x"]}, timeout_ms=500, model="m"),
+    p.Submit("r2", token_ids=[1, 2, 3]),
+    p.Submit("r3", messages=[{"role": "user", "content": "hi"}], stream=False),
+    p.Cancel("r1"), p.Ping(7, metrics=True), p.Accepted("r1"),
+    p.Tokens("r1", 0, [5, 6], "ab", attempt=2),
+    p.Final("r1", p.Finish.LENGTH, {"prompt_tokens": 3, "completion_tokens": 2}, {"total": 0.5, "ttft": None}),
+    p.Error("r1", p.Code.TIMEOUT, "late", True), p.Pong(1, {"requests": 0}),
+    p.Ready("w", "context", "m", 4, 100, 16, 2048, {"backend": "ZMQ"}, 123, 500),
+    p.Heartbeat(1, 2, 3, 4),
+    p.ContextDone("r1", 1, 9, "x", [1, 2, 3], {"k": 1}, None, 0.25),
+    p.ContextDone("r1", 1, 9, "x", [1, 2, 3], finish_reason=p.Finish.STOP),
+    p.KvPulled("r1", 2, 0.001, 4096), p.Finished("r1", 2, p.Finish.LENGTH, 5, 3, 0.1),
+    p.Failed("r1", 2, p.Code.KV_TRANSFER_FAILED, "gone", True), p.Disconnect("bye"),
+    p.Prefill("r1", 1, token_ids=[1, 2], sampling={"max_tokens": 2}, lease_ms=1000),
+    p.Decode("r1", 2, [1, 2], 9, "x", {"k": 1}, {"max_tokens": 2}),
+    p.Generate("r1", 1, prompt="hi"), p.KvRelease("r1", 1), p.CancelWork("r1", 2),
+    p.BrokerHeartbeat(), p.Reconnect("unknown"),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_roundtrip(msg):
+    back = p.decode(msg.encode())
+    assert back == msg and type(back) is type(msg)
+    # the decoded message is a normal frozen dataclass
+    assert {f.name: getattr(back, f.name) for f in dataclasses.fields(back)} == msg.body()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        back.request_id = "other"   # type: ignore[misc]
+
+
+def test_defaults_filled_and_unknown_keys_ignored():
+    msg = p.decode(frames(p.Tokens.CMD, {"request_id": "r", "index": 0, "token_ids": [1], "future": 1}))
+    assert msg == p.Tokens("r", 0, [1]) and not hasattr(msg, "future")
+    fin = p.decode(frames(p.Final.CMD, {"request_id": "r", "finish_reason": "stop"}))
+    assert fin.usage == {} and fin.timings == {}
+    other = p.decode(frames(p.Final.CMD, {"request_id": "r", "finish_reason": "stop"}))
+    assert other.usage is not fin.usage     # default_factory: a fresh dict each time
+    assert p.decode(frames(p.Final.CMD, {"request_id": "r", "finish_reason": "stop", "x": [1]})).encode() \
+        == p.Final("r", "stop").encode()
+
+
+def test_float_field_takes_an_int():
+    assert p.decode(frames(p.KvPulled.CMD, {"request_id": "r", "attempt": 1, "kv_transfer_s": 2})).kv_transfer_s == 2
+
+
+def test_frames_may_be_zmq_frames():
+    import zmq
+    msg = p.Tokens("r1", 0, [5], "a")
+    assert p.decode([zmq.Frame(f) for f in msg.encode()]) == msg
+
+
+@pytest.mark.parametrize("bad, what", [
+    (frames(p.Tokens.CMD, {"request_id": "r"}, version=b"DSRV0"), "wrong protocol version"),
+    (frames(99, {"request_id": "r"}), "unknown command"),
+    ([p.VERSION, b"\x0b\x0b", msgpack.packb({})], "1 byte"),
+    ([p.VERSION, b"\x0b"], "at least 3 frames"),
+    ([p.VERSION, bytes([p.Tokens.CMD]), b"\xc1"], "undecodable"),
+    (frames(p.Tokens.CMD, [1, 2]), "not a map"),
+    (frames(p.Tokens.CMD, {"request_id": "r", "index": 0}), "missing field 'token_ids'"),
+    (frames(p.Tokens.CMD, {"request_id": "r", "index": "0", "token_ids": [1]}), "Tokens.index"),
+    (frames(p.Tokens.CMD, {"request_id": 5, "index": 0, "token_ids": [1]}), "Tokens.request_id"),
+    (frames(p.KvRelease.CMD, {"request_id": "r", "attempt": True}), "KvRelease.attempt"),   # bools are not ints
+    (frames(p.KvPulled.CMD, {"request_id": "r", "attempt": 1, "kv_transfer_s": False}), "kv_transfer_s"),
+    (frames(p.Tokens.CMD, {"request_id": "r", "index": 0, "token_ids": 7}), "Tokens.token_ids"),
+    (frames(p.Final.CMD, {"request_id": "r", "finish_reason": "stop", "usage": []}), "Final.usage"),
+    (frames(p.Error.CMD, {"request_id": "r", "code": "X", "message": "m", "retryable": 1}), "Error.retryable"),
+])
+def test_invalid_messages_raise_protocol_error(bad, what):
+    with pytest.raises(p.ProtocolError, match=what):
+        p.decode(bad)
+
+
+@pytest.mark.parametrize("ids", [[1, "2", 3], [1, 2.0], [1, None], [True, 2], [[1], 2]])
+def test_token_id_lists_with_a_non_int_are_rejected(ids):
+    with pytest.raises(p.ProtocolError, match="token_ids"):
+        p.decode(frames(p.Tokens.CMD, {"request_id": "r", "index": 0, "token_ids": ids}))
+    with pytest.raises(p.ProtocolError, match="token_ids"):
+        p.decode(frames(p.Submit.CMD, submit_body(token_ids=ids)))
+    with pytest.raises(p.ProtocolError, match="prompt_token_ids"):
+        p.decode(p.ContextDone("r", 1, 9, "x", [1]).encode()[:2]
+                 + [msgpack.packb({**p.ContextDone("r", 1, 9, "x", [1]).body(), "prompt_token_ids": ids})])
+
+
+def test_nested_lists_are_checked_per_element():
+    with pytest.raises(p.ProtocolError, match="messages"):
+        p.decode(frames(p.Submit.CMD, submit_body(token_ids=None, messages=["not a map"])))
+
+
+@pytest.mark.parametrize("over, what", [
+    ({"request_id": ""}, "request_id"),
+    ({"prompt": "x"}, "exactly one of"),
+    ({"token_ids": []}, "at least one token"),
+    ({"timeout_ms": 0}, "timeout_ms"),
+    ({"sampling": {"max_tokens": 0}}, "max_tokens"),
+    ({"sampling": {"temperature": True}}, "temperature"),
+    ({"sampling": {"nope": 1}}, "unknown sampling parameter 'nope'"),
+])
+def test_submit_validation_runs_on_decode(over, what):
+    with pytest.raises(p.ProtocolError, match=what):
+        p.decode(frames(p.Submit.CMD, submit_body(**over)))
