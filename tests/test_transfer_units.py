@@ -97,7 +97,7 @@ def test_config_defaults_and_normalisation():
 
 @pytest.mark.parametrize("d,words", [
     ({"backnd": "ZMQ"}, ["unknown key 'backnd'", "'ZMQ'", "w.yaml"]),
-    ({"backend": "TCP"}, ["backend='TCP'", "DEFAULT, NIXL, UCX, MPI, ZMQ", "w.yaml"]),
+    ({"backend": "TCP"}, ["backend='TCP'", "DEFAULT, NIXL, UCX, MPI, SHM, ZMQ", "w.yaml"]),
     ({"max_tokens_in_buffer": 0}, ["max_tokens_in_buffer=0", "w.yaml"]),
     ({"max_tokens_in_buffer": "4096"}, ["max_tokens_in_buffer='4096'"]),
     ({"kv_transfer_timeout_ms": True}, ["kv_transfer_timeout_ms=True"]),

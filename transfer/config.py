@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-BACKENDS = ("DEFAULT", "NIXL", "UCX", "MPI", "ZMQ")
+BACKENDS = ("DEFAULT", "NIXL", "UCX", "MPI", "SHM", "ZMQ")
 _TEST_BACKENDS = ("FAKE",)             # accepted, not advertised: the in-process test backend
 DEFAULT_BUFFER_TOKENS = 4096
 DEFAULT_TIMEOUT_MS = 60_000

@@ -38,12 +38,15 @@ def _serve(spec: dict) -> None:
     from .config import CacheTransceiverConfig
     from .registry import create_source
 
+    # answers go on a private copy of stdout: libraries (UCX, MPI) print on fd 1
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     torch.set_num_threads(1)
     layout = KvLayout.from_dict(spec["layout"])
     pool = fill_pool(layout, spec["num_blocks"], spec["seed"])
     cfg = CacheTransceiverConfig.from_dict(spec.get("config"))
     source = create_source(cfg, pool, layout)
-    say = lambda obj: print(json.dumps(obj), flush=True)   # noqa: E731
+    say = lambda obj: print(json.dumps(obj), file=answers, flush=True)   # noqa: E731
     say({"endpoint": source.endpoint, "pid": os.getpid()})
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -69,24 +72,45 @@ def _serve(spec: dict) -> None:
     source.close()
 
 
+def launcher(backend: str) -> list:
+    """The command prefix a worker of this backend needs: MPI workers each run under their own
+    ``mpiexec -n 1`` (MPICH's, next to this python)."""
+    if backend != "MPI":
+        return []
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return [mpiexec if os.path.exists(mpiexec) else "mpiexec", "-n", "1"]
+
+
 class LoopbackSource:
     """The parent's handle on a ``serve`` child. Use as a context manager: the child is killed
     by pid on exit whatever happened."""
 
     def __init__(self, layout: KvLayout, num_blocks: int, seed: int, config: dict | None = None,
-                 *, timeout: float = 30.0) -> None:
+                 *, timeout: float = 30.0, wait: bool = True) -> None:
+        """``wait=False`` returns at once (start several children in parallel); the child's
+        hello is then awaited on first use."""
         spec = {"layout": layout.to_dict(), "num_blocks": num_blocks, "seed": seed,
                 "config": config}
         self.timeout = timeout
+        backend = str((config or {}).get("backend", "")).upper()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "transfer.loopback", "serve", json.dumps(spec)],
+            launcher(backend) + [sys.executable, "-m", "transfer.loopback", "serve",
+                                 json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        self.pid = self.proc.pid
+        self.pid = self.proc.pid       # the serving python process, once it said hello
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
+        self.endpoint = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        if self.endpoint is not None:
+            return
         try:
-            self.endpoint = self._answer()["endpoint"]
+            hello = self._answer()
+            self.endpoint, self.pid = hello["endpoint"], hello["pid"]
         except BaseException:
             self.kill()
             raise
@@ -102,10 +126,12 @@ class LoopbackSource:
         except queue.Empty:
             raise TimeoutError(f"loopback source pid {self.pid}: no answer in {self.timeout} s")
         if line is None:
+            self._lines.put(None)                   # every later call fails at once, too
             raise RuntimeError(f"loopback source pid {self.pid} exited ({self.proc.poll()})")
         return json.loads(line)
 
     def call(self, **cmd) -> dict:
+        self.wait_ready()
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         answer = self._answer()
@@ -118,11 +144,15 @@ class LoopbackSource:
         return answer["handle"]
 
     def signal(self, sig: int) -> None:
+        self.wait_ready()
         os.kill(self.pid, sig)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
+        for pid in dict.fromkeys((self.pid, self.proc.pid)):   # the server, then a launcher
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait(timeout=10)
         for stream in (self.proc.stdin, self.proc.stdout):
             try:

@@ -13,11 +13,12 @@ from .config import CacheTransceiverConfig
 
 log = logging.getLogger(__name__)
 
-# backend -> (module of this package, python module of its library, pip extra)
+# backend -> (module of this package, python module(s) of its library, pip extra)
 _BACKENDS = {
-    "NIXL": ("transfer.nixl_backend", "nixl", "nixl"),
+    "NIXL": ("transfer.nixl_backend", ("nixl_cu12", "nixl"), "nixl"),
     "UCX": ("transfer.ucx_backend", "ucxx", "ucx"),
     "MPI": ("transfer.mpi_backend", "mpi4py", "mpi"),
+    "SHM": ("transfer.shm_backend", None, None),
     "ZMQ": ("transfer.zmq_backend", None, None),
     "FAKE": ("transfer.fake", None, None),
 }
@@ -33,8 +34,9 @@ def _found(module: str) -> bool:
 def _why_unavailable(name: str) -> str | None:
     """None when the backend can be used here, else what to do about it."""
     ours, library, extra = _BACKENDS[name]
-    if library is not None and not _found(library):
-        return (f"the {name} transfer backend needs the python module {library!r}, which is not "
+    names = (library,) if isinstance(library, str) else library or ()
+    if names and not any(_found(n) for n in names):
+        return (f"the {name} transfer backend needs the python module {names[0]!r}, which is not "
                 f"installed: pip install 'disagg-serve[{extra}]'")
     if not _found(ours):
         return (f"the {name} transfer backend is not built yet in this version of disagg-serve; "
@@ -54,7 +56,7 @@ def resolve_backend(name: str) -> str:
         return "ZMQ"
     if key not in _BACKENDS:
         raise BackendUnavailable(f"unknown transfer backend {name!r}: expected one of "
-                                 "DEFAULT, NIXL, UCX, MPI, ZMQ")
+                                 "DEFAULT, NIXL, UCX, MPI, SHM, ZMQ")
     why = _why_unavailable(key)
     if why is not None:
         raise BackendUnavailable(why)

@@ -1,0 +1,124 @@
+"""The SHM transfer backend: same-host KV handoff through the context worker's pool in shared
+memory; the generation worker copies blocks straight out of it (one memcpy, no staging copy
+when the block sizes match).
+
+When the source is created, the context worker's pool is moved into shared memory in place
+(``torch``'s ``share_memory_()``: an unlinked ``/dev/shm`` file held open by descriptor, so a
+killed worker leaks nothing; every view of the pool follows the move). A sink maps that file
+read-only through ``/proc/PID/fd/FD`` once per peer. KV handles carry a host id (machine id and
+boot id): a sink on another host refuses them with a clear error. Start, end and expiry travel on
+the control channel of ``channel.py``; "done" is accepted only while the source still holds the
+transfer, so blocks read after an expiry or a release are never used.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+
+import numpy as np
+import torch
+
+from .base import KvLayout, KvSink, KvSource, TransferError
+from .channel import ChannelSink, ChannelSource, SinkPlane, SourcePlane
+
+BACKEND = "SHM"
+
+
+def host_id() -> str:
+    """This host's identity for the current boot: /etc/machine-id and the kernel's boot id."""
+    parts = []
+    for path in ("/etc/machine-id", "/proc/sys/kernel/random/boot_id"):
+        try:
+            with open(path) as f:
+                parts.append(f.read().strip())
+        except OSError:
+            parts.append("")
+    return "-".join(parts) if any(parts) else f"hostname:{os.uname().nodename}"
+
+
+class ShmSourcePlane(SourcePlane):
+    def __init__(self, pool: torch.Tensor) -> None:
+        storage = pool.untyped_storage()
+        if torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+            raise TransferError("the SHM transfer backend needs torch's 'file_descriptor' "
+                                "sharing strategy (torch.multiprocessing.set_sharing_strategy)")
+        if not storage.is_shared():
+            storage.share_memory_()           # moves the pool into shared memory, in place
+        fd, size = storage._share_fd_cpu_()[:2]
+        self.info = {"pid": os.getpid(), "fd": int(fd), "nbytes": int(size),
+                     "offset": pool.data_ptr() - storage.data_ptr(), "host": host_id()}
+
+    def hello(self, peer: bytes, info: dict) -> dict:
+        return self.info
+
+
+class ShmSinkPlane(SinkPlane):
+    def __init__(self, pool: torch.Tensor) -> None:
+        self.host = host_id()
+
+    def connect(self, endpoint: str, info: dict) -> dict:
+        if info.get("host") != self.host:
+            raise TransferError(_other_host(endpoint, info.get("host"), self.host))
+        path = f"/proc/{int(info['pid'])}/fd/{int(info['fd'])}"
+        try:
+            with open(path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), int(info["nbytes"]), prot=mmap.PROT_READ,
+                                   flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        except (OSError, ValueError) as exc:
+            raise TransferError(f"cannot map the KV pool of the context worker at {endpoint} "
+                                f"({path}): {exc}; the SHM backend needs both workers on one "
+                                "host, in one PID namespace, as the same user") from exc
+        src = np.frombuffer(mapped, dtype=np.uint8)[int(info["offset"]):]
+        return {"map": mapped, "src": src, "endpoint": endpoint}
+
+    def forget(self, conn: dict) -> None:
+        conn["src"] = None
+        try:
+            conn["map"].close()
+        except BufferError:                 # a view is still alive; the GC unmaps it later
+            pass
+
+    def post(self, conn: dict, frames: list, dst: torch.Tensor) -> bool:
+        src, out = conn["src"], dst.numpy()
+        for s, d, n, _ in frames:
+            np.copyto(out[d:d + n], src[s:s + n])
+        return True
+
+    def test(self, op: bool) -> bool:
+        return True
+
+
+def _other_host(endpoint: str, theirs: object, ours: str) -> str:
+    return (f"the SHM transfer backend works only between workers on one host: the context "
+            f"worker at {endpoint} runs on host {theirs!r}, this generation worker on "
+            f"{ours!r}; use the NIXL, UCX, MPI or ZMQ backend across hosts")
+
+
+class ShmSource(ChannelSource):
+    BACKEND = BACKEND
+
+    def make_plane(self, pool: torch.Tensor) -> SourcePlane:
+        self._host = host_id()
+        return ShmSourcePlane(pool)
+
+    def handle_extra(self) -> dict:
+        return {"host": self._host}
+
+
+class ShmSink(ChannelSink):
+    BACKEND = BACKEND
+
+    def make_plane(self, pool: torch.Tensor) -> SinkPlane:
+        return ShmSinkPlane(pool)
+
+    def check_handle(self, handle: dict, h) -> None:
+        if handle.get("host") != self._plane.host:
+            raise TransferError(_other_host(h.endpoint, handle.get("host"), self._plane.host))
+
+
+def make_source(cfg, pool: torch.Tensor, layout: KvLayout, *, host: str = "127.0.0.1") -> KvSource:
+    return ShmSource(cfg, pool, layout, host=host)
+
+
+def make_sink(cfg, pool: torch.Tensor, layout: KvLayout) -> KvSink:
+    return ShmSink(cfg, pool, layout)
