@@ -112,14 +112,19 @@ class KvLayout:
                                     f"generation worker {ours}")
 
 
-def pool_bytes(pool: torch.Tensor, layout: KvLayout, backend: str) -> torch.Tensor:
-    """The pool as a writable uint8 tensor ``[num_blocks, block_nbytes]`` sharing its memory."""
+def pool_bytes(pool: torch.Tensor, layout: KvLayout, backend: str,
+               devices: tuple = ("cpu",)) -> torch.Tensor:
+    """The pool as a writable uint8 tensor ``[num_blocks, block_nbytes]`` sharing its memory, on
+    any of ``devices`` ("cpu", "cuda") that the backend can move."""
     if not isinstance(pool, torch.Tensor):
         raise TransferError(f"KV pool must be a torch.Tensor, got {type(pool).__name__}")
-    if pool.device.type != "cpu":
-        raise TransferError(f"KV pool is on device {pool.device}: GPU memory is not supported "
-                            f"by the {backend} transfer backend yet; keep the KV pool in host "
-                            "(CPU) memory")
+    if pool.device.type not in devices:
+        if devices == ("cpu",):
+            raise TransferError(f"KV pool is on device {pool.device}: GPU memory is not supported "
+                                f"by the {backend} transfer backend; keep the KV pool in host "
+                                "(CPU) memory or use NIXL or UCX")
+        raise TransferError(f"KV pool is on device {pool.device}: the {backend} transfer backend "
+                            f"supports {' and '.join(devices)} memory")
     if not pool.is_contiguous():
         raise TransferError("KV pool must be one contiguous tensor")
     actual = KvLayout.from_pool(pool)

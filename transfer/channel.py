@@ -35,7 +35,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .base import (KvLayout, KvSink, KvSource, PullResult, SourceEvent, TransferError,
                    TransferTimeout, check_block_ids, copy_tokens, make_handle, parse_handle,
-                   token_view)
+                   pool_bytes, token_view)
 from .config import CacheTransceiverConfig
 from .plan import buffer_blocks, plan_rounds, split_frames
 from .zmq_backend import _pack, _stop_thread, _tune, _unpack, _Waker
@@ -45,24 +45,6 @@ log = logging.getLogger(__name__)
 MAGIC = b"KVC1"
 FRAME_BYTES = 1 << 30              # push planes: one tagged message per frame (< 2 GiB: MPI counts are ints)
 RELEASE_WAIT_S = 2.0               # release()/cancel(): bound on waiting for in-flight operations
-
-
-def pool_bytes_any(pool: torch.Tensor, layout: KvLayout, backend: str,
-                   devices: tuple = ("cpu",)) -> torch.Tensor:
-    """The pool as a uint8 tensor ``[num_blocks, block_nbytes]`` sharing its memory, on any of
-    ``devices`` ("cpu", "cuda")."""
-    if not isinstance(pool, torch.Tensor):
-        raise TransferError(f"KV pool must be a torch.Tensor, got {type(pool).__name__}")
-    if pool.device.type not in devices:
-        raise TransferError(f"KV pool is on device {pool.device}: the {backend} transfer backend "
-                            f"supports {' and '.join(devices)} memory")
-    if not pool.is_contiguous():
-        raise TransferError("KV pool must be one contiguous tensor")
-    actual = KvLayout.from_pool(pool)
-    if actual != layout:
-        raise TransferError(f"KV pool of shape {tuple(pool.shape)} and dtype {pool.dtype} does "
-                            f"not match the declared layout {layout}")
-    return pool.view(torch.uint8).reshape(pool.shape[0], layout.block_nbytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +136,7 @@ class ChannelSource(KvSource):
                  host: str = "127.0.0.1") -> None:
         self._layout = layout
         self._timeout_s = cfg.timeout_s
-        self._pool = pool_bytes_any(pool, layout, self.BACKEND, self.DEVICES)
+        self._pool = pool_bytes(pool, layout, self.BACKEND, self.DEVICES)
         self._plane = self.make_plane(self._pool)
         self._ctx = zmq.Context(io_threads=1)
         self._router = self._ctx.socket(zmq.ROUTER)
@@ -390,7 +372,7 @@ class ChannelSink(KvSink):
     def __init__(self, cfg: CacheTransceiverConfig, pool: torch.Tensor,
                  layout: KvLayout) -> None:
         self._cfg, self._layout = cfg, layout
-        self._pool = pool_bytes_any(pool, layout, self.BACKEND, self.DEVICES)
+        self._pool = pool_bytes(pool, layout, self.BACKEND, self.DEVICES)
         self._flat = self._pool.reshape(-1)
         self._tokens = token_view(self._pool, layout)
         self._plane = self.make_plane(self._pool)
