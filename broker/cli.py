@@ -105,7 +105,10 @@ def cmd_launch(args) -> int:
     cfg = load_disagg_config(args.config)
     if args.model:
         cfg = dataclasses.replace(cfg, model=args.model)
-    launch = Launch(cfg, args.log_level, http=not args.no_http, http_port=args.http_port)
+    http_port = args.http_port
+    if args.demo and http_port is None:
+        http_port = 0      # the demo speaks ZeroMQ; never fail on a busy default port for it
+    launch = Launch(cfg, args.log_level, http=not args.no_http, http_port=http_port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
