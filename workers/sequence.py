@@ -5,7 +5,6 @@ sockets and the engine; this module decides what a new token means (text to emit
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,7 +30,6 @@ class Sequence:
     finish_reason: Optional[str] = None
     kv_handle: Optional[dict] = None  # DECODE: where to pull the prompt's KV from
     lease_ms: int = 30000
-    t_arrival: float = field(default_factory=time.monotonic)
     t_prefill_start: float = 0.0
     prefill_s: float = 0.0
 

@@ -92,7 +92,6 @@ class Worker:
         self.leases: dict[str, Lease] = {}           # by key
         self.stop_event = threading.Event()
         self.last_broker = self.next_heartbeat = 0.0
-        self.steps = 0
         self.max_batch_since_heartbeat = 0
 
     # -----------------------------------------------------------------------------------------
@@ -377,7 +376,6 @@ class Worker:
         logits = self.runner.decode(tokens, positions, [s.blocks for s in batch])
         new = sample(logits, [s.params for s in batch], [s.prompt_ids + s.output_ids for s in batch],
                      [len(s.output_ids) for s in batch])
-        self.steps += 1
         self.max_batch_since_heartbeat = max(self.max_batch_since_heartbeat, len(batch))
         for seq, token in zip(batch, new):
             text = seq.accept(token, self.tok, self.eos_ids)
@@ -414,7 +412,3 @@ class Worker:
             self._drop(seq)
         for key in list(self.leases):
             self._release_lease(key)
-
-    def stats(self) -> dict:
-        return {"requests": len(self.seqs), "leases": len(self.leases),
-                "used_blocks": self.kv.allocator.num_used, "steps": self.steps}
