@@ -9,7 +9,10 @@ This module does no I/O.
 """
 from __future__ import annotations
 
+import logging
 import math
+import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, NamedTuple, Optional
@@ -17,6 +20,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 
 from .plan import token_runs
+
+log = logging.getLogger("transfer")
 
 
 class TransferError(Exception):
@@ -216,6 +221,62 @@ def parse_handle(handle: Any, backend: str) -> KvHandle:
 class SourceEvent:
     kind: str            # "pulled" | "expired"
     transfer_id: str
+
+
+@dataclass
+class Registration:
+    """KV blocks a source serves for one transfer; backends subclass it for their own state."""
+    block_ids: list
+    num_tokens: int
+    started: Optional[float] = None   # the first pull request: the transfer's clock starts
+    pulled: bool = False
+
+
+class Registrations(dict):
+    """A source's table of registered transfers (transfer id -> Registration).
+
+    What every backend shares: validating a registration, refusing a duplicate, and sweeping out
+    transfers that were pulled or expired. ``lock`` guards the table for the serving thread too.
+    """
+
+    def __init__(self, layout: KvLayout, num_blocks: int, timeout_s: float,
+                 factory: Callable[..., Registration] = Registration) -> None:
+        super().__init__()
+        self.lock = threading.RLock()     # reentrant: len() takes it too
+        self._layout, self._num_blocks, self._timeout_s = layout, num_blocks, timeout_s
+        self._factory = factory
+
+    def add(self, transfer_id: str, block_ids: list, num_tokens: int) -> Registration:
+        if not isinstance(transfer_id, str) or not transfer_id:
+            raise TransferError(f"invalid transfer_id {transfer_id!r}: expected a non-empty string")
+        ids = check_block_ids(block_ids, num_tokens, self._layout, self._num_blocks, "block_ids")
+        with self.lock:
+            if transfer_id in self:
+                raise TransferError(f"transfer {transfer_id!r} is already registered")
+            reg = self[transfer_id] = self._factory(ids, num_tokens)
+        return reg
+
+    def expired(self, reg: Registration, now: float) -> bool:
+        return reg.started is not None and now - reg.started > self._timeout_s
+
+    def sweep(self) -> list:
+        """Remove the pulled and the expired transfers: ``[(SourceEvent, Registration)]``."""
+        now, done = time.monotonic(), []
+        with self.lock:
+            for tid, reg in list(self.items()):
+                if reg.pulled:
+                    done.append((SourceEvent("pulled", tid), self.pop(tid)))
+                elif self.expired(reg, now):
+                    done.append((SourceEvent("expired", tid), self.pop(tid)))
+        for event, _ in done:
+            if event.kind == "expired":
+                log.warning("KV transfer %r expired: not pulled within kv_transfer_timeout_ms=%d "
+                            "of its start", event.transfer_id, round(self._timeout_s * 1000))
+        return done
+
+    def __len__(self) -> int:
+        with self.lock:
+            return dict.__len__(self)
 
 
 @dataclass(frozen=True)

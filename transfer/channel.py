@@ -33,7 +33,8 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .base import (KvLayout, KvSink, KvSource, PullResult, SourceEvent, TransferError,
+from .base import (KvLayout, KvSink, KvSource, PullResult, Registration, Registrations,
+                   TransferError,
                    TransferTimeout, check_block_ids, copy_tokens, make_handle, parse_handle,
                    pool_bytes, token_view)
 from .config import CacheTransceiverConfig
@@ -120,12 +121,11 @@ class SinkPlane:
 # context side
 
 @dataclass
-class _Registration:
-    block_ids: list
-    num_tokens: int
-    blocks: frozenset = frozenset()
-    started: Optional[float] = None
-    pulled: bool = False
+class _Registration(Registration):
+    blocks: frozenset = frozenset()      # the block ids as a set: a "done" check reads it
+
+    def __post_init__(self) -> None:
+        self.blocks = frozenset(self.block_ids)
 
 
 class ChannelSource(KvSource):
@@ -147,8 +147,8 @@ class ChannelSource(KvSource):
         if host in ("0.0.0.0", "*", "::"):
             bound = f"tcp://{pysocket.gethostname()}:{bound.rsplit(':', 1)[1]}"
         self.endpoint = bound
-        self._lock = threading.Lock()
-        self._regs: dict = {}
+        self._regs = Registrations(layout, self._pool.shape[0], self._timeout_s, _Registration)
+        self._lock = self._regs.lock
         self._waker = _Waker(self._ctx)
         self._thread = threading.Thread(target=self._serve, daemon=True,
                                         name=f"kv-{self.BACKEND.lower()}-source {self.endpoint}")
@@ -164,15 +164,8 @@ class ChannelSource(KvSource):
     # -- owner's thread ------------------------------------------------------------------------
 
     def register(self, transfer_id: str, block_ids: list, num_tokens: int) -> dict:
-        if not isinstance(transfer_id, str) or not transfer_id:
-            raise TransferError(f"invalid transfer_id {transfer_id!r}: expected a non-empty string")
-        ids = check_block_ids(block_ids, num_tokens, self._layout, self._pool.shape[0],
-                              "block_ids")
-        with self._lock:
-            if transfer_id in self._regs:
-                raise TransferError(f"transfer {transfer_id!r} is already registered")
-            self._regs[transfer_id] = _Registration(ids, num_tokens, frozenset(ids))
-        handle = make_handle(self.BACKEND, self.endpoint, transfer_id, ids, num_tokens,
+        reg = self._regs.add(transfer_id, block_ids, num_tokens)
+        handle = make_handle(self.BACKEND, self.endpoint, transfer_id, reg.block_ids, num_tokens,
                              self._layout)
         handle.update(self.handle_extra())
         return handle
@@ -184,27 +177,15 @@ class ChannelSource(KvSource):
             self._drop(transfer_id)
 
     def poll(self) -> list:
-        now, done = time.monotonic(), []
-        with self._lock:
-            for tid, reg in list(self._regs.items()):
-                if reg.pulled:
-                    done.append(SourceEvent("pulled", tid))
-                elif reg.started is not None and now - reg.started > self._timeout_s:
-                    done.append(SourceEvent("expired", tid))
-                else:
-                    continue
-                del self._regs[tid]
+        done = [event for event, _ in self._regs.sweep()]
         for event in done:
             if event.kind == "expired":
-                log.warning("KV transfer %r expired: not pulled within kv_transfer_timeout_ms=%d "
-                            "of its start", event.transfer_id, round(self._timeout_s * 1000))
                 self._drop(event.transfer_id)
         return done
 
     @property
     def num_registered(self) -> int:
-        with self._lock:
-            return len(self._regs)
+        return len(self._regs)
 
     def close(self) -> None:
         if self._thread is None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
-from .base import (KvLayout, KvSink, KvSource, PullResult, SourceEvent, TransferError,
+from .base import (KvLayout, KvSink, KvSource, PullResult, Registration, Registrations,
+                   TransferError,
                    TransferTimeout, check_block_ids, copy_tokens, make_handle, parse_handle,
                    pool_bytes, token_view)
 from .config import CacheTransceiverConfig
@@ -26,46 +27,23 @@ _sources: dict = {}          # endpoint -> FakeSource
 _ids = itertools.count(1)
 
 
-@dataclass
-class _Registration:
-    block_ids: list
-    num_tokens: int
-    started: Optional[float] = None
-    pulled: bool = False
-
-
 class FakeSource(KvSource):
     def __init__(self, cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout) -> None:
         self.layout = layout
         self.pool = pool_bytes(pool, layout, BACKEND)
-        self._timeout_s = cfg.timeout_s
-        self._regs: dict = {}
+        self._regs = Registrations(layout, self.pool.shape[0], cfg.timeout_s)
         self.endpoint = f"fake://{next(_ids)}"
         _sources[self.endpoint] = self
 
     def register(self, transfer_id: str, block_ids: list, num_tokens: int) -> dict:
-        if not isinstance(transfer_id, str) or not transfer_id:
-            raise TransferError(f"invalid transfer_id {transfer_id!r}: expected a non-empty string")
-        ids = check_block_ids(block_ids, num_tokens, self.layout, self.pool.shape[0], "block_ids")
-        if transfer_id in self._regs:
-            raise TransferError(f"transfer {transfer_id!r} is already registered")
-        self._regs[transfer_id] = _Registration(ids, num_tokens)
-        return make_handle(BACKEND, self.endpoint, transfer_id, ids, num_tokens, self.layout)
+        reg = self._regs.add(transfer_id, block_ids, num_tokens)
+        return make_handle(BACKEND, self.endpoint, transfer_id, reg.block_ids, num_tokens, self.layout)
 
     def release(self, transfer_id: str) -> None:
         self._regs.pop(transfer_id, None)
 
     def poll(self) -> list:
-        now, events = time.monotonic(), []
-        for tid, reg in list(self._regs.items()):
-            if reg.pulled:
-                events.append(SourceEvent("pulled", tid))
-            elif self._expired(reg, now):
-                events.append(SourceEvent("expired", tid))
-            else:
-                continue
-            del self._regs[tid]
-        return events
+        return [event for event, _ in self._regs.sweep()]
 
     @property
     def num_registered(self) -> int:
@@ -75,13 +53,10 @@ class FakeSource(KvSource):
         self._regs.clear()
         _sources.pop(self.endpoint, None)
 
-    def _expired(self, reg: _Registration, now: float) -> bool:
-        return reg.started is not None and now - reg.started > self._timeout_s
-
-    def _serve(self, transfer_id: str) -> _Registration:
+    def _serve(self, transfer_id: str) -> Registration:
         """A pull request: starts the transfer's clock; raises if it cannot be served."""
         reg = self._regs.get(transfer_id)
-        if reg is None or self._expired(reg, time.monotonic()):
+        if reg is None or self._regs.expired(reg, time.monotonic()):
             raise TransferError(f"the context worker at {self.endpoint} no longer holds the KV "
                                 f"for transfer {transfer_id!r} (released, expired, already "
                                 "pulled or never registered)")

@@ -33,7 +33,8 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .base import (KvLayout, KvSink, KvSource, PullResult, SourceEvent, TransferError,
+from .base import (KvLayout, KvSink, KvSource, PullResult, Registration, Registrations,
+                   TransferError,
                    TransferTimeout, check_block_ids, copy_tokens, make_handle, parse_handle,
                    pool_bytes, token_view)
 from .config import CacheTransceiverConfig
@@ -119,11 +120,7 @@ def _stop_thread(thread: threading.Thread, waker: _Waker, ctx: zmq.Context, what
 # context side
 
 @dataclass
-class _Registration:
-    block_ids: list
-    num_tokens: int
-    started: Optional[float] = None
-    pulled: bool = False
+class _Registration(Registration):
     served: set = field(default_factory=set)
     trackers: list = field(default_factory=list)
 
@@ -143,8 +140,8 @@ class ZmqSource(KvSource):
         if host in ("0.0.0.0", "*", "::"):
             advertised = f"tcp://{pysocket.gethostname()}:{self._bound.rsplit(':', 1)[1]}"
         self.endpoint = advertised
-        self._lock = threading.Lock()
-        self._regs: dict = {}
+        self._regs = Registrations(layout, self._pool.shape[0], cfg.timeout_s, _Registration)
+        self._lock = self._regs.lock
         self._waker = _Waker(self._ctx)
         self._thread = threading.Thread(target=self._serve, name=f"kv-source {self.endpoint}",
                                         daemon=True)
@@ -160,15 +157,9 @@ class ZmqSource(KvSource):
     # -- owner's thread ------------------------------------------------------------------------
 
     def register(self, transfer_id: str, block_ids: list, num_tokens: int) -> dict:
-        if not isinstance(transfer_id, str) or not transfer_id:
-            raise TransferError(f"invalid transfer_id {transfer_id!r}: expected a non-empty string")
-        ids = check_block_ids(block_ids, num_tokens, self._layout, self._pool.shape[0],
-                              "block_ids")
-        with self._lock:
-            if transfer_id in self._regs:
-                raise TransferError(f"transfer {transfer_id!r} is already registered")
-            self._regs[transfer_id] = _Registration(ids, num_tokens)
-        return make_handle(BACKEND, self.endpoint, transfer_id, ids, num_tokens, self._layout)
+        reg = self._regs.add(transfer_id, block_ids, num_tokens)
+        return make_handle(BACKEND, self.endpoint, transfer_id, reg.block_ids, num_tokens,
+                           self._layout)
 
     def release(self, transfer_id: str) -> None:
         with self._lock:
@@ -177,25 +168,14 @@ class ZmqSource(KvSource):
             self._wait_sent(reg.trackers, transfer_id)
 
     def poll(self) -> list:
-        now = time.monotonic()
-        done = []
-        with self._lock:
-            for tid, reg in list(self._regs.items()):
-                if reg.pulled:
-                    done.append((SourceEvent("pulled", tid), self._regs.pop(tid)))
-                elif reg.started is not None and now - reg.started > self._timeout_s:
-                    done.append((SourceEvent("expired", tid), self._regs.pop(tid)))
+        done = self._regs.sweep()
         for event, reg in done:
-            if event.kind == "expired":
-                log.warning("KV transfer %r expired: not pulled within kv_transfer_timeout_ms=%d "
-                            "of its start", event.transfer_id, round(self._timeout_s * 1000))
             self._wait_sent(reg.trackers, event.transfer_id)
         return [event for event, _ in done]
 
     @property
     def num_registered(self) -> int:
-        with self._lock:
-            return len(self._regs)
+        return len(self._regs)
 
     def close(self) -> None:
         if self._thread is None:
