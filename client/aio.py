@@ -19,7 +19,7 @@ import zmq.asyncio
 from broker.protocol import Cancel, Message, Ping, Pong, ProtocolError, decode
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
-from .request import Chunk, Completion, RequestState, check_timeout, prepare_submit
+from .request import Chunk, Completion, RequestState, StreamBase, check_timeout, prepare_submit
 
 log = logging.getLogger(__name__)
 
@@ -223,26 +223,14 @@ class AsyncClient:
                 pong.set_exception(error)
 
 
-class AsyncStream:
+class AsyncStream(StreamBase):
     """The chunks of one streamed request, in order. After the last chunk, ``completion`` holds
     the finish reason, usage and timings. Leaving before the end cancels the request."""
 
     def __init__(self, client: AsyncClient, state: RequestState, deadline: float, timeout: float,
                  sent: asyncio.Future) -> None:
-        self._client = client
-        self._state = state
-        self._deadline = deadline
-        self._timeout = timeout
+        super().__init__(client, state, deadline, timeout)
         self._sent: Optional[asyncio.Future] = sent
-        self._closed = False
-
-    @property
-    def request_id(self) -> str:
-        return self._state.request_id
-
-    @property
-    def completion(self) -> Optional[Completion]:
-        return self._state.completion
 
     def __aiter__(self) -> "AsyncStream":
         return self

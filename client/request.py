@@ -175,3 +175,23 @@ class RequestState:
     def _violation(self, what: str) -> None:
         self.failed = True
         raise RequestFailed(Code.PROTOCOL, f"broker broke the protocol: {what}", False, self.request_id)
+
+
+class StreamBase:
+    """What ``Stream`` and ``AsyncStream`` share: the request's state, its deadline, and the
+    completion (finish reason, usage, timings) once the stream has ended."""
+
+    def __init__(self, client: Any, state: RequestState, deadline: float, timeout: float) -> None:
+        self._client = client
+        self._state = state
+        self._deadline = deadline
+        self._timeout = timeout
+        self._closed = False
+
+    @property
+    def request_id(self) -> str:
+        return self._state.request_id
+
+    @property
+    def completion(self) -> Optional[Completion]:
+        return self._state.completion

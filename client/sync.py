@@ -19,7 +19,7 @@ import zmq
 from broker.protocol import Cancel, Message, Ping, Pong, ProtocolError, decode
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
-from .request import Chunk, Completion, RequestState, check_timeout, prepare_submit
+from .request import Chunk, Completion, RequestState, StreamBase, check_timeout, prepare_submit
 
 log = logging.getLogger(__name__)
 
@@ -191,24 +191,9 @@ class Client:
                 queued.append(msg)
 
 
-class Stream:
+class Stream(StreamBase):
     """The chunks of one streamed request, in order. After the last chunk, ``completion`` holds
     the finish reason, usage and timings. ``close()`` before the end cancels the request."""
-
-    def __init__(self, client: Client, state: RequestState, deadline: float, timeout: float) -> None:
-        self._client = client
-        self._state = state
-        self._deadline = deadline
-        self._timeout = timeout
-        self._closed = False
-
-    @property
-    def request_id(self) -> str:
-        return self._state.request_id
-
-    @property
-    def completion(self) -> Optional[Completion]:
-        return self._state.completion
 
     def __iter__(self) -> Iterator[Chunk]:
         return self
