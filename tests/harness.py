@@ -82,7 +82,8 @@ class Deployment:
         return line
 
     def add_worker(self, role: str, name: str, model: str = "tiny", options: Optional[dict] = None,
-                   wait: bool = True, timeout: float = 120) -> subprocess.Popen:
+                   wait: bool = True, timeout: float = 120, prefix: tuple = ()) -> subprocess.Popen:
+        """Start a worker (``prefix``: a launcher in front, e.g. ``mpiexec -n 1`` for MPI)."""
         opts = {"heartbeat_ms": 200, "broker_timeout_ms": 5000, "num_threads": 1}
         opts.update(options or {})
         path = os.path.join(self.tmp.name, f"{name}.yaml")
@@ -91,7 +92,7 @@ class Deployment:
         log = open(os.path.join(self.tmp.name, f"{name}.log"), "w")
         self.logs[name] = log.name
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "start", "--role", role, "--broker", self.backend,
+            [*prefix, sys.executable, "-m", "workers.cli", "start", "--role", role, "--broker", self.backend,
              "--model", model, "--worker-id", name, "--extra-llm-api-options", path],
             stdout=log, stderr=subprocess.STDOUT, env=_env())
         self.procs.append(proc)

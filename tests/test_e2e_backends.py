@@ -40,24 +40,6 @@ def _why_not(backend):
 BACKENDS = ["ZMQ", "SHM", "NIXL", "UCX", "MPI"]
 
 
-def _start(dep, role, name, options, prefix):
-    """``Deployment.add_worker`` with a launcher prefix (``mpiexec -n 1`` for MPI)."""
-    opts = {"heartbeat_ms": 200, "broker_timeout_ms": 5000, "num_threads": 1, **options}
-    path = os.path.join(dep.tmp.name, f"{name}.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(opts, f)
-    log = open(os.path.join(dep.tmp.name, f"{name}.log"), "w")
-    dep.logs[name] = log.name
-    proc = subprocess.Popen(
-        prefix + [sys.executable, "-m", "workers.cli", "start", "--role", role, "--broker",
-                  dep.backend, "--model", "tiny", "--worker-id", name,
-                  "--extra-llm-api-options", path],
-        stdout=log, stderr=subprocess.STDOUT, env=_env())
-    dep.procs.append(proc)
-    dep.workers[name] = proc
-    return proc
-
-
 def run_all(dep):
     with Client(dep.frontend, timeout=60) as c:
         return [[t for ch in c.stream(**kw, **SAMPLING) for t in ch.token_ids] for kw in PROMPTS]
@@ -78,7 +60,7 @@ def test_disaggregated_equals_aggregated(backend, aggregated):
     with Deployment() as dep:
         pids = []
         try:
-            procs = [_start(dep, role, name, options, prefix)
+            procs = [dep.add_worker(role, name, options=options, wait=False, prefix=prefix)
                      for role, name in (("context", "ctx0"), ("generation", "gen0"))]
             stats = dep.wait_for(lambda s: len(s["workers"]) == 2, 120,
                                  "both workers registered")
