@@ -7,7 +7,8 @@ One request through the broker is the whole disaggregated path: ``Submit`` -> ``
 ``Finished`` -> ``Final``. The baselines use the same load generator and the same messages with
 no broker in between: a ROUTER that answers each ``Submit`` with one ``Final`` (``direct-rt``, the
 plain round trip) and one that answers with the very messages the broker would send this client
-(``direct-seq``: ``Accepted``, ``Tokens`` per token, ``Final``, same sizes).
+(``direct-seq``: ``Accepted``, ``Tokens`` per token, ``Final``, same sizes, batched per client
+and per drain of its socket as the broker batches).
 
 Processes: the broker (``broker.cli start``), one process holding the null context and generation
 workers (``bench.null_worker``), the direct servers, and ``--processes`` load generators, each a
@@ -31,10 +32,10 @@ import msgpack
 import zmq
 
 from broker import protocol as p
-from bench.common import (RESULTS, Procs, cpu_seconds, machine, median, read_line, recv_frames,
+from bench.common import (RESULTS, Procs, cpu_seconds, machine, median, quiet_gc, read_line, recv_frames,
                           send_frames, start_broker, summarize, table, wait_for_workers, write_json)
 
-_TOKENS, _FINAL, _ERROR, _ACCEPTED = p.Tokens.CMD, p.Final.CMD, p.Error.CMD, p.Accepted.CMD
+_TOKENS, _FINAL, _ERROR, _ACCEPTED, _BATCH = p.Tokens.CMD, p.Final.CMD, p.Error.CMD, p.Accepted.CMD, p.BATCH
 
 
 def submit_template(prompt_tokens: int, output_tokens: int) -> dict:
@@ -75,20 +76,29 @@ def run_direct(mode: str, prompt_tokens: int, output_tokens: int) -> None:
     s.setsockopt(zmq.RCVHWM, 1_000_000)
     s.bind("tcp://127.0.0.1:*")
     replies = [(msg.encode()[:2], msg.body()) for msg in direct_replies(mode, prompt_tokens, output_tokens)]
+    quiet_gc()
     print(f"direct ready frontend={s.getsockopt_string(zmq.LAST_ENDPOINT)} pid={os.getpid()}", flush=True)
-    packb = msgpack.packb
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+    batch_head = [p.VERSION, bytes([p.BATCH])]
     parent = os.getppid()
     while os.getppid() == parent:   # stopped by SIGTERM from the parent, or when it is gone
         if not s.poll(1000):
             continue
-        while True:
-            frames = recv_frames(s)
-            if frames is None:
-                break
-            rid = msgpack.unpackb(frames[3])["request_id"]
+        if mode == "rt":            # the plain round trip: one reply message per request
+            while (frames := recv_frames(s)) is not None:
+                tmpl = replies[0][1]
+                tmpl["request_id"] = unpackb(frames[3])["request_id"]
+                send_frames(s, [frames[0], *replies[0][0], packb(tmpl, use_bin_type=True)])
+            continue
+        # the same messages the broker sends, batched per client and per drain as the broker does
+        out: dict = {}
+        while (frames := recv_frames(s)) is not None:
+            rid = unpackb(frames[3])["request_id"]
+            items = out.setdefault(frames[0], [])
             for head, tmpl in replies:
-                tmpl["request_id"] = rid
-                send_frames(s, [frames[0], *head, packb(tmpl, use_bin_type=True)])
+                items.append((head[1][0], dict(tmpl, request_id=rid)))
+        for ident, items in out.items():
+            send_frames(s, [ident, *batch_head, packb(items, use_bin_type=True)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +130,7 @@ def load(address: str, conns: int, concurrency: int, t0: float, warmup: float, d
     done = errors = 0
     prefix, counter = f"{os.getpid():x}-", 0
     warm_end, t_end = t0 + warmup, t0 + warmup + duration
+    quiet_gc()
     while now_f() < t0:
         time.sleep(min(0.01, max(0.0, t0 - now_f())))
     cpu0, cpu_w = time.process_time(), None
@@ -139,28 +150,32 @@ def load(address: str, conns: int, concurrency: int, t0: float, warmup: float, d
             frames = recv_frames(sock)
             if frames is None:
                 return
-            cmd = frames[1][0]
-            if cmd == _ACCEPTED:
-                continue
             t = now_f()
-            b = unpackb(frames[2])
-            rid = b["request_id"]
-            if cmd == _TOKENS:
-                if b["index"] == 0:
-                    first[rid] = t
-            elif cmd in (_FINAL, _ERROR):
-                conn, ts = sent.pop(rid, (None, None))
-                tf = first.pop(rid, None)
-                if conn is None:
-                    continue
-                inflight[conn] -= 1
-                if cmd == _ERROR:
-                    errors += 1
-                elif measure and warm_end <= t < t_end:
-                    done += 1
-                    lat.append(t - ts)
-                    if tf is not None:
-                        ttft.append(tf - ts)
+            cmd = frames[1][0]
+            if cmd == _BATCH:
+                items = unpackb(frames[2])
+            elif cmd == _ACCEPTED:
+                continue
+            else:
+                items = ((cmd, unpackb(frames[2])),)
+            for cmd, b in items:
+                if cmd == _TOKENS:
+                    if b["index"] == 0:
+                        first[b["request_id"]] = t
+                elif cmd == _FINAL or cmd == _ERROR:
+                    rid = b["request_id"]
+                    conn, ts = sent.pop(rid, (None, None))
+                    tf = first.pop(rid, None)
+                    if conn is None:
+                        continue
+                    inflight[conn] -= 1
+                    if cmd == _ERROR:
+                        errors += 1
+                    elif measure and warm_end <= t < t_end:
+                        done += 1
+                        lat.append(t - ts)
+                        if tf is not None:
+                            ttft.append(tf - ts)
 
     index = {s: i for i, s in enumerate(socks)}
     while (now := now_f()) < t_end:

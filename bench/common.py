@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Optional, Sequence
 # Cheap multipart send and receive for load generators and null workers: the broker's own.
 # pyzmq's send_multipart/recv_multipart cost several times more, and the load generator must
 # cost as little as possible, since it shares the cores with the broker.
-from broker.server import recv_frames, send_frames  # noqa: F401
+from broker.server import quiet_gc, recv_frames, send_frames  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")

@@ -23,7 +23,7 @@ from typing import Optional
 
 import zmq
 
-from bench.common import recv_frames, send_frames
+from bench.common import quiet_gc, recv_frames, send_frames
 from broker import protocol as p
 
 FIRST_TOKEN = 42
@@ -33,11 +33,16 @@ NEXT_TOKEN = 43
 class NullWorker:
     """One null worker's protocol logic: messages in, replies out. Does no I/O."""
 
-    def __init__(self, role: str, worker_id: str, slots: int = 100_000, heartbeat_ms: int = 1000):
+    def __init__(self, role: str, worker_id: str, slots: int = 100_000, heartbeat_ms: int = 1000,
+                 held: Optional[set] = None):
         if role not in ("context", "generation", "both"):
             raise ValueError(f"invalid role {role!r}: expected context, generation or both")
         self.role, self.worker_id, self.slots, self.heartbeat_ms = role, worker_id, slots, heartbeat_ms
-        self.leases: set = set()      # request#attempt keys a null context worker "holds"
+        # request#attempt keys of the KV that null context workers "hold": the fake transfer's
+        # registry, shared by the null workers of one process. A generation worker's pull
+        # removes the key (as a real context worker frees its blocks when the pull completes);
+        # KvRelease and CancelWork remove it too.
+        self.leases: set = held if held is not None else set()
         self.served = 0
 
     def ready(self) -> p.Ready:
@@ -47,7 +52,8 @@ class NullWorker:
                        heartbeat_ms=self.heartbeat_ms)
 
     def heartbeat(self) -> p.Heartbeat:
-        return p.Heartbeat(free_slots=self.slots, free_blocks=1_000_000, leases=len(self.leases))
+        held = len(self.leases) if self.role != "generation" else 0
+        return p.Heartbeat(free_slots=self.slots, free_blocks=1_000_000, leases=held)
 
     def on_message(self, msg: p.Message) -> list:
         if isinstance(msg, p.Prefill):
@@ -63,6 +69,8 @@ class NullWorker:
         if isinstance(msg, p.Decode):
             n = _max_tokens(msg.sampling)
             rid, att = msg.request_id, msg.attempt
+            key = msg.kv_handle.get("key") if isinstance(msg.kv_handle, dict) else None
+            self.leases.discard(key)          # the fake pull: the context side frees the "KV"
             out: list = [p.KvPulled(rid, att, 0.0, 0)]
             out.extend(p.Tokens(rid, i, [NEXT_TOKEN], "y", att) for i in range(1, n))
             out.append(p.Finished(rid, att, p.Finish.LENGTH, n, len(msg.prompt_token_ids)))
@@ -107,6 +115,7 @@ def serve(broker: str, workers: list, stop_after: Optional[float] = None,
         socks.append((s, w))
         poller.register(s, zmq.POLLIN)
     by_sock = dict(socks)
+    quiet_gc()
     beat = min(w.heartbeat_ms for w in workers) / 1000
     next_beat = time.monotonic() + beat
     end = time.monotonic() + stop_after if stop_after else float("inf")
@@ -119,12 +128,18 @@ def serve(broker: str, workers: list, stop_after: Optional[float] = None,
                     if frames is None:
                         break
                     try:
-                        msg = p.decode(frames)
+                        msgs = p.decode_all(frames)
                     except p.ProtocolError as e:
-                        print(f"null worker {w.worker_id}: dropping malformed message: {e}", file=sys.stderr)
-                        continue
-                    for reply in w.on_message(msg):
-                        send_frames(s, reply.encode())   # HWM 1,000,000: Again would be a bug
+                        msgs = [e]
+                    replies: list = []
+                    for msg in msgs:
+                        if isinstance(msg, p.ProtocolError):
+                            print(f"null worker {w.worker_id}: dropping malformed message: {msg}", file=sys.stderr)
+                            continue
+                        replies.extend(w.on_message(msg))
+                    # the replies to one batch as one batch, as a real worker sends one per step
+                    for i in range(0, len(replies), 1024):
+                        send_frames(s, p.encode_many(replies[i:i + 1024]))   # HWM 1,000,000: Again would be a bug
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + beat
                 for s, w in socks:
@@ -153,7 +168,8 @@ def main(argv=None) -> int:
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-    workers = [NullWorker(r, f"null-{r}-{i}-{os.getpid()}", args.slots, args.heartbeat_ms)
+    held: set = set()
+    workers = [NullWorker(r, f"null-{r}-{i}-{os.getpid()}", args.slots, args.heartbeat_ms, held)
                for i, r in enumerate(args.role)]
     print(f"null workers ready pid={os.getpid()} roles={','.join(args.role)}", flush=True)
     parent = os.getppid()      # a benchmark that died without stopping us: stop too

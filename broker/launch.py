@@ -39,9 +39,13 @@ def ping(address: str, timeout: float = 2.0, ctx: Optional[zmq.Context] = None) 
         while (left := deadline - time.monotonic()) > 0:
             if not s.poll(int(left * 1000) + 1):
                 break
-            msg = p.decode(s.recv_multipart())
-            if isinstance(msg, p.Pong) and msg.nonce == nonce:
-                return msg.stats
+            try:
+                msgs = p.decode_all(s.recv_multipart())
+            except p.ProtocolError:
+                continue
+            for msg in msgs:
+                if isinstance(msg, p.Pong) and msg.nonce == nonce:
+                    return msg.stats
         return None
     finally:
         s.close(0)

@@ -6,6 +6,7 @@ never pass through it.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from typing import Optional, Sequence
@@ -64,6 +65,17 @@ def recv_frames(sock: zmq.Socket) -> Optional[list]:
     return parts
 
 
+# A turn of the loop drains at most DRAIN_LIMIT ZeroMQ messages from each socket (so one busy side
+# cannot starve the other or the timers), and sends what it has produced whenever that reaches
+# FLUSH_AFTER messages. Batching makes a message cheap, but holding a whole turn's output turns the
+# requests in flight into one convoy: the broker sits idle while workers and clients answer the
+# whole wave at once. Flushing every ~128 messages keeps them working while the broker goes on
+# (measured with bench.broker: about 75% of a core busy when flushing once per turn, 95-99% at
+# 128, with the cost per request unchanged).
+DRAIN_LIMIT = 1000
+FLUSH_AFTER = 128
+
+
 def normalize_endpoint(addr: str) -> str:
     """Accept ``tcp://HOST:0`` for "any free port" as well as ZeroMQ's ``tcp://HOST:*``."""
     if addr.startswith("tcp://") and addr.endswith(":0"):
@@ -111,6 +123,7 @@ class BrokerServer:
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
         state = self.state
+        quiet_gc()
         self._send(state.tick())
         while not self._stop.is_set():
             timeout_ms = min(200, max(1, int(state.next_timer() * 1000) + 1))
@@ -119,16 +132,18 @@ class BrokerServer:
             # or the timers), then send everything the batch produced.
             out: list = []
             if self.back in ready:
-                self._drain(self.back, state.on_worker, out, 1000)
+                self._drain(self.back, state.on_worker, out, DRAIN_LIMIT)
             if self.front in ready:
-                self._drain(self.front, state.on_client, out, 1000)
+                self._drain(self.front, state.on_client, out, DRAIN_LIMIT)
             out.extend(state.tick())
             if out:
                 self._send(out)
 
     def _drain(self, sock: zmq.Socket, handler, out: list, limit: int) -> int:
-        """Receive and handle up to ``limit`` waiting messages; their replies go to ``out``."""
+        """Receive and handle up to ``limit`` waiting ZeroMQ messages (each one message or a
+        batch); their replies go to ``out``."""
         n = 0
+        decode_all, bad = p.decode_all, p.ProtocolError
         while n < limit:
             frames = recv_frames(sock)
             if frames is None:
@@ -138,44 +153,71 @@ class BrokerServer:
                 continue
             identity = frames[0]
             try:
-                msg = p.decode(frames[1:])
-            except p.ProtocolError as e:
-                self._malformed(sock, identity, frames[1:], e, out)
+                msgs = decode_all(frames[1:])
+            except bad as e:
+                self._malformed(sock, identity, e, out, frames[1:])
                 continue
-            try:
-                out.extend(handler(identity, msg))
-            except Exception:   # a bug must not take the whole broker down with every request in it
-                log.exception("error handling %s from %s", type(msg).__name__, identity.hex())
+            for msg in msgs:
+                if type(msg) is bad:
+                    self._malformed(sock, identity, msg, out)
+                    continue
+                try:
+                    out.extend(handler(identity, msg))
+                except Exception:   # a bug must not take the whole broker down with every request in it
+                    log.exception("error handling %s from %s", type(msg).__name__, identity.hex())
+            if len(out) >= FLUSH_AFTER:
+                self._send(out)
+                out.clear()
         return n
 
-    def _malformed(self, sock: zmq.Socket, identity: bytes, body: list, e: Exception, out: list) -> None:
+    def _malformed(self, sock: zmq.Socket, identity: bytes, e: p.ProtocolError, out: list,
+                   body: Sequence = ()) -> None:
         self.dropped += 1
         side = "client" if sock is self.front else "worker"
         log.warning("dropping malformed message from %s %s: %s", side, identity.hex(), e)
         if sock is self.front:
-            rid = _request_id_of(body)
+            rid = e.request_id or _request_id_of(body)
             out.append(Out(FRONT, identity, p.Error(rid, p.Code.INVALID_REQUEST if rid else p.Code.PROTOCOL,
                                                     str(e))))
 
     def _send(self, outs: list[Out]) -> None:
-        gone_clients: set = set()
-        gone_workers: set = set()
-        front, back = self.front, self.back
+        # Everything for one peer goes as one ZeroMQ message (a batch when there is more than
+        # one), in the order it was produced: under load the loop drains many messages per turn,
+        # and one send per peer instead of one per message is most of the broker's I/O saved.
+        groups: dict = {}
         for o in outs:
+            key = (o.socket, o.identity)
+            g = groups.get(key)
+            if g is None:
+                groups[key] = [o.msg]
+            else:
+                g.append(o.msg)
+        gone_clients: list = []
+        gone_workers: list = []
+        front, back, encode_many = self.front, self.back, p.encode_many
+        for (side, ident), msgs in groups.items():
             try:
-                send_frames(front if o.socket == FRONT else back, [o.identity, *o.msg.encode()])
+                send_frames(front if side == FRONT else back, [ident, *encode_many(msgs)])
             except zmq.ZMQError as e:
-                if o.socket == FRONT:
-                    gone_clients.add(o.identity)
-                else:
-                    gone_workers.add(o.identity)
-                log.debug("cannot send %s to %s: %s", type(o.msg).__name__, o.identity.hex(), e)
+                (gone_clients if side == FRONT else gone_workers).append(ident)
+                log.debug("cannot send %d message(s) to %s: %s", len(msgs), ident.hex(), e)
         for ident in gone_clients:
             self._send(self.state.client_gone(ident))
         for ident in gone_workers:
             w = self.state.workers.get(ident)
             if w is not None:
                 self._send(self.state.on_worker(ident, p.Disconnect("unreachable")))
+
+
+def quiet_gc() -> None:
+    """Make Python's cycle collector rare: the broker allocates a few dicts per message and
+    almost never a cycle, yet with the default threshold (a collection every 700 allocations) a
+    busy broker spent about a fifth of its time collecting. Objects alive at start-up are moved
+    out of the collector's sight for good (gc.freeze)."""
+    gc.collect()
+    gc.freeze()
+    _, g1, g2 = gc.get_threshold()
+    gc.set_threshold(50_000, g1, g2)
 
 
 def _request_id_of(body: list) -> str:

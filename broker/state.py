@@ -6,7 +6,9 @@ about a request's lifecycle (DESIGN §2) is made here, so it is tested without s
 
 Invariants kept here: every accepted request gets exactly one final message (``Final`` or
 ``Error``); tokens reach the client in order with no gap and no duplicate; every KV lease a
-context worker holds is released (``KvRelease``) once nobody needs it.
+context worker holds is released once nobody needs it: by the context worker itself when the
+generation worker has pulled it (the transfer tells both sides; ``KvPulled`` tells the broker),
+and by ``KvRelease`` from here in every other case (cancel, failure, re-run, lease expiry).
 """
 from __future__ import annotations
 
@@ -218,7 +220,9 @@ class BrokerState:
                 self.metrics.kv_seconds.observe(msg.kv_transfer_s, backend)
                 self.metrics.kv_bytes.observe(msg.nbytes, backend)
                 req.state = STREAMING
-                self._release_lease(req, out)
+                # the context worker frees the blocks on its own when the pull completes (its
+                # transfer source sees it): no KvRelease on the way that every request takes
+                self._forget_lease(req)
         elif isinstance(msg, p.Tokens):
             req = self._current(msg.request_id, msg.attempt, w)
             if req is not None:
@@ -498,12 +502,21 @@ class BrokerState:
     # endings
 
     def _release_lease(self, req: Request, out: list[Out]) -> None:
+        """Tell the context worker holding this request's KV to free it."""
+        if req.ctx_worker is None:
+            return
+        w = self.workers.get(req.ctx_worker)
+        if w is not None:
+            out.append(Out(BACK, w.identity, p.KvRelease(req.request_id, req.lease_attempt)))
+        self._forget_lease(req)
+
+    def _forget_lease(self, req: Request) -> None:
+        """Drop the broker's record of this request's KV lease."""
         if req.ctx_worker is None:
             return
         w = self.workers.get(req.ctx_worker)
         if w is not None:
             w.leases.discard(req.request_id)
-            out.append(Out(BACK, w.identity, p.KvRelease(req.request_id, req.lease_attempt)))
         req.ctx_worker, req.lease_deadline = None, None
 
     def _finish(self, req: Request, out: list[Out], final: Optional[p.Message]) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import zmq
 import zmq.asyncio
 
-from broker.protocol import Cancel, Message, Ping, Pong, ProtocolError, decode
+from broker.protocol import Cancel, Message, Ping, Pong, ProtocolError, decode_all
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
 from .request import Chunk, Completion, RequestState, StreamBase, check_timeout, prepare_submit
@@ -196,18 +196,20 @@ class AsyncClient:
             while True:
                 frames = await self._sock.recv_multipart()
                 try:
-                    msg = decode(frames)
+                    msgs = decode_all(frames)
                 except ProtocolError as e:
-                    log.warning("dropped an undecodable message from the broker: %s", e)
-                    continue
-                if isinstance(msg, Pong):
-                    pong = self._pings.get(msg.nonce)
-                    if pong is not None and not pong.done():
-                        pong.set_result(msg.stats)
-                    continue
-                queue = self._queues.get(getattr(msg, "request_id", None))
-                if queue is not None:
-                    queue.put_nowait(msg)
+                    msgs = [e]
+                for msg in msgs:     # one message, or a batch
+                    if isinstance(msg, ProtocolError):
+                        log.warning("dropped an undecodable message from the broker: %s", msg)
+                    elif isinstance(msg, Pong):
+                        pong = self._pings.get(msg.nonce)
+                        if pong is not None and not pong.done():
+                            pong.set_result(msg.stats)
+                    else:
+                        queue = self._queues.get(getattr(msg, "request_id", None))
+                        if queue is not None:
+                            queue.put_nowait(msg)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the socket failed: every waiting call gets a clear error

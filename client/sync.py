@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import zmq
 
-from broker.protocol import Cancel, Message, Ping, Pong, ProtocolError, decode
+from broker.protocol import Cancel, Message, Ping, Pong, ProtocolError, decode_all
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
 from .request import Chunk, Completion, RequestState, StreamBase, check_timeout, prepare_submit
@@ -180,15 +180,21 @@ class Client:
             except zmq.Again:
                 continue
             try:
-                msg = decode(frames)
+                msgs = decode_all(frames)
             except ProtocolError as e:
-                log.warning("dropped an undecodable message from the broker: %s", e)
-                continue
-            if wanted(msg):
-                return msg
-            queued = self._inbox.get(getattr(msg, "request_id", None))
-            if queued is not None:
-                queued.append(msg)
+                msgs = [e]
+            found = None
+            for msg in msgs:     # one message, or a batch: every one is kept, in order
+                if isinstance(msg, ProtocolError):
+                    log.warning("dropped an undecodable message from the broker: %s", msg)
+                elif found is None and wanted(msg):
+                    found = msg
+                else:
+                    queued = self._inbox.get(getattr(msg, "request_id", None))
+                    if queued is not None:
+                        queued.append(msg)
+            if found is not None:
+                return found
 
 
 class Stream(StreamBase):

@@ -29,7 +29,8 @@ def _roundtrip(msg: p.Message) -> p.Message:
 # pure parts
 
 def test_null_workers_speak_the_worker_protocol():
-    ctx, gen = NullWorker("context", "c"), NullWorker("generation", "g")
+    held: set = set()     # the fake transfer's registry, shared as in one null-worker process
+    ctx, gen = NullWorker("context", "c", held=held), NullWorker("generation", "g", held=held)
     assert _roundtrip(ctx.ready()).role == "context"
     (done,) = ctx.on_message(_roundtrip(p.Prefill("r1", 1, token_ids=[5, 6, 7], sampling={"max_tokens": 3})))
     done = _roundtrip(done)
@@ -40,7 +41,10 @@ def test_null_workers_speak_the_worker_protocol():
     assert [type(m).__name__ for m in replies] == ["KvPulled", "Tokens", "Tokens", "Finished"]
     assert [m.index for m in replies if isinstance(m, p.Tokens)] == [1, 2]
     assert replies[-1].completion_tokens == 3 and replies[-1].attempt == 2
-    assert ctx.on_message(p.KvRelease("r1", 1)) == [] and ctx.leases == set()
+    assert ctx.leases == set() and ctx.heartbeat().leases == 0     # the pull freed the "KV"
+    ctx.on_message(p.Prefill("r3", 1, token_ids=[1], sampling={"max_tokens": 2}))
+    assert ctx.heartbeat().leases == 1 and gen.heartbeat().leases == 0
+    assert ctx.on_message(p.KvRelease("r3", 1)) == [] and ctx.leases == set()
     # one output token: the context phase ends the request and holds no KV
     (only,) = ctx.on_message(p.Prefill("r2", 1, token_ids=[1], sampling={"max_tokens": 1}))
     assert only.finish_reason == p.Finish.LENGTH and "r2#1" not in ctx.leases

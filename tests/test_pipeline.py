@@ -137,7 +137,7 @@ def test_bad_input_gets_clear_errors_and_the_broker_keeps_serving(disagg):
         s.send_multipart([p.VERSION, b"\x01", msgpack.packb(bad)])       # invalid sampling value
         replies = []
         while s.poll(2000):
-            replies.append(p.decode(s.recv_multipart()))
+            replies.extend(p.decode_all(s.recv_multipart()))
         errors = [m for m in replies if isinstance(m, p.Error)]
         assert any("wrong protocol version" in e.message for e in errors)
         assert any("unknown command" in e.message for e in errors)
@@ -178,9 +178,34 @@ def test_client_gone_mid_stream_frees_its_work(disagg):
                                   sampling={"max_tokens": 100000, "ignore_eos": True}).encode())
         seen = 0
         while seen < 3 and s.poll(10000):
-            if isinstance(p.decode(s.recv_multipart()), p.Tokens):
-                seen += 1
-        assert seen == 3
+            seen += sum(isinstance(m, p.Tokens) for m in p.decode_all(s.recv_multipart()))
+        assert seen >= 3
     # the client vanished without a Cancel
     stats = disagg.wait_idle()
     assert stats["counters"]["cancelled"] >= 1
+
+
+def test_a_batch_of_submits_is_served_and_a_bad_one_fails_alone(disagg):
+    good = [p.Submit(f"batch-{i}", token_ids=[5 + i] * 6, sampling={"max_tokens": 3, "ignore_eos": True})
+            for i in range(4)]
+    bad = p.Submit("batch-bad", prompt="x").body()
+    bad["sampling"] = {"max_tokens": -2}
+    frames = p.encode_many(good)
+    items = msgpack.unpackb(frames[2])
+    items.insert(2, [p.Submit.CMD, bad])
+    with raw_client(disagg.frontend) as s:
+        s.send_multipart([frames[0], frames[1], msgpack.packb(items)])
+        finals, errors, tokens = {}, {}, {}
+        while len(finals) + len(errors) < 5 and s.poll(30000):
+            for m in p.decode_all(s.recv_multipart()):
+                if isinstance(m, p.Final):
+                    finals[m.request_id] = m
+                elif isinstance(m, p.Error):
+                    errors[m.request_id] = m
+                elif isinstance(m, p.Tokens):
+                    tokens.setdefault(m.request_id, []).extend(m.token_ids)
+    assert sorted(finals) == [m.request_id for m in good]
+    assert all(len(tokens[r]) == 3 and finals[r].usage["completion_tokens"] == 3 for r in finals)
+    assert list(errors) == ["batch-bad"] and errors["batch-bad"].code == p.Code.INVALID_REQUEST
+    assert "max_tokens" in errors["batch-bad"].message and "-2" in errors["batch-bad"].message
+    disagg.wait_idle()

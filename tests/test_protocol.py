@@ -121,3 +121,69 @@ def test_nested_lists_are_checked_per_element():
 def test_submit_validation_runs_on_decode(over, what):
     with pytest.raises(p.ProtocolError, match=what):
         p.decode(frames(p.Submit.CMD, submit_body(**over)))
+
+
+# ---------------------------------------------------------------------------------------------
+# batches: several messages for one peer in one ZeroMQ message
+
+def test_batch_roundtrip_keeps_every_message_in_order():
+    frames_ = p.encode_many(SAMPLES)
+    assert len(frames_) == 3 and frames_[1] == bytes([p.BATCH])
+    assert p.decode_all(frames_) == SAMPLES
+    # one message goes as itself, and decode_all reads a plain message too
+    assert p.encode_many([SAMPLES[0]]) == SAMPLES[0].encode()
+    assert p.decode_all(SAMPLES[0].encode()) == [SAMPLES[0]]
+    with pytest.raises(ValueError):
+        p.encode_many([])
+
+
+def test_a_bad_message_in_a_batch_fails_alone_and_names_its_request():
+    items = [[p.Accepted.CMD, {"request_id": "ok-1"}],
+             [p.Submit.CMD, submit_body(request_id="bad-1", sampling={"top_p": 7})],
+             [p.Tokens.CMD, {"request_id": "bad-2", "index": "zero", "token_ids": [1]}],
+             [99, {"request_id": "bad-3"}],
+             "not a pair",
+             [p.Accepted.CMD, {"request_id": "ok-2"}]]
+    out = p.decode_all([p.VERSION, bytes([p.BATCH]), msgpack.packb(items)])
+    assert out[0] == p.Accepted("ok-1") and out[5] == p.Accepted("ok-2")
+    errors = out[1:5]
+    assert all(isinstance(e, p.ProtocolError) for e in errors)
+    assert [e.request_id for e in errors] == ["bad-1", "bad-2", "bad-3", ""]
+    assert "top_p" in str(errors[0]) and "7" in str(errors[0])
+    assert "unknown command 99" in str(errors[2]) and "not a [command, map] pair" in str(errors[3])
+
+
+@pytest.mark.parametrize("bad, what", [
+    ([b"DSRV0", bytes([p.BATCH]), msgpack.packb([])], "wrong protocol version"),
+    ([p.VERSION, bytes([p.BATCH]), b"\xc1"], "undecodable batch"),
+    ([p.VERSION, bytes([p.BATCH]), msgpack.packb({"a": 1})], "not an array"),
+])
+def test_a_bad_batch_envelope_raises(bad, what):
+    with pytest.raises(p.ProtocolError, match=what):
+        p.decode_all(bad)
+
+
+def test_sampling_validation_cache_keeps_exact_types():
+    # a map seen valid is not checked again, but 1 == True and 2.0 == 2 must not pass for it
+    p.check_sampling({"max_tokens": 2, "ignore_eos": True})
+    p.check_sampling({"max_tokens": 2, "ignore_eos": True})
+    with pytest.raises(p.ProtocolError, match="ignore_eos"):
+        p.check_sampling({"max_tokens": 2, "ignore_eos": 1})
+    with pytest.raises(p.ProtocolError, match="max_tokens"):
+        p.check_sampling({"max_tokens": 2.0, "ignore_eos": True})
+    p.check_sampling({"stop": ["x"]})          # unhashable: checked every time, still valid
+    with pytest.raises(p.ProtocolError, match="stop"):
+        p.check_sampling({"stop": [1]})
+
+
+def test_generated_init_matches_the_dataclass_contract():
+    # the fast __init__ keeps positional and keyword arguments, defaults, fresh default
+    # factories, __post_init__ validation and frozenness
+    a, b = p.Final("r", "stop"), p.Final(request_id="r", finish_reason="stop")
+    assert a == b and a.usage == {} and a.usage is not b.usage
+    with pytest.raises(TypeError):
+        p.Tokens("r")                              # a required field missing
+    with pytest.raises(p.ProtocolError, match="exactly one of"):
+        p.Submit("r")                              # __post_init__ runs
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.finish_reason = "length"                 # type: ignore[misc]

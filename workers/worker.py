@@ -37,6 +37,9 @@ log = logging.getLogger("worker")
 ROLES = ("context", "generation", "both")
 
 
+_BATCH_MAX = 512   # messages per batch sent to the broker
+
+
 class RequestRejected(Exception):
     """The request cannot run here as given; the message names the field and the value."""
 
@@ -85,6 +88,7 @@ class Worker:
         self.ctx = zmq.Context()
         self.sock: Optional[zmq.Socket] = None
         self.seqs: dict[str, Sequence] = {}          # by request id: every request this worker runs
+        self._outbox: list[p.Message] = []           # messages for the broker, sent by _flush()
         self.waiting: deque[Sequence] = deque()      # admitted, waiting for KV blocks
         self.prefilling: deque[Sequence] = deque()
         self.pulling: dict[str, Sequence] = {}       # by key
@@ -105,17 +109,28 @@ class Worker:
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.connect(self.broker_addr)
         self.last_broker = time.monotonic()
+        self._outbox.clear()     # nothing queued for the old connection is valid on the new one
         self._send(p.Ready(self.worker_id, self.role, self.model_name, self.opts.max_batch_size,
                            self.kv.num_blocks, self.kv.block_size, self.max_seq_len,
                            self.transfer_info, os.getpid(), self.opts.heartbeat_ms))
+        self._flush()
         log.info("worker %s (%s, model %s) registering with %s", self.worker_id, self.role,
                  self.model_name, self.broker_addr)
 
     def _send(self, msg: p.Message) -> None:
-        try:
-            self.sock.send_multipart(msg.encode(), zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("broker not keeping up; dropped %s", type(msg).__name__)
+        """Queue a message for the broker; ``_flush`` sends what is queued as one batch, after
+        each phase of a step (a decode step's Tokens for every running request go together)."""
+        self._outbox.append(msg)
+
+    def _flush(self) -> None:
+        out, self._outbox = self._outbox, []
+        for i in range(0, len(out), _BATCH_MAX):
+            part = out[i:i + _BATCH_MAX]
+            try:
+                self.sock.send_multipart(p.encode_many(part), zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("broker not keeping up; dropped %d message(s) (%s)", len(part),
+                            ", ".join(sorted({type(m).__name__ for m in part})))
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -131,6 +146,7 @@ class Worker:
         finally:
             try:
                 self._send(p.Disconnect("shutting down"))
+                self._flush()
             except Exception:
                 pass
             self._drop_all()
@@ -153,11 +169,14 @@ class Worker:
                     break
                 self.last_broker = time.monotonic()
                 try:
-                    msg = p.decode(frames)
+                    msgs = p.decode_all(frames)
                 except p.ProtocolError as e:
-                    log.warning("dropping malformed message from the broker: %s", e)
-                    continue
-                self._on_message(msg)
+                    msgs = [e]
+                for msg in msgs:
+                    if isinstance(msg, p.ProtocolError):
+                        log.warning("dropping malformed message from the broker: %s", msg)
+                    else:
+                        self._on_message(msg)
         now = time.monotonic()
         if self.parent is not None and os.getppid() != self.parent:
             log.warning("parent process exited; stopping")
@@ -170,15 +189,20 @@ class Worker:
             self._connect()
         self._poll_transfers(now)
         self._admit()
+        self._flush()            # failures and KvPulled from above, before the compute below
         if self.prefilling:
             self._prefill_chunk()
+            self._flush()
         if self.running:
             self._decode_step()
+            self._flush()
         self._heartbeat_if_due()
+        self._flush()
 
     def _heartbeat_if_due(self, _layer: int = 0) -> None:
         if time.monotonic() >= self.next_heartbeat:
             self._heartbeat()
+            self._flush()        # also called between layers of a long prefill
 
     def _until_heartbeat_ms(self) -> int:
         return max(1, min(200, int((self.next_heartbeat - time.monotonic()) * 1000) + 1))
