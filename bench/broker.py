@@ -3,9 +3,11 @@ DEALER-ROUTER round trip measured in the same run.
 
 One request through the broker is the whole disaggregated path: ``Submit`` -> ``Accepted`` ->
 ``Prefill`` to a null context worker -> ``ContextDone`` -> first ``Tokens`` to the client ->
-``Decode`` to a null generation worker -> ``KvPulled`` -> ``KvRelease`` -> ``Tokens`` ... ->
-``Finished`` -> ``Final``. The baselines use the same load generator and the same messages with
-no broker in between: a ROUTER that answers each ``Submit`` with one ``Final`` (``direct-rt``, the
+``Decode`` to a null generation worker -> ``KvPulled`` -> ``Tokens`` ... -> ``Finished`` -> ``Final``.
+Messages for one peer travel in batches (``broker.protocol.encode_many``) where the broker, the
+workers or the direct server have several ready at once; clients' ``Submit``s go one by one.
+
+The baselines use the same load generator and the same messages with no broker in between: a ROUTER that answers each ``Submit`` with one ``Final`` (``direct-rt``, the
 plain round trip) and one that answers with the very messages the broker would send this client
 (``direct-seq``: ``Accepted``, ``Tokens`` per token, ``Final``, same sizes, batched per client
 and per drain of its socket as the broker batches).
@@ -50,7 +52,7 @@ def broker_messages_per_request(output_tokens: int) -> int:
     """Messages the broker receives and sends for one full disaggregated request."""
     n = output_tokens
     received = 1 + 1 + 1 + (n - 1) + 1      # Submit, ContextDone, KvPulled, Tokens, Finished
-    sent = 1 + 1 + 1 + 1 + 1 + (n - 1) + 1  # Accepted, Prefill, Tokens, Decode, KvRelease, Tokens, Final
+    sent = 1 + 1 + 1 + 1 + (n - 1) + 1      # Accepted, Prefill, Tokens, Decode, Tokens, Final
     return received + sent
 
 
@@ -75,11 +77,11 @@ def run_direct(mode: str, prompt_tokens: int, output_tokens: int) -> None:
     s.setsockopt(zmq.SNDHWM, 1_000_000)
     s.setsockopt(zmq.RCVHWM, 1_000_000)
     s.bind("tcp://127.0.0.1:*")
-    replies = [(msg.encode()[:2], msg.body()) for msg in direct_replies(mode, prompt_tokens, output_tokens)]
+    replies = [(msg.CMD, msg.body()) for msg in direct_replies(mode, prompt_tokens, output_tokens)]
     quiet_gc()
     print(f"direct ready frontend={s.getsockopt_string(zmq.LAST_ENDPOINT)} pid={os.getpid()}", flush=True)
     packb, unpackb = msgpack.packb, msgpack.unpackb
-    batch_head = [p.VERSION, bytes([p.BATCH])]
+    batch_head, final_head, skip = p.header(p.BATCH), p.header(p.Final.CMD), p.HEADER_LEN
     parent = os.getppid()
     while os.getppid() == parent:   # stopped by SIGTERM from the parent, or when it is gone
         if not s.poll(1000):
@@ -87,18 +89,18 @@ def run_direct(mode: str, prompt_tokens: int, output_tokens: int) -> None:
         if mode == "rt":            # the plain round trip: one reply message per request
             while (frames := recv_frames(s)) is not None:
                 tmpl = replies[0][1]
-                tmpl["request_id"] = unpackb(frames[3])["request_id"]
-                send_frames(s, [frames[0], *replies[0][0], packb(tmpl, use_bin_type=True)])
+                tmpl["request_id"] = unpackb(memoryview(frames[1])[skip:])["request_id"]
+                send_frames(s, [frames[0], final_head + packb(tmpl, use_bin_type=True)])
             continue
         # the same messages the broker sends, batched per client and per drain as the broker does
         out: dict = {}
         while (frames := recv_frames(s)) is not None:
-            rid = unpackb(frames[3])["request_id"]
+            rid = unpackb(memoryview(frames[1])[skip:])["request_id"]
             items = out.setdefault(frames[0], [])
-            for head, tmpl in replies:
-                items.append((head[1][0], dict(tmpl, request_id=rid)))
+            for cmd, tmpl in replies:
+                items.append((cmd, dict(tmpl, request_id=rid)))
         for ident, items in out.items():
-            send_frames(s, [ident, *batch_head, packb(items, use_bin_type=True)])
+            send_frames(s, [ident, batch_head + packb(items, use_bin_type=True)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +121,7 @@ def load(address: str, conns: int, concurrency: int, t0: float, warmup: float, d
         s.connect(address)
         poller.register(s, zmq.POLLIN)
         socks.append(s)
-    head = [p.VERSION, bytes([p.Submit.CMD])]
+    head, skip = p.header(p.Submit.CMD), p.HEADER_LEN
     body = submit_template(prompt_tokens, output_tokens)
     packb, unpackb, now_f = msgpack.packb, msgpack.unpackb, time.monotonic
     per_conn = [concurrency // conns + (1 if i < concurrency % conns else 0) for i in range(conns)]
@@ -142,7 +144,7 @@ def load(address: str, conns: int, concurrency: int, t0: float, warmup: float, d
         body["request_id"] = rid
         sent[rid] = (i, now_f())
         inflight[i] += 1
-        send_frames(socks[i], [*head, packb(body, use_bin_type=True)])
+        send_frames(socks[i], [head + packb(body, use_bin_type=True)])
 
     def receive(sock, i: int, measure: bool) -> None:
         nonlocal done, errors
@@ -151,13 +153,14 @@ def load(address: str, conns: int, concurrency: int, t0: float, warmup: float, d
             if frames is None:
                 return
             t = now_f()
-            cmd = frames[1][0]
+            msg = frames[0]
+            cmd = msg[skip - 1]
             if cmd == _BATCH:
-                items = unpackb(frames[2])
+                items = unpackb(memoryview(msg)[skip:])
             elif cmd == _ACCEPTED:
                 continue
             else:
-                items = ((cmd, unpackb(frames[2])),)
+                items = ((cmd, unpackb(memoryview(msg)[skip:])),)
             for cmd, b in items:
                 if cmd == _TOKENS:
                     if b["index"] == 0:

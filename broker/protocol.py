@@ -1,9 +1,12 @@
 """The wire protocol between clients, the broker and workers. The protocol lives only here.
 
-Frames after the ROUTER identity: ``[VERSION][command: 1 byte][msgpack map][*raw frames]``.
-Every message is a frozen dataclass with ``encode()`` (to frames) and ``decode()`` (from frames).
+Frames after the ROUTER identity: ``[VERSION + command byte + msgpack map][*raw frames]``: the
+version tag, the one-byte command and the body share the first frame (a frame costs a ZeroMQ
+call and a Python object at each end: three frames per message cost the broker twice the time of
+one). Every message is a frozen dataclass with ``encode()`` (to frames) and ``decode()`` (from
+frames).
 
-Several messages for one peer may travel as one *batch*: ``[VERSION][BATCH][msgpack array of
+Several messages for one peer may travel as one *batch*: ``[VERSION + BATCH + msgpack array of
 [command, map] pairs]`` (``encode_many``). A busy broker handles a dozen messages per request, and
 a ZeroMQ message costs far more in Python than a map in a batch, so senders batch what they have
 ready for the same peer (the order within a batch is the order of sending) and every receiver
@@ -25,9 +28,15 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import msgpack
 
-VERSION = b"DSRV2"      # DSRV2: peers must accept batches
+VERSION = b"DSRV2"      # DSRV2: one header frame, and peers must accept batches
 BATCH = 9               # the command byte of a batch envelope (no Message class of its own)
-_BATCH_FRAME = bytes([BATCH])
+HEADER_LEN = len(VERSION) + 1     # the version tag and the command byte before the body
+_BATCH_HEAD = VERSION + bytes([BATCH])
+
+
+def header(cmd: int) -> bytes:
+    """The bytes a message of this command starts with."""
+    return VERSION + bytes([cmd])
 
 
 class ProtocolError(ValueError):
@@ -263,7 +272,7 @@ class Message:
     _names: ClassVar[tuple] = ()          # field names, without "frames"
     _spec: ClassVar[tuple] = ()           # (name, check, default value | factory | _REQUIRED, is factory)
     _has_frames: ClassVar[bool] = False
-    _cmd_frame: ClassVar[bytes] = b""
+    _head: ClassVar[bytes] = b""          # VERSION + command byte
     _fast_types: ClassVar[Optional[tuple]] = None   # per field: exact types of a valid value
     _deep: ClassVar[tuple] = ()                     # (name, check) of fields also checked in full
     _post_init: ClassVar[Optional[Callable]] = None
@@ -279,10 +288,10 @@ class Message:
 
     def encode(self) -> list:
         if self._has_frames:
-            frames: list = [VERSION, self._cmd_frame, _pack(self.body())]
+            frames: list = [self._head + _pack(self.body())]
             frames.extend(self.frames or ())
             return frames
-        return [VERSION, self._cmd_frame, _pack(self.__dict__)]
+        return [self._head + _pack(self.__dict__)]
 
     @classmethod
     def from_body(cls, body: dict, frames: Sequence = ()) -> "Message":
@@ -353,7 +362,7 @@ def message(cmd: int):
              f.default_factory is not dataclasses.MISSING)
             for f in fields)
         cls._has_frames = len(fields) != len(dataclasses.fields(cls))
-        cls._cmd_frame = bytes([cmd])
+        cls._head = header(cmd)
         exact = tuple(_exact_types(hints[f.name]) for f in fields)
         cls._fast_types = None if None in exact else exact
         cls._deep = tuple((f.name, _checker(hints[f.name])) for f in fields if _needs_deep_check(hints[f.name]))
@@ -392,27 +401,46 @@ def _fast_init(cls) -> Callable:
     return init
 
 
+def _first(frames: Sequence) -> bytes:
+    """The header-and-body frame as bytes, checked for the version tag and a command byte."""
+    if not frames:
+        raise ProtocolError("empty message: expected a frame with the version, command and body")
+    first = frames[0]
+    if type(first) is not bytes:   # a zmq Frame (copy=False) or another buffer
+        first = bytes(first.buffer) if hasattr(first, "buffer") else bytes(first)
+    if first[:len(VERSION)] != VERSION:
+        raise ProtocolError(f"wrong protocol version {first[:len(VERSION)]!r}, expected {VERSION!r}")
+    if len(first) < HEADER_LEN:
+        raise ProtocolError("message has no command byte after the version tag")
+    return first
+
+
 def decode(frames: Sequence) -> Message:
     """Frames (without the ROUTER identity) to a message; raises ProtocolError."""
-    if len(frames) < 3:
-        raise ProtocolError(f"expected at least 3 frames, got {len(frames)}")
-    version, command, body = frames[0], frames[1], frames[2]
-    if type(version) is not bytes or type(command) is not bytes:   # zmq Frames (copy=False)
-        version, command, body = (bytes(f.buffer) if hasattr(f, "buffer") else f for f in frames[:3])
-    if version != VERSION:
-        raise ProtocolError(f"wrong protocol version {version[:16]!r}, expected {VERSION!r}")
-    if len(command) != 1:
-        raise ProtocolError(f"command frame must be 1 byte, got {len(command)}")
-    cls = _REGISTRY.get(command[0])
+    return _decode(_first(frames), frames)
+
+
+def _decode(first: bytes, frames: Sequence) -> Message:
+    cls = _REGISTRY.get(first[HEADER_LEN - 1])
     if cls is None:
-        raise ProtocolError(f"unknown command {command[0]}")
+        raise ProtocolError(f"unknown command {first[HEADER_LEN - 1]}")
     try:
-        body = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        body = msgpack.unpackb(memoryview(first)[HEADER_LEN:], raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises a zoo of exception types
         raise ProtocolError(f"undecodable body for {cls.__name__}: {e}") from e
     if not isinstance(body, dict):
         raise ProtocolError(f"body of {cls.__name__} is not a map")
-    return cls.from_body(body, frames[3:])
+    try:
+        return cls.from_body(body, frames[1:])
+    except ProtocolError as e:      # a readable body with a bad field: say which request it was
+        _name_request(e, body)
+        raise
+
+
+def _name_request(e: ProtocolError, body: dict) -> None:
+    if not e.request_id:
+        rid = body.get("request_id")
+        e.request_id = rid if type(rid) is str else ""
 
 
 def encode_many(msgs: Sequence[Message]) -> list:
@@ -427,7 +455,7 @@ def encode_many(msgs: Sequence[Message]) -> list:
         if m._has_frames and m.frames:
             raise ValueError(f"{type(m).__name__} carries raw frames and cannot be batched")
         items.append((m.CMD, m.wire_body()))
-    return [VERSION, _BATCH_FRAME, _pack(items)]
+    return [_BATCH_HEAD + _pack(items)]
 
 
 def decode_all(frames: Sequence) -> list:
@@ -435,15 +463,13 @@ def decode_all(frames: Sequence) -> list:
     message, or every message of a batch. Raises ProtocolError for a bad frame sequence or
     envelope; a bad message inside a good batch becomes a ProtocolError *in its place*, so the
     others are still served (callers check ``isinstance(m, ProtocolError)``)."""
-    if len(frames) != 3 or frames[1] != _BATCH_FRAME:
-        return [decode(frames)]
-    version, body = frames[0], frames[2]
-    if type(version) is not bytes:   # zmq Frames (copy=False)
-        version, body = bytes(version.buffer), bytes(body.buffer)
-    if version != VERSION:
-        raise ProtocolError(f"wrong protocol version {version[:16]!r}, expected {VERSION!r}")
+    first = _first(frames)
+    if first[HEADER_LEN - 1] != BATCH:
+        return [_decode(first, frames)]
+    if len(frames) != 1:
+        raise ProtocolError(f"a batch is one frame, got {len(frames)}")
     try:
-        items = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        items = msgpack.unpackb(memoryview(first)[HEADER_LEN:], raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises a zoo of exception types
         raise ProtocolError(f"undecodable batch: {e}") from e
     if type(items) is not list:
@@ -462,9 +488,8 @@ def decode_all(frames: Sequence) -> list:
                 raise ProtocolError(f"batch item {i}: {cls.__name__} cannot ride in a batch")
             out.append(cls.from_body(b))
         except ProtocolError as e:
-            if not e.request_id and type(item) is list and len(item) == 2 and type(item[1]) is dict:
-                rid = item[1].get("request_id")
-                e.request_id = rid if type(rid) is str else ""
+            if type(item) is list and len(item) == 2 and type(item[1]) is dict:
+                _name_request(e, item[1])
             out.append(e)
     return out
 

@@ -155,7 +155,7 @@ class BrokerServer:
             try:
                 msgs = decode_all(frames[1:])
             except bad as e:
-                self._malformed(sock, identity, e, out, frames[1:])
+                self._malformed(sock, identity, e, out)
                 continue
             for msg in msgs:
                 if type(msg) is bad:
@@ -170,13 +170,12 @@ class BrokerServer:
                 out.clear()
         return n
 
-    def _malformed(self, sock: zmq.Socket, identity: bytes, e: p.ProtocolError, out: list,
-                   body: Sequence = ()) -> None:
+    def _malformed(self, sock: zmq.Socket, identity: bytes, e: p.ProtocolError, out: list) -> None:
         self.dropped += 1
         side = "client" if sock is self.front else "worker"
         log.warning("dropping malformed message from %s %s: %s", side, identity.hex(), e)
         if sock is self.front:
-            rid = e.request_id or _request_id_of(body)
+            rid = e.request_id
             out.append(Out(FRONT, identity, p.Error(rid, p.Code.INVALID_REQUEST if rid else p.Code.PROTOCOL,
                                                     str(e))))
 
@@ -218,14 +217,3 @@ def quiet_gc() -> None:
     gc.freeze()
     _, g1, g2 = gc.get_threshold()
     gc.set_threshold(50_000, g1, g2)
-
-
-def _request_id_of(body: list) -> str:
-    """Best effort: the request id of a Submit whose body was rejected, so the client can match it."""
-    try:
-        import msgpack
-        d = msgpack.unpackb(body[2], raw=False)
-        rid = d.get("request_id") if isinstance(d, dict) else None
-        return rid if isinstance(rid, str) else ""
-    except Exception:
-        return ""

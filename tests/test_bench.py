@@ -108,7 +108,7 @@ def test_broker_bench_smoke(tmp_path):
     for key in ("broker_requests_per_s", "direct_rt_round_trips_per_s", "broker_vs_direct_rt",
                 "added_latency_p50_ms_vs_direct_seq", "broker_cpu_us_per_request", "meets_target"):
         assert key in h, key
-    assert rep["config"]["broker_messages_per_request"] == 14     # 2 * 3 output tokens + 8
+    assert rep["config"]["broker_messages_per_request"] == 13     # 2 * 3 output tokens + 7
 
 
 def _check_run(run: dict, n: int, output_len: int) -> None:

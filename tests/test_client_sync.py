@@ -272,8 +272,8 @@ def test_ping_returns_stats_and_ignores_junk(make_broker, make_client):
     def junk(broker, ident, msg):
         if isinstance(msg, Submit):
             rid = msg.request_id
-            broker.send_raw(ident, [b"NOPE", b"\x0b", b"\x80"])           # wrong version
-            broker.send_raw(ident, [VERSION, b"\xff", b"\x80"])           # unknown command
+            broker.send_raw(ident, [b"NOPE\x0b\x80"])                      # wrong version
+            broker.send_raw(ident, [VERSION + b"\xff\x80"])                 # unknown command
             broker.send(ident, Final("someone-else", "stop", {}, {}))     # unknown request
             broker.send(ident, *answer(msg))
 

@@ -128,18 +128,19 @@ def test_cancel_mid_stream_frees_everything(disagg):
 
 def test_bad_input_gets_clear_errors_and_the_broker_keeps_serving(disagg):
     with raw_client(disagg.frontend) as s:
-        s.send_multipart([b"garbage"])                                   # too few frames: dropped
-        s.send_multipart([b"XX", b"\x01", b"\x80"])                      # wrong version
-        s.send_multipart([p.VERSION, b"\x63", b"\x80"])                  # unknown command
-        s.send_multipart([p.VERSION, b"\x01", b"\xc1\xc1"])              # undecodable body
+        s.send_multipart([b"garbage"])                                   # wrong version
+        s.send_multipart([p.VERSION])                                    # no command byte
+        s.send_multipart([p.header(0x63) + b"\x80"])                     # unknown command
+        s.send_multipart([p.header(p.Submit.CMD) + b"\xc1\xc1"])         # undecodable body
         bad = p.Submit("r-bad", prompt="x").body()
         bad["sampling"] = {"top_p": 7}
-        s.send_multipart([p.VERSION, b"\x01", msgpack.packb(bad)])       # invalid sampling value
+        s.send_multipart([p.header(p.Submit.CMD) + msgpack.packb(bad)])  # invalid sampling value
         replies = []
         while s.poll(2000):
             replies.extend(p.decode_all(s.recv_multipart()))
         errors = [m for m in replies if isinstance(m, p.Error)]
         assert any("wrong protocol version" in e.message for e in errors)
+        assert any("no command byte" in e.message for e in errors)
         assert any("unknown command" in e.message for e in errors)
         assert any("undecodable" in e.message for e in errors)
         [samp] = [e for e in errors if e.request_id == "r-bad"]
@@ -190,11 +191,10 @@ def test_a_batch_of_submits_is_served_and_a_bad_one_fails_alone(disagg):
             for i in range(4)]
     bad = p.Submit("batch-bad", prompt="x").body()
     bad["sampling"] = {"max_tokens": -2}
-    frames = p.encode_many(good)
-    items = msgpack.unpackb(frames[2])
+    items = msgpack.unpackb(p.encode_many(good)[0][p.HEADER_LEN:])
     items.insert(2, [p.Submit.CMD, bad])
     with raw_client(disagg.frontend) as s:
-        s.send_multipart([frames[0], frames[1], msgpack.packb(items)])
+        s.send_multipart([p.header(p.BATCH) + msgpack.packb(items)])
         finals, errors, tokens = {}, {}, {}
         while len(finals) + len(errors) < 5 and s.poll(30000):
             for m in p.decode_all(s.recv_multipart()):

@@ -11,7 +11,7 @@ from broker import protocol as p
 
 
 def frames(cmd: int, body, version: bytes = p.VERSION) -> list:
-    return [version, bytes([cmd]), msgpack.packb(body, use_bin_type=True)]
+    return [version + bytes([cmd]) + msgpack.packb(body, use_bin_type=True)]
 
 
 def submit_body(**over) -> dict:
@@ -75,9 +75,9 @@ def test_frames_may_be_zmq_frames():
 @pytest.mark.parametrize("bad, what", [
     (frames(p.Tokens.CMD, {"request_id": "r"}, version=b"DSRV0"), "wrong protocol version"),
     (frames(99, {"request_id": "r"}), "unknown command"),
-    ([p.VERSION, b"\x0b\x0b", msgpack.packb({})], "1 byte"),
-    ([p.VERSION, b"\x0b"], "at least 3 frames"),
-    ([p.VERSION, bytes([p.Tokens.CMD]), b"\xc1"], "undecodable"),
+    ([p.VERSION], "no command byte"),
+    ([], "empty message"),
+    ([p.header(p.Tokens.CMD) + b"\xc1"], "undecodable"),
     (frames(p.Tokens.CMD, [1, 2]), "not a map"),
     (frames(p.Tokens.CMD, {"request_id": "r", "index": 0}), "missing field 'token_ids'"),
     (frames(p.Tokens.CMD, {"request_id": "r", "index": "0", "token_ids": [1]}), "Tokens.index"),
@@ -100,8 +100,7 @@ def test_token_id_lists_with_a_non_int_are_rejected(ids):
     with pytest.raises(p.ProtocolError, match="token_ids"):
         p.decode(frames(p.Submit.CMD, submit_body(token_ids=ids)))
     with pytest.raises(p.ProtocolError, match="prompt_token_ids"):
-        p.decode(p.ContextDone("r", 1, 9, "x", [1]).encode()[:2]
-                 + [msgpack.packb({**p.ContextDone("r", 1, 9, "x", [1]).body(), "prompt_token_ids": ids})])
+        p.decode(frames(p.ContextDone.CMD, {**p.ContextDone("r", 1, 9, "x", [1]).body(), "prompt_token_ids": ids}))
 
 
 def test_nested_lists_are_checked_per_element():
@@ -128,7 +127,7 @@ def test_submit_validation_runs_on_decode(over, what):
 
 def test_batch_roundtrip_keeps_every_message_in_order():
     frames_ = p.encode_many(SAMPLES)
-    assert len(frames_) == 3 and frames_[1] == bytes([p.BATCH])
+    assert len(frames_) == 1 and frames_[0].startswith(p.header(p.BATCH))
     assert p.decode_all(frames_) == SAMPLES
     # one message goes as itself, and decode_all reads a plain message too
     assert p.encode_many([SAMPLES[0]]) == SAMPLES[0].encode()
@@ -144,7 +143,7 @@ def test_a_bad_message_in_a_batch_fails_alone_and_names_its_request():
              [99, {"request_id": "bad-3"}],
              "not a pair",
              [p.Accepted.CMD, {"request_id": "ok-2"}]]
-    out = p.decode_all([p.VERSION, bytes([p.BATCH]), msgpack.packb(items)])
+    out = p.decode_all([p.header(p.BATCH) + msgpack.packb(items)])
     assert out[0] == p.Accepted("ok-1") and out[5] == p.Accepted("ok-2")
     errors = out[1:5]
     assert all(isinstance(e, p.ProtocolError) for e in errors)
@@ -154,9 +153,10 @@ def test_a_bad_message_in_a_batch_fails_alone_and_names_its_request():
 
 
 @pytest.mark.parametrize("bad, what", [
-    ([b"DSRV0", bytes([p.BATCH]), msgpack.packb([])], "wrong protocol version"),
-    ([p.VERSION, bytes([p.BATCH]), b"\xc1"], "undecodable batch"),
-    ([p.VERSION, bytes([p.BATCH]), msgpack.packb({"a": 1})], "not an array"),
+    ([b"DSRV0" + bytes([p.BATCH]) + msgpack.packb([])], "wrong protocol version"),
+    ([p.header(p.BATCH) + b"\xc1"], "undecodable batch"),
+    ([p.header(p.BATCH) + msgpack.packb({"a": 1})], "not an array"),
+    ([p.header(p.BATCH) + msgpack.packb([]), b"raw"], "a batch is one frame"),
 ])
 def test_a_bad_batch_envelope_raises(bad, what):
     with pytest.raises(p.ProtocolError, match=what):
