@@ -3,13 +3,14 @@ DEALER-ROUTER round trip measured in the same run.
 
 One request through the broker is the whole disaggregated path: ``Submit`` -> ``Accepted`` ->
 ``Prefill`` to a null context worker -> ``ContextDone`` -> first ``Tokens`` to the client ->
-``Decode`` to a null generation worker -> ``KvPulled`` -> ``Tokens`` ... -> ``Finished`` -> ``Final``.
+``Decode`` to a null generation worker -> ``KvPulled`` -> ``Tokens`` ... -> ``Finished`` -> ``Final``
+(the last token rides in ``Finished`` and ``Final``).
 Messages for one peer travel in batches (``broker.protocol.encode_many``) where the broker, the
 workers or the direct server have several ready at once; clients' ``Submit``s go one by one.
 
 The baselines use the same load generator and the same messages with no broker in between: a ROUTER that answers each ``Submit`` with one ``Final`` (``direct-rt``, the
 plain round trip) and one that answers with the very messages the broker would send this client
-(``direct-seq``: ``Accepted``, ``Tokens`` per token, ``Final``, same sizes, batched per client
+(``direct-seq``: ``Accepted``, ``Tokens`` per token but the last, ``Final`` with the last, same sizes, batched per client
 and per drain of its socket as the broker batches).
 
 Processes: the broker (``broker.cli start``), one process holding the null context and generation
@@ -51,8 +52,10 @@ def submit_template(prompt_tokens: int, output_tokens: int) -> dict:
 def broker_messages_per_request(output_tokens: int) -> int:
     """Messages the broker receives and sends for one full disaggregated request."""
     n = output_tokens
-    received = 1 + 1 + 1 + (n - 1) + 1      # Submit, ContextDone, KvPulled, Tokens, Finished
-    sent = 1 + 1 + 1 + 1 + (n - 1) + 1      # Accepted, Prefill, Tokens, Decode, Tokens, Final
+    if n == 1:      # Submit, ContextDone (that ends it); Accepted, Prefill, Final (with the token)
+        return 2 + 3
+    received = 1 + 1 + 1 + (n - 2) + 1      # Submit, ContextDone, KvPulled, Tokens, Finished (+ last)
+    sent = 1 + 1 + 1 + 1 + (n - 2) + 1      # Accepted, Prefill, Tokens, Decode, Tokens, Final (+ last)
     return received + sent
 
 
@@ -66,8 +69,11 @@ def direct_replies(mode: str, prompt_tokens: int, output_tokens: int) -> list:
                     {"queue": 1.5e-5, "prefill": 0.0, "kv_transfer": 0.0, "ttft": 3.1e-4, "total": 6.2e-4})
     if mode == "rt":
         return [final]
+    n = output_tokens
+    last = p.Final(final.request_id, final.finish_reason, final.usage, final.timings, n - 1,
+                   [42 if n == 1 else 43], "x" if n == 1 else "y")     # the last token rides in it
     return [p.Accepted("x"), *(p.Tokens("x", i, [42 if i == 0 else 43], "x" if i == 0 else "y")
-                               for i in range(output_tokens)), final]
+                               for i in range(n - 1)), last]
 
 
 def run_direct(mode: str, prompt_tokens: int, output_tokens: int) -> None:

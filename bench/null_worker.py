@@ -3,7 +3,7 @@
 A null context worker answers ``Prefill`` at once with ``ContextDone`` (a fixed first token, the
 prompt's token ids, a dummy ``kv_handle``); a null generation worker answers ``Decode`` with
 ``KvPulled`` (a fake transfer of zero bytes), one ``Tokens`` message per remaining token (as the
-real engine sends them, one per decode step) and ``Finished``. ``max_tokens`` in the request's
+real engine sends them, one per decode step) but the last, and ``Finished`` carrying the last. ``max_tokens`` in the request's
 sampling parameters sets the output length. Every message is built and read with
 ``broker.protocol``; nothing else crosses the socket.
 
@@ -72,16 +72,18 @@ class NullWorker:
             key = msg.kv_handle.get("key") if isinstance(msg.kv_handle, dict) else None
             self.leases.discard(key)          # the fake pull: the context side frees the "KV"
             out: list = [p.KvPulled(rid, att, 0.0, 0)]
-            out.extend(p.Tokens(rid, i, [NEXT_TOKEN], "y", att) for i in range(1, n))
-            out.append(p.Finished(rid, att, p.Finish.LENGTH, n, len(msg.prompt_token_ids)))
+            out.extend(p.Tokens(rid, i, [NEXT_TOKEN], "y", att) for i in range(1, n - 1))
+            last = ([NEXT_TOKEN], "y") if n > 1 else ([], "")    # the last token rides in Finished
+            out.append(p.Finished(rid, att, p.Finish.LENGTH, n, len(msg.prompt_token_ids), 0.0, n - 1, *last))
             self.served += 1
             return out
         if isinstance(msg, p.Generate):
             n = _max_tokens(msg.sampling)
             rid, att = msg.request_id, msg.attempt
             ids = msg.token_ids if msg.token_ids is not None else [1]
-            out = [p.Tokens(rid, i, [FIRST_TOKEN if i == 0 else NEXT_TOKEN], "x", att) for i in range(n)]
-            out.append(p.Finished(rid, att, p.Finish.LENGTH, n, len(ids)))
+            out = [p.Tokens(rid, i, [FIRST_TOKEN if i == 0 else NEXT_TOKEN], "x", att) for i in range(n - 1)]
+            out.append(p.Finished(rid, att, p.Finish.LENGTH, n, len(ids), 0.0, n - 1,
+                                  [FIRST_TOKEN if n == 1 else NEXT_TOKEN], "x"))
             self.served += 1
             return out
         if isinstance(msg, (p.KvRelease, p.CancelWork)):

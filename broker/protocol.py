@@ -558,10 +558,15 @@ class Tokens(Message):
 
 @message(12)
 class Final(Message):
+    """The end of a request. It may carry the last output tokens (``token_ids`` from ``index``,
+    as a ``Tokens`` message would): a request's last step then costs one message, not two."""
     request_id: str
     finish_reason: str
     usage: dict = field(default_factory=dict)     # prompt_tokens, completion_tokens
     timings: dict = field(default_factory=dict)   # seconds: queue, prefill, kv_transfer, ttft, total
+    index: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
 
 
 @message(13)
@@ -625,12 +630,16 @@ class KvPulled(Message):
 
 @message(24)
 class Finished(Message):
+    """The generation side is done. Like ``Final``, it may carry the last tokens."""
     request_id: str
     attempt: int
     finish_reason: str
     completion_tokens: int
     prompt_tokens: int = 0
     prefill_s: float = 0.0
+    index: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
 
 
 @message(25)

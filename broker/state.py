@@ -60,6 +60,10 @@ class Worker:
     max_decode_batch: int = 0
     inflight: set = field(default_factory=set)    # request ids whose current phase runs here
     leases: set = field(default_factory=set)      # request ids whose KV this worker holds
+    backend_label: tuple = ()                     # the metrics label of its transfer backend
+
+    def __post_init__(self) -> None:
+        self.backend_label = (("backend", str(self.transfer.get("backend") or "unknown")),)
 
     @property
     def credits(self) -> int:
@@ -117,6 +121,11 @@ class BrokerState:
         self.next_heartbeat = 0.0
         self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0}
         self.metrics = Metrics()
+        self._worker_handlers = {
+            p.Heartbeat: self._on_heartbeat, p.Disconnect: self._on_disconnect,
+            p.ContextDone: self._on_context_done, p.KvPulled: self._on_kv_pulled,
+            p.Tokens: self._on_tokens, p.Finished: self._on_finished, p.Failed: self._on_failed,
+        }
 
     # -----------------------------------------------------------------------------------------
     # client side
@@ -161,7 +170,7 @@ class BrokerState:
         if sampling.get("seed") is None:
             # a fixed seed makes a re-run prefill (after a worker died) give the same tokens,
             # so the client never sees a changed or duplicated token
-            sampling["seed"] = self.rng.randrange(2**63)
+            sampling["seed"] = self.rng.getrandbits(63)
         now = self.clock()
         timeout = msg.timeout_ms / 1000 if msg.timeout_ms else self.cfg.request_timeout_s
         req = self.requests[rid] = Request(rid, identity, msg, sampling, now, now + timeout)
@@ -205,45 +214,53 @@ class BrokerState:
                 out.append(Out(BACK, identity, p.Reconnect("unknown worker; send Ready")))
             return out
         w.last_seen = now
-        if isinstance(msg, p.Heartbeat):
-            w.free_blocks, w.leases_reported = msg.free_blocks, msg.leases
-            w.max_decode_batch = max(w.max_decode_batch, msg.max_decode_batch)
-        elif isinstance(msg, p.Disconnect):
-            self._expire(w, out, f"disconnected ({msg.reason})" if msg.reason else "disconnected")
-        elif isinstance(msg, p.ContextDone):
-            self._context_done(w, msg, out)
-        elif isinstance(msg, p.KvPulled):
-            req = self._current(msg.request_id, msg.attempt, w)
-            if req is not None and req.state == DECODING:
-                req.kv_transfer_s = msg.kv_transfer_s
-                backend = (("backend", str(w.transfer.get("backend") or "unknown")),)
-                self.metrics.kv_seconds.observe(msg.kv_transfer_s, backend)
-                self.metrics.kv_bytes.observe(msg.nbytes, backend)
-                req.state = STREAMING
-                # the context worker frees the blocks on its own when the pull completes (its
-                # transfer source sees it): no KvRelease on the way that every request takes
-                self._forget_lease(req)
-        elif isinstance(msg, p.Tokens):
-            req = self._current(msg.request_id, msg.attempt, w)
-            if req is not None:
-                self._relay_tokens(req, msg.index, msg.token_ids, msg.text, out)
-        elif isinstance(msg, p.Finished):
-            req = self._current(msg.request_id, msg.attempt, w)
-            if req is not None:
-                if msg.prompt_tokens:
-                    req.prompt_tokens = msg.prompt_tokens
-                if msg.prefill_s:
-                    req.prefill_s = msg.prefill_s
-                self._outcome("finished")
-                self._finish(req, out, p.Final(req.request_id, msg.finish_reason,
-                                               self._usage(req), self._timings(req)))
-        elif isinstance(msg, p.Failed):
-            req = self._current(msg.request_id, msg.attempt, w)
-            if req is not None:
-                self._failed(req, w, msg, out)
+        handler = self._worker_handlers.get(type(msg))
+        if handler is not None:
+            handler(w, msg, out)
         if self.prefill_queue or self.decode_queue:
             out.extend(self._dispatch())
         return out
+
+    # one handler per worker message type, looked up by exact type (messages are final classes)
+
+    def _on_heartbeat(self, w: Worker, msg: p.Heartbeat, out: list[Out]) -> None:
+        w.free_blocks, w.leases_reported = msg.free_blocks, msg.leases
+        w.max_decode_batch = max(w.max_decode_batch, msg.max_decode_batch)
+
+    def _on_disconnect(self, w: Worker, msg: p.Disconnect, out: list[Out]) -> None:
+        self._expire(w, out, f"disconnected ({msg.reason})" if msg.reason else "disconnected")
+
+    def _on_kv_pulled(self, w: Worker, msg: p.KvPulled, out: list[Out]) -> None:
+        req = self._current(msg.request_id, msg.attempt, w)
+        if req is not None and req.state == DECODING:
+            req.kv_transfer_s = msg.kv_transfer_s
+            backend = w.backend_label
+            self.metrics.kv_seconds.observe(msg.kv_transfer_s, backend)
+            self.metrics.kv_bytes.observe(msg.nbytes, backend)
+            req.state = STREAMING
+            # the context worker frees the blocks on its own when the pull completes (its
+            # transfer source sees it): no KvRelease on the way that every request takes
+            self._forget_lease(req)
+
+    def _on_tokens(self, w: Worker, msg: p.Tokens, out: list[Out]) -> None:
+        req = self._current(msg.request_id, msg.attempt, w)
+        if req is not None:
+            self._relay_tokens(req, msg.index, msg.token_ids, msg.text, out)
+
+    def _on_finished(self, w: Worker, msg: p.Finished, out: list[Out]) -> None:
+        req = self._current(msg.request_id, msg.attempt, w)
+        if req is not None:
+            if msg.prompt_tokens:
+                req.prompt_tokens = msg.prompt_tokens
+            if msg.prefill_s:
+                req.prefill_s = msg.prefill_s
+            self._outcome("finished")
+            self._finish_with_tokens(req, out, msg.finish_reason, msg.index, msg.token_ids, msg.text)
+
+    def _on_failed(self, w: Worker, msg: p.Failed, out: list[Out]) -> None:
+        req = self._current(msg.request_id, msg.attempt, w)
+        if req is not None:
+            self._failed(req, w, msg, out)
 
     def _current(self, rid: str, attempt: int, w: Worker) -> Optional[Request]:
         """The request if this message belongs to its current dispatch on this worker, else None."""
@@ -253,7 +270,7 @@ class BrokerState:
             return None
         return req
 
-    def _context_done(self, w: Worker, msg: p.ContextDone, out: list[Out]) -> None:
+    def _on_context_done(self, w: Worker, msg: p.ContextDone, out: list[Out]) -> None:
         req = self._current(msg.request_id, msg.attempt, w)
         if req is None or req.state != PREFILLING:
             out.append(Out(BACK, w.identity, p.KvRelease(msg.request_id, msg.attempt)))
@@ -264,28 +281,42 @@ class BrokerState:
         req.lease_deadline = self.clock() + self.cfg.kv_lease_s
         req.context, req.worker = msg, None
         req.prompt_tokens, req.prefill_s = len(msg.prompt_token_ids), msg.prefill_s
-        self._relay_tokens(req, 0, [msg.first_token], msg.first_text, out)
-        if msg.finish_reason is not None:
+        if msg.finish_reason is not None:     # the first token ends it: it rides in the Final
             self._outcome("finished")
-            self._finish(req, out, p.Final(req.request_id, msg.finish_reason,
-                                           self._usage(req), self._timings(req)))
+            self._finish_with_tokens(req, out, msg.finish_reason, 0, [msg.first_token], msg.first_text)
             return
+        self._relay_tokens(req, 0, [msg.first_token], msg.first_text, out)
         req.state = KV_READY
         self._watch_lease(req)
         self.decode_queue.append(req.request_id)
 
     def _relay_tokens(self, req: Request, index: int, ids: list, text: str, out: list[Out]) -> None:
-        if index + len(ids) <= req.next_index:
-            return    # a re-run phase repeating tokens the client already has
+        if self._take_tokens(req, index, ids):
+            out.append(Out(FRONT, req.client, p.Tokens(req.request_id, index, ids, text)))
+
+    def _take_tokens(self, req: Request, index: int, ids: list) -> bool:
+        """Whether these tokens go to the client: the next ones in order (counted here), not a
+        repeat of tokens it already has (a re-run phase) and not past a gap."""
+        if not ids or index + len(ids) <= req.next_index:
+            return False    # nothing, or a re-run phase repeating tokens the client already has
         if index != req.next_index:
             log.error("request %s: token index %d, expected %d; dropping the batch",
                       req.request_id, index, req.next_index)
-            return
+            return False
         if req.t_first is None:
             req.t_first = self.clock()
             self.metrics.ttft.observe(req.t_first - req.received)
         req.next_index += len(ids)
-        out.append(Out(FRONT, req.client, p.Tokens(req.request_id, index, list(ids), text)))
+        return True
+
+    def _finish_with_tokens(self, req: Request, out: list[Out], reason: str, index: int, ids: list,
+                            text: str) -> None:
+        """Finish a request whose last tokens (if any are new) ride in its Final."""
+        if self._take_tokens(req, index, ids):
+            final = p.Final(req.request_id, reason, self._usage(req), self._timings(req), index, ids, text)
+        else:
+            final = p.Final(req.request_id, reason, self._usage(req), self._timings(req))
+        self._finish(req, out, final)
 
     def _failed(self, req: Request, w: Worker, msg: p.Failed, out: list[Out]) -> None:
         w.inflight.discard(req.request_id)

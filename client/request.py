@@ -10,7 +10,7 @@ import math
 import operator
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from broker.protocol import (Accepted, Code, Error, Final, Message, ProtocolError,
                              SamplingParams, Submit, Tokens)
@@ -146,10 +146,11 @@ class RequestState:
         if isinstance(msg, Tokens):
             return self._tokens(msg)
         if isinstance(msg, Final):
+            chunk = self._tokens(msg) if msg.token_ids else None    # the last tokens may ride in it
             self.finished = True
             self.completion = Completion(self.request_id, "".join(self._texts), list(self.token_ids),
                                          msg.finish_reason, dict(msg.usage), dict(msg.timings))
-            return None
+            return chunk
         if isinstance(msg, Error):
             self.finished = True
             raise failure(msg.code, msg.message, msg.retryable, self.request_id)
@@ -157,7 +158,7 @@ class RequestState:
             self._violation(f"unexpected {type(msg).__name__} message")
         return None
 
-    def _tokens(self, msg: Tokens) -> Optional[Chunk]:
+    def _tokens(self, msg: Union[Tokens, Final]) -> Optional[Chunk]:
         expected = len(self.token_ids)
         end = msg.index + len(msg.token_ids)
         if msg.index < expected and end <= expected:

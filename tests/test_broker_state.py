@@ -92,6 +92,31 @@ def test_aggregated_when_only_both_workers(st):
     assert_empty(st)
 
 
+def test_last_tokens_ride_in_finished_and_final(st):
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation")
+    [pre] = of(submit(st), p.Prefill)
+    [dec] = of(context_done(st, b"ctx", pre), p.Decode)
+    st.on_worker(b"gen", p.KvPulled("r1", dec.attempt))
+    st.on_worker(b"gen", p.Tokens("r1", 1, [8], "y", dec.attempt))
+    out = st.on_worker(b"gen", p.Finished("r1", dec.attempt, "length", 3, 0, 0.0, 2, [9], "z"))
+    assert not of(out, p.Tokens)                      # one message, not a Tokens and a Final
+    [fin] = of(out, p.Final, FRONT)
+    assert (fin.index, fin.token_ids, fin.text) == (2, [9], "z")
+    assert fin.usage["completion_tokens"] == 3
+    assert_empty(st)
+
+
+def test_a_final_token_the_client_already_has_is_not_sent_again(st):
+    ready(st, b"w", "both")
+    [gen] = of(submit(st), p.Generate)
+    st.on_worker(b"w", p.Tokens("r1", 0, [1, 2], "ab", gen.attempt))
+    out = st.on_worker(b"w", p.Finished("r1", gen.attempt, "stop", 2, 5, 0.0, 1, [2], "b"))
+    [fin] = of(out, p.Final)
+    assert fin.token_ids == [] and fin.usage["completion_tokens"] == 2
+    assert_empty(st)
+
+
 def test_first_token_ends_request_releases_kv(st):
     ready(st, b"ctx", "context")
     ready(st, b"gen", "generation")

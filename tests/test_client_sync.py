@@ -152,6 +152,21 @@ def test_duplicate_tokens_are_dropped(make_broker, make_client):
     assert out.finish_reason == "length"
 
 
+def test_last_tokens_in_the_final_are_the_last_chunk(make_broker, make_client):
+    def tail(broker, ident, msg):
+        if isinstance(msg, Submit):
+            rid = msg.request_id
+            broker.send(ident, Accepted(rid), Tokens(rid, 0, [1, 2], "ab"),
+                        Final(rid, "stop", {"prompt_tokens": 1, "completion_tokens": 3}, {}, 2, [3], "c"))
+
+    c = make_client(make_broker(tail).address, timeout=5)
+    s = c.stream("x", request_id="t1")
+    assert list(s) == [Chunk("t1", 0, [1, 2], "ab"), Chunk("t1", 2, [3], "c")]
+    assert s.completion.token_ids == [1, 2, 3] and s.completion.text == "abc"
+    out = c.generate("x")
+    assert out.token_ids == [1, 2, 3] and out.finish_reason == "stop"
+
+
 @pytest.mark.parametrize("bad_index", [5, 1])   # a gap; a partial overlap
 def test_token_gap_is_a_protocol_error_and_cancels(make_broker, make_client, bad_index):
     def gap(broker, ident, msg):

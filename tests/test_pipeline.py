@@ -200,6 +200,7 @@ def test_a_batch_of_submits_is_served_and_a_bad_one_fails_alone(disagg):
             for m in p.decode_all(s.recv_multipart()):
                 if isinstance(m, p.Final):
                     finals[m.request_id] = m
+                    tokens.setdefault(m.request_id, []).extend(m.token_ids)   # the last ones
                 elif isinstance(m, p.Error):
                     errors[m.request_id] = m
                 elif isinstance(m, p.Tokens):

@@ -33,6 +33,8 @@ SAMPLES = [
     p.ContextDone("r1", 1, 9, "x", [1, 2, 3], {"k": 1}, None, 0.25),
     p.ContextDone("r1", 1, 9, "x", [1, 2, 3], finish_reason=p.Finish.STOP),
     p.KvPulled("r1", 2, 0.001, 4096), p.Finished("r1", 2, p.Finish.LENGTH, 5, 3, 0.1),
+    p.Finished("r1", 2, p.Finish.STOP, 5, 3, 0.1, 4, [7], "z"),
+    p.Final("r1", p.Finish.STOP, {}, {}, 4, [7], "z"),
     p.Failed("r1", 2, p.Code.KV_TRANSFER_FAILED, "gone", True), p.Disconnect("bye"),
     p.Prefill("r1", 1, token_ids=[1, 2], sampling={"max_tokens": 2}, lease_ms=1000),
     p.Decode("r1", 2, [1, 2], 9, "x", {"k": 1}, {"max_tokens": 2}),

@@ -375,10 +375,10 @@ class Worker:
         token = sample(logits[None], [seq.params], [seq.prompt_ids], [0])[0]
         text = seq.accept(token, self.tok, self.eos_ids)
         if seq.kind == FULL:
-            self._send(p.Tokens(seq.request_id, 0, [token], text, seq.attempt))
             if seq.finish_reason:
-                self._finish(seq)
+                self._finish(seq, 0, [token], text)
             else:
+                self._send(p.Tokens(seq.request_id, 0, [token], text, seq.attempt))
                 self.running.append(seq)
             return
         # context role: hand the KV over, hold the blocks until released
@@ -403,13 +403,15 @@ class Worker:
         self.max_batch_since_heartbeat = max(self.max_batch_since_heartbeat, len(batch))
         for seq, token in zip(batch, new):
             text = seq.accept(token, self.tok, self.eos_ids)
-            self._send(p.Tokens(seq.request_id, len(seq.output_ids) - 1, [token], text, seq.attempt))
             if seq.finish_reason:
-                self._finish(seq)
+                self._finish(seq, len(seq.output_ids) - 1, [token], text)
+            else:
+                self._send(p.Tokens(seq.request_id, len(seq.output_ids) - 1, [token], text, seq.attempt))
 
-    def _finish(self, seq: Sequence) -> None:
+    def _finish(self, seq: Sequence, index: int, token_ids: list, text: str) -> None:
+        """The request is done here; its last tokens ride in the Finished message."""
         self._send(p.Finished(seq.request_id, seq.attempt, seq.finish_reason, len(seq.output_ids),
-                              len(seq.prompt_ids), seq.prefill_s))
+                              len(seq.prompt_ids), seq.prefill_s, index, token_ids, text))
         self._drop(seq)
 
     # -----------------------------------------------------------------------------------------
