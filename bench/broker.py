@@ -16,8 +16,10 @@ and per drain of its socket as the broker batches).
 Processes: the broker (``broker.cli start``), one process holding the null context and generation
 workers (``bench.null_worker``), the direct servers, and ``--processes`` load generators, each a
 closed loop of raw ZeroMQ DEALER sockets and ``broker.protocol`` frames (not the client library,
-whose per-request cost would be measured instead of the broker's). On a small machine these all
-share the cores: the table reports each one's CPU use so the reader can see who was the limit.
+whose per-request cost would be measured instead of the broker's). The load generators and null
+workers are confined to the last CPU (``--harness-cpus``), so the harness does not take CPU time
+from what is measured; the broker and the direct servers may run on any CPU. The table reports
+each process's CPU use so the reader can see who was the limit.
 
     python -m bench.broker                     # defaults: 5 runs, table + bench/results/broker.json
     python -m bench.broker --runs 1 --duration 1 --out /tmp/b.json    # a quick look
@@ -30,13 +32,15 @@ import os
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import msgpack
 import zmq
 
 from broker import protocol as p
-from bench.common import (RESULTS, Procs, cpu_seconds, machine, median, quiet_gc, read_line, recv_frames,
-                          send_frames, start_broker, summarize, table, wait_for_workers, write_json)
+from bench.common import (RESULTS, Procs, cpu_seconds, machine, median, parse_cpus, quiet_gc, read_line,
+                          recv_frames, send_frames, start_broker, summarize, table, wait_for_workers,
+                          write_json)
 
 _TOKENS, _FINAL, _ERROR, _ACCEPTED, _BATCH = p.Tokens.CMD, p.Final.CMD, p.Error.CMD, p.Accepted.CMD, p.BATCH
 
@@ -208,8 +212,10 @@ def load(address: str, conns: int, concurrency: int, t0: float, warmup: float, d
             "latency_s": [round(x, 7) for x in lat], "ttft_s": [round(x, 7) for x in ttft]}
 
 
-def loadgen_main() -> int:
+def loadgen_main(cpus: Optional[set] = None) -> int:
     """A load generator process: one JSON command per stdin line, one JSON result per line."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)    # before any ZeroMQ thread starts: they inherit it
     print("loadgen ready", flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -235,9 +241,10 @@ class Bench:
         a = self.args
         b = start_broker(self.procs)
         self.targets["broker"], self.pids["broker"] = b["frontend"], b["pid"]
+        pin = ["--cpus", ",".join(map(str, sorted(a.harness_cpus)))] if a.harness_cpus else []
         nw = self.procs.start("null-workers", [sys.executable, "-m", "bench.null_worker",
                                                "--broker", b["backend"], "--role", "context",
-                                               "--role", "generation", "--max-seconds", "3600"])
+                                               "--role", "generation", "--max-seconds", "3600", *pin])
         self.pids["null-workers"] = nw.pid
         wait_for_workers(b["frontend"], {"context": 1, "generation": 1}, 30, self.procs)
         for mode in ("rt", "seq"):
@@ -248,7 +255,7 @@ class Bench:
             words = dict(w.split("=", 1) for w in read_line(proc, 30, "ready line").split() if "=" in w)
             self.targets[name], self.pids[name] = words["frontend"], proc.pid
         for i in range(a.processes):
-            proc = self.procs.start(f"loadgen-{i}", [sys.executable, "-m", "bench.broker", "_load"],
+            proc = self.procs.start(f"loadgen-{i}", [sys.executable, "-m", "bench.broker", "_load", *pin[1:]],
                                     stdout=subprocess.PIPE, stdin=subprocess.PIPE)
             read_line(proc, 30, "ready line")
             self.loadgens.append(proc)
@@ -339,15 +346,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds of one-at-a-time requests for the added latency (default: 2)")
     ap.add_argument("--target-rps", type=float, default=5000.0,
                     help="requests per second the broker should sustain (default: 5000)")
+    ap.add_argument("--harness-cpus", type=harness_cpus, default=harness_cpus("last"), metavar="LIST",
+                    help="CPUs the load generators and null workers are confined to, so that they "
+                         "take no CPU time from the broker or the direct servers (which may run on "
+                         "any CPU): a list such as 1 or 2-3, 'last' (the last CPU, the default on a "
+                         "machine with two or more) or 'none'")
     ap.add_argument("--out", default=os.path.join(RESULTS, "broker.json"),
                     help="JSON results path (default: bench/results/broker.json)")
     return ap
 
 
+def harness_cpus(text: str) -> Optional[set]:
+    """--harness-cpus: None (no confinement) or a set of CPUs this process may use."""
+    avail = sorted(os.sched_getaffinity(0))
+    if text == "none" or (text == "last" and len(avail) < 2):
+        return None
+    cpus = {avail[-1]} if text == "last" else parse_cpus(text)
+    if not cpus <= set(avail):
+        raise argparse.ArgumentTypeError(f"--harness-cpus {text}: CPUs {sorted(cpus - set(avail))} "
+                                         f"are not available (this process may use {avail})")
+    return cpus
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_load"]:
-        return loadgen_main()
+        return loadgen_main(parse_cpus(argv[1]) if len(argv) > 1 else None)
     if argv[:1] == ["_direct"]:
         run_direct(argv[1], int(argv[2]), int(argv[3]))
         return 0
@@ -401,7 +425,8 @@ def build_report(args, runs: dict, latency: dict) -> dict:
                    "warmup_s": args.warmup, "runs": args.runs,
                    "broker_messages_per_request": broker_messages_per_request(args.output_tokens),
                    "process_count": {"broker": 1, "null_workers": 1, "direct_servers": 2,
-                                     "load_generators": args.processes}},
+                                     "load_generators": args.processes},
+                   "harness_cpus": sorted(args.harness_cpus) if args.harness_cpus else None},
         "machine": machine(),
         "summary": summary,
         "one_at_a_time": {t: {"latency_ms": latency[t]["latency_ms"], "ttft_ms": latency[t]["ttft_ms"],
@@ -439,8 +464,9 @@ def render(report: dict) -> str:
     head = (f"broker benchmark: {c['processes']} load generator processes x {c['conns_per_process']} "
             f"connections, {c['concurrency']} requests in flight, {c['prompt_tokens']} prompt tokens, "
             f"{c['output_tokens']} output tokens ({c['broker_messages_per_request']} broker messages per "
-            f"request), median of {c['runs']} runs of {c['duration_s']:g} s; "
-            f"{report['machine']['cpus']} CPUs shared by all processes")
+            f"request), median of {c['runs']} runs of {c['duration_s']:g} s; {report['machine']['cpus']} CPUs: "
+            + (f"load generators and null workers on CPU {','.join(map(str, c['harness_cpus']))}, the "
+               "broker and direct servers on any" if c.get("harness_cpus") else "shared by all processes"))
     t = table(["target", "req/s", "range", "p50 ms", "p99 ms", "p50 ms @1", "server CPU%",
                "server CPU us/req", "null wkr CPU%", "loadgen CPU%", "errors"], rows)
     tail = (f"broker: {h['broker_requests_per_s']:,.0f} full disaggregated req/s "

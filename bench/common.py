@@ -26,6 +26,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 
+def parse_cpus(text: str) -> set:
+    """``"1"``, ``"0,2-3"`` to a set of CPU numbers (as ``taskset -c`` reads them)."""
+    cpus: set = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"invalid CPU list {text!r}: expected numbers and ranges such as 1 or 0,2-3") from None
+    if not cpus or min(cpus) < 0:
+        raise ValueError(f"invalid CPU list {text!r}: expected numbers >= 0")
+    return cpus
+
+
 def child_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

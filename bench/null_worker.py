@@ -23,7 +23,7 @@ from typing import Optional
 
 import zmq
 
-from bench.common import quiet_gc, recv_frames, send_frames
+from bench.common import parse_cpus, quiet_gc, recv_frames, send_frames
 from broker import protocol as p
 
 FIRST_TOKEN = 42
@@ -166,7 +166,11 @@ def main(argv=None) -> int:
     ap.add_argument("--heartbeat-ms", type=int, default=1000, help="heartbeat interval (default: 1000)")
     ap.add_argument("--max-seconds", type=float, default=3600,
                     help="stop after this many seconds in any case (default: 3600)")
+    ap.add_argument("--cpus", type=parse_cpus, default=None, metavar="LIST",
+                    help="run only on these CPUs, e.g. 1 or 0,2-3 (default: any)")
     args = ap.parse_args(argv)
+    if args.cpus:
+        os.sched_setaffinity(0, args.cpus)    # before any thread starts: they all inherit it
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import os
+
 import pytest
 
 from bench.common import ROOT, child_env, percentile, summarize
@@ -152,3 +154,16 @@ def test_throughput_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--frontend", "tcp://127.0.0.1:1",
                            "--launch"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "exactly one target" in proc.stderr
+
+
+def test_cpu_lists_parse_like_taskset_and_name_bad_input():
+    from bench.broker import harness_cpus
+    from bench.common import parse_cpus
+    assert parse_cpus("1") == {1} and parse_cpus("0,2-3") == {0, 2, 3}
+    with pytest.raises(ValueError, match="'x'"):
+        parse_cpus("x")
+    avail = sorted(os.sched_getaffinity(0))
+    assert harness_cpus("none") is None
+    assert harness_cpus("last") == ({avail[-1]} if len(avail) > 1 else None)
+    with pytest.raises(Exception, match="not available"):
+        harness_cpus(str(max(avail) + 1))
