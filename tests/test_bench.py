@@ -3,10 +3,9 @@ fields the README and the issue rely on. Timings are measured by bench/, never a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-
-import os
 
 import pytest
 
