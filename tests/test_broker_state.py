@@ -49,6 +49,16 @@ def context_done(st, ident, prefill, first=7, finish=None):
                                              {"transfer_id": prefill.request_id}, finish, 0.01))
 
 
+def pulled(st):
+    """A context and a generation worker, and request r1 through its KV pull: the Decode."""
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation")
+    [pre] = of(submit(st), p.Prefill)
+    [dec] = of(context_done(st, b"ctx", pre), p.Decode)
+    st.on_worker(b"gen", p.KvPulled("r1", dec.attempt))
+    return dec
+
+
 def assert_empty(st):
     assert st.requests == {} and not st.prefill_queue and not st.decode_queue
     for w in st.workers.values():
@@ -93,11 +103,7 @@ def test_aggregated_when_only_both_workers(st):
 
 
 def test_last_tokens_ride_in_finished_and_final(st):
-    ready(st, b"ctx", "context")
-    ready(st, b"gen", "generation")
-    [pre] = of(submit(st), p.Prefill)
-    [dec] = of(context_done(st, b"ctx", pre), p.Decode)
-    st.on_worker(b"gen", p.KvPulled("r1", dec.attempt))
+    dec = pulled(st)
     st.on_worker(b"gen", p.Tokens("r1", 1, [8], "y", dec.attempt))
     out = st.on_worker(b"gen", p.Finished("r1", dec.attempt, "length", 3, 0, 0.0, 2, [9], "z"))
     assert not of(out, p.Tokens)                      # one message, not a Tokens and a Final
@@ -228,11 +234,7 @@ def test_generation_death_before_pull_redispatches(st, clock):
 
 
 def test_generation_death_after_pull_fails(st):
-    ready(st, b"ctx", "context")
-    ready(st, b"gen", "generation")
-    [pre] = of(submit(st), p.Prefill)
-    [dec] = of(context_done(st, b"ctx", pre), p.Decode)
-    st.on_worker(b"gen", p.KvPulled("r1", dec.attempt))
+    dec = pulled(st)
     st.on_worker(b"gen", p.Tokens("r1", 1, [5], "a", dec.attempt))
     out = st.on_worker(b"gen", p.Disconnect())
     [err] = of(out, p.Error, FRONT)
