@@ -241,10 +241,11 @@ class Bench:
         a = self.args
         b = start_broker(self.procs)
         self.targets["broker"], self.pids["broker"] = b["frontend"], b["pid"]
-        pin = ["--cpus", ",".join(map(str, sorted(a.harness_cpus)))] if a.harness_cpus else []
+        cpus = ",".join(map(str, sorted(a.harness_cpus))) if a.harness_cpus else ""
         nw = self.procs.start("null-workers", [sys.executable, "-m", "bench.null_worker",
                                                "--broker", b["backend"], "--role", "context",
-                                               "--role", "generation", "--max-seconds", "3600", *pin])
+                                               "--role", "generation", "--max-seconds", "3600",
+                                               *(["--cpus", cpus] if cpus else [])])
         self.pids["null-workers"] = nw.pid
         wait_for_workers(b["frontend"], {"context": 1, "generation": 1}, 30, self.procs)
         for mode in ("rt", "seq"):
@@ -255,7 +256,7 @@ class Bench:
             words = dict(w.split("=", 1) for w in read_line(proc, 30, "ready line").split() if "=" in w)
             self.targets[name], self.pids[name] = words["frontend"], proc.pid
         for i in range(a.processes):
-            proc = self.procs.start(f"loadgen-{i}", [sys.executable, "-m", "bench.broker", "_load", *pin[1:]],
+            proc = self.procs.start(f"loadgen-{i}", [sys.executable, "-m", "bench.broker", "_load", *([cpus] if cpus else [])],
                                     stdout=subprocess.PIPE, stdin=subprocess.PIPE)
             read_line(proc, 30, "ready line")
             self.loadgens.append(proc)
@@ -346,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds of one-at-a-time requests for the added latency (default: 2)")
     ap.add_argument("--target-rps", type=float, default=5000.0,
                     help="requests per second the broker should sustain (default: 5000)")
-    ap.add_argument("--harness-cpus", type=harness_cpus, default=harness_cpus("last"), metavar="LIST",
+    ap.add_argument("--harness-cpus", type=harness_cpus, default="last", metavar="LIST",
                     help="CPUs the load generators and null workers are confined to, so that they "
                          "take no CPU time from the broker or the direct servers (which may run on "
                          "any CPU): a list such as 1 or 2-3, 'last' (the last CPU, the default on a "

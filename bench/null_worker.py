@@ -140,8 +140,8 @@ def serve(broker: str, workers: list, stop_after: Optional[float] = None,
                             continue
                         replies.extend(w.on_message(msg))
                     # the replies to one batch as one batch, as a real worker sends one per step
-                    for i in range(0, len(replies), 1024):
-                        send_frames(s, p.encode_many(replies[i:i + 1024]))   # HWM 1,000,000: Again would be a bug
+                    for frames in p.encode_batches(replies):
+                        send_frames(s, frames)   # HWM 1,000,000: Again would be a bug
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + beat
                 for s, w in socks:

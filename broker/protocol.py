@@ -24,7 +24,7 @@ import math
 import threading
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 import msgpack
 
@@ -287,11 +287,10 @@ class Message:
         return self.body() if self._has_frames else self.__dict__
 
     def encode(self) -> list:
-        if self._has_frames:
-            frames: list = [self._head + _pack(self.body())]
-            frames.extend(self.frames or ())
-            return frames
-        return [self._head + _pack(self.__dict__)]
+        frames = [self._head + _pack(self.wire_body())]
+        if self._has_frames and self.frames:
+            frames.extend(self.frames)
+        return frames
 
     @classmethod
     def from_body(cls, body: dict, frames: Sequence = ()) -> "Message":
@@ -456,6 +455,15 @@ def encode_many(msgs: Sequence[Message]) -> list:
             raise ValueError(f"{type(m).__name__} carries raw frames and cannot be batched")
         items.append((m.CMD, m.wire_body()))
     return [_BATCH_HEAD + _pack(items)]
+
+
+BATCH_MAX = 512   # messages per batch at most: a receiver decodes a whole batch before serving it
+
+
+def encode_batches(msgs: Sequence[Message]) -> Iterator[list]:
+    """Messages for one peer as few ZeroMQ messages as ``BATCH_MAX`` allows, in order."""
+    for i in range(0, len(msgs), BATCH_MAX):
+        yield encode_many(msgs[i:i + BATCH_MAX])
 
 
 def decode_all(frames: Sequence) -> list:

@@ -193,10 +193,11 @@ class BrokerServer:
                 g.append(o.msg)
         gone_clients: list = []
         gone_workers: list = []
-        front, back, encode_many = self.front, self.back, p.encode_many
+        front, back = self.front, self.back
         for (side, ident), msgs in groups.items():
             try:
-                send_frames(front if side == FRONT else back, [ident, *encode_many(msgs)])
+                for frames in p.encode_batches(msgs):
+                    send_frames(front if side == FRONT else back, [ident, *frames])
             except zmq.ZMQError as e:
                 (gone_clients if side == FRONT else gone_workers).append(ident)
                 log.debug("cannot send %d message(s) to %s: %s", len(msgs), ident.hex(), e)

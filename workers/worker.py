@@ -37,9 +37,6 @@ log = logging.getLogger("worker")
 ROLES = ("context", "generation", "both")
 
 
-_BATCH_MAX = 512   # messages per batch sent to the broker
-
-
 class RequestRejected(Exception):
     """The request cannot run here as given; the message names the field and the value."""
 
@@ -123,14 +120,14 @@ class Worker:
         self._outbox.append(msg)
 
     def _flush(self) -> None:
+        if not self._outbox:
+            return
         out, self._outbox = self._outbox, []
-        for i in range(0, len(out), _BATCH_MAX):
-            part = out[i:i + _BATCH_MAX]
+        for frames in p.encode_batches(out):
             try:
-                self.sock.send_multipart(p.encode_many(part), zmq.NOBLOCK)
+                self.sock.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
-                log.warning("broker not keeping up; dropped %d message(s) (%s)", len(part),
-                            ", ".join(sorted({type(m).__name__ for m in part})))
+                log.warning("broker not keeping up; dropped a batch of up to %d messages", p.BATCH_MAX)
 
     def stop(self) -> None:
         self.stop_event.set()
