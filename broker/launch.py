@@ -134,15 +134,9 @@ class Children:
                            + (f" while waiting for: {what}" if what else "")
                            + (f"\n{tail}" if tail else " (see its output above)"))
 
-    def stop(self, name: str, grace: float = 5.0) -> None:
-        proc = self.names.pop(name, None)
-        if proc is not None:
-            self.procs.remove(proc)
-            stop_processes([proc], grace)
-
     def close(self, grace: float = 5.0) -> None:
         """Stop every child (SIGTERM, SIGKILL after ``grace`` s; at once when ``grace`` <= 0)."""
-        stop_processes(self.procs, grace)
+        _stop_processes(self.procs, grace)
         self.procs.clear()
         self.names.clear()
         self.tmp.cleanup()
@@ -161,7 +155,7 @@ def _signal(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def stop_processes(procs: Sequence[subprocess.Popen], grace: float) -> None:
+def _stop_processes(procs: Sequence[subprocess.Popen], grace: float) -> None:
     """SIGTERM each live process, wait until ``grace`` s have passed, SIGKILL the rest (with
     ``grace`` <= 0, SIGKILL at once); reap them all and close their pipes."""
     for proc in procs:
