@@ -38,9 +38,9 @@ import msgpack
 import zmq
 
 from broker import protocol as p
-from bench.common import (RESULTS, Procs, cpu_seconds, machine, median, parse_cpus, quiet_gc, read_line,
-                          recv_frames, send_frames, start_broker, summarize, table, wait_for_workers,
-                          write_json)
+from bench.common import (RESULTS, children, cpu_seconds, machine, median, parse_cpus, quiet_gc, recv_frames,
+                          send_frames, start_broker, summarize, table, write_json)
+from broker.launch import Children, read_line, wait_for_workers
 
 _TOKENS, _FINAL, _ERROR, _ACCEPTED, _BATCH = p.Tokens.CMD, p.Final.CMD, p.Error.CMD, p.Accepted.CMD, p.BATCH
 
@@ -231,7 +231,7 @@ def loadgen_main(cpus: Optional[set] = None) -> int:
 # the benchmark
 
 class Bench:
-    def __init__(self, args, procs: Procs):
+    def __init__(self, args, procs: Children):
         self.args, self.procs = args, procs
         self.loadgens: list[subprocess.Popen] = []
         self.targets: dict[str, str] = {}     # name -> frontend address
@@ -384,7 +384,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--concurrency {args.concurrency} must be >= --processes {args.processes}")
     runs: dict = {t: [] for t in TARGETS}
     latency: dict = {}
-    with Procs(prefix="bench-broker-") as procs:
+    with children(prefix="bench-broker-") as procs:
         bench = Bench(args, procs)
         try:
             bench.setup()

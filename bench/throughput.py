@@ -30,11 +30,14 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from bench.common import (RESULTS, Procs, Progress, machine, start_broker, summarize, table,
-                          wait_for_workers, write_json)
+from tqdm import tqdm
+
+from bench.common import RESULTS, children, machine, progress, start_broker, summarize, table, write_json
+from broker.launch import wait_for_workers, worker_command
 
 # common English words: with a leading space, each is one token for byte-level BPE tokenizers
 _WORDS = ("the of and to in is you that it he was for on are as with his they at be this have "
@@ -233,7 +236,7 @@ class HttpDriver:
 # one measured run
 
 async def run_load(driver, specs: list[Spec], rate: float, concurrency: Optional[int], seed: int,
-                   progress: Progress) -> tuple[list[Result], float]:
+                   bar: tqdm) -> tuple[list[Result], float]:
     """Send ``specs`` with Poisson arrivals at ``rate`` per second (``inf``: all at once), at most
     ``concurrency`` in flight; returns the results (in workload order) and the wall time."""
     rng = random.Random(seed)
@@ -246,7 +249,8 @@ async def run_load(driver, specs: list[Spec], rate: float, concurrency: Optional
                 results[i] = await driver.run(spec)
         else:
             results[i] = await driver.run(spec)
-        progress.update(1, f"errors {sum(1 for r in results if r is not None and not r.ok)}")
+        bar.set_postfix_str(f"errors {sum(1 for r in results if r is not None and not r.ok)}", refresh=False)
+        bar.update(1)
 
     t0 = time.monotonic()
     tasks = []
@@ -294,11 +298,11 @@ def goodput(runs: list[dict], target: float) -> Optional[float]:
 # deployments this benchmark starts itself
 
 class Deployment:
-    """A broker and workers as child processes (killed by pid on close)."""
+    """A broker and workers as child processes (stopped by pid on close)."""
 
     def __init__(self, mode: str, model: str, http: bool, agg_instances: int, worker_options: dict,
                  ready_timeout: float, say):
-        self.procs = Procs(prefix=f"bench-{mode}-")
+        self.procs = children(prefix=f"bench-{mode}-")
         try:
             b = start_broker(self.procs, http=http)
             self.frontend, self.url = b["frontend"], b.get("http")
@@ -310,14 +314,9 @@ class Deployment:
                 json.dump(worker_options, f)      # JSON is YAML
             roles = ["both"] * agg_instances if mode == "agg" else ["context", "generation"]
             for i, role in enumerate(roles):
-                self.procs.start(f"{role}-{i}", [sys.executable, "-m", "workers.cli", "start", "--role", role,
-                                                 "--broker", b["backend"], "--model", model,
-                                                 "--worker-id", f"bench-{role}-{i}",
-                                                 "--extra-llm-api-options", opts, "--log-level", "WARNING"])
-            want: dict = {}
-            for role in roles:
-                want[role] = want.get(role, 0) + 1
-            wait_for_workers(self.frontend, want, ready_timeout, self.procs, say)
+                self.procs.start(f"{role}-{i}", worker_command(role, b["backend"], model, f"bench-{role}-{i}",
+                                                               options=opts, log_level="WARNING"))
+            wait_for_workers(self.frontend, dict(Counter(roles)), ready_timeout, self.procs, say)
         except BaseException:
             self.procs.close()
             raise
@@ -415,9 +414,8 @@ async def measure_target(a, driver, label: str, specs: list[Spec], say) -> list[
                 raise RuntimeError(f"{label}: warm-up request failed: {r.error}")
     runs = []
     for i, rate in enumerate(a.request_rate):
-        progress = Progress(len(specs), f"{label} rate={rate:g}", not a.no_progress)
-        results, duration = await run_load(driver, specs, rate, a.concurrency, a.seed + i, progress)
-        progress.close()
+        with progress(len(specs), f"{label} rate={rate:g}", not a.no_progress) as bar:
+            results, duration = await run_load(driver, specs, rate, a.concurrency, a.seed + i, bar)
         m = metrics(results, duration, a.slo_ttft_ms / 1000, a.slo_tpot_ms / 1000)
         runs.append({"target": label, "request_rate": rate, "concurrency": a.concurrency, "metrics": m,
                      "per_request": [{"ok": r.ok, "ttft_s": r.ttft, "tpot_s": r.tpot, "e2e_s": r.e2e,

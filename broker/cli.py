@@ -1,149 +1,181 @@
-"""``broker start`` (the broker alone) and ``broker launch`` (broker + workers from a config)."""
+"""``broker start`` (the broker alone) and ``broker launch`` (broker + workers from a config).
+
+The command line only (click): flags become a ``BrokerConfig``/``DisaggConfig`` and a call into
+``broker.server`` or ``broker.launch``. Also the pieces ``worker`` shares (``run``, ``CommandError``,
+``log_level_option``). It must never import torch: ``broker --help`` has to answer at once.
+"""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import signal
 import sys
 import threading
+from typing import Optional
+
+import click
 
 from broker.config import BrokerConfig, ConfigError, DisaggConfig, load_disagg_config
 
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="broker", description="The disaggregated-serving broker.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("start", help="run the broker alone",
-                       description="Run the broker: clients connect to --frontend, workers to "
-                                   "--backend. A port of 0 (or *) picks a free port; the chosen "
-                                   "addresses are printed on the first line of stdout.")
-    s.add_argument("--frontend", default=None, metavar="tcp://HOST:PORT",
-                   help="client-facing address (default tcp://127.0.0.1:0, or the config's)")
-    s.add_argument("--backend", default=None, metavar="tcp://HOST:PORT",
-                   help="worker-facing address (default tcp://127.0.0.1:0, or the config's)")
-    s.add_argument("-c", "--config", help="disagg_config.yaml to take broker settings from")
-    d = BrokerConfig()
-    s.add_argument("--heartbeat-interval", type=float, default=None,
-                   help=f"seconds between heartbeats to workers (default {d.heartbeat_interval_s})")
-    s.add_argument("--liveness", type=int, default=None,
-                   help=f"missed worker heartbeats before a worker is expired (default {d.liveness})")
-    s.add_argument("--max-queue", type=int, default=None,
-                   help=f"queued requests past which new ones get OVERLOADED (default {d.max_queue})")
-    s.add_argument("--kv-lease", type=float, default=None,
-                   help=f"seconds a context worker holds KV waiting for a pull (default {d.kv_lease_s})")
-    s.add_argument("--request-timeout", type=float, default=None,
-                   help=f"deadline of requests that set none, seconds (default {d.request_timeout_s})")
-    _http_args(s)
-    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="log verbosity on stderr (default: INFO)")
-
-    lp = sub.add_parser("launch", help="run a broker and its workers from a config",
-                        description="Start the broker and, as child processes, the context and "
-                                    "generation workers the config's num_instances ask for; wait "
-                                    "until all are ready; stop them all on Ctrl-C or SIGTERM.")
-    lp.add_argument("-c", "--config", required=True, help="TensorRT-LLM-style disagg_config.yaml")
-    lp.add_argument("--model", help="override the config's model: smollm2-135m, tiny, or a path")
-    lp.add_argument("--demo", action="store_true",
-                    help="answer a few built-in chat prompts, print them with timings, then stop")
-    lp.add_argument("--prompt", action="append", default=[],
-                    help="with --demo: a chat prompt to answer instead of the built-in ones (repeatable)")
-    lp.add_argument("--max-tokens", type=int, default=48,
-                    help="with --demo: output tokens per answer (default: 48)")
-    lp.add_argument("--ready-timeout", type=float, default=600,
-                    help="seconds to wait for the workers to register (default: 600)")
-    _http_args(lp)
-    lp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                    help="log verbosity on stderr (default: INFO)")
-    return ap
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def _http_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--http-port", type=int, default=None,
-                   help="port of the OpenAI-compatible HTTP gateway; 0 picks a free one "
-                        "(default: the config's port, 8000 without a config)")
-    p.add_argument("--no-http", action="store_true", help="do not start the HTTP gateway")
+class CommandError(click.ClickException):
+    """A setting the command cannot use (a bad config file, an unbindable address): printed as
+    ``PROG: error: MESSAGE`` with exit code 2, as the usage errors are."""
+    exit_code = 2
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+    def show(self, file=None) -> None:
+        click.echo(f"{self.prog}: error: {self.format_message()}", err=True)
 
 
-def _setup_logging(level: str) -> None:
+log_level_option = click.option("--log-level", default="INFO", show_default=False,
+                                type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+                                help="log verbosity on stderr (default: INFO)")
+
+
+def setup_logging(level: str) -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _broker_config(args, base: BrokerConfig) -> BrokerConfig:
-    over = {"heartbeat_interval_s": args.heartbeat_interval, "liveness": args.liveness,
-            "max_queue": args.max_queue, "kv_lease_s": args.kv_lease,
-            "request_timeout_s": args.request_timeout}
-    return dataclasses.replace(base, **{k: v for k, v in over.items() if v is not None})
+def run(group: click.Group, prog: str, argv: Optional[list] = None) -> int:
+    """Run a click command line as ``prog`` and return its exit code (click would exit)."""
+    try:
+        group.main(args=argv, prog_name=prog, standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
 
 
-def cmd_start(args) -> int:
+def _http_options(f):
+    f = click.option("--no-http", is_flag=True, help="do not start the HTTP gateway")(f)
+    return click.option("--http-port", type=int, default=None,
+                        help="port of the OpenAI-compatible HTTP gateway; 0 picks a free one "
+                             "(default: the config's port, 8000 without a config)")(f)
+
+
+@click.group(context_settings=CONTEXT)
+def cli() -> None:
+    """The disaggregated-serving broker."""
+
+
+_D = BrokerConfig()
+
+
+@cli.command(short_help="run the broker alone")
+@click.option("--frontend", default=None, metavar="tcp://HOST:PORT",
+              help="client-facing address (default tcp://127.0.0.1:0, or the config's)")
+@click.option("--backend", default=None, metavar="tcp://HOST:PORT",
+              help="worker-facing address (default tcp://127.0.0.1:0, or the config's)")
+@click.option("-c", "--config", default=None, help="disagg_config.yaml to take broker settings from")
+@click.option("--heartbeat-interval", type=float, default=None,
+              help=f"seconds between heartbeats to workers (default {_D.heartbeat_interval_s})")
+@click.option("--liveness", type=int, default=None,
+              help=f"missed worker heartbeats before a worker is expired (default {_D.liveness})")
+@click.option("--max-queue", type=int, default=None,
+              help=f"queued requests past which new ones get OVERLOADED (default {_D.max_queue})")
+@click.option("--kv-lease", type=float, default=None,
+              help=f"seconds a context worker holds KV waiting for a pull (default {_D.kv_lease_s})")
+@click.option("--request-timeout", type=float, default=None,
+              help=f"deadline of requests that set none, seconds (default {_D.request_timeout_s})")
+@_http_options
+@log_level_option
+def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv_lease,
+          request_timeout, http_port, no_http, log_level) -> None:
+    """Run the broker: clients connect to --frontend, workers to --backend. A port of 0 (or *)
+    picks a free port; the chosen addresses are printed on the first line of stdout."""
+    setup_logging(log_level)
     from broker.server import BrokerServer
-    cfg = load_disagg_config(args.config) if args.config else DisaggConfig()
-    server = BrokerServer(args.frontend or cfg.frontend, args.backend or cfg.backend_address,
-                          _broker_config(args, cfg.broker))
+    over = {"heartbeat_interval_s": heartbeat_interval, "liveness": liveness, "max_queue": max_queue,
+            "kv_lease_s": kv_lease, "request_timeout_s": request_timeout}
+    try:
+        cfg = load_disagg_config(config) if config else DisaggConfig()
+        settings = dataclasses.replace(cfg.broker, **{k: v for k, v in over.items() if v is not None})
+        server = BrokerServer(frontend or cfg.frontend, backend or cfg.backend_address, settings)
+    except (ConfigError, OSError) as e:
+        raise CommandError("broker", str(e)) from None
     gateway = None
     try:
-        if not args.no_http:
+        if not no_http:
             from broker.launch import start_gateway
-            models = (cfg.model,) if args.config else ()
-            gateway = start_gateway(cfg, server.frontend, args.http_port, models)
+            models = (cfg.model,) if config else ()
+            gateway = start_gateway(cfg, server.frontend, http_port, models)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         signal.signal(signal.SIGINT, lambda *_: server.stop())
         http = f" http={gateway.gateway.url}" if gateway is not None else ""
         print(f"broker ready frontend={server.frontend} backend={server.backend}{http}", flush=True)
         server.run()
+    except OSError as e:
+        raise CommandError("broker", str(e)) from None
     finally:
         if gateway is not None:
             gateway.stop()
         server.close()
-    return 0
 
 
-def cmd_launch(args) -> int:
+@cli.command(short_help="run a broker and its workers from a config")
+@click.option("-c", "--config", required=True, help="TensorRT-LLM-style disagg_config.yaml")
+@click.option("--model", default=None, help="override the config's model: smollm2-135m, tiny, or a path")
+@click.option("--demo", is_flag=True,
+              help="answer a few built-in chat prompts, print them with timings, then stop")
+@click.option("--prompt", multiple=True,
+              help="with --demo: a chat prompt to answer instead of the built-in ones (repeatable)")
+@click.option("--max-tokens", type=int, default=48, help="with --demo: output tokens per answer (default: 48)")
+@click.option("--ready-timeout", type=float, default=600,
+              help="seconds to wait for the workers to register (default: 600)")
+@_http_options
+@log_level_option
+@click.pass_context
+def launch(ctx, config, model, demo, prompt, max_tokens, ready_timeout, http_port, no_http, log_level) -> None:
+    """Start the broker and, as child processes, the context and generation workers the config's
+    num_instances ask for; wait until all are ready; stop them all on Ctrl-C or SIGTERM."""
+    setup_logging(log_level)
     from broker.launch import DEMO_PROMPTS, Launch, run_demo
-    cfg = load_disagg_config(args.config)
-    if args.model:
-        cfg = dataclasses.replace(cfg, model=args.model)
-    http_port = args.http_port
-    if args.demo and http_port is None:
-        http_port = 0      # the demo speaks ZeroMQ; never fail on a busy default port for it
-    launch = Launch(cfg, args.log_level, http=not args.no_http, http_port=http_port)
+    try:
+        cfg = load_disagg_config(config)
+        if model:
+            cfg = dataclasses.replace(cfg, model=model)
+        if demo and http_port is None:
+            http_port = 0      # the demo speaks ZeroMQ; never fail on a busy default port for it
+        session = Launch(cfg, log_level, http=not no_http, http_port=http_port)
+    except (ConfigError, OSError) as e:
+        raise CommandError("broker", str(e)) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     rc = 0
     try:
-        launch.start()
-        launch.wait_ready(args.ready_timeout)
-        http = f" http={launch.http_url}" if launch.http_url else ""
-        print(f"ready: frontend={launch.frontend} backend={launch.server.backend} "
+        session.start()
+        session.wait_ready(ready_timeout)
+        http = f" http={session.http_url}" if session.http_url else ""
+        print(f"ready: frontend={session.frontend} backend={session.server.backend} "
               f"model={cfg.model}{http}", flush=True)
-        if args.demo:
-            prompts = [[{"role": "user", "content": q}] for q in args.prompt] or DEMO_PROMPTS
-            rc = run_demo(launch.frontend, prompts, args.max_tokens)
+        if demo:
+            prompts = [[{"role": "user", "content": q}] for q in prompt] or DEMO_PROMPTS
+            rc = run_demo(session.frontend, prompts, max_tokens)
         else:
             while not stop.wait(0.5):
-                if any(c.poll() is not None for c in launch.children):
+                if session.children.exited() is not None:
                     print("broker launch: a worker exited; stopping", file=sys.stderr)
                     rc = 1
                     break
     except (RuntimeError, TimeoutError) as e:
         print(f"broker launch: error: {e}", file=sys.stderr)
         rc = 1
+    except (ConfigError, OSError) as e:
+        raise CommandError("broker", str(e)) from None
     finally:
-        launch.stop()
-    return rc
+        session.stop()
+    ctx.exit(rc)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
-    try:
-        return cmd_start(args) if args.command == "start" else cmd_launch(args)
-    except (ConfigError, OSError) as e:
-        print(f"broker: error: {e}", file=sys.stderr)
-        return 2
+    return run(cli, "broker", argv)
 
 
 if __name__ == "__main__":

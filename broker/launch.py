@@ -1,13 +1,26 @@
-"""``broker launch``: a broker plus the workers a ``disagg_config.yaml`` asks for, on this host.
+"""The one launcher: a broker and workers as processes, readiness read from the broker, and a stop
+that leaves no process behind.
 
-The broker runs in this process; each worker is a child process started with
-``--exit-with-parent``. On Ctrl-C or SIGTERM every child is stopped (SIGTERM, then SIGKILL after a
-grace period), so no orphan is left behind.
+``broker launch``, the integration tests (``tests/harness.py``) and the benchmarks all start
+processes through ``Children`` and the command builders here, and wait through ``wait_until``:
+
+* ``Children`` holds child processes by pid, each with its log file (or the parent's terminal);
+  ``close()`` sends SIGTERM, waits a grace period, then SIGKILLs what is left.
+* ``start_broker`` runs ``broker start`` on free ports and returns the addresses of its ready line;
+  ``worker_command`` is the one place a ``worker start`` command line is written.
+* ``wait_until``/``wait_for_workers`` poll the broker's stats over Ping; readiness is never a
+  guess with ``sleep()``, and a child that dies while we wait fails the wait with its log tail.
+* ``Launch`` is ``broker launch``: the broker (and HTTP gateway) in this process, the workers a
+  ``disagg_config.yaml`` asks for as children started with ``--exit-with-parent``.
+
+This module never imports torch: the workers load models in their own processes.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
+import selectors
 import signal
 import subprocess
 import sys
@@ -15,16 +28,16 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import yaml
 import zmq
 
 from broker import protocol as p
 from broker.config import DisaggConfig, ServerGroup
-from broker.server import BrokerServer
 
 log = logging.getLogger("broker.launch")
+
 
 def ping(address: str, timeout: float = 2.0, ctx: Optional[zmq.Context] = None) -> Optional[dict]:
     """One Ping to a broker frontend; its stats, or None if it did not answer in time."""
@@ -51,6 +64,218 @@ def ping(address: str, timeout: float = 2.0, ctx: Optional[zmq.Context] = None) 
         s.close(0)
 
 
+# ---------------------------------------------------------------------------------------------
+# child processes
+
+def child_env(root: str) -> dict:
+    """This environment with ``root`` first on PYTHONPATH (children import the same tree as the
+    parent) and one OpenMP thread unless the caller chose otherwise."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+class Children:
+    """Child processes by name, each logging to a file in a temporary folder (or, with
+    ``inherit=True``, to this process's terminal). ``procs`` is a plain list: a caller may append
+    processes it started itself, and ``close()`` stops those too."""
+
+    def __init__(self, prefix: str = "disagg-", env: Optional[dict] = None, cwd: Optional[str] = None):
+        self.tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        self.env, self.cwd = env, cwd
+        self.procs: list[subprocess.Popen] = []
+        self.names: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, str] = {}
+
+    def start(self, name: str, cmd: Sequence[str], stdout=None, stdin=None,
+              inherit: bool = False) -> subprocess.Popen:
+        """Start ``cmd``. Its output goes to ``NAME.log`` (stderr only when ``stdout`` is given,
+        e.g. a pipe for its ready line), or to this terminal with ``inherit``."""
+        out = err = log_file = None
+        if not inherit:
+            path = os.path.join(self.tmp.name, re.sub(r"[^\w.-]", "_", name) + ".log")
+            log_file = open(path, "w")
+            self.logs[name] = path
+            out, err = (stdout, log_file) if stdout is not None else (log_file, subprocess.STDOUT)
+        try:
+            proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, stdin=stdin, env=self.env,
+                                    cwd=self.cwd, text=True)
+        finally:
+            if log_file is not None:
+                log_file.close()      # the child holds its own copy
+        self.procs.append(proc)
+        self.names[name] = proc
+        return proc
+
+    def name_of(self, proc: subprocess.Popen) -> str:
+        return next((n for n, q in self.names.items() if q is proc), f"pid {proc.pid}")
+
+    def tail(self, name_or_proc, n: int = 40) -> str:
+        """The last ``n`` lines of a child's log ('' when it has none)."""
+        name = name_or_proc if isinstance(name_or_proc, str) else self.name_of(name_or_proc)
+        try:
+            with open(self.logs[name]) as f:
+                return "".join(f.readlines()[-n:])
+        except (OSError, KeyError):
+            return ""
+
+    def exited(self, procs: Optional[Sequence[subprocess.Popen]] = None) -> Optional[subprocess.Popen]:
+        """The first of ``procs`` (default: all) that has exited, or None."""
+        return next((q for q in (self.procs if procs is None else procs) if q.poll() is not None), None)
+
+    def check_alive(self, procs: Optional[Sequence[subprocess.Popen]] = None, what: str = "") -> None:
+        """Raise RuntimeError, naming the process, its exit code and its log tail, if one exited."""
+        proc = self.exited(procs)
+        if proc is None:
+            return
+        tail = self.tail(proc)
+        raise RuntimeError(f"{self.name_of(proc)} (pid {proc.pid}) exited with code {proc.returncode}"
+                           + (f" while waiting for: {what}" if what else "")
+                           + (f"\n{tail}" if tail else " (see its output above)"))
+
+    def close(self, grace: float = 5.0) -> None:
+        """Stop every child (SIGTERM, SIGKILL after ``grace`` s; at once when ``grace`` <= 0)."""
+        _stop_processes(self.procs, grace)
+        self.procs.clear()
+        self.names.clear()
+        self.tmp.cleanup()
+
+    def __enter__(self) -> "Children":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.kill(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _stop_processes(procs: Sequence[subprocess.Popen], grace: float) -> None:
+    """SIGTERM each live process, wait until ``grace`` s have passed, SIGKILL the rest (with
+    ``grace`` <= 0, SIGKILL at once); reap them all and close their pipes."""
+    for proc in procs:
+        if proc.poll() is None:
+            _signal(proc, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.05, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop in %.0f s; killing it", proc.pid, grace)
+            _signal(proc, signal.SIGKILL)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                log.error("pid %d survived SIGKILL for 10 s", proc.pid)
+        for f in (proc.stdout, proc.stdin):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+def read_line(proc: subprocess.Popen, timeout: float, what: str) -> str:
+    """The next stdout line of a child started with ``stdout=PIPE``, within ``timeout`` seconds."""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout):
+            raise TimeoutError(f"no {what} from pid {proc.pid} within {timeout:g} s")
+    finally:
+        sel.close()
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"pid {proc.pid} exited (code {proc.wait(5)}) before its {what}")
+    return line.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# the broker and workers as children
+
+def start_broker(children: Children, http: bool = False, log_level: Optional[str] = None,
+                 extra: Sequence[str] = (), name: str = "broker", timeout: float = 30.0) -> dict:
+    """``broker start`` on free ports, with its HTTP gateway on a free port or none; returns the
+    ``key=value`` words of its ready line (frontend, backend, http) and its ``pid``."""
+    cmd = [sys.executable, "-m", "broker.cli", "start", "--frontend", "tcp://127.0.0.1:0",
+           "--backend", "tcp://127.0.0.1:0", *(["--http-port", "0"] if http else ["--no-http"]),
+           *(["--log-level", log_level] if log_level else []), *extra]
+    proc = children.start(name, cmd, stdout=subprocess.PIPE)
+    try:
+        line = read_line(proc, timeout, "ready line")
+    except (TimeoutError, RuntimeError) as e:
+        raise RuntimeError(f"{e}\n{children.tail(name)}") from None
+    if not line.startswith("broker ready"):
+        raise RuntimeError(f"unexpected first line from the broker: {line!r}\n{children.tail(name)}")
+    words = dict(w.split("=", 1) for w in line.split() if "=" in w)
+    words["pid"] = proc.pid
+    return words
+
+
+def worker_command(role: str, broker: str, model: str, worker_id: Optional[str] = None,
+                   options: Optional[str] = None, log_level: Optional[str] = None,
+                   exit_with_parent: bool = False, prefix: Sequence[str] = (),
+                   extra: Sequence[str] = ()) -> list:
+    """The ``worker start`` command line (``prefix``: a launcher in front, e.g. ``mpiexec -n 1``)."""
+    cmd = [*prefix, sys.executable, "-m", "workers.cli", "start", "--role", role, "--broker", broker,
+           "--model", model]
+    if worker_id:
+        cmd += ["--worker-id", worker_id]
+    if exit_with_parent:
+        cmd.append("--exit-with-parent")
+    if log_level:
+        cmd += ["--log-level", log_level]
+    cmd += list(extra)
+    if options:
+        cmd += ["--extra-llm-api-options", options]
+    return cmd
+
+
+def wait_until(frontend: str, pred: Callable[[dict], bool], timeout: float, what: str,
+               check: Optional[Callable[[], None]] = None, ping_timeout: float = 2.0,
+               interval: float = 0.05) -> dict:
+    """Poll the broker's stats until ``pred(stats)`` holds and return them. ``check()`` raises
+    when a process we wait on has died; TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    stats = None
+    while True:
+        stats = ping(frontend, ping_timeout)
+        if stats is not None and pred(stats):
+            return stats
+        if check is not None:
+            check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for: {what}; stats={stats}")
+        time.sleep(interval)      # between polls only: readiness itself is read from the broker
+
+
+def wait_for_workers(frontend: str, want: dict, timeout: float, children: Optional[Children] = None,
+                     progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Until the broker reports at least ``want[role]`` registered workers of each role;
+    ``progress`` gets a line each time the counts change."""
+    last = [""]
+
+    def ready(stats: dict) -> bool:
+        have = {r: sum(1 for w in stats["workers"] if w["role"] == r) for r in want}
+        line = ", ".join(f"{r} {have[r]}/{n}" for r, n in want.items())
+        if line != last[0] and progress is not None:
+            progress(f"waiting for workers: {line}")
+        last[0] = line
+        return all(have[r] >= n for r, n in want.items())
+
+    what = "workers registered (" + ", ".join(f"{r} {n}" for r, n in want.items()) + ")"
+    check = (lambda: children.check_alive(what=what)) if children is not None else None
+    return wait_until(frontend, ready, timeout, what, check, ping_timeout=1.0, interval=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# ``broker launch``
+
 def start_gateway(cfg: DisaggConfig, frontend: str, port: Optional[int] = None, models: tuple = ()):
     """The OpenAI-compatible HTTP gateway on the config's hostname:port (``port`` overrides it),
     in a thread of this process, talking to the broker at ``frontend``. Returns the running
@@ -74,17 +299,19 @@ def _transfer_backend(options_path: Optional[str]) -> str:
 
 
 class Launch:
+    """The broker (and its HTTP gateway) in this process, the config's workers as children that
+    print to this terminal and stop when this process exits."""
+
     def __init__(self, cfg: DisaggConfig, log_level: str = "INFO", http: bool = True,
                  http_port: Optional[int] = None):
+        from broker.server import BrokerServer
         self.cfg = cfg
         self.log_level = log_level
         self.server = BrokerServer(cfg.frontend, cfg.backend_address, cfg.broker)
         self.thread = threading.Thread(target=self.server.run, name="broker", daemon=True)
         self.http, self.http_port = http, http_port
         self.gateway = None
-        self.children: list[subprocess.Popen] = []
-        self.groups: dict[int, str] = {}     # worker pid -> which group of the config started it
-        self.tmpdir = tempfile.TemporaryDirectory(prefix="disagg-launch-")
+        self.children = Children(prefix="disagg-launch-")
 
     @property
     def frontend(self) -> str:
@@ -104,7 +331,7 @@ class Launch:
         if not inline:
             return None
         base.update(inline)
-        out = os.path.join(self.tmpdir.name, f"{name}.yaml")
+        out = os.path.join(self.children.tmp.name, f"{name}.yaml")
         with open(out, "w") as f:
             yaml.safe_dump(base, f)
         return out
@@ -125,56 +352,24 @@ class Launch:
             prefix = ([os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", "1"]
                       if _transfer_backend(opts) == "MPI" else [])
             for i in range(group.num_instances):
-                cmd = [*prefix, sys.executable, "-m", "workers.cli", "start", "--role", role,
-                       "--broker", self.server.backend, "--model", self.cfg.model,
-                       "--worker-id", f"{role}-{i}", "--exit-with-parent",
-                       "--log-level", self.log_level, *group.args]
-                if opts:
-                    cmd += ["--extra-llm-api-options", opts]
-                self.children.append(subprocess.Popen(cmd))
-                self.groups[self.children[-1].pid] = f"{name}[{i}] of {self.cfg.source}"
-                log.info("started %s worker %d (pid %d)", role, i, self.children[-1].pid)
+                cmd = worker_command(role, self.server.backend, self.cfg.model, worker_id=f"{role}-{i}",
+                                     options=opts, log_level=self.log_level, exit_with_parent=True,
+                                     prefix=prefix, extra=group.args)
+                proc = self.children.start(f"{name}[{i}] of {self.cfg.source}", cmd, inherit=True)
+                log.info("started %s worker %d (pid %d)", role, i, proc.pid)
 
     def wait_ready(self, timeout: float, progress=print) -> None:
         want = {"context": self.cfg.context_servers.num_instances,
                 "generation": self.cfg.generation_servers.num_instances}
-        deadline = time.monotonic() + timeout
-        last = None
-        while True:
-            for c in self.children:
-                if c.poll() is not None:
-                    raise RuntimeError(f"worker pid {c.pid} ({self.groups.get(c.pid, 'worker')}) exited "
-                                       f"with code {c.returncode} before it was ready (see its log above)")
-            stats = ping(self.frontend, timeout=1.0) or {"workers": []}
-            have = {r: sum(1 for w in stats["workers"] if w["role"] == r) for r in want}
-            line = ", ".join(f"{r} {have[r]}/{want[r]}" for r in want)
-            if line != last:
-                progress(f"waiting for workers: {line}")
-                last = line
-            if all(have[r] >= want[r] for r in want):
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"workers not ready after {timeout:.0f} s ({line})")
-            time.sleep(0.2)
+        wait_for_workers(self.frontend, want, timeout, self.children, progress)
 
     def stop(self, grace: float = 10.0) -> None:
-        for c in self.children:
-            if c.poll() is None:
-                c.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for c in self.children:
-            try:
-                c.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("worker pid %d did not stop in %.0f s; killing it", c.pid, grace)
-                c.kill()
-                c.wait(5)
+        self.children.close(grace)
         if self.gateway is not None:
             self.gateway.stop()
         self.server.stop()
         self.thread.join(5)
         self.server.close()
-        self.tmpdir.cleanup()
 
 
 DEMO_PROMPTS = [

@@ -1,7 +1,8 @@
 """Real-process deployments for integration tests: a broker and workers, always killed by pid.
 
-Readiness is read from the processes themselves (the broker's first stdout line, the broker's
-worker registry over Ping), never guessed with sleep().
+Processes are started, awaited and stopped through the launcher (``broker/launch.py``), the same
+one ``broker launch`` and the benchmarks use. Readiness is read from the processes themselves
+(the broker's first stdout line, the broker's worker registry over Ping), never guessed with sleep().
 """
 from __future__ import annotations
 
@@ -9,23 +10,19 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
-import tempfile
-import time
 from typing import Optional
 
 import yaml
 import zmq
 
-from broker.launch import ping
+from broker.launch import Children, child_env, ping, start_broker, wait_until, worker_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
+    env = child_env(ROOT)
+    env["OMP_NUM_THREADS"] = "1"      # the test machine's cores are shared: one thread per process
     return env
 
 
@@ -44,42 +41,27 @@ def raw_client(address: str):
 
 
 class Deployment:
-    """A broker process and any number of worker processes; ``close()`` kills every one by pid."""
+    """A broker process and any number of worker processes; ``close()`` kills every one by pid
+    (tests may append processes of their own to ``procs``; they are killed too)."""
 
     def __init__(self, heartbeat_s: float = 0.2, liveness: int = 10, kv_lease_s: float = 30.0,
                  max_queue: int = 1024, tmpdir: Optional[str] = None, http: bool = False,
                  config: Optional[str] = None):
-        self.tmp = tempfile.TemporaryDirectory(prefix="dsrv-test-")
-        self.procs: list[subprocess.Popen] = []
+        self.children = Children(prefix="dsrv-test-", env=_env())
+        self.tmp = self.children.tmp
+        self.procs: list[subprocess.Popen] = self.children.procs
+        self.logs: dict[str, str] = self.children.logs
         self.workers: dict[str, subprocess.Popen] = {}
-        self.logs: dict[str, str] = {}
-        cmd = [sys.executable, "-m", "broker.cli", "start", "--frontend", "tcp://127.0.0.1:0",
-               "--backend", "tcp://127.0.0.1:0", "--heartbeat-interval", str(heartbeat_s),
-               "--liveness", str(liveness), "--kv-lease", str(kv_lease_s), "--max-queue", str(max_queue)]
-        cmd += ["--http-port", "0"] if http else ["--no-http"]     # the OpenAI gateway, on a free port
-        if config:
-            cmd += ["--config", config]
-        log = open(os.path.join(self.tmp.name, "broker.log"), "w")
-        self.logs["broker"] = log.name
-        self.broker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=_env(), text=True)
-        self.procs.append(self.broker)
-        line = self._first_line(self.broker, 30)
-        parts = dict(w.split("=", 1) for w in line.split() if "=" in w)
-        self.frontend, self.backend = parts["frontend"], parts["backend"]
-        self.http: Optional[str] = parts.get("http")     # http://127.0.0.1:PORT when http=True
-
-    def _first_line(self, proc: subprocess.Popen, timeout: float) -> str:
-        import selectors
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
+        flags = ["--heartbeat-interval", str(heartbeat_s), "--liveness", str(liveness),
+                 "--kv-lease", str(kv_lease_s), "--max-queue", str(max_queue)]
+        try:
+            words = start_broker(self.children, http=http, extra=flags + (["--config", config] if config else []))
+        except BaseException:
             self.close()
-            raise TimeoutError("broker printed no ready line in time")
-        line = proc.stdout.readline()
-        if not line.startswith("broker ready"):
-            self.close()
-            raise RuntimeError(f"unexpected broker output {line!r}")
-        return line
+            raise
+        self.broker = self.children.names["broker"]
+        self.frontend, self.backend = words["frontend"], words["backend"]
+        self.http: Optional[str] = words.get("http")     # http://127.0.0.1:PORT when http=True
 
     def add_worker(self, role: str, name: str, model: str = "tiny", options: Optional[dict] = None,
                    wait: bool = True, timeout: float = 120, prefix: tuple = ()) -> subprocess.Popen:
@@ -89,13 +71,8 @@ class Deployment:
         path = os.path.join(self.tmp.name, f"{name}.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(opts, f)
-        log = open(os.path.join(self.tmp.name, f"{name}.log"), "w")
-        self.logs[name] = log.name
-        proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "workers.cli", "start", "--role", role, "--broker", self.backend,
-             "--model", model, "--worker-id", name, "--extra-llm-api-options", path],
-            stdout=log, stderr=subprocess.STDOUT, env=_env())
-        self.procs.append(proc)
+        proc = self.children.start(name, worker_command(role, self.backend, model, worker_id=name,
+                                                        options=path, prefix=prefix))
         self.workers[name] = proc
         if wait:
             self.wait_for(lambda s: any(w["worker_id"] == name for w in s["workers"]), timeout,
@@ -109,17 +86,9 @@ class Deployment:
         return s
 
     def wait_for(self, pred, timeout: float, what: str, proc: Optional[subprocess.Popen] = None) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            s = self.stats()
-            if pred(s):
-                return s
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"process {proc.pid} exited ({proc.returncode}) while waiting "
-                                   f"for: {what}\n{self.tail(proc)}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for: {what}; stats={s}")
-            time.sleep(0.05)
+        """Until ``pred(stats)``; fails at once, with its log tail, if ``proc`` exits meanwhile."""
+        check = (lambda: self.children.check_alive([proc], what)) if proc is not None else None
+        return wait_until(self.frontend, pred, timeout, what, check, ping_timeout=5.0)
 
     def wait_idle(self, timeout: float = 20.0) -> dict:
         """Until the broker holds no request and every worker reports no used block and no lease."""
@@ -137,29 +106,10 @@ class Deployment:
             proc.wait(10)
 
     def tail(self, proc_or_name, n: int = 40) -> str:
-        name = proc_or_name if isinstance(proc_or_name, str) else next(
-            (k for k, v in self.workers.items() if v is proc_or_name), "broker")
-        try:
-            with open(self.logs[name]) as f:
-                return "".join(f.readlines()[-n:])
-        except (OSError, KeyError):
-            return ""
+        return self.children.tail(proc_or_name, n)
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.kill(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-            if proc.stdout:
-                proc.stdout.close()
-        self.tmp.cleanup()
+        self.children.close(grace=0)      # SIGKILL: tests never wait for a graceful shutdown
 
     def __enter__(self):
         return self

@@ -166,3 +166,29 @@ def test_cpu_lists_parse_like_taskset_and_name_bad_input():
     assert harness_cpus("last") == ({avail[-1]} if len(avail) > 1 else None)
     with pytest.raises(Exception, match="not available"):
         harness_cpus(str(max(avail) + 1))
+
+
+def test_progress_bar_counts_agree_and_it_stays_off_when_not_a_terminal(monkeypatch):
+    import io
+
+    from bench.common import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress(3, "x").disable      # pytest's stderr is not a terminal
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert progress(3, "x", enabled=False).disable
+    with progress(4, "run") as bar:
+        assert not bar.disable
+        for _ in range(4):
+            bar.update(1)
+    last = term.getvalue().split("\r")[-1]
+    assert "4/4" in last and "100%" in last, last
+    with progress(4, "run") as bar:
+        bar.update(1)
+        bar.refresh()
+        now = term.getvalue().split("\r")[-1]
+        assert "1/4" in now and "25%" in now, now

@@ -15,7 +15,7 @@ from broker.config import ConfigError, load_disagg_config
 from broker.launch import ping
 from client import Client
 from tests.harness import ROOT, Deployment, _env
-from workers.cli import build_parser as worker_parser
+from workers.cli import start as worker_start
 from workers.options import load_options
 
 pytestmark = pytest.mark.timeout(120)
@@ -157,8 +157,8 @@ def test_trtllm_worker_yaml_loads_and_both_option_spellings_are_accepted(tmp_pat
     assert (opts.max_batch_size, opts.max_num_tokens, opts.tokens_per_block) == (8, 256, 32)
     assert opts.cache_transceiver.max_tokens_in_buffer == 2048
     for flag in ("--extra_llm_api_options", "--extra-llm-api-options"):
-        args = worker_parser().parse_args(["start", "--role", "context", "--broker", "tcp://x:1", flag, path])
-        assert args.options == path
+        args = worker_start.make_context("start", ["--role", "context", "--broker", "tcp://x:1", flag, path]).params
+        assert args["options"] == path
     bad = write(tmp_path, "bad.yaml", "kv_cache_config: {enable_blok_reuse: true}\n")
     with pytest.raises(Exception) as e:
         load_options(bad)

@@ -1,66 +1,66 @@
-"""``worker start``: run one context, generation or aggregated worker against a broker."""
+"""``worker start``: run one context, generation or aggregated worker against a broker.
+
+The command line only (click). It imports the worker, the engine and torch only once a worker
+really starts, so ``worker --help`` and ``worker start --help`` answer at once.
+"""
 from __future__ import annotations
 
-import argparse
-import logging
 import signal
 import sys
 
-from transfer.base import TransferError
-from transfer.config import ConfigError
+import click
+
+from broker.cli import CONTEXT, CommandError, log_level_option, run, setup_logging
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="worker", description="Workers of the disaggregated server.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    s = sub.add_parser(
-        "start", help="start a worker and register it with the broker",
-        description="Start a worker. It loads the model, connects to the broker's backend address, "
-                    "registers its role and capacity, and serves until SIGINT/SIGTERM.")
-    s.add_argument("--role", required=True, choices=["context", "generation", "both"],
-                   help="context: prefill and hand the KV cache over; generation: pull the KV "
-                        "cache and decode; both: serve whole requests (aggregated)")
-    s.add_argument("--broker", required=True, metavar="tcp://HOST:PORT",
-                   help="the broker's backend (worker-facing) address")
-    s.add_argument("--model", default="smollm2-135m",
-                   help="smollm2-135m (embedded default), tiny (seeded test model), a .gguf file, "
-                        "or a Hugging Face directory with safetensors and tokenizer.json (default: smollm2-135m)")
-    s.add_argument("--extra-llm-api-options", "--extra_llm_api_options", dest="options", metavar="YAML",
-                   help="TensorRT-LLM-style worker options: cache_transceiver_config, "
-                        "kv_cache_config, max_batch_size, max_num_tokens, tokens_per_block, ...")
-    s.add_argument("--worker-id", help="name shown in the broker's logs (default: ROLE-HOST-PID)")
-    s.add_argument("--host", default="127.0.0.1",
-                   help="address the KV transfer endpoint binds to, on context workers (default: 127.0.0.1)")
-    s.add_argument("--exit-with-parent", action="store_true",
-                   help="stop when the parent process exits (used by `broker launch`)")
-    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="log verbosity on stderr (default: INFO)")
-    return ap
+@click.group(context_settings=CONTEXT)
+def cli() -> None:
+    """Workers of the disaggregated server."""
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+@cli.command(short_help="start a worker and register it with the broker")
+@click.option("--role", required=True, type=click.Choice(["context", "generation", "both"]),
+              help="context: prefill and hand the KV cache over; generation: pull the KV cache and "
+                   "decode; both: serve whole requests (aggregated)")
+@click.option("--broker", required=True, metavar="tcp://HOST:PORT",
+              help="the broker's backend (worker-facing) address")
+@click.option("--model", default="smollm2-135m",
+              help="smollm2-135m (embedded default), tiny (seeded test model), a .gguf file, or a "
+                   "Hugging Face directory with safetensors and tokenizer.json (default: smollm2-135m)")
+@click.option("--extra-llm-api-options", "--extra_llm_api_options", "options", metavar="YAML", default=None,
+              help="TensorRT-LLM-style worker options: cache_transceiver_config, kv_cache_config, "
+                   "max_batch_size, max_num_tokens, tokens_per_block, ...")
+@click.option("--worker-id", default=None, help="name shown in the broker's logs (default: ROLE-HOST-PID)")
+@click.option("--host", default="127.0.0.1",
+              help="address the KV transfer endpoint binds to, on context workers (default: 127.0.0.1)")
+@click.option("--exit-with-parent", is_flag=True,
+              help="stop when the parent process exits (used by `broker launch`)")
+@log_level_option
+def start(role, broker, model, options, worker_id, host, exit_with_parent, log_level) -> None:
+    """Start a worker. It loads the model, connects to the broker's backend address, registers
+    its role and capacity, and serves until SIGINT/SIGTERM."""
+    setup_logging(log_level)
+    from transfer.base import TransferError
     from workers.options import load_options
     from workers.worker import Worker
     try:
-        opts = load_options(args.options)
-        worker = Worker(args.role, args.broker, args.model, opts, args.worker_id, args.host,
-                        exit_with_parent=args.exit_with_parent)
-    except (ConfigError, TransferError, ValueError, FileNotFoundError) as e:
-        print(f"worker: error: {e}", file=sys.stderr)
-        return 2
+        opts = load_options(options)
+        worker = Worker(role, broker, model, opts, worker_id, host, exit_with_parent=exit_with_parent)
+    except (TransferError, ValueError, FileNotFoundError) as e:   # ConfigError is a ValueError
+        raise CommandError("worker", str(e)) from None
 
     def on_signal(signum, frame):
         worker.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"worker {worker.worker_id} role={args.role} model={args.model} "
+    print(f"worker {worker.worker_id} role={role} model={model} "
           f"transfer={worker.transfer_info or 'none'}", flush=True)
     worker.run()
-    return 0
+
+
+def main(argv=None) -> int:
+    return run(cli, "worker", argv)
 
 
 if __name__ == "__main__":
