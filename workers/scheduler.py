@@ -4,8 +4,9 @@ stop handling, cancels and the context worker's KV leases.
 Pure: no sockets, no torch, no transfer package, and no clock of its own (an injected monotonic
 clock). The worker loop (``workers/worker.py``) turns broker messages into calls here, runs the
 engine steps this module chooses (``next_prefill``, ``next_decode``), starts the KV pulls that
-``admit`` yields, and sends ``outbox`` to the broker. Every block this module allocates is freed
-by ``_drop`` or ``release_lease``; after ``drop_all`` the allocator is all free and no lease is held.
+``admit`` yields, and sends ``outbox`` to the broker. Every block this module allocates goes
+back to the allocator when its request ends here or its lease is released; after ``drop_all``
+the allocator is all free and no lease is held.
 
 Transfer calls that must happen before blocks go back to the allocator (releasing a lease at the
 source, cancelling a pull that writes into blocks) are injected callables, called in that order.
