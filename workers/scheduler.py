@@ -1,0 +1,393 @@
+"""The worker's request lifecycle: admission, KV reservation, chunked prefill, decode batches,
+stop handling, cancels and the context worker's KV leases.
+
+Pure: no sockets, no torch, no transfer package, and no clock of its own (an injected monotonic
+clock). The worker loop (``workers/worker.py``) turns broker messages into calls here, runs the
+engine steps this module chooses (``next_prefill``, ``next_decode``), starts the KV pulls that
+``admit`` yields, and sends ``outbox`` to the broker. Every block this module allocates goes
+back to the allocator when its request ends here or its lease is released; after ``drop_all``
+the allocator is all free and no lease is held.
+
+Transfer calls that must happen before blocks go back to the allocator (releasing a lease at the
+source, cancelling a pull that writes into blocks) are injected callables, called in that order.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+from broker import protocol as p
+from broker.protocol import Code, SamplingParams
+from workers.sequence import CONTEXT, DECODE, FULL, Sequence
+
+log = logging.getLogger("worker")
+
+
+class RequestRejected(Exception):
+    """The request cannot run here as given; the message names the field and the value."""
+
+
+@dataclass
+class Lease:
+    """KV blocks a context worker holds for a generation worker to pull."""
+    request_id: str
+    attempt: int
+    key: str
+    blocks: list
+    expires: float
+
+
+@dataclass
+class PrefillChunk:
+    """Prompt tokens ``start:end`` of ``seq`` to run through the model next."""
+    seq: Sequence
+    start: int
+    end: int
+
+    @property
+    def token_ids(self) -> list:
+        return self.seq.prompt_ids[self.start:self.end]
+
+    @property
+    def last(self) -> bool:
+        """The prompt's last chunk: its logits give the first output token."""
+        return self.end == len(self.seq.prompt_ids)
+
+
+@dataclass
+class DecodeBatch:
+    """One decode step: each sequence's last token at its position, and what sampling needs."""
+    seqs: list
+
+    @property
+    def tokens(self) -> list:
+        return [s.output_ids[-1] for s in self.seqs]
+
+    @property
+    def positions(self) -> list:
+        return [len(s.prompt_ids) + len(s.output_ids) - 1 for s in self.seqs]
+
+    @property
+    def block_tables(self) -> list:
+        return [s.blocks for s in self.seqs]
+
+    @property
+    def params(self) -> list:
+        return [s.params for s in self.seqs]
+
+    @property
+    def histories(self) -> list:
+        return [s.prompt_ids + s.output_ids for s in self.seqs]
+
+    @property
+    def steps(self) -> list:
+        return [len(s.output_ids) for s in self.seqs]
+
+
+@dataclass
+class PullStart:
+    """Admitted DECODE work: pull the prompt's KV from ``seq.kv_handle`` into ``blocks``."""
+    seq: Sequence
+    blocks: list
+
+
+def _noop(_key: str) -> None:
+    pass
+
+
+class Scheduler:
+    def __init__(self, role: str, worker_id: str, allocator, block_size: int, tok, vocab_size: int,
+                 max_seq_len: int, max_batch_size: int, max_num_tokens: int, heartbeat_ms: int,
+                 broker_timeout_ms: int, clock: Callable[[], float] = time.monotonic,
+                 register: Optional[Callable[[str, list, int], dict]] = None,
+                 release: Callable[[str], None] = _noop, cancel_pull: Callable[[str], None] = _noop):
+        """``allocator``: a ``BlockAllocator`` (or anything with ``num_blocks``, ``num_free``,
+        ``allocate`` and ``free``). ``tok``: the model's tokenizer (``encode``, ``decode``,
+        ``apply_chat_template``, ``eos_token_ids``). ``register(key, blocks, num_tokens)``
+        makes a finished prompt's KV pullable and returns its handle (context role);
+        ``release(key)`` ends that at the source; ``cancel_pull(key)`` stops a pull (generation)."""
+        self.role, self.worker_id = role, worker_id
+        self.allocator, self.block_size = allocator, block_size
+        self.tok, self.eos_ids, self.vocab_size = tok, tuple(tok.eos_token_ids), vocab_size
+        self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
+        self.max_num_tokens = max_num_tokens
+        self.heartbeat_s, self.broker_timeout_s = heartbeat_ms / 1000, broker_timeout_ms / 1000
+        self.clock = clock
+        self.register, self.release, self.cancel_pull = register, release, cancel_pull
+        self.outbox: list[p.Message] = []            # messages for the broker, in order
+        self.seqs: dict[str, Sequence] = {}          # by request id: every request this worker runs
+        self.waiting: deque[Sequence] = deque()      # admitted, waiting for KV blocks
+        self.prefilling: deque[Sequence] = deque()
+        self.pulling: dict[str, Sequence] = {}       # by key
+        self.running: list[Sequence] = []
+        self.leases: dict[str, Lease] = {}           # by key
+        self.last_broker = self.next_heartbeat = 0.0
+        self.max_batch_since_heartbeat = 0
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -----------------------------------------------------------------------------------------
+    # liveness
+
+    def heard_from_broker(self) -> None:
+        self.last_broker = self.clock()
+
+    def broker_silence(self) -> Optional[float]:
+        """Seconds without a word from the broker, once that passes the timeout; else None."""
+        silent = self.clock() - self.last_broker
+        return silent if silent > self.broker_timeout_s else None
+
+    def heartbeat_if_due(self) -> bool:
+        """Queue a Heartbeat when one is due (also between layers of a long prefill)."""
+        now = self.clock()
+        if now < self.next_heartbeat:
+            return False
+        self.next_heartbeat = now + self.heartbeat_s
+        self.outbox.append(p.Heartbeat(self.max_batch_size - len(self.seqs), self.allocator.num_free,
+                                       len(self.leases), self.max_batch_since_heartbeat))
+        self.max_batch_since_heartbeat = 0
+        return True
+
+    def poll_timeout_ms(self) -> int:
+        """How long the loop may wait for the broker before the next step."""
+        if self.prefilling or self.running:
+            return 0
+        if self.pulling:
+            return 1         # pulls finish in the transfer thread: look often
+        until_heartbeat = max(1, min(200, int((self.next_heartbeat - self.clock()) * 1000) + 1))
+        return min(20 if self.leases else 1000, until_heartbeat)   # held leases only expire
+
+    # -----------------------------------------------------------------------------------------
+    # messages from the broker
+
+    def on_message(self, msg: p.Message) -> None:
+        if isinstance(msg, (p.Prefill, p.Generate)):
+            kind = CONTEXT if isinstance(msg, p.Prefill) else FULL
+            if not self._role_is("context" if kind == CONTEXT else "both", msg):
+                return
+            try:
+                seq = self._new_sequence(msg, kind)
+            except RequestRejected as e:
+                return self.fail(msg.request_id, msg.attempt, Code.INVALID_REQUEST, str(e))
+            if kind == CONTEXT:
+                seq.lease_ms = msg.lease_ms
+            self._enqueue(seq)
+        elif isinstance(msg, p.Decode):
+            if not self._role_is("generation", msg):
+                return
+            try:
+                seq = self._decode_sequence(msg)
+            except RequestRejected as e:
+                return self.fail(msg.request_id, msg.attempt, Code.INVALID_REQUEST, str(e))
+            self._enqueue(seq)
+        elif isinstance(msg, p.KvRelease):
+            self.release_lease(f"{msg.request_id}#{msg.attempt}")
+        elif isinstance(msg, p.CancelWork):
+            seq = self.seqs.get(msg.request_id)
+            if seq is not None and seq.attempt == msg.attempt:
+                self._drop(seq)
+            self.release_lease(f"{msg.request_id}#{msg.attempt}")
+
+    def _role_is(self, expected: str, msg) -> bool:
+        if self.role == expected:
+            return True
+        self.fail(msg.request_id, msg.attempt, Code.INTERNAL,
+                  f"worker {self.worker_id} has role {self.role}, not {expected}")
+        return False
+
+    def _enqueue(self, seq: Sequence) -> None:
+        old = self.seqs.get(seq.request_id)
+        if old is not None:      # a newer dispatch of the same request replaces the old one
+            self._drop(old)
+        self.seqs[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def _params(self, sampling: dict) -> SamplingParams:
+        try:
+            return SamplingParams.from_dict(sampling)
+        except p.ProtocolError as e:
+            raise RequestRejected(str(e)) from None
+
+    def _new_sequence(self, msg, kind: str) -> Sequence:
+        params = self._params(msg.sampling)
+        if msg.token_ids is not None:
+            ids = list(msg.token_ids)
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise RequestRejected(f"invalid token_ids: {bad[0]} is outside the vocabulary "
+                                      f"[0, {self.vocab_size})")
+        elif msg.messages is not None:
+            ids = self.tok.encode(self.tok.apply_chat_template(msg.messages))
+        else:
+            ids = self.tok.encode(msg.prompt)
+        if not ids:
+            raise RequestRejected("the prompt encodes to no tokens")
+        return Sequence(msg.request_id, msg.attempt, kind, ids, params, self._max_new(ids, params))
+
+    def _decode_sequence(self, msg: p.Decode) -> Sequence:
+        params = self._params(msg.sampling)
+        ids = list(msg.prompt_token_ids)
+        seq = Sequence(msg.request_id, msg.attempt, DECODE, ids, params, self._max_new(ids, params),
+                       output_ids=[msg.first_token], kv_handle=dict(msg.kv_handle))
+        seq.emitted_chars = len(msg.first_text)
+        seq.text = msg.first_text
+        return seq
+
+    def _max_new(self, ids: list, params: SamplingParams) -> int:
+        n = len(ids)
+        if n >= self.max_seq_len:
+            raise RequestRejected(f"prompt is {n} tokens; the model's context (max_seq_len) is "
+                                  f"{self.max_seq_len} tokens, leaving no room for output")
+        capacity = self.allocator.num_blocks * self.block_size
+        if n + 1 > capacity:
+            raise RequestRejected(f"prompt is {n} tokens; this worker's KV cache holds {capacity} "
+                                  f"tokens (kv_cache_config.max_tokens)")
+        return max(1, min(params.max_tokens, self.max_seq_len - n, capacity - n))
+
+    def fail(self, rid: str, attempt: int, code: str, message: str, retryable: bool = False) -> None:
+        log.info("request %s failed: %s %s", rid, code, message)
+        self.outbox.append(p.Failed(rid, attempt, code, message, retryable))
+
+    # -----------------------------------------------------------------------------------------
+    # admission and transfers
+
+    def admit(self) -> Iterator[PullStart]:
+        """Reserve KV blocks for waiting requests, first come first served; a request that does
+        not fit waits (and everything behind it) until blocks are freed. Yields the KV pulls to
+        start; the caller reports a pull that cannot start with ``pull_failed`` before the next
+        item, so its blocks serve the requests behind it."""
+        while self.waiting:
+            seq = self.waiting[0]
+            need = self.blocks_for(seq.reserve_tokens)
+            if need > self.allocator.num_free:
+                return                       # FIFO: wait until blocks are freed
+            self.waiting.popleft()
+            seq.blocks = self.allocator.allocate(need)
+            if seq.kind == DECODE:
+                self.pulling[seq.key] = seq
+                yield PullStart(seq, seq.blocks[:self.blocks_for(len(seq.prompt_ids))])
+            else:
+                seq.t_prefill_start = self.clock()
+                self.prefilling.append(seq)
+
+    def pull_done(self, key: str, seconds: float, nbytes: int) -> None:
+        seq = self.pulling.pop(key, None)
+        if seq is not None:
+            self.outbox.append(p.KvPulled(seq.request_id, seq.attempt, seconds, nbytes))
+            self.running.append(seq)
+
+    def pull_failed(self, key: str, code: str, message: str, retryable: bool = False) -> None:
+        seq = self.pulling.pop(key, None)
+        if seq is not None:
+            self._drop(seq)
+            self.fail(seq.request_id, seq.attempt, code, message, retryable)
+
+    def expire_leases(self) -> None:
+        now = self.clock()
+        for key in [k for k, lease in self.leases.items() if now >= lease.expires]:
+            log.warning("KV lease %s expired without a release; freeing its blocks", key)
+            self.release_lease(key)
+
+    def release_lease(self, key: str) -> None:
+        lease = self.leases.pop(key, None)
+        if lease is None:
+            return
+        self.release(key)
+        self.allocator.free(lease.blocks)
+
+    # -----------------------------------------------------------------------------------------
+    # compute
+
+    def next_prefill(self) -> Optional[PrefillChunk]:
+        """The next chunk of the oldest prompt in prefill: at most ``max_num_tokens`` tokens, so
+        heartbeats and decode steps run between the chunks of a long prompt."""
+        if not self.prefilling:
+            return None
+        seq = self.prefilling[0]
+        end = min(len(seq.prompt_ids), seq.num_cached + self.max_num_tokens)
+        return PrefillChunk(seq, seq.num_cached, end)
+
+    def prefilled(self, chunk: PrefillChunk) -> None:
+        """The chunk's KV is in the blocks; after the last, ``first_token`` must follow."""
+        seq = chunk.seq
+        seq.num_cached = chunk.end
+        if chunk.last:
+            self.prefilling.popleft()
+            seq.prefill_s = self.clock() - seq.t_prefill_start
+
+    def first_token(self, seq: Sequence, token: int) -> None:
+        text = seq.accept(token, self.tok, self.eos_ids)
+        if seq.kind == FULL:
+            if seq.finish_reason:
+                self._finish(seq, 0, [token], text)
+            else:
+                self.outbox.append(p.Tokens(seq.request_id, 0, [token], text, seq.attempt))
+                self.running.append(seq)
+            return
+        # context role: hand the KV over, hold the blocks until released
+        del self.seqs[seq.request_id]
+        if seq.finish_reason:
+            self.allocator.free(seq.blocks)
+            handle = {}
+        else:
+            handle = self.register(seq.key, seq.blocks, len(seq.prompt_ids))
+            ttl = 2 * seq.lease_ms / 1000 + 5     # the broker's lease rules; this is the safety net
+            self.leases[seq.key] = Lease(seq.request_id, seq.attempt, seq.key, seq.blocks,
+                                         self.clock() + ttl)
+        seq.blocks = []          # the lease (or the allocator) has them now
+        self.outbox.append(p.ContextDone(seq.request_id, seq.attempt, token, text, seq.prompt_ids,
+                                         handle, seq.finish_reason, seq.prefill_s))
+
+    def next_decode(self) -> Optional[DecodeBatch]:
+        """Every running request, oldest first, up to ``max_batch_size``, in one step."""
+        if not self.running:
+            return None
+        batch = self.running[:self.max_batch_size]
+        self.max_batch_since_heartbeat = max(self.max_batch_since_heartbeat, len(batch))
+        return DecodeBatch(batch)
+
+    def decoded(self, batch: DecodeBatch, tokens: list) -> None:
+        for seq, token in zip(batch.seqs, tokens):
+            text = seq.accept(token, self.tok, self.eos_ids)
+            index = len(seq.output_ids) - 1
+            if seq.finish_reason:
+                self._finish(seq, index, [token], text)
+            else:
+                self.outbox.append(p.Tokens(seq.request_id, index, [token], text, seq.attempt))
+
+    def _finish(self, seq: Sequence, index: int, token_ids: list, text: str) -> None:
+        """The request is done here; its last tokens ride in the Finished message."""
+        self.outbox.append(p.Finished(seq.request_id, seq.attempt, seq.finish_reason,
+                                      len(seq.output_ids), len(seq.prompt_ids), seq.prefill_s,
+                                      index, token_ids, text))
+        self._drop(seq)
+
+    # -----------------------------------------------------------------------------------------
+    # cleanup
+
+    def _drop(self, seq: Sequence) -> None:
+        """Forget a request and free everything it holds here (idempotent)."""
+        if self.seqs.get(seq.request_id) is seq:
+            del self.seqs[seq.request_id]
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        if self.pulling.pop(seq.key, None) is not None:
+            self.cancel_pull(seq.key)     # before its blocks can be handed to anyone else
+        if seq.blocks:
+            self.allocator.free(seq.blocks)
+            seq.blocks = []
+
+    def drop_all(self) -> None:
+        """Forget every request and release every lease (reconnect or shutdown)."""
+        for seq in list(self.seqs.values()):
+            self._drop(seq)
+        for key in list(self.leases):
+            self.release_lease(key)
