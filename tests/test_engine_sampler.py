@@ -1,8 +1,8 @@
-"""Sampling and stop decisions: pure functions over tensors and ids."""
+"""Sampling: pure functions over tensors and ids (stop decisions: tests/test_worker_sequence.py)."""
 import torch
 
 from broker.protocol import SamplingParams
-from workers.engine.sampler import sample, stop_reason
+from workers.engine.sampler import sample
 
 V = 50
 
@@ -81,34 +81,3 @@ def test_repetition_penalty_changes_the_greedy_choice():
     neg = torch.tensor([[-1.0, -1.2]])
     assert draw(neg, SamplingParams(repetition_penalty=2.0), history=[0]) == 1
     assert torch.equal(logits, torch.tensor([[3.0, 2.5, -1.0, 0.0]]))   # input untouched
-
-
-def test_stop_on_eos_unless_ignored():
-    p = SamplingParams(max_tokens=10)
-    assert stop_reason(2, [5, 2], "hi", p, (2,)) == ("stop", None)
-    ignoring = SamplingParams(max_tokens=10, ignore_eos=True)
-    assert stop_reason(2, [5, 2], "hi", ignoring, (2,)) == (None, None)
-
-
-def test_stop_token_ids_stop_even_with_ignore_eos():
-    p = SamplingParams(stop_token_ids=[7], ignore_eos=True)
-    assert stop_reason(7, [7], "", p, (2,)) == ("stop", None)
-    assert stop_reason(8, [8], "", p, (2,)) == (None, None)
-
-
-def test_stop_strings_cut_before_the_earliest_match():
-    p = SamplingParams(stop=["END", "\n\n"])
-    assert stop_reason(5, [5], "abc\n\nxyzEND", p, (2,)) == ("stop", 3)
-    assert stop_reason(5, [5], "abcEN", p, (2,)) == (None, None)
-    assert stop_reason(5, [5], "END", p, (2,)) == ("stop", 0)
-
-
-def test_length_at_max_tokens_and_at_the_context_limit():
-    p = SamplingParams(max_tokens=3)
-    assert stop_reason(5, [5, 5], "", p, (2,)) == (None, None)
-    assert stop_reason(5, [5, 5, 5], "", p, (2,)) == ("length", None)
-    roomy = SamplingParams(max_tokens=100)
-    assert stop_reason(5, [5, 5], "", roomy, (2,), prompt_len=7, max_seq_len=10) == (None, None)
-    assert stop_reason(5, [5, 5, 5], "", roomy, (2,), prompt_len=7, max_seq_len=10) == ("length", None)
-    # A stop token on the last allowed step is a stop, not a length.
-    assert stop_reason(2, [5, 5, 2], "", p, (2,)) == ("stop", None)

@@ -7,8 +7,9 @@ from broker.protocol import SamplingParams
 from workers.engine.kv_cache import KVCache
 from workers.engine.loaders import load_model
 from workers.engine.runner import ModelRunner
-from workers.engine.sampler import sample, stop_reason
+from workers.engine.sampler import sample
 from workers.engine.tokenizer import incremental_text
+from workers.sequence import FULL, Sequence
 
 pytestmark = pytest.mark.slow
 
@@ -52,17 +53,16 @@ def test_chat_prompt_answers_paris(smollm2):
     table = kv.allocator.allocate(kv.blocks_for(len(ids) + 20))
     params = SamplingParams(max_tokens=20)
     logits = runner.prefill(ids, table)
-    out, text = [], ""
+    seq = Sequence("r", 1, FULL, ids, params, max_new=20)
+    out = seq.output_ids
     while True:
         token = sample(logits.unsqueeze(0), [params], [ids + out], [len(out)])[0]
-        out.append(token)
-        text += incremental_text(tok, out, len(text))
-        reason, _ = stop_reason(token, out, tok.decode(out), params, tok.eos_token_ids)
-        if reason:
+        seq.accept(token, tok, tok.eos_token_ids)
+        if seq.finish_reason:
             break
         logits = runner.decode([token], [len(ids) + len(out) - 1], [table])[0]
-    assert "Paris" in text
-    assert reason == "stop" and out[-1] == 2   # it ends its answer with <|im_end|>
+    assert "Paris" in seq.text
+    assert seq.finish_reason == "stop" and out[-1] == 2   # it ends its answer with <|im_end|>
 
 
 def test_batched_decode_agrees_with_single_on_the_real_model(smollm2):

@@ -44,3 +44,37 @@ def test_ignore_eos_keeps_going_and_length_flushes():
 def test_stop_token_ids():
     seq, _ = run(b"abc", stop_token_ids=[98])
     assert seq.finish_reason == "stop" and seq.output_ids == [97, 98] and seq.text == "a"
+
+
+# The stop rules (moved here with the code: ``Sequence.accept`` is the one place that decides).
+
+def test_stop_on_eos_unless_ignored():
+    seq, _ = run([104, EOS[0]], max_new=10)
+    assert seq.finish_reason == "stop" and seq.text == "h"
+    seq, _ = run([104, EOS[0]], max_new=10, ignore_eos=True)
+    assert seq.finish_reason is None
+
+
+def test_stop_token_ids_stop_even_with_ignore_eos():
+    seq, _ = run([7], stop_token_ids=[7], ignore_eos=True)
+    assert seq.finish_reason == "stop"
+    seq, _ = run([8], stop_token_ids=[7], ignore_eos=True)
+    assert seq.finish_reason is None
+
+
+def test_stop_strings_cut_before_the_earliest_match():
+    seq, _ = run(b"abc\n\nxyzEND", stop=["END", "\n\n"])
+    assert seq.finish_reason == "stop" and seq.text == "abc"
+    seq, _ = run(b"abcEN", stop=["END", "\n\n"])
+    assert seq.finish_reason is None
+    seq, _ = run(b"END", stop=["END", "\n\n"])
+    assert seq.finish_reason == "stop" and seq.text == ""
+
+
+def test_length_at_max_new_and_a_stop_token_on_the_last_step_is_a_stop():
+    seq, _ = run(b"ee", max_new=3)
+    assert seq.finish_reason is None
+    seq, _ = run(b"eee", max_new=3)
+    assert seq.finish_reason == "length"
+    seq, _ = run([101, 101, EOS[0]], max_new=3)
+    assert seq.finish_reason == "stop"

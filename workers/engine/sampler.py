@@ -1,4 +1,4 @@
-"""Choosing the next token from logits, and deciding when a sequence is finished.
+"""Choosing the next token from logits (when a sequence is finished: ``workers/sequence.py``).
 
 Pure: plain torch on tensors it is given, no I/O, no model. Seeded sampling draws from a
 generator seeded by (seed, step) alone, never by batch position or worker, so a seeded request
@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from broker.protocol import Finish, SamplingParams
+from broker.protocol import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 
@@ -92,26 +92,3 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         seed = p.seed if p.seed is not None else secrets.randbits(63)
         out.append(_draw(_filtered_probs(row, p), step_seed(seed, step)))
     return out
-
-
-def stop_reason(token: int, output_ids: Sequence[int], text: str, params: SamplingParams,
-                eos_token_ids: Sequence[int], *, prompt_len: int = 0,
-                max_seq_len: int | None = None) -> tuple[str | None, int | None]:
-    """Whether the sequence ends after ``token`` (already appended to ``output_ids``).
-
-    ``text`` is the decoded output so far. Returns ``("stop", cut)`` for a stop token (cut None:
-    special tokens decode to nothing) or a stop string (cut = where the visible text ends, the
-    stop string excluded), ``("length", None)`` at ``max_tokens`` or when prompt + output reach
-    ``max_seq_len`` (the model's context or the worker's limit), else ``(None, None)``.
-    """
-    if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-        return Finish.STOP, None
-    if params.stop:
-        hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
-        if hits:
-            return Finish.STOP, min(hits)
-    if len(output_ids) >= params.max_tokens:
-        return Finish.LENGTH, None
-    if max_seq_len is not None and prompt_len + len(output_ids) >= max_seq_len:
-        return Finish.LENGTH, None
-    return None, None
