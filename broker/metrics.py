@@ -52,10 +52,6 @@ class Histogram:
         s[1] += value
         s[2] += 1
 
-    def count(self, labels: LabelKey = ()) -> int:
-        s = self.series.get(labels)
-        return s[2] if s else 0
-
 
 class Counter:
     def __init__(self) -> None:
@@ -98,10 +94,6 @@ WORKER_STATES = ("idle", "busy", "full")
 _KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
 
 
-def no_gauges() -> dict:
-    return {}
-
-
 class Metrics:
     """What the broker records as it runs, and the registry that exports it.
 
@@ -110,7 +102,7 @@ class Metrics:
     computes them from a ``BrokerState``.
     """
 
-    def __init__(self, gauges: Callable[[], dict] = no_gauges) -> None:
+    def __init__(self, gauges: Callable[[], dict] = dict) -> None:
         self.gauges = gauges
         self.outcomes = Counter()
         self.errors = Counter()

@@ -64,6 +64,16 @@ def test_text_format_has_help_type_and_escaped_labels():
     assert s[("disagg_requests_total", (("outcome", "finished"),))] == 0   # every outcome is present
 
 
+def test_each_state_exports_through_its_own_registry_never_the_global_one():
+    from prometheus_client import REGISTRY
+    a, b = BrokerState(BrokerConfig(), FakeClock()), BrokerState(BrokerConfig(), FakeClock())
+    a.metrics.outcome("rejected", "NO_WORKERS")
+    assert parse(a.metrics.render())[("disagg_requests_total", (("outcome", "rejected"),))] == 1
+    assert parse(b.metrics.render())[("disagg_requests_total", (("outcome", "rejected"),))] == 0
+    assert a.metrics.registry is not b.metrics.registry
+    assert not [f for f in REGISTRY.collect() if f.name.startswith("disagg_")]
+
+
 @pytest.fixture
 def st():
     return BrokerState(BrokerConfig(max_queue=4, request_timeout_s=60, kv_lease_s=10), FakeClock())

@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from client import Client
 from tests.harness import Deployment
@@ -49,7 +50,7 @@ class Prometheus:
     def __init__(self, target: str):
         binary = shutil.which("prometheus")
         if binary is None:
-            pytest.fail("no `prometheus` on PATH: install Debian's package (`apt-get install prometheus`; .ci/run does)")
+            pytest.fail("no `prometheus` on PATH: install Debian's package (apt-get install prometheus; .ci/run does)")
         self.tmp = tempfile.TemporaryDirectory(prefix="dsrv-prometheus-")
         config = os.path.join(self.tmp.name, "prometheus.yml")
         with open(config, "w") as f:
@@ -97,6 +98,8 @@ def test_prometheus_scrapes_the_gateway_and_queries_what_the_broker_recorded():
         with Client(d.frontend, timeout=60) as c:
             assert len(c.generate(token_ids=[5] * 12, max_tokens=4, ignore_eos=True).token_ids) == 4
         d.wait_idle()
+        with urllib.request.urlopen(f"{d.http}/metrics", timeout=10) as r:
+            assert r.headers["Content-Type"] == CONTENT_TYPE_LATEST      # it names the exposition version
         prom = Prometheus(urllib.parse.urlsplit(d.http).netloc)
         try:
             def target_up():
