@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from broker import protocol as p
 from broker.config import BrokerConfig
-from broker.metrics import ROLES, WORKER_STATES, Metrics
+from broker.metrics import Metrics, state_gauges
 
 log = logging.getLogger("broker.state")
 
@@ -60,10 +60,6 @@ class Worker:
     max_decode_batch: int = 0
     inflight: set = field(default_factory=set)    # request ids whose current phase runs here
     leases: set = field(default_factory=set)      # request ids whose KV this worker holds
-    backend_label: tuple = ()                     # the metrics label of its transfer backend
-
-    def __post_init__(self) -> None:
-        self.backend_label = (("backend", str(self.transfer.get("backend") or "unknown")),)
 
     @property
     def credits(self) -> int:
@@ -120,7 +116,7 @@ class BrokerState:
         self._seq = itertools.count()  # tie-breaker: Requests themselves are not comparable
         self.next_heartbeat = 0.0
         self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0}
-        self.metrics = Metrics()
+        self.metrics = Metrics(lambda: state_gauges(self))
         self._worker_handlers = {
             p.Heartbeat: self._on_heartbeat, p.Disconnect: self._on_disconnect,
             p.ContextDone: self._on_context_done, p.KvPulled: self._on_kv_pulled,
@@ -143,7 +139,7 @@ class BrokerState:
         elif isinstance(msg, p.Ping):
             stats = self.stats()
             if msg.metrics:
-                stats["prometheus"] = self.metrics_text()
+                stats["prometheus"] = self.metrics.render()
             out.append(Out(FRONT, identity, p.Pong(msg.nonce, stats)))
         else:
             out.append(Out(FRONT, identity, p.Error("", p.Code.PROTOCOL,
@@ -234,9 +230,7 @@ class BrokerState:
         req = self._current(msg.request_id, msg.attempt, w)
         if req is not None and req.state == DECODING:
             req.kv_transfer_s = msg.kv_transfer_s
-            backend = w.backend_label
-            self.metrics.kv_seconds.observe(msg.kv_transfer_s, backend)
-            self.metrics.kv_bytes.observe(msg.nbytes, backend)
+            self.metrics.kv_pulled(msg.kv_transfer_s, msg.nbytes, w.transfer.get("backend"))
             req.state = STREAMING
             # the context worker frees the blocks on its own when the pull completes (its
             # transfer source sees it): no KvRelease on the way that every request takes
@@ -565,10 +559,7 @@ class BrokerState:
         if final is not None:
             out.append(Out(FRONT, req.client, final))
         if isinstance(final, p.Final) and final.finish_reason != p.Finish.CANCELLED:
-            now = self.clock()
-            self.metrics.e2e.observe(now - req.received)
-            if req.t_first is not None and req.next_index > 1:
-                self.metrics.tpot.observe((now - req.t_first) / (req.next_index - 1))
+            self.metrics.finished(self.clock(), req.received, req.t_first, req.next_index)
 
     def _usage(self, req: Request) -> dict:
         return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.next_index}
@@ -603,22 +594,3 @@ class BrokerState:
                 for w in self.workers.values()
             ],
         }
-
-    def metrics_text(self) -> str:
-        """Every metric in Prometheus text format: what the broker recorded, plus gauges of now."""
-        workers = {(("role", r), ("state", st)): 0 for r in ROLES for st in WORKER_STATES}
-        used, free = {}, {}
-        for w in self.workers.values():
-            st = "full" if w.credits <= 0 else "busy" if (w.inflight or w.leases) else "idle"
-            workers[(("role", w.role), ("state", st))] = workers.get((("role", w.role), ("state", st)), 0) + 1
-            key = (("worker", w.worker_id), ("role", w.role))
-            used[key], free[key] = w.kv_blocks - w.free_blocks, w.free_blocks
-        gauges = {
-            "disagg_requests_in_flight": {(): len(self.requests)},
-            "disagg_queue_depth": {(("queue", "prefill"),): len(self.prefill_queue),
-                                   (("queue", "decode"),): len(self.decode_queue)},
-            "disagg_workers": workers,
-            "disagg_kv_blocks_used": used,
-            "disagg_kv_blocks_free": free,
-        }
-        return self.metrics.render(gauges)

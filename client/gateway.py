@@ -24,6 +24,7 @@ import uuid
 from typing import Any, Optional
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.protocol import Code
 
@@ -418,8 +419,9 @@ class Gateway:
 
     async def metrics(self, request: web.Request) -> web.Response:
         stats = await self._stats(metrics=True)
-        return web.Response(text=stats.get("prometheus", ""), content_type="text/plain",
-                            headers={"X-Content-Type-Options": "nosniff"}, charset="utf-8")
+        # the exposition version in the content type tells a scraper which text format this is
+        return web.Response(body=stats.get("prometheus", "").encode(),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST, "X-Content-Type-Options": "nosniff"})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._json(request)

@@ -7,9 +7,9 @@ import aiohttp
 import openai
 import pytest
 
-from broker.metrics import parse
 from client import Client
 from tests.harness import Deployment
+from tests.test_metrics import parse
 
 pytestmark = pytest.mark.timeout(180)
 

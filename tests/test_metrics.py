@@ -1,13 +1,35 @@
 """Metrics: the pure histogram/counter code, the Prometheus text, and what BrokerState records."""
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker import protocol as p
 from broker.config import BrokerConfig
-from broker.metrics import Histogram, Metrics, parse
+from broker.metrics import Histogram, Metrics
 from broker.state import BrokerState
 from tests.test_broker_state import C1, FakeClock, context_done, of, ready, submit
 
 pytestmark = pytest.mark.timeout(30)
+
+
+class Samples(dict):
+    """Sample values by (name, ((label, value), ...)), looked up with the labels in any order:
+    prometheus_client writes them sorted by name."""
+
+    def __getitem__(self, key):
+        return super().__getitem__(_sorted(key))
+
+    def get(self, key, default=None):
+        return super().get(_sorted(key), default)
+
+
+def _sorted(key):
+    return key[0], tuple(sorted(key[1]))
+
+
+def parse(text: str) -> Samples:
+    """Prometheus text back to its samples, through prometheus_client's own parser."""
+    return Samples({(s.name, tuple(sorted(s.labels.items()))): s.value
+                    for family in text_string_to_metric_families(text) for s in family.samples})
 
 
 def test_histogram_buckets_are_cumulative_in_the_text():
@@ -15,7 +37,7 @@ def test_histogram_buckets_are_cumulative_in_the_text():
     for v in (0.001, 0.02, 0.02, 3.0, 1000.0):
         m.e2e.observe(v)
     m.e2e.observe(float("nan"))          # ignored, never poisons the sum
-    s = parse(m.render({}))
+    s = parse(m.render())
     b = lambda le: s[("disagg_e2e_request_latency_seconds_bucket", (("le", le),))]
     assert b("0.005") == 1 and b("0.025") == 3 and b("5") == 4 and b("300") == 4 and b("+Inf") == 5
     assert s[("disagg_e2e_request_latency_seconds_count", ())] == 5
@@ -31,15 +53,25 @@ def test_value_on_a_bucket_bound_counts_in_that_bucket():
 
 
 def test_text_format_has_help_type_and_escaped_labels():
-    m = Metrics()
     gauges = {"disagg_kv_blocks_free": {(("worker", 'we"ird\\name'), ("role", "context")): 7}}
-    text = m.render(gauges)
+    text = Metrics(lambda: gauges).render()
     assert text.endswith("\n")
     for name in ("disagg_requests_total", "disagg_kv_transfer_bytes", "disagg_time_per_output_token_seconds"):
         assert f"# TYPE {name} " in text and f"# HELP {name} " in text
-    assert 'disagg_kv_blocks_free{worker="we\\"ird\\\\name",role="context"} 7' in text
+    # prometheus_client writes labels sorted by name and every value as a float
+    assert 'disagg_kv_blocks_free{role="context",worker="we\\"ird\\\\name"} 7.0' in text
     s = parse(text)
     assert s[("disagg_requests_total", (("outcome", "finished"),))] == 0   # every outcome is present
+
+
+def test_each_state_exports_through_its_own_registry_never_the_global_one():
+    from prometheus_client import REGISTRY
+    a, b = BrokerState(BrokerConfig(), FakeClock()), BrokerState(BrokerConfig(), FakeClock())
+    a.metrics.outcome("rejected", "NO_WORKERS")
+    assert parse(a.metrics.render())[("disagg_requests_total", (("outcome", "rejected"),))] == 1
+    assert parse(b.metrics.render())[("disagg_requests_total", (("outcome", "rejected"),))] == 0
+    assert a.metrics.registry is not b.metrics.registry
+    assert not [f for f in REGISTRY.collect() if f.name.startswith("disagg_")]
 
 
 @pytest.fixture
@@ -48,7 +80,7 @@ def st():
 
 
 def metrics(st):
-    return parse(st.metrics_text())
+    return parse(st.metrics.render())
 
 
 def test_state_records_a_disaggregated_request(st):
