@@ -283,7 +283,10 @@ def parse_request(schema: type, body: dict) -> Any:
         hint = f"; supported: {', '.join(supported)}" if len(err["loc"]) == 1 else ""
         raise HttpError(400, f"unknown field {param!r}{hint}", param, "unknown_field")
     if kind in ("unsupported_value", "missing_field", "invalid_value"):
-        raise HttpError(400, err["msg"], param, kind)
+        msg, leaf = err["msg"], str(err["loc"][-1]) if err["loc"] else ""
+        if leaf and msg.startswith(leaf):     # our validators start with their field's name: give its path
+            msg = param + msg[len(leaf):]
+        raise HttpError(400, msg, param, kind)
     msg = {"value_error": lambda: str(err["ctx"]["error"]),
            "model_type": lambda: "expected a JSON object"}.get(kind, lambda: err["msg"])()
     if kind == "missing":
