@@ -404,6 +404,9 @@ def parse_disagg_config(raw: Any, source: str = "<dict>") -> DisaggConfig:
     inherited = {k: v for k, v in raw.items() if k in _INHERITED}
     for k in sorted(set(raw) & set(DISAGG_NOT_SUPPORTED)):
         log_not_supported(source, k, DISAGG_NOT_SUPPORTED[k])
+    if d.backend != "pytorch":
+        log_not_supported(source, f"backend={d.backend!r}", "the workers always run this project's own "
+                                                           "PyTorch engine (backend: pytorch)")
     broker = validated(BrokerConfig, d.broker or {}, source, "broker.")
     ctx = _group(raw.get("context_servers"), "context_servers", source, inherited)
     gen = _group(raw.get("generation_servers"), "generation_servers", source, inherited)
