@@ -4,7 +4,7 @@ one way every configuration file of the project is checked: pydantic models with
 value.
 
 A key we accept is honoured, or logged once at startup as not supported, with the reason: the
-reasons live here (``NOT_SUPPORTED``), beside the schema. This module does no I/O beyond reading
+reasons live here (the ``*_NOT_SUPPORTED`` tables), beside the schemas. This module does no I/O beyond reading
 the config files it is given (and the worker options file a server group names). It never imports
 torch, workers/ or transfer/ (transfer/ and workers/ import it for ``ConfigError``).
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import pydantic
-from pydantic_core import ArgsKwargs
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
+from pydantic_core import ArgsKwargs
 
 log = logging.getLogger("broker.config")
 
