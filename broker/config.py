@@ -323,6 +323,7 @@ class ServerGroup:
     extra_llm_api_options: Optional[str] = None   # path of the workers' extra options YAML (ours)
     args: tuple = ()                              # extra command-line words for each worker (ours)
     options: dict = field(default_factory=dict)   # inline worker options (kv_cache_config, ...)
+    inherited: tuple = ()                         # which of them the file sets at its top level
 
 
 @dataclass(frozen=True)
@@ -369,6 +370,7 @@ def _group(raw: Any, name: str, source: str, inherited: dict) -> ServerGroup:
             raise ConfigError(f"{source}: {k} is set at the top level ({v!r}) and in {name} "
                               f"({engine[k]!r}) with different values")
         engine.setdefault(k, v)
+    from_top = tuple(sorted(k for k in inherited if k not in raw))
     urls = g.urls
     if urls and len(urls) != g.num_instances:
         raise ConfigError(f"{source}: {name}.urls lists {len(urls)} servers but num_instances is {g.num_instances}")
@@ -378,7 +380,7 @@ def _group(raw: Any, name: str, source: str, inherited: dict) -> ServerGroup:
     return ServerGroup(num_instances=g.num_instances, urls=tuple(urls),
                        router=dict(raw.get("router") or {}),
                        extra_llm_api_options=g.extra_llm_api_options, args=tuple(g.args),
-                       options=engine)
+                       options=engine, inherited=from_top)
 
 
 def _cluster_minimum(c: Optional[ClusterSchema], source: str) -> Optional[dict]:
@@ -446,5 +448,6 @@ def worker_options(cfg: DisaggConfig, name: str) -> tuple[Optional[str], Optiona
         raise ConfigError(f"{path}: expected a map at the top level, got {type(base).__name__}")
     doc = {k: v for k, v in base.items() if k != ORIGIN_KEY}
     doc.update(group.options)
-    doc[ORIGIN_KEY] = {"file": cfg.source, "key": name, "inline": sorted(group.options), "base": path}
+    doc[ORIGIN_KEY] = {"file": cfg.source, "key": name, "base": path, "top": list(group.inherited),
+                       "inline": sorted(set(group.options) - set(group.inherited))}
     return None, doc

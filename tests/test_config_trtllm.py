@@ -299,14 +299,27 @@ def test_a_bad_group_option_is_reported_against_disagg_config_not_the_file_writt
     from broker.config import worker_options
     from workers.options import parse_options
     path = write(tmp_path, "disagg.yaml", """\
+        max_num_tokens: 0.5
         context_servers: {max_batch_size: 4, cache_transceiver_config: {backend: TCP}}
         """)
-    cfg = load_disagg_config(path)       # the transfer settings are the worker's to check
+    with pytest.raises(ConfigError) as e:          # checked when the config is read ...
+        load_disagg_config(path)
+    assert str(e.value).startswith(f"{path}: max_num_tokens=0.5"), str(e.value)
+    path = write(tmp_path, "disagg.yaml", """\
+        max_num_tokens: 64
+        context_servers: {max_batch_size: 4, cache_transceiver_config: {backend: TCP}}
+        """)
+    cfg = load_disagg_config(path)       # ... but the transfer settings are the worker's to check
     file, doc = worker_options(cfg, "context_servers")
-    assert file is None and doc["max_batch_size"] == 4
+    assert file is None and (doc["max_batch_size"], doc["max_num_tokens"]) == (4, 64)
+    written = str(tmp_path / "tmp" / "context_servers.yaml")
     with pytest.raises(ConfigError) as e:
-        parse_options(doc, str(tmp_path / "tmp" / "context_servers.yaml"))
+        parse_options(doc, written)
     assert str(e.value).startswith(f"{path}: context_servers.cache_transceiver_config.backend='TCP'"), str(e.value)
+    doc["cache_transceiver_config"]["backend"], doc["max_num_tokens"] = "ZMQ", -1
+    with pytest.raises(ConfigError) as e:
+        parse_options(doc, written)
+    assert str(e.value).startswith(f"{path}: max_num_tokens=-1"), str(e.value)
 
 
 def test_group_options_over_the_groups_own_file_keep_each_keys_origin(tmp_path):

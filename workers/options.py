@@ -40,13 +40,16 @@ class Origin(Schema):
     """Where the keys of a file ``broker launch`` wrote came from (``broker.config.worker_options``)."""
     file: str                      # the disagg_config.yaml
     key: str                       # its server group: context_servers or generation_servers
-    inline: list[str] = []         # the top-level keys the group set there
+    inline: list[str] = []         # the keys the group set there
+    top: list[str] = []            # the keys the file set at its top level, for both groups
     base: Optional[str] = None     # the group's extra_llm_api_options file, for the other keys
 
     def at(self, top_key: Any, source: str) -> tuple[str, str]:
         """(file, dotted prefix) a key with this top-level key is reported against."""
         if top_key in self.inline:
             return self.file, f"{self.key}."
+        if top_key in self.top:
+            return self.file, ""
         return (self.base or source), ""
 
 
