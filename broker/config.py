@@ -1,105 +1,318 @@
-"""Broker settings, and the reader of TensorRT-LLM's ``disagg_config.yaml`` (kept compatible).
+"""Broker settings, the reader of TensorRT-LLM's ``disagg_config.yaml`` (kept compatible), and the
+one way every configuration file of the project is checked: pydantic models with
+``extra="forbid"`` whose errors become one ``ConfigError`` naming the file, the dotted key and the
+value.
 
-This module does no I/O beyond reading the config file it is given.
+A key we accept is honoured, or logged once at startup as not supported, with the reason: the
+reasons live here (the ``*_NOT_SUPPORTED`` tables), beside the schemas. This module does no I/O beyond reading
+the config files it is given (and the worker options file a server group names). It never imports
+torch, workers/ or transfer/ (transfer/ and workers/ import it for ``ConfigError``).
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import logging
+import os
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
+import pydantic
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
+from pydantic_core import ArgsKwargs
 
 log = logging.getLogger("broker.config")
 
 
 class ConfigError(ValueError):
-    """A configuration value that cannot be used; the message names the key, the value and the file."""
+    """A configuration value that cannot be used; the message names the file, the dotted key and the
+    value. The one error type of every configuration file (``transfer.config`` re-exports it)."""
 
 
-@dataclass(frozen=True)
-class BrokerConfig:
-    heartbeat_interval_s: float = 1.0   # broker -> worker heartbeats
-    liveness: int = 3                   # missed worker intervals before a worker is expired
-    max_queue: int = 1024               # queued requests past which Submit gets OVERLOADED
-    request_timeout_s: float = 600.0    # deadline of a request that gives none
-    kv_lease_s: float = 30.0            # how long a context worker holds KV waiting for the pull
-    max_attempts: int = 3               # prefill attempts (worker deaths, retryable failures)
-
-    def __post_init__(self) -> None:
-        checks = {
-            "heartbeat_interval_s": self.heartbeat_interval_s > 0,
-            "liveness": isinstance(self.liveness, int) and self.liveness >= 1,
-            "max_queue": isinstance(self.max_queue, int) and self.max_queue >= 1,
-            "request_timeout_s": self.request_timeout_s > 0,
-            "kv_lease_s": self.kv_lease_s > 0,
-            "max_attempts": isinstance(self.max_attempts, int) and self.max_attempts >= 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"invalid broker setting {name}={getattr(self, name)!r}")
+# strict: YAML's "4096" is not a number and `true` is not 1; NaN is never a setting
+MAX_INT = 2**31 - 1       # every count and size here fits a signed 32-bit integer
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, protected_namespaces=())
 
 
-# ---------------------------------------------------------------------------------------------
-# TensorRT-LLM's vocabulary. The worker's extra options YAML (``workers/options.py``) and the
-# per-group engine keys of ``disagg_config.yaml`` share it, so both accept the same files.
-
-WORKER_KEYS = {"max_batch_size", "max_num_tokens", "max_seq_len", "tokens_per_block", "kv_cache_config",
-               "cache_transceiver_config",
-               "num_threads", "heartbeat_ms", "broker_timeout_ms"}      # the last three are ours
-# LLM-API keys accepted, logged and ignored: GPU-, parallelism- or TensorRT-specific
-WORKER_IGNORED = {"backend", "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size",
-                  "moe_expert_parallel_size", "moe_tensor_parallel_size", "moe_config",
-                  "disable_overlap_scheduler", "print_iter_log", "enable_attention_dp", "attention_dp_config",
-                  "cuda_graph_config", "use_cuda_graph", "pytorch_backend_config", "enable_chunked_prefill",
-                  "scheduler_config", "trust_remote_code", "enable_iter_perf_stats", "stream_interval",
-                  "return_perf_metrics", "num_postprocess_workers", "enable_autotuner", "batch_wait_timeout_ms",
-                  "attn_backend", "sampler_type", "allreduce_strategy", "load_format", "checkpoint_format",
-                  "max_beam_width", "max_input_len", "enable_layerwise_nvtx_marker", "gpus_per_node",
-                  "free_gpu_memory_fraction", "speculative_config", "guided_decoding_backend",
-                  "enable_mixed_sampler", "torch_compile_config", "iter_stats_max_iterations",
-                  "request_stats_max_iterations", "print_iter_log", "model_kwargs"}
-KV_CACHE_KEYS = {"max_tokens", "tokens_per_block", "free_gpu_memory_fraction", "enable_block_reuse", "dtype",
-                 "host_cache_size", "max_attention_window", "event_buffer_max_size", "sink_token_length",
-                 "onboard_blocks", "cross_kv_cache_fraction", "secondary_offload_min_priority",
-                 "enable_partial_reuse", "copy_on_partial_reuse", "use_uvm", "max_gpu_total_bytes"}
-
-# top-level keys of TensorRT-LLM's disaggregated-server config that change nothing here
-_DISAGG_IGNORED = {"max_retries", "perf_metrics_max_requests", "return_perf_metrics", "perf_metrics_output_dir",
-                   "conditional_disagg_config", "otlp_config", "node_id", "allow_request_chat_template",
-                   "gen_strip_message_history", "gen_tokids_ctxbytes", "num_workers", "disagg_coordinator_url",
-                   "schedule_style"}
-_OURS = {"broker", "frontend", "backend_address"}
-_TOP_KEYS = {"hostname", "port", "model", "context_servers", "generation_servers", "disagg_cluster"} \
-    | _DISAGG_IGNORED | _OURS
-_STRUCTURAL = {"num_instances", "urls", "router", "extra_llm_api_options", "args"}
-_ROUTERS = {"round_robin", "load_balancing", "kv_cache_aware"}
-_CLUSTER_KEYS = {"cluster_uri", "cluster_name", "minimal_instances", "heartbeat_interval_sec",
-                 "inactive_timeout_sec"}
+class Schema(BaseModel):
+    """Base of the file schemas: unknown keys are errors, values are not coerced."""
+    model_config = ConfigDict(**STRICT, frozen=True)
 
 
-def unknown_key(where: str, key: str, known: set) -> ConfigError:
-    """The error for an unknown key: the file, the dotted key, the closest known spelling."""
+def dotted(loc: tuple) -> str:
+    """A pydantic error location as a dotted key: ``("context_servers", "urls", 0)`` ->
+    ``context_servers.urls[0]``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_at(tp: Any, loc: tuple) -> Any:
+    """The schema class reached by following ``loc`` from ``tp`` (None where it stops being one)."""
+    for part in loc:
+        fields = getattr(tp, "model_fields", None) or getattr(tp, "__pydantic_fields__", None)
+        if fields is None or part not in fields:
+            return None
+        tp = fields[part].annotation
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) is not None and len(args) == 1:     # Optional[Model]
+            tp = args[0]
+    return tp
+
+
+def known_keys(tp: Any) -> set:
+    """The keys a schema (model or pydantic dataclass) takes from a file."""
+    fields = getattr(tp, "model_fields", None) or getattr(tp, "__pydantic_fields__", None) or {}
+    return {k for k in fields if k not in getattr(tp, "_not_keys", ())}
+
+
+def unknown_key(where: str, key: str, known: set, value: Any = None) -> ConfigError:
+    """The error for an unknown key: the file, the dotted key, its value, the closest known spelling."""
     leaf = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, sorted(known), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return ConfigError(f"{where}: unknown key '{key}'; {hint}known: {', '.join(sorted(known))}")
+    return ConfigError(f"{where}: unknown key '{key}' (value {value!r}); {hint}known: {', '.join(sorted(known))}")
 
 
-def check_worker_keys(d: dict, where: str, prefix: str = "") -> None:
-    """Unknown engine keys (and unknown kv_cache_config keys) are errors naming the key and where."""
-    known = WORKER_KEYS | WORKER_IGNORED
-    for k in d:
-        if k not in known:
-            raise unknown_key(where, f"{prefix}{k}", known)
-    kv = d.get("kv_cache_config")
-    if kv is not None and not isinstance(kv, dict):
-        raise ConfigError(f"{where}: {prefix}kv_cache_config must be a map, got {kv!r}")
-    for k in kv or {}:
-        if k not in KV_CACHE_KEYS:
-            raise unknown_key(where, f"{prefix}kv_cache_config.{k}", KV_CACHE_KEYS)
+def config_error(e: ValidationError, schema: Any, where: str, prefix: str = "") -> ConfigError:
+    """pydantic's first error as a ``ConfigError``: ``FILE: dotted.key=VALUE: what was expected``.
+    ``prefix`` is the dotted key of the section ``schema`` was checked at."""
+    err = e.errors(include_url=False)[0]
+    key = (prefix + dotted(err["loc"])).rstrip(".")
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return unknown_key(where, key, known_keys(_model_at(schema, err["loc"][:-1])), err["input"])
+    msg = {"value_error": lambda: str(err["ctx"]["error"]), "model_type": lambda: "expected a map",
+           "dict_type": lambda: "expected a map"}.get(err["type"], lambda: err["msg"])()
+    value = err["input"]
+    shown = repr(value) if not isinstance(value, dict) or len(repr(value)) < 120 else "{...}"
+    return ConfigError(f"{where}: {key}={shown}: {msg}" if key else f"{where}: {msg}")
+
+
+def validated(schema: Any, data: Any, where: str, prefix: str = "") -> Any:
+    """``data`` checked against ``schema`` (a model or a pydantic dataclass); ConfigError if it is not."""
+    try:
+        if not pydantic.dataclasses.is_pydantic_dataclass(schema):
+            return TypeAdapter(schema).validate_python(data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: {prefix.rstrip('.') or 'settings'}={data!r}: expected a map")
+        obj = object.__new__(schema)   # strict dataclasses take keyword arguments, as their constructor does
+        schema.__pydantic_validator__.validate_python(ArgsKwargs((), data), self_instance=obj)
+        return obj
+    except ValidationError as e:
+        raise config_error(e, schema, where, prefix) from None
+
+
+def checked_dataclass(where: str):
+    """A frozen pydantic dataclass whose constructor raises ``ConfigError`` (naming ``where``) instead
+    of pydantic's error, so ``dataclasses.replace`` with a bad flag value reads like a bad key."""
+    def wrap(cls):
+        cls = pydantic.dataclasses.dataclass(frozen=True, config=STRICT)(cls)
+        init = cls.__init__
+
+        def __init__(self, *args, **kwargs):
+            try:
+                init(self, *args, **kwargs)
+            except ValidationError as e:
+                raise config_error(e, cls, kwargs.get("where", where)) from None
+        __init__.__doc__ = init.__doc__
+        cls.__init__ = __init__
+        return cls
+    return wrap
+
+
+@checked_dataclass("broker settings")
+class BrokerConfig:
+    heartbeat_interval_s: float = Field(1.0, gt=0)   # broker -> worker heartbeats
+    liveness: int = Field(3, ge=1, le=MAX_INT)                    # missed worker intervals before a worker is expired
+    max_queue: int = Field(1024, ge=1, le=MAX_INT)                # queued requests past which Submit gets OVERLOADED
+    request_timeout_s: float = Field(600.0, gt=0)     # deadline of a request that gives none
+    kv_lease_s: float = Field(30.0, gt=0)             # how long a context worker holds KV waiting for the pull
+    max_attempts: int = Field(3, ge=1, le=MAX_INT)                # prefill attempts (worker deaths, retryable failures)
+
+
+# ---------------------------------------------------------------------------------------------
+# What we accept and do not honour, with the reason a user reads in the log (item: no silent
+# no-ops). TensorRT-LLM's LLM-API keys first: the worker's extra options YAML and the per-group
+# keys of disagg_config.yaml share them.
+
+def _reasons(table: dict) -> dict:
+    return {key: reason for reason, keys in table.items() for key in keys.split()}
+
+
+WORKER_NOT_SUPPORTED = _reasons({
+    "there is one worker process per model copy; no tensor, pipeline, context or expert parallelism":
+        "tensor_parallel_size pipeline_parallel_size context_parallel_size moe_expert_parallel_size "
+        "moe_tensor_parallel_size moe_config enable_attention_dp attention_dp_config gpus_per_node "
+        "allreduce_strategy",
+    "specific to TensorRT-LLM's runtime (CUDA graphs, torch.compile, autotuning, attention kernels)":
+        "backend cuda_graph_config use_cuda_graph pytorch_backend_config torch_compile_config "
+        "enable_autotuner attn_backend enable_layerwise_nvtx_marker",
+    "this engine never overlaps scheduling with the forward pass": "disable_overlap_scheduler",
+    "prefill is always chunked here, in chunks of max_num_tokens": "enable_chunked_prefill",
+    "the worker's scheduler is fixed (admit by free slots and KV blocks, one decode batch per step, "
+    "tokens streamed every step)":
+        "scheduler_config batch_wait_timeout_ms stream_interval num_postprocess_workers",
+    "per-iteration statistics are not collected; the broker's /metrics has the request metrics":
+        "print_iter_log enable_iter_perf_stats return_perf_metrics iter_stats_max_iterations "
+        "request_stats_max_iterations",
+    "models load through this project's own GGUF and safetensors loaders":
+        "trust_remote_code load_format checkpoint_format model_kwargs",
+    "the sampler has no beam search, speculation or guided decoding":
+        "max_beam_width speculative_config guided_decoding_backend sampler_type enable_mixed_sampler",
+    "prompts are bounded by max_seq_len and kv_cache_config.max_tokens": "max_input_len",
+    "the KV pool is sized by kv_cache_config.max_tokens, not by a fraction of GPU memory":
+        "free_gpu_memory_fraction",
+})
+KV_NOT_SUPPORTED = _reasons({
+    "the KV pool is sized by kv_cache_config.max_tokens, not by a fraction of GPU memory":
+        "free_gpu_memory_fraction max_gpu_total_bytes cross_kv_cache_fraction",
+    "this engine has no prefix (block) reuse: every request prefills its whole prompt":
+        "enable_block_reuse enable_partial_reuse copy_on_partial_reuse",
+    "the KV cache always takes the model's dtype": "dtype",
+    "there is no host offload of KV blocks": "host_cache_size onboard_blocks secondary_offload_min_priority use_uvm",
+    "attention always spans the whole sequence (no sliding window or sink tokens)":
+        "max_attention_window sink_token_length",
+    "KV cache events are not published": "event_buffer_max_size",
+})
+DISAGG_NOT_SUPPORTED = _reasons({
+    "the broker retries a prefill up to broker.max_attempts times": "max_retries",
+    "per-request performance metrics are not collected; the broker's /metrics has them":
+        "perf_metrics_max_requests return_perf_metrics perf_metrics_output_dir",
+    "every request runs context then generation (a worker of role `both` serves whole requests)":
+        "conditional_disagg_config",
+    "there is no tracing export": "otlp_config",
+    "the gateway always applies the model's chat template and sends the whole conversation":
+        "allow_request_chat_template gen_strip_message_history gen_tokids_ctxbytes",
+    "the broker is one process; there is no coordinator and node ids are not used":
+        "node_id num_workers disagg_coordinator_url",
+})
+GROUP_NOT_SUPPORTED = {
+    "router": "the broker sends each request to a worker of its role with a free slot, preferring "
+              "free KV blocks, then the most free slots; the routing policy is not configurable",
+    "urls": "broker launch starts num_instances workers on this host and each registers with the "
+            "broker itself; urls are not used",
+}
+CLUSTER_NOT_SUPPORTED = _reasons({
+    "there is no cluster discovery service (etcd or HTTP): workers register with the broker over "
+    "ZeroMQ at its backend address": "cluster_uri cluster_name",
+    "worker liveness is set by broker.heartbeat_interval_s and broker.liveness":
+        "heartbeat_interval_sec inactive_timeout_sec inactive_interval_sec",
+})
+
+
+def log_not_supported(where: str, key: str, reason: str, logger: logging.Logger = log) -> None:
+    """The one line a key we accept but do not honour gets at startup."""
+    logger.warning("%s: %s is not supported here and is ignored: %s", where, key, reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schemas. Engine keys (the worker's extra options YAML and the per-group keys of
+# disagg_config.yaml) have None defaults: the worker's own defaults (workers/options.py) apply.
+
+PositiveInt = Optional[typing.Annotated[int, Field(ge=1, le=MAX_INT)]]
+
+
+class _KvKeys(Schema):
+    max_tokens: PositiveInt = None
+    tokens_per_block: PositiveInt = None
+
+
+KvCacheSchema = create_model("KvCacheSchema", __base__=_KvKeys,
+                             **{k: (Any, None) for k in KV_NOT_SUPPORTED})
+
+
+class _EngineKeys(Schema):
+    max_batch_size: PositiveInt = None
+    max_num_tokens: PositiveInt = None
+    max_seq_len: PositiveInt = None
+    tokens_per_block: PositiveInt = None
+    kv_cache_config: Optional[KvCacheSchema] = None
+    # checked by the worker against transfer.config (the broker never imports transfer/)
+    cache_transceiver_config: Optional[dict] = None
+    num_threads: PositiveInt = None                                   # ours
+    heartbeat_ms: Optional[typing.Annotated[int, Field(ge=10, le=MAX_INT)]] = None  # ours
+    broker_timeout_ms: Optional[typing.Annotated[int, Field(ge=10, le=MAX_INT)]] = None  # ours
+
+
+EngineOptions = create_model("EngineOptions", __base__=_EngineKeys,
+                             **{k: (Any, None) for k in WORKER_NOT_SUPPORTED})
+ENGINE_KEYS = set(EngineOptions.model_fields)
+
+
+def engine_notices(opts: BaseModel) -> list:
+    """(dotted key, reason) of each key set in these engine options that this engine ignores."""
+    out = [(k, WORKER_NOT_SUPPORTED[k]) for k in sorted(opts.model_fields_set) if k in WORKER_NOT_SUPPORTED]
+    kv = opts.kv_cache_config
+    if kv is not None:
+        out += [(f"kv_cache_config.{k}", KV_NOT_SUPPORTED[k]) for k in sorted(kv.model_fields_set)
+                if k in KV_NOT_SUPPORTED]
+    return out
+
+
+class RouterSchema(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)    # router options differ by type
+    type: Literal["round_robin", "load_balancing", "kv_cache_aware"] = "round_robin"
+
+
+class _GroupKeys(Schema):
+    num_instances: typing.Annotated[int, Field(ge=0, le=MAX_INT)] = 1
+    urls: list[str] = []              # HOST:PORT strings (one string is a list of one)
+    router: Optional[RouterSchema] = None
+    extra_llm_api_options: Optional[str] = None        # path of the workers' extra options YAML (ours)
+    args: list[str] = []              # extra command-line words for each worker (ours; a string is split)
+
+    @field_validator("urls", "args", mode="before")
+    @classmethod
+    def _words(cls, v: Any, info) -> Any:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [v] if info.field_name == "urls" else v.split()
+        if info.field_name == "args" and isinstance(v, list):   # YAML reads `--port 9` as a number
+            return [str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for x in v]
+        return v
+
+
+GroupSchema = create_model("GroupSchema", __base__=_GroupKeys,
+                           **{k: (f.annotation, None) for k, f in EngineOptions.model_fields.items()})
+
+
+class MinimalInstances(Schema):
+    context_servers: typing.Annotated[int, Field(ge=0, le=MAX_INT)] = 1
+    generation_servers: typing.Annotated[int, Field(ge=0, le=MAX_INT)] = 1
+
+
+class ClusterSchema(Schema):
+    cluster_uri: Optional[str] = None
+    cluster_name: Optional[str] = None
+    minimal_instances: Optional[MinimalInstances] = None
+    heartbeat_interval_sec: Optional[float] = None
+    inactive_timeout_sec: Optional[float] = None
+    inactive_interval_sec: Optional[float] = None    # TensorRT-LLM's README spells it so; its code does not
+
+
+class _DisaggKeys(Schema):
+    hostname: str = "127.0.0.1"
+    port: typing.Annotated[int, Field(ge=0, le=65535)] = 8000
+    model: str = "smollm2-135m"
+    backend: str = "pytorch"            # trtllm-serve's --backend: the engine kind
+    context_servers: Optional[GroupSchema] = None
+    generation_servers: Optional[GroupSchema] = None
+    disagg_cluster: Optional[ClusterSchema] = None
+    schedule_style: Literal["context_first"] = "context_first"
+    broker: Optional[dict] = None        # ours: BrokerConfig
+    frontend: str = "tcp://127.0.0.1:*"          # ours: the client-facing ZeroMQ address
+    backend_address: str = "tcp://127.0.0.1:*"   # ours: the worker-facing ZeroMQ address
+
+
+# TensorRT-LLM hands every other top-level key to both groups as an LLM-API option
+_INHERITED = {k: (f.annotation, None) for k, f in EngineOptions.model_fields.items()
+              if k not in _DisaggKeys.model_fields and k not in DISAGG_NOT_SUPPORTED}
+DisaggSchema = create_model("DisaggSchema", __base__=_DisaggKeys, **_INHERITED,
+                            **{k: (Any, None) for k in DISAGG_NOT_SUPPORTED})
+_GROUP_ONLY = set(_GroupKeys.model_fields)
 
 
 @dataclass(frozen=True)
@@ -110,6 +323,7 @@ class ServerGroup:
     extra_llm_api_options: Optional[str] = None   # path of the workers' extra options YAML (ours)
     args: tuple = ()                              # extra command-line words for each worker (ours)
     options: dict = field(default_factory=dict)   # inline worker options (kv_cache_config, ...)
+    inherited: tuple = ()                         # which of them the file sets at its top level
 
 
 @dataclass(frozen=True)
@@ -132,120 +346,108 @@ class DisaggConfig:
     source: str = "<defaults>"
 
 
-def _int_at(v: Any, key: str, source: str, minimum: int = 0) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise ConfigError(f"{source}: {key} must be an integer >= {minimum}, got {v!r}")
-    return v
+def load_disagg_config(path: str) -> DisaggConfig:
+    return parse_disagg_config(read_yaml(path, "config"), source=path)
 
 
-def _group(d: Any, name: str, source: str, inherited: dict) -> ServerGroup:
-    if d is None:
+def read_yaml(path: str, what: str) -> Any:
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+
+
+def _group(raw: Any, name: str, source: str, inherited: dict) -> ServerGroup:
+    if raw is None:
         return ServerGroup(num_instances=0)
-    if not isinstance(d, dict):
-        raise ConfigError(f"{source}: {name} must be a map, got {d!r}")
-    engine = {k: v for k, v in d.items() if k not in _STRUCTURAL}
-    check_worker_keys(engine, source, f"{name}.")
+    g = validated(GroupSchema, raw, source, f"{name}.")
+    engine = {k: v for k, v in raw.items() if k not in _GROUP_ONLY}
     for k, v in inherited.items():     # TensorRT-LLM: top-level engine keys apply to both groups
         if k in engine and engine[k] != v:
             raise ConfigError(f"{source}: {k} is set at the top level ({v!r}) and in {name} "
                               f"({engine[k]!r}) with different values")
         engine.setdefault(k, v)
-    n = _int_at(d.get("num_instances", 1), f"{name}.num_instances", source)
-    urls = d.get("urls") or ()
-    if isinstance(urls, str):
-        urls = [urls]
-    if not isinstance(urls, (list, tuple)) or not all(isinstance(u, str) for u in urls):
-        raise ConfigError(f"{source}: {name}.urls must be a list of HOST:PORT strings, got {urls!r}")
-    if urls and len(urls) != n:
-        raise ConfigError(f"{source}: {name}.urls lists {len(urls)} servers but num_instances is {n}")
-    router = d.get("router") or {}
-    if not isinstance(router, dict):
-        raise ConfigError(f"{source}: {name}.router must be a map, got {router!r}")
-    rtype = router.get("type", "round_robin")
-    if rtype not in _ROUTERS:
-        raise ConfigError(f"{source}: {name}.router.type={rtype!r}: expected one of {', '.join(sorted(_ROUTERS))}")
-    args = d.get("args", [])
-    if isinstance(args, str):
-        args = args.split()
-    opts = d.get("extra_llm_api_options")
-    if opts is not None and not isinstance(opts, str):
-        raise ConfigError(f"{source}: {name}.extra_llm_api_options must be a file path, got {opts!r}")
-    return ServerGroup(num_instances=n, urls=tuple(urls), router=dict(router),
-                       extra_llm_api_options=opts, args=tuple(str(a) for a in args), options=engine)
+    from_top = tuple(sorted(k for k in inherited if k not in raw))
+    urls = g.urls
+    if urls and len(urls) != g.num_instances:
+        raise ConfigError(f"{source}: {name}.urls lists {len(urls)} servers but num_instances is {g.num_instances}")
+    for key in ("router", "urls"):       # the worker logs the engine keys it ignores; these are ours to log
+        if key in g.model_fields_set:
+            log_not_supported(source, f"{name}.{key}", GROUP_NOT_SUPPORTED[key])
+    return ServerGroup(num_instances=g.num_instances, urls=tuple(urls),
+                       router=dict(raw.get("router") or {}),
+                       extra_llm_api_options=g.extra_llm_api_options, args=tuple(g.args),
+                       options=engine, inherited=from_top)
 
 
-def _cluster_minimum(d: Any, source: str) -> Optional[dict]:
-    if d is None:
+def _cluster_minimum(c: Optional[ClusterSchema], source: str) -> Optional[dict]:
+    if c is None:
         return None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{source}: disagg_cluster must be a map, got {d!r}")
-    for k in d:
-        if k not in _CLUSTER_KEYS:
-            raise unknown_key(source, f"disagg_cluster.{k}", _CLUSTER_KEYS)
-    mi = d.get("minimal_instances")
-    if mi is None:
-        return {"context": 1, "generation": 1}     # TensorRT-LLM's defaults
-    if not isinstance(mi, dict):
-        raise ConfigError(f"{source}: disagg_cluster.minimal_instances must be a map, got {mi!r}")
-    for k in mi:
-        if k not in ("context_servers", "generation_servers"):
-            raise unknown_key(source, f"disagg_cluster.minimal_instances.{k}",
-                              {"context_servers", "generation_servers"})
-    return {"context": _int_at(mi.get("context_servers", 1), "disagg_cluster.minimal_instances.context_servers", source),
-            "generation": _int_at(mi.get("generation_servers", 1),
-                                  "disagg_cluster.minimal_instances.generation_servers", source)}
+    if c.inactive_interval_sec is not None and c.inactive_timeout_sec is not None \
+            and c.inactive_interval_sec != c.inactive_timeout_sec:
+        raise ConfigError(f"{source}: disagg_cluster.inactive_interval_sec={c.inactive_interval_sec!r} and "
+                          f"disagg_cluster.inactive_timeout_sec={c.inactive_timeout_sec!r} are two spellings "
+                          "of one setting and disagree")
+    for key in sorted(c.model_fields_set - {"minimal_instances"}):
+        log_not_supported(source, f"disagg_cluster.{key}", CLUSTER_NOT_SUPPORTED[key])
+    mi = c.minimal_instances or MinimalInstances()       # TensorRT-LLM's defaults: one of each
+    return {"context": mi.context_servers, "generation": mi.generation_servers}
 
 
-def load_disagg_config(path: str) -> DisaggConfig:
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return parse_disagg_config(raw, source=path)
-
-
-def parse_disagg_config(raw: dict, source: str = "<dict>") -> DisaggConfig:
+def parse_disagg_config(raw: Any, source: str = "<dict>") -> DisaggConfig:
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a map at the top level")
-    # TensorRT-LLM hands every other top-level key to both groups as an LLM-API option
-    inherited = {k: v for k, v in raw.items() if k not in _TOP_KEYS}
-    known = _TOP_KEYS | WORKER_KEYS | WORKER_IGNORED
-    for k in inherited:
-        if k not in known:
-            raise unknown_key(source, k, known)
-    check_worker_keys(inherited, source)
-    inherited.pop("backend", None)   # trtllm-serve's --backend (pytorch): the engine kind
-    for k in sorted(set(raw) & _DISAGG_IGNORED):
-        log.info("%s: %s has no effect on this broker; ignored", source, k)
-    style = raw.get("schedule_style", "context_first")
-    if style != "context_first":
-        raise ConfigError(f"{source}: schedule_style={style!r}: only 'context_first' is supported")
-    b = raw.get("broker") or {}
-    if not isinstance(b, dict):
-        raise ConfigError(f"{source}: broker must be a map, got {b!r}")
-    names = {f.name for f in dataclasses.fields(BrokerConfig)}
-    for k in b:
-        if k not in names:
-            raise unknown_key(source, f"broker.{k}", names)
-    try:
-        broker = BrokerConfig(**b)
-    except (ConfigError, TypeError) as e:
-        raise ConfigError(f"{source}: {e}") from None
-    port = raw.get("port", 8000)
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536:
-        raise ConfigError(f"{source}: port must be an integer in [0, 65535], got {port!r}")
+        raise ConfigError(f"{source}: expected a map at the top level, got {type(raw).__name__}")
+    d = validated(DisaggSchema, raw, source)
+    inherited = {k: v for k, v in raw.items() if k in _INHERITED}
+    for k in sorted(set(raw) & set(DISAGG_NOT_SUPPORTED)):
+        log_not_supported(source, k, DISAGG_NOT_SUPPORTED[k])
+    if d.backend != "pytorch":
+        log_not_supported(source, f"backend={d.backend!r}", "the workers always run this project's own "
+                                                           "PyTorch engine (backend: pytorch)")
+    broker = validated(BrokerConfig, d.broker or {}, source, "broker.")
     ctx = _group(raw.get("context_servers"), "context_servers", source, inherited)
     gen = _group(raw.get("generation_servers"), "generation_servers", source, inherited)
-    minimum = _cluster_minimum(raw.get("disagg_cluster"), source) or \
+    minimum = _cluster_minimum(d.disagg_cluster, source) or \
         {"context": ctx.num_instances, "generation": gen.num_instances}
-    return DisaggConfig(
-        hostname=str(raw.get("hostname", "127.0.0.1")), port=port,
-        model=str(raw.get("model", "smollm2-135m")), backend=str(raw.get("backend", "pytorch")),
-        context_servers=ctx, generation_servers=gen, min_workers=minimum, broker=broker,
-        frontend=str(raw.get("frontend", "tcp://127.0.0.1:*")),
-        backend_address=str(raw.get("backend_address", "tcp://127.0.0.1:*")),
-        source=source,
-    )
+    return DisaggConfig(hostname=d.hostname, port=d.port, model=d.model, backend=d.backend,
+                        context_servers=ctx, generation_servers=gen, min_workers=minimum, broker=broker,
+                        frontend=d.frontend, backend_address=d.backend_address, source=source)
+
+
+# ---------------------------------------------------------------------------------------------
+# What `broker launch` hands a worker of a group
+
+ORIGIN_KEY = "origin"   # ours, in a worker options file broker launch writes: where its keys came from
+
+
+def group_options_path(cfg: DisaggConfig, group: ServerGroup) -> Optional[str]:
+    """The group's own ``extra_llm_api_options`` file, relative paths taken from the config's folder."""
+    path = group.extra_llm_api_options
+    if path and not os.path.isabs(path) and cfg.source not in ("<dict>", "<defaults>"):
+        path = os.path.join(os.path.dirname(os.path.abspath(cfg.source)), path)
+    return path
+
+
+def worker_options(cfg: DisaggConfig, name: str) -> tuple[Optional[str], Optional[dict]]:
+    """What each worker of group ``name`` gets: ``(path, None)``, a file to pass as it is (or no
+    file at all), or ``(None, document)``, options to write to a file and pass: the group's inline
+    keys over its own file's, with an ``origin`` entry so that the worker reports a bad value, and
+    logs an ignored key, against ``disagg_config.yaml`` (or the group's file), never against the
+    file written for it."""
+    group: ServerGroup = getattr(cfg, name)
+    path = group_options_path(cfg, group)
+    if not group.options:
+        return path, None
+    base = (read_yaml(path, "worker options") or {}) if path else {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{path}: expected a map at the top level, got {type(base).__name__}")
+    doc = {k: v for k, v in base.items() if k != ORIGIN_KEY}
+    doc.update(group.options)
+    doc[ORIGIN_KEY] = {"file": cfg.source, "key": name, "base": path, "top": list(group.inherited),
+                       "inline": sorted(set(group.options) - set(group.inherited))}
+    return None, doc

@@ -4,8 +4,9 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server
 ``stream: true``), ``GET /v1/models``, ``GET /health`` (200 only while the configured minimum of
 context and generation workers is registered), ``GET /metrics`` (the broker's Prometheus text).
 
-Every error is OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names the
-bad field and value, 404 an unknown model or route, 413 an oversized body, 503 (with
+Request and response bodies are the pydantic models of ``client/openai_models.py``. Every error
+is OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names the bad field
+(its path, in ``param``) and value, 404 an unknown model or route, 413 an oversized body, 503 (with
 ``Retry-After``) an overloaded broker or no worker up. A client that disconnects cancels its request
 at the broker. Like the rest of client/, this module imports only ``broker.protocol`` from the
 project: never torch, workers/ or transfer/.
@@ -16,12 +17,11 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import sys
 import threading
 import time
 import uuid
-from typing import Any, Optional
+from typing import Optional
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -30,74 +30,25 @@ from broker.protocol import Code
 
 from .aio import AsyncClient
 from .errors import BrokerUnavailable, ClientError, RequestFailed, RequestTimeout
+from .openai_models import (AssistantMessage, ChatCompletionRequest, Choice, Completion, CompletionRequest,
+                            Delta, HttpError, ModelCard, ModelList, Usage, parse_request)
 
 log = logging.getLogger("gateway")
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-# request fields OpenAI clients send that change nothing here: accepted and ignored
-_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
-            "safety_identifier"}
-# fields that must be absent or hold their "off" value, because this engine cannot honour them
-_OFF_VALUES = {
-    "presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,),
-    "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},),
-    "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
-    "response_format": ({"type": "text"},),
-}
-_OFF_HINT = {"presence_penalty": "; use repetition_penalty (an extension field) instead",
-             "frequency_penalty": "; use repetition_penalty (an extension field) instead"}
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "n",
-           "stream", "stream_options", "repetition_penalty", "ignore_eos"}
-_COMPLETION_FIELDS = _COMMON | {"prompt"} | _IGNORED | set(_OFF_VALUES)
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"} | _IGNORED | set(_OFF_VALUES)
-_ROLES = {"system", "user", "assistant", "developer"}
+
+def error_response(e: HttpError) -> web.Response:
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+    return web.json_response(e.body(), status=e.status, headers=headers)
 
 
-class HttpError(Exception):
-    """An OpenAI-shaped error response."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 code: Optional[str] = None, type_: Optional[str] = None, retry_after: Optional[int] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
-        self.retry_after = retry_after
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> web.Response:
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
-        return web.json_response(self.body(), status=self.status, headers=headers)
-
-
-def bad(param: str, value: Any, expected: str) -> HttpError:
-    shown = json.dumps(value) if _jsonable(value) else repr(value)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return HttpError(400, f"invalid {param}={shown}: expected {expected}", param, "invalid_value")
-
-
-def _jsonable(v: Any) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-def failure_to_http(e: ClientError) -> HttpError:
-    """A client-library error (the broker's code, or a local one) as an HTTP error."""
+def failure_to_http(e: ClientError, input_field: Optional[str] = None) -> HttpError:
+    """A client-library error (the broker's code, or a local one) as an HTTP error. The gateway
+    checked every field before sending, so what the broker or a worker can still call invalid is
+    the request's input (``input_field``: its prompt or messages, e.g. a token outside the
+    vocabulary or a prompt longer than the model's context)."""
     if isinstance(e, RequestTimeout):
         return HttpError(504, str(e), code="timeout", type_="timeout_error")
     if isinstance(e, BrokerUnavailable):
@@ -105,7 +56,7 @@ def failure_to_http(e: ClientError) -> HttpError:
                          type_="service_unavailable_error", retry_after=2)
     if isinstance(e, RequestFailed):
         if e.code == Code.INVALID_REQUEST:
-            return HttpError(400, e.message, _param_in(e.message), "invalid_value")
+            return HttpError(400, e.message, input_field, "invalid_value")
         if e.code in (Code.OVERLOADED, Code.NO_WORKERS):
             return HttpError(503, e.message, code=e.code.lower(), type_="service_unavailable_error",
                              retry_after=1)
@@ -113,163 +64,6 @@ def failure_to_http(e: ClientError) -> HttpError:
             return HttpError(504, e.message, code="timeout", type_="timeout_error")
         return HttpError(500, e.message, code=e.code.lower(), retry_after=1 if e.retryable else None)
     return HttpError(500, str(e), code="internal")
-
-
-def _param_in(message: str) -> Optional[str]:
-    """The field a broker or worker INVALID_REQUEST message names, when it names one."""
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop",
-                 "stop_token_ids", "ignore_eos", "token_ids", "prompt", "messages", "max_seq_len"):
-        if name in message:
-            return "prompt" if name in ("token_ids", "max_seq_len") else name
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# request parsing: OpenAI JSON -> AsyncClient arguments (pure)
-
-def parse_common(body: dict, allowed: set, default_max_tokens: Optional[int]) -> tuple[dict, dict]:
-    """Validate the sampling fields; returns (sampling kwargs, options: stream, include_usage)."""
-    for k in body:
-        if k not in allowed:
-            raise HttpError(400, f"unknown field {k!r}; supported: {', '.join(sorted(allowed - _IGNORED))}",
-                            k, "unknown_field")
-    for k, off in _OFF_VALUES.items():
-        v = body.get(k)
-        if v is not None and not any(v == o and isinstance(v, bool) == isinstance(o, bool) for o in off):
-            raise HttpError(400, f"{k}={json.dumps(v)[:60]} is not supported by this server{_OFF_HINT.get(k, '')}",
-                            k, "unsupported_value")
-    s: dict = {}
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    mt = body.get(name)
-    if mt is not None:
-        if not _is_int(mt) or not 1 <= mt < 2**31:
-            raise bad(name, mt, "an integer >= 1")
-        s["max_tokens"] = mt
-    elif default_max_tokens is not None:
-        s["max_tokens"] = default_max_tokens
-    t = body.get("temperature")
-    if t is not None:
-        if not _is_num(t) or not 0 <= t <= 2:
-            raise bad("temperature", t, "a number in [0, 2]")
-        s["temperature"] = float(t)
-    else:
-        s["temperature"] = 1.0          # OpenAI's default
-    v = body.get("top_p")
-    if v is not None:
-        if not _is_num(v) or not 0 < v <= 1:
-            raise bad("top_p", v, "a number in (0, 1]")
-        s["top_p"] = float(v)
-    v = body.get("top_k")
-    if v is not None:
-        if not _is_int(v) or v < -1:
-            raise bad("top_k", v, "an integer >= 0 (0 or -1 turns it off)")
-        s["top_k"] = max(0, v)
-    v = body.get("seed")
-    if v is not None:
-        if not _is_int(v):
-            raise bad("seed", v, "an integer")
-        s["seed"] = v % 2**63
-    v = body.get("repetition_penalty")
-    if v is not None:
-        if not _is_num(v) or v <= 0:
-            raise bad("repetition_penalty", v, "a number > 0 (1 turns it off)")
-        s["repetition_penalty"] = float(v)
-    v = body.get("stop")
-    if v is not None:
-        stops = [v] if isinstance(v, str) else v
-        if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops) or len(stops) > 16:
-            raise bad("stop", v, "a non-empty string or a list of at most 16 non-empty strings")
-        if stops:
-            s["stop"] = stops
-    v = body.get("stop_token_ids")
-    if v is not None:
-        if not isinstance(v, list) or not all(_is_int(x) and x >= 0 for x in v):
-            raise bad("stop_token_ids", v, "a list of token ids >= 0")
-        s["stop_token_ids"] = v
-    v = body.get("ignore_eos")
-    if v is not None:
-        if not isinstance(v, bool):
-            raise bad("ignore_eos", v, "true or false")
-        s["ignore_eos"] = v
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise bad("n", n, "1 (one choice per request is supported)") if not (_is_int(n) and n > 1) else \
-            HttpError(400, f"n={n} is not supported: this server returns one choice per request", "n",
-                      "unsupported_value")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise bad("stream", stream, "true or false")
-    so = body.get("stream_options")
-    include_usage = False
-    if so is not None:
-        if not isinstance(so, dict) or any(k not in ("include_usage", "continuous_usage_stats") for k in so):
-            raise bad("stream_options", so, 'a map like {"include_usage": true}')
-        include_usage = so.get("include_usage", False)
-        if not isinstance(include_usage, bool):
-            raise bad("stream_options.include_usage", include_usage, "true or false")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad("model", model, "a model name (string)")
-    return s, {"stream": stream, "include_usage": include_usage, "model": model}
-
-
-def parse_prompt(body: dict) -> dict:
-    """``prompt``: a string, a list of token ids, or a one-element list of either."""
-    if "prompt" not in body or body["prompt"] is None:
-        raise HttpError(400, "missing required field 'prompt'", "prompt", "missing_field")
-    p = body["prompt"]
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]
-    if isinstance(p, str):
-        if not p:
-            raise bad("prompt", p, "a non-empty string or a non-empty list of token ids")
-        return {"prompt": p}
-    if isinstance(p, list) and p and all(_is_int(t) for t in p):
-        bad_ids = [t for t in p if t < 0]
-        if bad_ids:
-            raise bad("prompt", bad_ids[0], "token ids >= 0")
-        return {"token_ids": p}
-    if isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
-        raise HttpError(400, f"prompt holds {len(p)} prompts; this server takes one prompt per request",
-                        "prompt", "unsupported_value")
-    raise bad("prompt", p, "a non-empty string or a non-empty list of token ids")
-
-
-def parse_messages(body: dict) -> dict:
-    msgs = body.get("messages")
-    if msgs is None:
-        raise HttpError(400, "missing required field 'messages'", "messages", "missing_field")
-    if not isinstance(msgs, list) or not msgs:
-        raise bad("messages", msgs, "a non-empty list of {role, content} messages")
-    out = []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad(where, m, "a map with role and content")
-        role = m.get("role")
-        if role not in _ROLES:
-            raise bad(f"{where}.role", role, f"one of {', '.join(sorted(_ROLES))} (tool messages are not supported)")
-        for k in m:
-            if k not in ("role", "content", "name") and m[k] not in (None, [], ""):
-                raise HttpError(400, f"{where}.{k} is not supported by this server", f"{where}.{k}",
-                                "unsupported_value")
-        content = m.get("content")
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise bad(f"{where}.content[{j}]", part, 'a text part {"type": "text", "text": "..."} '
-                                                            "(only text is supported)")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if content is None and role == "assistant":
-            content = ""
-        if not isinstance(content, str):
-            raise bad(f"{where}.content", content, "a string or a list of text parts")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
-    return {"messages": out}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,19 +130,20 @@ class Gateway:
         try:
             return await handler(request)
         except HttpError as e:
-            return e.response()
+            return error_response(e)
         except web.HTTPException as e:   # aiohttp's own: unknown route, wrong method, too large
             if e.status == 413:
-                return HttpError(413, f"request body is larger than the limit of {self.max_body_bytes} bytes",
-                                 None, "request_too_large").response()
-            if e.status == 404:
-                return HttpError(404, f"no route {request.path}; routes: /v1/completions, "
-                                      "/v1/chat/completions, /v1/models, /health, /metrics",
-                                 None, "not_found").response()
-            if e.status == 405:
-                return HttpError(405, f"method {request.method} is not allowed on {request.path}",
-                                 None, "method_not_allowed").response()
-            return HttpError(e.status, e.text or e.reason, None, None).response()
+                err = HttpError(413, f"request body is larger than the limit of {self.max_body_bytes} bytes",
+                                None, "request_too_large")
+            elif e.status == 404:
+                err = HttpError(404, f"no route {request.path}; routes: /v1/completions, /v1/chat/completions, "
+                                     "/v1/models, /health, /metrics", None, "not_found")
+            elif e.status == 405:
+                err = HttpError(405, f"method {request.method} is not allowed on {request.path}",
+                                None, "method_not_allowed")
+            else:
+                err = HttpError(e.status, e.text or e.reason, None, None)
+            return error_response(err)
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -359,7 +154,7 @@ class Gateway:
         raw = await request.read()      # raises HTTPRequestEntityTooLarge past client_max_size
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:   # also: 4,300-digit integers, deep nesting
             raise HttpError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise HttpError(400, f"the request body must be a JSON object, got {type(body).__name__}",
@@ -395,8 +190,7 @@ class Gateway:
             if w.get("model") and w["model"] not in names:
                 names.append(w["model"])
         self.known_models.update(names)
-        return web.json_response({"object": "list", "data": [
-            {"id": n, "object": "model", "created": self.created, "owned_by": "disagg-serve"} for n in names]})
+        return web.json_response(ModelList(data=[ModelCard(id=n, created=self.created) for n in names]).model_dump())
 
     async def health(self, request: web.Request) -> web.Response:
         try:
@@ -424,56 +218,50 @@ class Gateway:
                             headers={"Content-Type": CONTENT_TYPE_LATEST, "X-Content-Type-Options": "nosniff"})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json(request)
-        sampling, opts = parse_common(body, _COMPLETION_FIELDS, 16)
-        inputs = parse_prompt(body)
-        model = await self._model(opts["model"])
-        return await self._serve(request, "cmpl", "text_completion", model, inputs, sampling, opts, chat=False)
+        req = parse_request(CompletionRequest, await self._json(request))
+        model = await self._model(req.model)
+        return await self._serve(request, "cmpl", "text_completion", model, req, req.sampling(16), chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json(request)
-        sampling, opts = parse_common(body, _CHAT_FIELDS, self.chat_max_tokens)
-        inputs = parse_messages(body)
-        model = await self._model(opts["model"])
-        return await self._serve(request, "chatcmpl", "chat.completion", model, inputs, sampling, opts, chat=True)
+        req = parse_request(ChatCompletionRequest, await self._json(request))
+        model = await self._model(req.model)
+        return await self._serve(request, "chatcmpl", "chat.completion", model, req,
+                                 req.sampling(self.chat_max_tokens), chat=True)
 
-    async def _serve(self, request, prefix, obj, model, inputs, sampling, opts, chat) -> web.StreamResponse:
+    async def _serve(self, request, prefix, obj, model, req, sampling, chat) -> web.StreamResponse:
         rid = f"{prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
+        inputs, input_field = req.inputs(), "messages" if chat else "prompt"
         try:
-            if not opts["stream"]:
+            if not req.stream:
                 c = await self.client.generate(**inputs, request_id=rid, timeout=self.request_timeout, **sampling)
-                choice = {"index": 0, "logprobs": None, "finish_reason": c.finish_reason}
-                if chat:
-                    choice["message"] = {"role": "assistant", "content": c.text}
-                else:
-                    choice["text"] = c.text
-                return web.json_response({"id": rid, "object": obj, "created": created, "model": model,
-                                          "choices": [choice], "usage": _usage(c.usage)})
+                choice = (Choice(message=AssistantMessage(content=c.text), finish_reason=c.finish_reason) if chat
+                          else Choice(text=c.text, finish_reason=c.finish_reason))
+                return web.json_response(Completion(id=rid, object=obj, created=created, model=model,
+                                                    choices=[choice], usage=Usage.of(c.usage)).model_dump())
             stream = self.client.stream(**inputs, request_id=rid, timeout=self.request_timeout, **sampling)
         except ClientError as e:
-            raise failure_to_http(e) from None
+            raise failure_to_http(e, input_field) from None
         async with stream:
             try:   # wait for the first token before committing to a 200: early errors get a status
                 first = await stream.__anext__()
             except StopAsyncIteration:
                 first = None
             except ClientError as e:
-                raise failure_to_http(e) from None
+                raise failure_to_http(e, input_field) from None
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
             chunk_obj = obj + ".chunk" if chat else obj
 
-            def event(choice: dict, **extra) -> bytes:
-                d = {"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [choice]}
-                d.update(extra)
-                return b"data: " + json.dumps(d, ensure_ascii=False).encode() + b"\n\n"
+            def chunk(choices: list, usage: Optional[Usage] = None) -> bytes:
+                return Completion(id=rid, object=chunk_obj, created=created, model=model, choices=choices,
+                                  usage=usage).sse()
 
             def delta(text: str, finish: Optional[str] = None, first_chunk: bool = False) -> bytes:
-                if chat:
-                    d = {"role": "assistant", "content": text} if first_chunk else ({"content": text} if text else {})
-                    return event({"index": 0, "delta": d, "logprobs": None, "finish_reason": finish})
-                return event({"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+                if not chat:
+                    return chunk([Choice(text=text, finish_reason=finish)])
+                d = Delta(role="assistant", content=text) if first_chunk else Delta(content=text or None)
+                return chunk([Choice(delta=d, finish_reason=finish)])
 
             try:
                 await resp.write(delta(first.text if first else "", first_chunk=True))
@@ -482,25 +270,19 @@ class Gateway:
                         if ch.text:
                             await resp.write(delta(ch.text))
                 except ClientError as e:
-                    await resp.write(b"data: " + json.dumps(failure_to_http(e).body()).encode() + b"\n\n")
+                    await resp.write(b"data: " + json.dumps(failure_to_http(e, input_field).body()).encode()
+                                     + b"\n\n")
                     await resp.write(b"data: [DONE]\n\n")
                     return resp
                 c = stream.completion
                 await resp.write(delta("", c.finish_reason if c else "stop"))
-                if opts["include_usage"] and c is not None:
-                    d = {"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [],
-                         "usage": _usage(c.usage)}
-                    await resp.write(b"data: " + json.dumps(d).encode() + b"\n\n")
+                if req.include_usage and c is not None:
+                    await resp.write(chunk([], Usage.of(c.usage)))
                 await resp.write(b"data: [DONE]\n\n")
                 await resp.write_eof()
             except (ConnectionError, RuntimeError) as e:   # the client went away: `async with` cancels
                 log.info("client of %s disconnected mid-stream (%s); cancelling it", rid, type(e).__name__)
             return resp
-
-
-def _usage(u: dict) -> dict:
-    p, c = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -265,3 +265,120 @@ def test_broker_start_with_the_config_and_a_trtllm_worker_yaml(tmp_path):
             assert json.loads(r.read())["usage"] == {"prompt_tokens": 70, "completion_tokens": 3,
                                                      "total_tokens": 73}
         d.wait_idle()
+
+
+# ---------------------------------------------------------------------------------------------
+# one ConfigError, pydantic's key paths, and no silent no-ops
+
+def test_one_config_error_class_everywhere():
+    import transfer.config
+    assert transfer.config.ConfigError is ConfigError
+
+
+@pytest.mark.parametrize("text,words", [
+    ("context_servers: {kv_cache_config: {max_tokens: 0}}\n",
+     ["context_servers.kv_cache_config.max_tokens=0", "greater than or equal to 1"]),
+    ("generation_servers: {max_batch_size: '8'}\n", ["generation_servers.max_batch_size='8'", "integer"]),
+    ("context_servers: {max_num_tokens: 99999999999999999999999}\n",
+     ["context_servers.max_num_tokens=99999999999999999999999"]),
+    ("broker: {liveness: 0}\n", ["broker.liveness=0"]),
+    ("context_servers: {urls: [1]}\n", ["context_servers.urls[0]=1"]),
+    ("disagg_cluster: {minimal_instances: {context_servers: -1}}\n",
+     ["disagg_cluster.minimal_instances.context_servers=-1"]),
+    ("disagg_cluster: {inactive_interval_sec: 2, inactive_timeout_sec: 3}\n",
+     ["inactive_interval_sec=2", "inactive_timeout_sec=3", "disagree"]),
+])
+def test_bad_values_name_the_file_the_dotted_key_and_the_value(tmp_path, text, words):
+    path = write(tmp_path, "disagg.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_disagg_config(path)
+    assert str(e.value).startswith(f"{path}: ") and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_a_bad_group_option_is_reported_against_disagg_config_not_the_file_written_for_the_worker(tmp_path):
+    from broker.config import worker_options
+    from workers.options import parse_options
+    path = write(tmp_path, "disagg.yaml", """\
+        max_num_tokens: 0.5
+        context_servers: {max_batch_size: 4, cache_transceiver_config: {backend: TCP}}
+        """)
+    with pytest.raises(ConfigError) as e:          # checked when the config is read ...
+        load_disagg_config(path)
+    assert str(e.value).startswith(f"{path}: max_num_tokens=0.5"), str(e.value)
+    path = write(tmp_path, "disagg.yaml", """\
+        max_num_tokens: 64
+        context_servers: {max_batch_size: 4, cache_transceiver_config: {backend: TCP}}
+        """)
+    cfg = load_disagg_config(path)       # ... but the transfer settings are the worker's to check
+    file, doc = worker_options(cfg, "context_servers")
+    assert file is None and (doc["max_batch_size"], doc["max_num_tokens"]) == (4, 64)
+    written = str(tmp_path / "tmp" / "context_servers.yaml")
+    with pytest.raises(ConfigError) as e:
+        parse_options(doc, written)
+    assert str(e.value).startswith(f"{path}: context_servers.cache_transceiver_config.backend='TCP'"), str(e.value)
+    doc["cache_transceiver_config"]["backend"], doc["max_num_tokens"] = "ZMQ", -1
+    with pytest.raises(ConfigError) as e:
+        parse_options(doc, written)
+    assert str(e.value).startswith(f"{path}: max_num_tokens=-1"), str(e.value)
+
+
+def test_group_options_over_the_groups_own_file_keep_each_keys_origin(tmp_path):
+    from broker.config import worker_options
+    from workers.options import parse_options
+    own = write(tmp_path, "ctx.yaml", "max_num_tokens: -3\n")
+    path = write(tmp_path, "disagg.yaml", "context_servers: {extra_llm_api_options: ctx.yaml, max_batch_size: 4}\n")
+    _, doc = worker_options(load_disagg_config(path), "context_servers")
+    with pytest.raises(ConfigError) as e:
+        parse_options(doc, "/tmp/elsewhere.yaml")
+    assert str(e.value).startswith(f"{own}: max_num_tokens=-3"), str(e.value)
+    path = write(tmp_path, "plain.yaml", "context_servers: {extra_llm_api_options: ctx.yaml}\n")
+    assert worker_options(load_disagg_config(path), "context_servers") == (own, None)
+
+
+def _notices(caplog):
+    return [r.getMessage() for r in caplog.records if "not supported" in r.getMessage()]
+
+
+def test_every_accepted_but_ignored_disagg_key_is_logged_once_with_its_reason(tmp_path, caplog):
+    caplog.set_level("INFO")
+    path = write(tmp_path, "disagg.yaml", """\
+        max_retries: 2
+        context_servers:
+          router: {type: kv_cache_aware}
+          urls: ["h:1"]
+        disagg_cluster:
+          cluster_uri: etcd://localhost:2379
+          cluster_name: prod
+          heartbeat_interval_sec: 1
+          inactive_interval_sec: 5
+        """)
+    load_disagg_config(path)
+    lines = _notices(caplog)
+    for key, reason in [("context_servers.router", "routing policy is not configurable"),
+                        ("context_servers.urls", "urls are not used"),
+                        ("disagg_cluster.cluster_uri", "no cluster discovery"),
+                        ("disagg_cluster.cluster_name", "no cluster discovery"),
+                        ("disagg_cluster.heartbeat_interval_sec", "broker.heartbeat_interval_s"),
+                        ("disagg_cluster.inactive_interval_sec", "broker.liveness"),
+                        ("max_retries", "broker.max_attempts")]:
+        hits = [m for m in lines if f"{path}: {key} is not supported" in m]
+        assert len(hits) == 1 and reason in hits[0], (key, lines)
+    assert not any("minimal_instances" in m for m in lines)
+
+
+def test_every_accepted_but_ignored_worker_key_is_logged_once_with_its_reason(tmp_path, caplog):
+    caplog.set_level("INFO")
+    path = write(tmp_path, "w.yaml", """\
+        tensor_parallel_size: 1
+        kv_cache_config: {max_tokens: 4096, free_gpu_memory_fraction: 0.9, enable_block_reuse: true, dtype: fp8}
+        """)
+    opts = load_options(path)
+    assert opts.kv_max_tokens == 4096
+    lines = _notices(caplog)
+    for key, reason in [("kv_cache_config.free_gpu_memory_fraction", "sized by kv_cache_config.max_tokens"),
+                        ("kv_cache_config.enable_block_reuse", "no prefix (block) reuse"),
+                        ("kv_cache_config.dtype", "model's dtype"),
+                        ("tensor_parallel_size", "no tensor, pipeline")]:
+        hits = [m for m in lines if f"{path}: {key} is not supported" in m]
+        assert len(hits) == 1 and reason in hits[0], (key, lines)
+    assert len(lines) == 4 and not any("max_tokens is" in m for m in lines)

@@ -156,6 +156,54 @@ async def test_bad_input_gets_a_clear_openai_error(dep, path, body, param, statu
     assert err["param"] == param and needle in err["message"], err
 
 
+# junk that must be a 400 naming the field, never a 500
+JUNK = [
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2**70}, "max_tokens", "invalid_value"),
+    ("/v1/completions", {"model": "tiny", "prompt": [1, 2**70]}, "prompt", "invalid_value"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop_token_ids": [3, 2**64]}, "stop_token_ids[1]",
+     "invalid_value"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": -2**65}, "top_k", "invalid_value"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": NaN}', "temperature", "invalid_value"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x", "top_p": 1e999}', "top_p", "invalid_value"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", None, "invalid_json"),
+    ("/v1/completions", b"[" * 200_000, None, "invalid_json"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": 1}},
+     "stream_options.include_usage", "invalid_value"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}, 7]},
+     "messages[1]", "invalid_value"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0].content", "invalid_value"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x", "tool_calls": [1]}]},
+     "messages[0].tool_calls", "unsupported_value"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x", "colour": 1}]},
+     "messages[0].colour", "unknown_field"),
+]
+
+
+@pytest.mark.parametrize("path,body,param,code", JUNK)
+async def test_junk_is_a_400_naming_the_field_path(dep, path, body, param, code):
+    raw = body if isinstance(body, bytes) else None
+    got, _, text = await post(dep, path, None if raw else body, raw=raw)
+    assert got == 400, text
+    err = json.loads(text)["error"]
+    assert (err["param"], err["code"]) == (param, code), err
+    if param:
+        assert param in err["message"], err
+
+
+def test_request_models_apply_openais_defaults_and_normalise():
+    from client.openai_models import ChatCompletionRequest, CompletionRequest, parse_request
+    r = parse_request(CompletionRequest, {"prompt": ["hi"], "top_k": -1, "seed": -1, "stop": "x", "stream": None})
+    assert r.inputs() == {"prompt": "hi"} and not r.stream and not r.include_usage
+    assert r.sampling(16) == {"max_tokens": 16, "temperature": 1.0, "top_k": 0, "seed": 2**63 - 1, "stop": ["x"]}
+    c = parse_request(ChatCompletionRequest, {
+        "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                     {"role": "assistant", "content": None, "refusal": None}],
+        "max_tokens": 3, "max_completion_tokens": 5, "stream": True, "stream_options": {"include_usage": True}})
+    assert c.inputs() == {"messages": [{"role": "system", "content": "ab"}, {"role": "assistant", "content": ""}]}
+    assert c.sampling(256)["max_tokens"] == 5 and c.stream and c.include_usage
+
+
 async def test_oversized_body_413_unknown_route_404_and_still_serving(dep):
     big = json.dumps({"model": "tiny", "prompt": "x" * (5 * 1024 * 1024)}).encode()
     status, _, text = await post(dep, "/v1/completions", raw=big)

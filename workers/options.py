@@ -1,7 +1,11 @@
 """The worker's extra options YAML (TensorRT-LLM's ``--extra_llm_api_options`` schema, plus ours).
 
-Known TensorRT-LLM keys that have no meaning on this engine are accepted and logged; an unknown
-key is an error naming the key and the file. This module does no I/O beyond reading that file.
+The schema (``broker.config.EngineOptions``) is shared with the per-group keys of
+``disagg_config.yaml``. Known TensorRT-LLM keys that mean nothing on this engine are accepted and
+logged once, with the reason; an unknown key or a bad value is a ``ConfigError`` naming the file,
+the dotted key and the value. A file ``broker launch`` wrote carries an ``origin`` entry, and
+then errors and notices name the user's ``disagg_config.yaml`` (or the group's own options file)
+instead. This module does no I/O beyond reading that file.
 """
 from __future__ import annotations
 
@@ -9,15 +13,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import yaml
+from pydantic import ValidationError, create_model
 
-from broker.config import KV_CACHE_KEYS, WORKER_IGNORED, WORKER_KEYS, unknown_key
+from broker.config import (ORIGIN_KEY, EngineOptions, Schema, config_error, engine_notices,
+                           log_not_supported, read_yaml, validated)
 from transfer.config import CacheTransceiverConfig, ConfigError
 
 log = logging.getLogger("workers.options")
-
-# TensorRT-LLM's LLM-API vocabulary, shared with the per-group keys of disagg_config.yaml
-_KNOWN, _IGNORED, _KV_KEYS = WORKER_KEYS, WORKER_IGNORED, KV_CACHE_KEYS
 
 
 @dataclass(frozen=True)
@@ -34,66 +36,70 @@ class WorkerOptions:
     source: str = "<defaults>"
 
 
-def _int(d: dict, key: str, where: str, default: Any, minimum: int = 1) -> Any:
-    v = d.get(key, default)
-    if v is None and default is None:
-        return None
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise ConfigError(f"{where}: {key} must be an integer >= {minimum}, got {v!r}")
-    return v
+class Origin(Schema):
+    """Where the keys of a file ``broker launch`` wrote came from (``broker.config.worker_options``)."""
+    file: str                      # the disagg_config.yaml
+    key: str                       # its server group: context_servers or generation_servers
+    inline: list[str] = []         # the keys the group set there
+    top: list[str] = []            # the keys the file set at its top level, for both groups
+    base: Optional[str] = None     # the group's extra_llm_api_options file, for the other keys
+
+    def at(self, top_key: Any, source: str) -> tuple[str, str]:
+        """(file, dotted prefix) a key with this top-level key is reported against."""
+        if top_key in self.inline:
+            return self.file, f"{self.key}."
+        if top_key in self.top:
+            return self.file, ""
+        return (self.base or source), ""
+
+
+WorkerOptionsSchema = create_model("WorkerOptionsSchema", __base__=EngineOptions,
+                                   **{ORIGIN_KEY: (Optional[Origin], None)})
+_PLAIN = ("max_batch_size", "max_num_tokens", "max_seq_len", "num_threads", "heartbeat_ms", "broker_timeout_ms")
 
 
 def parse_options(raw: Optional[dict], source: str = "<dict>") -> WorkerOptions:
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a map at the top level, got {type(raw).__name__}")
-    for k in raw:
-        if k in _IGNORED:
-            log.info("%s: %s has no effect on this engine; ignored", source, k)
-        elif k not in _KNOWN:
-            raise ConfigError(str(unknown_key(source, k, _KNOWN | _IGNORED)))
-    kv = raw.get("kv_cache_config") or {}
-    if not isinstance(kv, dict):
-        raise ConfigError(f"{source}: kv_cache_config must be a map, got {kv!r}")
-    for k in kv:
-        if k not in _KV_KEYS:
-            raise ConfigError(str(unknown_key(source, f"kv_cache_config.{k}", _KV_KEYS)))
-    block = _int(raw, "tokens_per_block", source, 16)
-    if "tokens_per_block" in kv:     # where newer TensorRT-LLM versions put it
-        kv_block = _int(kv, "tokens_per_block", f"{source}: kv_cache_config", 16)
-        if "tokens_per_block" in raw and kv_block != block:
-            raise ConfigError(f"{source}: tokens_per_block={block} and kv_cache_config.tokens_per_block="
-                              f"{kv_block} disagree")
-        block = kv_block
-    ctc = CacheTransceiverConfig.from_dict(raw.get("cache_transceiver_config"),
-                                           where=f"{source}: cache_transceiver_config")
+    origin = (validated(Origin, raw[ORIGIN_KEY], source, f"{ORIGIN_KEY}.") if raw.get(ORIGIN_KEY) is not None
+              else Origin(file=source, key=""))
+
+    def at(top_key: Any) -> tuple[str, str]:
+        return origin.at(top_key, source)
+
+    try:
+        opts = WorkerOptionsSchema.model_validate(raw)
+    except ValidationError as e:
+        loc = e.errors(include_url=False)[0]["loc"]
+        raise config_error(e, WorkerOptionsSchema, *at(loc[0] if loc else None)) from None
+    for key, reason in engine_notices(opts):
+        where, prefix = at(key.split(".")[0])
+        log_not_supported(where, prefix + key, reason, log)
+    kv = opts.kv_cache_config
+    block = opts.tokens_per_block or 16
+    if kv is not None and kv.tokens_per_block is not None:     # where newer TensorRT-LLM versions put it
+        if opts.tokens_per_block is not None and kv.tokens_per_block != opts.tokens_per_block:
+            where, prefix = at("tokens_per_block")
+            raise ConfigError(f"{where}: {prefix}tokens_per_block={opts.tokens_per_block} and "
+                              f"{prefix}kv_cache_config.tokens_per_block={kv.tokens_per_block} disagree")
+        block = kv.tokens_per_block
+    where, prefix = at("cache_transceiver_config")
+    ctc = CacheTransceiverConfig.from_dict(opts.cache_transceiver_config, where=where,
+                                           prefix=f"{prefix}cache_transceiver_config.")
     ctc.check_block_size(block)
-    opts = WorkerOptions(
-        max_batch_size=_int(raw, "max_batch_size", source, 64),
-        max_num_tokens=_int(raw, "max_num_tokens", source, 512),
-        max_seq_len=_int(raw, "max_seq_len", source, None),
-        tokens_per_block=block,
-        kv_max_tokens=_int(kv, "max_tokens", f"{source}: kv_cache_config", 16384),
-        cache_transceiver=ctc,
-        num_threads=_int(raw, "num_threads", source, 1),
-        heartbeat_ms=_int(raw, "heartbeat_ms", source, 1000, minimum=10),
-        broker_timeout_ms=_int(raw, "broker_timeout_ms", source, 5000, minimum=10),
-        source=source,
-    )
-    if opts.kv_max_tokens < block:
-        raise ConfigError(f"{source}: kv_cache_config.max_tokens={opts.kv_max_tokens} is smaller "
+    kw = {k: getattr(opts, k) for k in _PLAIN if getattr(opts, k) is not None}
+    if kv is not None and kv.max_tokens is not None:
+        kw["kv_max_tokens"] = kv.max_tokens
+    result = WorkerOptions(**kw, tokens_per_block=block, cache_transceiver=ctc, source=source)
+    if result.kv_max_tokens < block:
+        where, prefix = at("kv_cache_config")
+        raise ConfigError(f"{where}: {prefix}kv_cache_config.max_tokens={result.kv_max_tokens} is smaller "
                           f"than one block of {block} tokens")
-    return opts
+    return result
 
 
 def load_options(path: Optional[str]) -> WorkerOptions:
     if not path:
         return parse_options({}, "<defaults>")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read worker options {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return parse_options(raw, path)
+    return parse_options(read_yaml(path, "worker options"), path)
