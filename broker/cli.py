@@ -96,6 +96,13 @@ def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv
     try:
         cfg = load_disagg_config(config) if config else DisaggConfig()
         settings = dataclasses.replace(cfg.broker, **{k: v for k, v in over.items() if v is not None})
+        for name in ("context_servers", "generation_servers"):
+            group = getattr(cfg, name)
+            if group.options or group.extra_llm_api_options:
+                logging.getLogger("broker").warning(
+                    "%s: %s worker options are not used by `broker start` (it starts no workers): "
+                    "`broker launch` passes them, or give them to `worker start "
+                    "--extra-llm-api-options`", cfg.source, name)
         server = BrokerServer(frontend or cfg.frontend, backend or cfg.backend_address, settings)
     except (ConfigError, OSError) as e:
         raise CommandError("broker", str(e)) from None

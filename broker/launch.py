@@ -34,7 +34,7 @@ import yaml
 import zmq
 
 from broker import protocol as p
-from broker.config import DisaggConfig, ServerGroup
+from broker.config import DisaggConfig, worker_options
 
 log = logging.getLogger("broker.launch")
 
@@ -317,23 +317,15 @@ class Launch:
     def frontend(self) -> str:
         return self.server.frontend
 
-    def _options_file(self, name: str, group: ServerGroup) -> Optional[str]:
-        inline = dict(group.options)
-        base = {}
-        if group.extra_llm_api_options:
-            path = group.extra_llm_api_options
-            if not os.path.isabs(path) and self.cfg.source not in ("<dict>", "<defaults>"):
-                path = os.path.join(os.path.dirname(os.path.abspath(self.cfg.source)), path)
-            if not inline:
-                return path
-            with open(path) as f:
-                base = yaml.safe_load(f) or {}
-        if not inline:
-            return None
-        base.update(inline)
+    def _options_file(self, name: str) -> Optional[str]:
+        """The worker options file of one group: its own file as is, or a merged document that
+        carries where each key came from, so a bad value is reported against the user's file."""
+        path, doc = worker_options(self.cfg, name)
+        if doc is None:
+            return path
         out = os.path.join(self.children.tmp.name, f"{name}.yaml")
         with open(out, "w") as f:
-            yaml.safe_dump(base, f)
+            yaml.safe_dump(doc, f)
         return out
 
     @property
@@ -346,7 +338,7 @@ class Launch:
             self.gateway = start_gateway(self.cfg, self.frontend, self.http_port, (self.cfg.model,))
         for name, role, group in (("context_servers", "context", self.cfg.context_servers),
                                   ("generation_servers", "generation", self.cfg.generation_servers)):
-            opts = self._options_file(name, group)
+            opts = self._options_file(name)
             # MPI workers join through Open_port/Connect only when each runs under its own
             # `mpiexec -n 1` (the one the mpich wheel installs beside python)
             prefix = ([os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", "1"]
