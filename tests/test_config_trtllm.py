@@ -322,6 +322,18 @@ def test_a_bad_group_option_is_reported_against_disagg_config_not_the_file_writt
     assert str(e.value).startswith(f"{path}: max_num_tokens=-1"), str(e.value)
 
 
+def test_broker_launch_reports_a_bad_group_option_against_the_users_file(tmp_path):
+    path = write(tmp_path, "disagg.yaml", """\
+        model: tiny
+        context_servers: {num_instances: 1, cache_transceiver_config: {backend: TCP}}
+        generation_servers: {num_instances: 1}
+        """)
+    proc = subprocess.run([sys.executable, "-m", "broker.cli", "launch", "-c", path, "--no-http",
+                           "--ready-timeout", "120"], capture_output=True, text=True, env=_env(), timeout=180)
+    assert proc.returncode != 0
+    assert f"worker: error: {path}: context_servers.cache_transceiver_config.backend='TCP'" in proc.stderr, proc.stderr
+
+
 def test_group_options_over_the_groups_own_file_keep_each_keys_origin(tmp_path):
     from broker.config import worker_options
     from workers.options import parse_options
