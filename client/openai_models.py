@@ -16,8 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
-MAX_INT = 2**31 - 1     # token ids and counts fit a signed 32-bit integer; larger is junk, not a 500
-
+from broker.config import MAX_INT, dotted     # token ids and counts fit a signed 32-bit integer
 
 class HttpError(Exception):
     """An OpenAI-shaped error response: ``{"error": {"message", "type", "param", "code"}}``."""
@@ -263,21 +262,13 @@ class ChatCompletionRequest(_Request):
         return {"messages": [m.plain() for m in self.messages]}
 
 
-def param_of(loc: tuple) -> str:
-    """pydantic's error location as the field path a user reads: ``messages[0].role``."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def parse_request(schema: type, body: dict) -> Any:
     """``body`` as ``schema``, or the ``HttpError`` (400) for its first problem."""
     try:
         return schema.model_validate(body)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
-    param, kind = param_of(err["loc"]), err["type"]
+    param, kind = dotted(err["loc"]), err["type"]
     if kind == "extra_forbidden":
         supported = sorted(k for k in schema.model_fields if k not in IGNORED)
         hint = f"; supported: {', '.join(supported)}" if len(err["loc"]) == 1 else ""
