@@ -18,6 +18,7 @@ from typing_extensions import Annotated
 
 from broker.config import MAX_INT, dotted     # token ids and counts fit a signed 32-bit integer
 
+
 class HttpError(Exception):
     """An OpenAI-shaped error response: ``{"error": {"message", "type", "param", "code"}}``."""
 
