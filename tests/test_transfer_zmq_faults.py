@@ -1,4 +1,5 @@
-"""ZMQ backend under faults: a stopped or killed context worker, late answers, a stalled puller."""
+"""ZMQ backend under faults: a stopped or killed context worker, late answers, a stalled puller,
+a context worker that answers out of protocol."""
 import signal
 import time
 
@@ -8,7 +9,7 @@ import torch
 import zmq
 
 from transfer import messages, zmq_backend
-from transfer.base import KvLayout, TransferError, TransferTimeout, token_view
+from transfer.base import KvLayout, TransferError, TransferTimeout, make_handle, token_view
 from transfer.config import CacheTransceiverConfig
 from transfer.loopback import LoopbackSource, fill_pool
 from transfer.registry import create_sink, create_source
@@ -195,6 +196,72 @@ def test_release_with_a_stalled_puller_stops_reading_the_blocks(closing, monkeyp
         r = wait_result(sink)
         assert r.ok, r.error
         assert same_blocks(pool, lay, [2, 3], [64, 65], 66, 6)
+    finally:
+        ctx.destroy(linger=0)
+
+
+class _FakeContextWorker:
+    """A raw ROUTER that plays the context worker by hand, polling the sink while it waits."""
+
+    def __init__(self, ctx, sink):
+        self.sink = sink
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.endpoint = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+        self.ident = None
+
+    def request(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not self.router.poll(5):
+            assert self.sink.poll() == [], "the pull finished while the source said nothing"
+            assert time.monotonic() < deadline, "no request from the sink"
+        self.ident, *frames = self.router.recv_multipart()
+        return messages.decode_request(frames)
+
+    def send(self, *frames):
+        self.router.send_multipart([self.ident, *frames])
+
+    def answer(self, msg, *data):
+        self.send(*messages.encode(msg), *data)
+
+
+@pytest.mark.timeout(60)
+def test_sink_drops_stray_and_malformed_answers_and_fails_a_wrong_sized_frame(closing):
+    cfg = CacheTransceiverConfig(backend="ZMQ", kv_transfer_timeout_ms=20_000)
+    pool = empty_pool(LAYOUT, 4)
+    sink = closing(create_sink(cfg, pool, LAYOUT))
+    ctx = zmq.Context()
+    try:
+        src = _FakeContextWorker(ctx, sink)
+        sink.start_pull("p", make_handle("ZMQ", src.endpoint, "t", [0, 1], 20, LAYOUT), [2, 3])
+        hello, start = src.request(), src.request()
+        assert isinstance(hello, messages.Hello) and isinstance(start, messages.Start)
+        src.answer(messages.Welcome(hello.seq, messages.NoInfo()))
+        src.answer(messages.Ack(start.seq))
+        rnd = src.request()
+        assert isinstance(rnd, messages.Round) and rnd.tid == "t" and len(rnd.frames) == 1
+        (off, n, tag), = rnd.frames
+        assert (off, n) == (0, 2 * LAYOUT.block_nbytes)
+        good = bytes(range(256)) * (n // 256)
+        src.send(b"junk")                                              # malformed: dropped
+        src.send(messages.MAGIC, messages._encoder.encode(["chunk", tag, 0]))   # out of range
+        src.answer(messages.Chunk(tag + 1000, n), b"x" * n)            # no such frame: unread
+        src.answer(messages.Ack(987654))                               # nobody's request
+        src.answer(messages.Chunk(tag, n), good)
+        done = src.request()
+        assert isinstance(done, messages.Done) and done.tid == "t"
+        src.answer(messages.Ack(done.seq))
+        r = wait_result(sink)
+        assert r.ok, r.error
+        assert pool.view(torch.uint8)[2:4].numpy().tobytes() == good and not pool[:2].any()
+        sink.start_pull("q", make_handle("ZMQ", src.endpoint, "u", [1], 16, LAYOUT), [0])
+        start = src.request()                                          # the peer is cached
+        src.answer(messages.Ack(start.seq))
+        (_, n, tag), = src.request().frames
+        src.answer(messages.Chunk(tag, n), b"x" * (n - 1))             # one byte short
+        r = wait_result(sink)
+        assert not r.ok and f"frame of {n - 1} bytes" in str(r.error), r.error
+        assert f"expected {n}" in str(r.error) and sink.num_active == 0
     finally:
         ctx.destroy(linger=0)
 

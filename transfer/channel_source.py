@@ -184,8 +184,10 @@ class ChannelSource(KvSource, SourceLink):
         try:
             while True:
                 busy = self._plane.busy()
-                with self._lock:
-                    active = any(r.started is not None for r in self._regs.values())
+                active = False
+                if self._plane.tick and not busy:
+                    with self._lock:
+                        active = any(r.started is not None for r in self._regs.values())
                 ready = dict(self._poller.poll(0 if busy and self._plane.spin else
                                                1 if busy or active else 200))
                 if wake in ready:

@@ -37,6 +37,8 @@ class SourcePlane:
 
     push = False
     spin = False          # progress without sleeping while busy (the sender moves the bytes)
+    tick = True           # progress every 1 ms while a transfer runs (its library needs the
+                          # target's progress calls: NIXL, UCX, MPI); False: only when busy
     peer_info_type: type = NoInfo     # what a sink's Hello must carry
 
     def attach(self, link: SourceLink) -> None:

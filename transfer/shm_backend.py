@@ -39,6 +39,8 @@ def host_id() -> str:
 
 
 class ShmSourcePlane(SourcePlane):
+    tick = False                  # the sink copies; nothing here moves
+
     def __init__(self, pool: torch.Tensor) -> None:
         storage = pool.untyped_storage()
         if torch.multiprocessing.get_sharing_strategy() != "file_descriptor":

@@ -43,6 +43,7 @@ def _sent(trackers: list, seconds: float) -> bool:
 
 class ZmqSourcePlane(SourcePlane):
     push = True
+    tick = False                                  # ZeroMQ's I/O thread moves the bytes
 
     def __init__(self, pool: torch.Tensor) -> None:
         self.flat = pool.reshape(-1).numpy()      # shares the pool's memory
