@@ -6,7 +6,7 @@ Two processes started without ``mpiexec`` ("singletons") cannot join each other;
 at most one side is a singleton can (the tests start the context side under ``mpiexec`` and keep
 the generation side in the test process). No shared ``mpiexec``, hostfile or name server is
 needed: the context worker opens an MPI port (``Open_port``) and hands its name to each sink on
-the control channel's "hello" (``channel.py``); the sink ``Connect``s in a helper thread (with
+the control channel's Hello (``channel.py``); the sink ``Connect``s in a helper thread (with
 MPICH's connect timeout) and identifies itself with a token; the context side ``Accept``s in an
 acceptor thread, one accept per hello (``Accept`` has no timeout: an accept whose sink died
 waits for the next sink and is never waited on). Per round the sink posts ``Irecv``s straight

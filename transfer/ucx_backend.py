@@ -1,6 +1,6 @@
 """The UCX transfer backend, through UCXX (the maintained successor of the archived ucx-py).
 
-Fast path only: the two workers swap UCX worker addresses on the control channel's "hello"
+Fast path only: the two workers swap UCX worker addresses on the control channel's Hello
 (``channel.py``) and each creates an endpoint to the other with endpoint error handling off (the
 listener API would fall back to TCP). Per round the generation side posts one tagged receive per
 frame straight into its blocks (or a staging buffer when the block sizes differ), then asks the
