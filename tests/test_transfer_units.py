@@ -1,9 +1,11 @@
-"""Pure parts of the transfer package: planning, layout, handle, config, backend selection."""
+"""Pure parts of the transfer package: planning, layout, handle, config, backend selection, the
+control channel's messages."""
 import logging
 
 import pytest
 import torch
 
+from transfer import messages as m
 from transfer import registry
 from transfer.base import BackendUnavailable, KvLayout, TransferError, parse_handle, pool_bytes
 from transfer.config import CacheTransceiverConfig, ConfigError
@@ -156,3 +158,69 @@ def test_create_checks_the_buffer_against_the_block_size():
     cfg = CacheTransceiverConfig(backend="FAKE", max_tokens_in_buffer=24)
     with pytest.raises(ConfigError, match="multiple of the KV block size 16"):
         registry.create_sink(cfg, torch.zeros(4, 2, 2, 16, 2, 8), LAYOUT)
+
+
+MESSAGES = [m.Hello(1, m.NoInfo()), m.Hello(2, m.UcxInfo(b"addr")), m.Start(3, "t"),
+            m.Round(4, "t", [(0, 10, 7), (4096, 1, 2**63 - 1)]), m.Done(5, "t"),
+            m.Welcome(6, m.ShmInfo(pid=9, fd=3, nbytes=100, offset=8, host="h")),
+            m.Welcome(7, m.NixlInfo(b"md", 2**64 - 1, 5, "VRAM", 1)),
+            m.Welcome(8, m.MpiInfo("port", "token")), m.Ack(9), m.Refused(10, "why"),
+            m.Chunk(11, 4096)]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda msg: type(msg).__name__)
+def test_messages_round_trip_through_their_typed_decoder(msg):
+    frames = m.encode(msg)
+    assert frames[0] == m.MAGIC
+    if isinstance(msg, (m.Hello, m.Start, m.Round, m.Done)):
+        assert m.decode_request(frames) == msg
+        with pytest.raises(m.Malformed):              # a request is never an answer
+            m.decode_answer(frames[1])
+    else:
+        assert m.decode_answer(frames[1]) == msg
+        with pytest.raises(m.Malformed):
+            m.decode_request(frames)
+
+
+def _raw(*fields):
+    """A message body built by hand, as a peer that does not follow the types could send it."""
+    return m._encoder.encode(list(fields))
+
+
+@pytest.mark.parametrize("frames,words", [
+    ([b"KVX1", _raw("start", 1, "t")], "frames"),
+    ([m.MAGIC], "1 frames"),
+    ([m.MAGIC, _raw("start", 1, "t"), b"x"], "3 frames"),
+    ([m.MAGIC, b"\xc1"], "invalid"),
+    ([m.MAGIC, _raw("pull", 1, "t")], "pull"),
+    ([m.MAGIC, _raw("start", -1, "t")], ">= 0"),
+    ([m.MAGIC, _raw("start", 1, "")], "length >= 1"),
+    ([m.MAGIC, _raw("start", 1, "x" * 1025)], "length <= 1024"),
+    ([m.MAGIC, _raw("start", 1, 7)], "Expected `str`"),
+    ([m.MAGIC, _raw("start", 1)], "at least length 3"),
+    ([m.MAGIC, _raw("round", 1, "t", [[0, 0, 1]])], ">= 1"),
+    ([m.MAGIC, _raw("round", 1, "t", [[-8, 1, 1]])], ">= 0"),
+    ([m.MAGIC, _raw("round", 1, "t", [[0, 2**41, 1]])], "<= 1099511627776"),
+    ([m.MAGIC, _raw("round", 1, "t", [[0, 1]])], "length 3"),
+    ([m.MAGIC, _raw("round", 1, "t", [[0, 1, 1]] * (m.MAX_FRAMES + 1))], "length <= 65536"),
+    ([m.MAGIC, _raw("round", 1, "t", [[[0], 1, 1]])], "Expected `int`"),
+    ([m.MAGIC, _raw("hello", 1, {"address": b"x"})], "Expected `array`"),
+    ([m.MAGIC, _raw("hello", 1, ["ucx", b"x" * (m.MAX_BLOB_BYTES + 1)])], "length <= 1048576"),
+    ([m.MAGIC, _raw("hello", 1, ["pickle", b"x"])], "pickle"),
+    ([m.MAGIC, b"\x00" * (m.MAX_MESSAGE_BYTES + 1)], "at most"),
+])
+def test_a_request_out_of_type_or_range_is_malformed(frames, words):
+    with pytest.raises(m.Malformed, match=words.replace("`", ".").replace("[", ".")):
+        m.decode_request(frames)
+
+
+@pytest.mark.parametrize("body,words", [
+    (_raw("chunk", 1, 0), ">= 1"),
+    (_raw("refused", 1, "x" * (m.MAX_ERROR_CHARS + 1)), "length <= 4096"),
+    (_raw("welcome", 1, ["shm", 0, 3, 1, 0, "h"]), ">= 1"),
+    (_raw("welcome", 1, ["nixl", b"", 0, 1, "HBM", 0]), "Invalid enum value .HBM."),
+    (_raw("ack", "1"), "Expected `int`"),
+])
+def test_an_answer_out_of_type_or_range_is_malformed(body, words):
+    with pytest.raises(m.Malformed, match=words.replace("`", ".")):
+        m.decode_answer(body)

@@ -1,14 +1,15 @@
-"""ZMQ backend under faults: a stopped or killed context worker, late answers, a stalled puller."""
+"""ZMQ backend under faults: a stopped or killed context worker, late answers, a stalled puller,
+a context worker that answers out of protocol."""
 import signal
 import time
 
-import msgpack
+import msgspec
 import pytest
 import torch
 import zmq
 
-from transfer import zmq_backend
-from transfer.base import KvLayout, TransferError, TransferTimeout, token_view
+from transfer import messages, zmq_backend
+from transfer.base import KvLayout, TransferError, TransferTimeout, make_handle, token_view
 from transfer.config import CacheTransceiverConfig
 from transfer.loopback import LoopbackSource, fill_pool
 from transfer.registry import create_sink, create_source
@@ -88,6 +89,7 @@ def test_source_killed_mid_transfer_fails_fast_with_a_clear_error(closing):
         deadline = time.monotonic() + 20
         while sink.rounds_done < 1:          # one round of 512 has arrived: kill it mid-way
             assert time.monotonic() < deadline
+            sink.poll()                      # a result here leaves num_active at 0: caught below
         src.signal(signal.SIGSTOP)
         assert sink.num_active == 1, "the transfer finished before the kill"
         killed = time.monotonic()
@@ -107,14 +109,30 @@ def _raw_puller(ctx, endpoint, **opts):
     return sock
 
 
-def _ask(sock, **body):
-    sock.send_multipart([zmq_backend.MAGIC, msgpack.packb(body)])
+def _ask(sock, msg):
+    sock.send_multipart(messages.encode(msg))
 
 
 def _answer(sock, timeout_ms=10_000):
+    """(the answer as a dict of its fields, the frames after it)"""
     assert sock.poll(timeout_ms), "no answer"
     frames = sock.recv_multipart()
-    return msgpack.unpackb(frames[1]), frames[2:]
+    assert frames[0] == messages.MAGIC
+    return msgspec.structs.asdict(messages.decode_answer(frames[1])), frames[2:]
+
+
+def _pull(sock, seq, tid, block, nblocks, lay, frame_bytes=1 << 20):
+    """A raw pull of blocks ``[block, block + nblocks)``: Start, then one Round of frames tagged
+    0, 1, ... (the Start's Ack is read here; the Round is answered by frames or a refusal)."""
+    _ask(sock, messages.Start(seq, tid))
+    ack = _answer(sock)[0]
+    if "error" in ack:
+        return ack
+    off, size = block * lay.block_nbytes, nblocks * lay.block_nbytes
+    frames = [(off + o, min(frame_bytes, size - o), i)
+              for i, o in enumerate(range(0, size, frame_bytes))]
+    _ask(sock, messages.Round(seq + 1, tid, frames))
+    return None
 
 
 @pytest.mark.timeout(60)
@@ -126,11 +144,12 @@ def test_source_expires_a_started_transfer_and_refuses_it_afterwards(closing):
     try:
         sock = _raw_puller(ctx, source.endpoint)
         sock.send_multipart([b"junk"])        # malformed: dropped, the source keeps going
-        _ask(sock, op="pull", seq=1, tid="t", segs=[[3, 1]], frame_bytes=1 << 20)
+        sock.send_multipart(messages.encode(messages.Start(1, "t"))[:1] + [b"\x93\xa5start"])
+        _pull(sock, 1, "t", 3, 1, LAYOUT)
         header, data = _answer(sock)
-        assert header == {"seq": 1, "i": 0, "n": 1, "nbytes": LAYOUT.block_nbytes}
+        assert header == {"tag": 0, "nbytes": LAYOUT.block_nbytes}
         assert bytes(data[0]) == fill_pool(LAYOUT, 8, 5)[3].numpy().tobytes()
-        _ask(sock, op="pull", seq=2, tid="t", segs=[[5, 1]], frame_bytes=1 << 20)
+        _pull(sock, 3, "t", 5, 1, LAYOUT)
         assert "outside transfer" in _answer(sock)[0]["error"]
         events, deadline = [], time.monotonic() + 10
         while not events:
@@ -139,9 +158,8 @@ def test_source_expires_a_started_transfer_and_refuses_it_afterwards(closing):
             time.sleep(0.005)
         assert [(e.kind, e.transfer_id) for e in events] == [("expired", "t")]
         assert source.num_registered == 0
-        _ask(sock, op="pull", seq=3, tid="t", segs=[[4, 1]], frame_bytes=1 << 20)
-        header, _ = _answer(sock)
-        assert header["seq"] == 3 and "no longer holds the KV for transfer 't'" in header["error"]
+        header = _pull(sock, 5, "t", 4, 1, LAYOUT)
+        assert header["seq"] == 5 and "no longer holds the KV for transfer 't'" in header["error"]
     finally:
         ctx.destroy(linger=0)
 
@@ -157,13 +175,13 @@ def test_release_with_a_stalled_puller_stops_reading_the_blocks(closing, monkeyp
     ctx = zmq.Context()
     try:
         stalled = _raw_puller(ctx, source.endpoint, RCVHWM=1, RCVBUF=1 << 16)
-        _ask(stalled, op="pull", seq=1, tid="t", segs=[[0, 64]], frame_bytes=8 << 20)
+        _pull(stalled, 1, "t", 0, 64, lay, frame_bytes=8 << 20)
+        frames = 64 * lay.block_nbytes // (8 << 20)
         deadline = time.monotonic() + 10
         while True:                                       # wait until the frames are queued
-            with source._lock:
-                reg = source._regs["t"]
-                trackers = [t for t in reg.trackers if not t.done]
-            if len(reg.served) == 64:
+            trackers = list(source._plane.sends.get("t", []))
+            if len(trackers) == frames:
+                trackers = [t for t in trackers if not t.done]
                 break
             assert time.monotonic() < deadline
             time.sleep(0.005)
@@ -178,6 +196,72 @@ def test_release_with_a_stalled_puller_stops_reading_the_blocks(closing, monkeyp
         r = wait_result(sink)
         assert r.ok, r.error
         assert same_blocks(pool, lay, [2, 3], [64, 65], 66, 6)
+    finally:
+        ctx.destroy(linger=0)
+
+
+class _FakeContextWorker:
+    """A raw ROUTER that plays the context worker by hand, polling the sink while it waits."""
+
+    def __init__(self, ctx, sink):
+        self.sink = sink
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.endpoint = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+        self.ident = None
+
+    def request(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not self.router.poll(5):
+            assert self.sink.poll() == [], "the pull finished while the source said nothing"
+            assert time.monotonic() < deadline, "no request from the sink"
+        self.ident, *frames = self.router.recv_multipart()
+        return messages.decode_request(frames)
+
+    def send(self, *frames):
+        self.router.send_multipart([self.ident, *frames])
+
+    def answer(self, msg, *data):
+        self.send(*messages.encode(msg), *data)
+
+
+@pytest.mark.timeout(60)
+def test_sink_drops_stray_and_malformed_answers_and_fails_a_wrong_sized_frame(closing):
+    cfg = CacheTransceiverConfig(backend="ZMQ", kv_transfer_timeout_ms=20_000)
+    pool = empty_pool(LAYOUT, 4)
+    sink = closing(create_sink(cfg, pool, LAYOUT))
+    ctx = zmq.Context()
+    try:
+        src = _FakeContextWorker(ctx, sink)
+        sink.start_pull("p", make_handle("ZMQ", src.endpoint, "t", [0, 1], 20, LAYOUT), [2, 3])
+        hello, start = src.request(), src.request()
+        assert isinstance(hello, messages.Hello) and isinstance(start, messages.Start)
+        src.answer(messages.Welcome(hello.seq, messages.NoInfo()))
+        src.answer(messages.Ack(start.seq))
+        rnd = src.request()
+        assert isinstance(rnd, messages.Round) and rnd.tid == "t" and len(rnd.frames) == 1
+        (off, n, tag), = rnd.frames
+        assert (off, n) == (0, 2 * LAYOUT.block_nbytes)
+        good = bytes(range(256)) * (n // 256)
+        src.send(b"junk")                                              # malformed: dropped
+        src.send(messages.MAGIC, messages._encoder.encode(["chunk", tag, 0]))   # out of range
+        src.answer(messages.Chunk(tag + 1000, n), b"x" * n)            # no such frame: unread
+        src.answer(messages.Ack(987654))                               # nobody's request
+        src.answer(messages.Chunk(tag, n), good)
+        done = src.request()
+        assert isinstance(done, messages.Done) and done.tid == "t"
+        src.answer(messages.Ack(done.seq))
+        r = wait_result(sink)
+        assert r.ok, r.error
+        assert pool.view(torch.uint8)[2:4].numpy().tobytes() == good and not pool[:2].any()
+        sink.start_pull("q", make_handle("ZMQ", src.endpoint, "u", [1], 16, LAYOUT), [0])
+        start = src.request()                                          # the peer is cached
+        src.answer(messages.Ack(start.seq))
+        (_, n, tag), = src.request().frames
+        src.answer(messages.Chunk(tag, n), b"x" * (n - 1))             # one byte short
+        r = wait_result(sink)
+        assert not r.ok and f"frame of {n - 1} bytes" in str(r.error), r.error
+        assert f"expected {n}" in str(r.error) and sink.num_active == 0
     finally:
         ctx.destroy(linger=0)
 

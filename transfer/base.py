@@ -23,6 +23,8 @@ from .plan import token_runs
 
 log = logging.getLogger("transfer")
 
+MAX_ID_CHARS = 1024      # a transfer id: it travels on the control channel (messages.py)
+
 
 class TransferError(Exception):
     """A KV transfer that failed; ``code`` is the protocol error code the worker reports."""
@@ -214,6 +216,22 @@ def parse_handle(handle: Any, backend: str) -> KvHandle:
                     handle["num_tokens"], layout)
 
 
+def check_pull(pull_id: str, handle: Any, dest_block_ids: Any, backend: str, layout: KvLayout,
+               num_blocks: int, running: dict,
+               check_handle: Optional[Callable[[dict, KvHandle], None]] = None) -> tuple:
+    """What every sink checks before a pull starts, in this order: the handle (then the
+    backend's own ``check_handle``), the two layouts, the destination blocks, a duplicate pull
+    id. Returns ``(KvHandle, destination block ids holding its tokens)``; raises TransferError."""
+    h = parse_handle(handle, backend)
+    if check_handle is not None:
+        check_handle(handle, h)
+    layout.check_compatible(h.layout)
+    dst = check_block_ids(dest_block_ids, h.num_tokens, layout, num_blocks, "dest_block_ids")
+    if pull_id in running:
+        raise TransferError(f"pull {pull_id!r} is already running")
+    return h, dst
+
+
 # ---------------------------------------------------------------------------------------------
 # results and the two contracts
 
@@ -247,8 +265,9 @@ class Registrations(dict):
         self._factory = factory
 
     def add(self, transfer_id: str, block_ids: list, num_tokens: int) -> Registration:
-        if not isinstance(transfer_id, str) or not transfer_id:
-            raise TransferError(f"invalid transfer_id {transfer_id!r}: expected a non-empty string")
+        if not isinstance(transfer_id, str) or not 0 < len(transfer_id) <= MAX_ID_CHARS:
+            raise TransferError(f"invalid transfer_id {transfer_id!r:.80}: expected a string of "
+                                f"1-{MAX_ID_CHARS} characters")
         ids = check_block_ids(block_ids, num_tokens, self._layout, self._num_blocks, "block_ids")
         with self.lock:
             if transfer_id in self:

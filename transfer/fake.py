@@ -16,8 +16,7 @@ from typing import Union
 import torch
 
 from .base import (KvLayout, KvSink, KvSource, PullResult, Registration, Registrations,
-                   TransferError,
-                   TransferTimeout, check_block_ids, copy_tokens, make_handle, parse_handle,
+                   TransferError, TransferTimeout, check_pull, copy_tokens, make_handle,
                    pool_bytes, token_view)
 from .config import CacheTransceiverConfig
 from .plan import buffer_blocks, plan_rounds
@@ -85,12 +84,8 @@ class FakeSink(KvSink):
         self.rounds_done = 0                    # rounds copied, for tests of chunking
 
     def start_pull(self, pull_id: str, handle: dict, dest_block_ids: list) -> None:
-        h = parse_handle(handle, BACKEND)
-        self.layout.check_compatible(h.layout)
-        dst = check_block_ids(dest_block_ids, h.num_tokens, self.layout, self.pool.shape[0],
-                              "dest_block_ids")
-        if pull_id in self._pulls:
-            raise TransferError(f"pull {pull_id!r} is already running")
+        h, dst = check_pull(pull_id, handle, dest_block_ids, BACKEND, self.layout,
+                            self.pool.shape[0], self._pulls)
         pull = _Pull(pull_id, h, dst, time.monotonic())
         self._pulls[pull_id] = pull
         try:

@@ -6,7 +6,7 @@ Two processes started without ``mpiexec`` ("singletons") cannot join each other;
 at most one side is a singleton can (the tests start the context side under ``mpiexec`` and keep
 the generation side in the test process). No shared ``mpiexec``, hostfile or name server is
 needed: the context worker opens an MPI port (``Open_port``) and hands its name to each sink on
-the control channel's "hello" (``channel.py``); the sink ``Connect``s in a helper thread (with
+the control channel's Hello (``channel.py``); the sink ``Connect``s in a helper thread (with
 MPICH's connect timeout) and identifies itself with a token; the context side ``Accept``s in an
 acceptor thread, one accept per hello (``Accept`` has no timeout: an accept whose sink died
 waits for the next sink and is never waited on). Per round the sink posts ``Irecv``s straight
@@ -28,8 +28,10 @@ if not hasattr(mpi4py, "MPI"):               # only before MPI is initialised
 from mpi4py import MPI                                                # noqa: E402
 import torch                                                          # noqa: E402
 
-from .base import KvLayout, KvSink, KvSource, TransferError          # noqa: E402
-from .channel import RELEASE_WAIT_S, ChannelSink, ChannelSource, SinkPlane, SourcePlane  # noqa
+from .base import TransferError                                      # noqa: E402
+from .channel import channel_backend                                 # noqa: E402
+from .messages import MpiInfo                                        # noqa: E402
+from .planes import RELEASE_WAIT_S, SinkPlane, SourcePlane           # noqa: E402
 
 log = logging.getLogger(__name__)
 BACKEND = "MPI"
@@ -128,11 +130,11 @@ class MpiSourcePlane(SourcePlane):
                 self.comms[token] = comm
                 self.lock.notify_all()
 
-    def hello(self, peer: bytes, info: dict) -> dict:
+    def hello(self, peer: bytes, info: object) -> MpiInfo:
         token = uuid.uuid4().hex
         self.tokens[peer] = token
         self.wanted.release()
-        return {"port": self.port, "token": token}
+        return MpiInfo(self.port, token)
 
     def serve(self, peer: bytes, tid: str, frames: list) -> None:
         token = self.tokens.get(peer)
@@ -181,13 +183,15 @@ class _Conn:
 
 class MpiSinkPlane(SinkPlane):
     push = True
+    frame_bytes = 1 << 30          # one tagged message per frame (< 2 GiB: MPI counts are ints)
+    info_type = MpiInfo
 
     def __init__(self, pool: torch.Tensor) -> None:
         _check_threads()
 
-    def connect(self, endpoint: str, info: dict) -> _Conn:
+    def connect(self, endpoint: str, info: MpiInfo) -> _Conn:
         conn = _Conn()
-        port, token = str(info["port"]), str(info["token"]).encode()
+        port, token = info.port, info.token.encode()
 
         def run() -> None:
             try:
@@ -234,23 +238,4 @@ class MpiSinkPlane(SinkPlane):
             log.error("MPI: receives still in flight after cancelling them")
 
 
-class MpiSource(ChannelSource):
-    BACKEND = BACKEND
-
-    def make_plane(self, pool: torch.Tensor) -> SourcePlane:
-        return MpiSourcePlane(pool)
-
-
-class MpiSink(ChannelSink):
-    BACKEND = BACKEND
-
-    def make_plane(self, pool: torch.Tensor) -> SinkPlane:
-        return MpiSinkPlane(pool)
-
-
-def make_source(cfg, pool: torch.Tensor, layout: KvLayout, *, host: str = "127.0.0.1") -> KvSource:
-    return MpiSource(cfg, pool, layout, host=host)
-
-
-def make_sink(cfg, pool: torch.Tensor, layout: KvLayout) -> KvSink:
-    return MpiSink(cfg, pool, layout)
+make_source, make_sink = channel_backend(BACKEND, MpiSourcePlane, MpiSinkPlane)

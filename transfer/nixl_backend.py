@@ -22,8 +22,10 @@ os.environ.setdefault("UCX_MODULES", "^efa")      # a bundled UCX module crashes
 import numpy as np                                 # noqa: E402
 import torch                                       # noqa: E402
 
-from .base import KvLayout, KvSink, KvSource, TransferError          # noqa: E402
-from .channel import RELEASE_WAIT_S, ChannelSink, ChannelSource, SinkPlane, SourcePlane  # noqa
+from .base import TransferError                                      # noqa: E402
+from .channel import channel_backend                                 # noqa: E402
+from .messages import NixlInfo                                       # noqa: E402
+from .planes import RELEASE_WAIT_S, SinkPlane, SourcePlane           # noqa: E402
 
 try:
     from nixl_cu12 import nixl_agent, nixl_agent_config             # noqa: E402
@@ -56,10 +58,10 @@ class NixlSourcePlane(SourcePlane):
         self.pool = pool
         self.reg = self.agent.register_memory(pool)
         mem, dev = _mem(pool)
-        self.info = {"metadata": self.agent.get_agent_metadata(), "addr": pool.data_ptr(),
-                     "nbytes": pool.numel(), "mem": mem, "dev": dev}
+        self.info = NixlInfo(metadata=bytes(self.agent.get_agent_metadata()),
+                             addr=pool.data_ptr(), nbytes=pool.numel(), mem=mem, dev=dev)
 
-    def hello(self, peer: bytes, info: dict) -> dict:
+    def hello(self, peer: bytes, info: object) -> NixlInfo:
         return self.info
 
     def progress(self) -> None:
@@ -75,17 +77,19 @@ class _Read:
 
 
 class NixlSinkPlane(SinkPlane):
+    info_type = NixlInfo
+
     def __init__(self, pool: torch.Tensor) -> None:
         self.agent = _agent("gen")
         self.pool = pool
         self.device = pool.device.type
         self.regs = {id(pool): self.agent.register_memory(pool)}
 
-    def connect(self, endpoint: str, info: dict) -> dict:
+    def connect(self, endpoint: str, info: NixlInfo) -> dict:
         try:
-            name = self.agent.add_remote_agent(bytes(info["metadata"]))
-            return {"name": name, "addr": int(info["addr"]), "mem": str(info["mem"]),
-                    "dev": int(info["dev"]), "endpoint": endpoint}
+            name = self.agent.add_remote_agent(info.metadata)
+            return {"name": name, "addr": info.addr, "mem": info.mem, "dev": info.dev,
+                    "endpoint": endpoint}
         except Exception as exc:
             raise TransferError(f"cannot load the NIXL metadata of the context worker at "
                                 f"{endpoint}: {exc}") from exc
@@ -171,25 +175,5 @@ class NixlSinkPlane(SinkPlane):
         self.regs.clear()
 
 
-class NixlSource(ChannelSource):
-    BACKEND = BACKEND
-    DEVICES = ("cpu", "cuda")
-
-    def make_plane(self, pool: torch.Tensor) -> SourcePlane:
-        return NixlSourcePlane(pool)
-
-
-class NixlSink(ChannelSink):
-    BACKEND = BACKEND
-    DEVICES = ("cpu", "cuda")
-
-    def make_plane(self, pool: torch.Tensor) -> SinkPlane:
-        return NixlSinkPlane(pool)
-
-
-def make_source(cfg, pool: torch.Tensor, layout: KvLayout, *, host: str = "127.0.0.1") -> KvSource:
-    return NixlSource(cfg, pool, layout, host=host)
-
-
-def make_sink(cfg, pool: torch.Tensor, layout: KvLayout) -> KvSink:
-    return NixlSink(cfg, pool, layout)
+make_source, make_sink = channel_backend(BACKEND, NixlSourcePlane, NixlSinkPlane,
+                                         devices=("cpu", "cuda"))

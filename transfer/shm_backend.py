@@ -7,7 +7,7 @@ When the source is created, the context worker's pool is moved into shared memor
 killed worker leaks nothing; every view of the pool follows the move). A sink maps that file
 read-only through ``/proc/PID/fd/FD`` once per peer. KV handles carry a host id (machine id and
 boot id): a sink on another host refuses them with a clear error. Start, end and expiry travel on
-the control channel of ``channel.py``; "done" is accepted only while the source still holds the
+the control channel of ``channel.py``; Done is accepted only while the source still holds the
 transfer, so blocks read after an expiry or a release are never used.
 """
 from __future__ import annotations
@@ -18,8 +18,10 @@ import os
 import numpy as np
 import torch
 
-from .base import KvLayout, KvSink, KvSource, TransferError
-from .channel import ChannelSink, ChannelSource, SinkPlane, SourcePlane
+from .base import KvHandle, TransferError
+from .channel import channel_backend
+from .messages import ShmInfo
+from .planes import SinkPlane, SourcePlane
 
 BACKEND = "SHM"
 
@@ -37,6 +39,8 @@ def host_id() -> str:
 
 
 class ShmSourcePlane(SourcePlane):
+    tick = False                  # the sink copies; nothing here moves
+
     def __init__(self, pool: torch.Tensor) -> None:
         storage = pool.untyped_storage()
         if torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
@@ -45,30 +49,39 @@ class ShmSourcePlane(SourcePlane):
         if not storage.is_shared():
             storage.share_memory_()           # moves the pool into shared memory, in place
         fd, size = storage._share_fd_cpu_()[:2]
-        self.info = {"pid": os.getpid(), "fd": int(fd), "nbytes": int(size),
-                     "offset": pool.data_ptr() - storage.data_ptr(), "host": host_id()}
+        self.info = ShmInfo(pid=os.getpid(), fd=int(fd), nbytes=int(size),
+                            offset=pool.data_ptr() - storage.data_ptr(), host=host_id())
 
-    def hello(self, peer: bytes, info: dict) -> dict:
+    def hello(self, peer: bytes, info: object) -> ShmInfo:
         return self.info
+
+    def handle_extra(self) -> dict:
+        return {"host": self.info.host}
 
 
 class ShmSinkPlane(SinkPlane):
+    info_type = ShmInfo
+
     def __init__(self, pool: torch.Tensor) -> None:
         self.host = host_id()
 
-    def connect(self, endpoint: str, info: dict) -> dict:
-        if info.get("host") != self.host:
-            raise TransferError(_other_host(endpoint, info.get("host"), self.host))
-        path = f"/proc/{int(info['pid'])}/fd/{int(info['fd'])}"
+    def check_handle(self, handle: dict, h: KvHandle) -> None:
+        if handle.get("host") != self.host:
+            raise TransferError(_other_host(h.endpoint, handle.get("host"), self.host))
+
+    def connect(self, endpoint: str, info: ShmInfo) -> dict:
+        if info.host != self.host:
+            raise TransferError(_other_host(endpoint, info.host, self.host))
+        path = f"/proc/{info.pid}/fd/{info.fd}"
         try:
             with open(path, "rb") as f:
-                mapped = mmap.mmap(f.fileno(), int(info["nbytes"]), prot=mmap.PROT_READ,
+                mapped = mmap.mmap(f.fileno(), info.nbytes, prot=mmap.PROT_READ,
                                    flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         except (OSError, ValueError) as exc:
             raise TransferError(f"cannot map the KV pool of the context worker at {endpoint} "
                                 f"({path}): {exc}; the SHM backend needs both workers on one "
                                 "host, in one PID namespace, as the same user") from exc
-        src = np.frombuffer(mapped, dtype=np.uint8)[int(info["offset"]):]
+        src = np.frombuffer(mapped, dtype=np.uint8)[info.offset:]
         return {"map": mapped, "src": src, "endpoint": endpoint}
 
     def forget(self, conn: dict) -> None:
@@ -94,31 +107,4 @@ def _other_host(endpoint: str, theirs: object, ours: str) -> str:
             f"{ours!r}; use the NIXL, UCX, MPI or ZMQ backend across hosts")
 
 
-class ShmSource(ChannelSource):
-    BACKEND = BACKEND
-
-    def make_plane(self, pool: torch.Tensor) -> SourcePlane:
-        self._host = host_id()
-        return ShmSourcePlane(pool)
-
-    def handle_extra(self) -> dict:
-        return {"host": self._host}
-
-
-class ShmSink(ChannelSink):
-    BACKEND = BACKEND
-
-    def make_plane(self, pool: torch.Tensor) -> SinkPlane:
-        return ShmSinkPlane(pool)
-
-    def check_handle(self, handle: dict, h) -> None:
-        if handle.get("host") != self._plane.host:
-            raise TransferError(_other_host(h.endpoint, handle.get("host"), self._plane.host))
-
-
-def make_source(cfg, pool: torch.Tensor, layout: KvLayout, *, host: str = "127.0.0.1") -> KvSource:
-    return ShmSource(cfg, pool, layout, host=host)
-
-
-def make_sink(cfg, pool: torch.Tensor, layout: KvLayout) -> KvSink:
-    return ShmSink(cfg, pool, layout)
+make_source, make_sink = channel_backend(BACKEND, ShmSourcePlane, ShmSinkPlane)

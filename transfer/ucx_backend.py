@@ -1,6 +1,6 @@
 """The UCX transfer backend, through UCXX (the maintained successor of the archived ucx-py).
 
-Fast path only: the two workers swap UCX worker addresses on the control channel's "hello"
+Fast path only: the two workers swap UCX worker addresses on the control channel's Hello
 (``channel.py``) and each creates an endpoint to the other with endpoint error handling off (the
 listener API would fall back to TCP). Per round the generation side posts one tagged receive per
 frame straight into its blocks (or a staging buffer when the block sizes differ), then asks the
@@ -21,8 +21,10 @@ import torch                                                          # noqa: E4
 import ucxx._lib.libucxx as ucx                                       # noqa: E402
 from ucxx._lib.arr import Array                                       # noqa: E402
 
-from .base import KvLayout, KvSink, KvSource, TransferError          # noqa: E402
-from .channel import RELEASE_WAIT_S, ChannelSink, ChannelSource, SinkPlane, SourcePlane  # noqa
+from .base import TransferError                                      # noqa: E402
+from .channel import channel_backend                                 # noqa: E402
+from .messages import UcxInfo                                        # noqa: E402
+from .planes import RELEASE_WAIT_S, SinkPlane, SourcePlane           # noqa: E402
 
 log = logging.getLogger(__name__)
 BACKEND = "UCX"
@@ -65,6 +67,7 @@ def _settle(worker, reqs: list, seconds: float) -> bool:
 
 class UcxSourcePlane(SourcePlane):
     push = True
+    peer_info_type = UcxInfo
 
     def __init__(self, pool: torch.Tensor) -> None:
         self.ctx, self.worker = _worker()
@@ -72,12 +75,12 @@ class UcxSourcePlane(SourcePlane):
         self.eps: dict = {}            # sink identity -> endpoint
         self.sends: dict = {}          # tid -> [request]
 
-    def hello(self, peer: bytes, info: dict) -> dict:
+    def hello(self, peer: bytes, info: UcxInfo) -> UcxInfo:
         try:
-            self.eps[peer] = _endpoint(self.worker, info["address"])
+            self.eps[peer] = _endpoint(self.worker, info.address)
         except Exception as exc:
             raise TransferError(f"cannot reach the generation worker's UCX worker: {exc}")
-        return {"address": self.worker.address.tobytes()}
+        return UcxInfo(self.worker.address.tobytes())
 
     def serve(self, peer: bytes, tid: str, frames: list) -> None:
         ep = self.eps.get(peer)
@@ -113,17 +116,19 @@ class UcxSourcePlane(SourcePlane):
 
 class UcxSinkPlane(SinkPlane):
     push = True
+    frame_bytes = 1 << 30
+    info_type = UcxInfo
 
     def __init__(self, pool: torch.Tensor) -> None:
         self.device = pool.device.type
         self.ctx, self.worker = _worker()
 
-    def info(self) -> dict:
-        return {"address": self.worker.address.tobytes()}
+    def info(self) -> UcxInfo:
+        return UcxInfo(self.worker.address.tobytes())
 
-    def connect(self, endpoint: str, info: dict):
+    def connect(self, endpoint: str, info: UcxInfo):
         try:
-            return _endpoint(self.worker, info["address"])
+            return _endpoint(self.worker, info.address)
         except Exception as exc:
             raise TransferError(f"cannot reach the UCX worker of the context worker at "
                                 f"{endpoint}: {exc}") from exc
@@ -151,25 +156,5 @@ class UcxSinkPlane(SinkPlane):
         self.worker.cancel_inflight_requests()
 
 
-class UcxSource(ChannelSource):
-    BACKEND = BACKEND
-    DEVICES = ("cpu", "cuda")
-
-    def make_plane(self, pool: torch.Tensor) -> SourcePlane:
-        return UcxSourcePlane(pool)
-
-
-class UcxSink(ChannelSink):
-    BACKEND = BACKEND
-    DEVICES = ("cpu", "cuda")
-
-    def make_plane(self, pool: torch.Tensor) -> SinkPlane:
-        return UcxSinkPlane(pool)
-
-
-def make_source(cfg, pool: torch.Tensor, layout: KvLayout, *, host: str = "127.0.0.1") -> KvSource:
-    return UcxSource(cfg, pool, layout, host=host)
-
-
-def make_sink(cfg, pool: torch.Tensor, layout: KvLayout) -> KvSink:
-    return UcxSink(cfg, pool, layout)
+make_source, make_sink = channel_backend(BACKEND, UcxSourcePlane, UcxSinkPlane,
+                                         devices=("cpu", "cuda"))
