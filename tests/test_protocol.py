@@ -2,9 +2,8 @@
 message of this version with ProtocolError (the decode fast path included)."""
 from __future__ import annotations
 
-import dataclasses
-
 import msgpack
+import msgspec
 import pytest
 
 from broker import protocol as p
@@ -21,7 +20,7 @@ def submit_body(**over) -> dict:
 
 
 SAMPLES = [
-    p.Submit("r1", prompt="hello", sampling={"max_tokens": 3, "stop": ["x"]}, timeout_ms=500, model="m"),
+    p.Submit("r1", prompt="hello", sampling={"max_tokens": 3, "stop": ["x"]}, timeout_ms=500),
     p.Submit("r2", token_ids=[1, 2, 3]),
     p.Submit("r3", messages=[{"role": "user", "content": "hi"}], stream=False),
     p.Cancel("r1"), p.Ping(7, metrics=True), p.Accepted("r1"),
@@ -47,9 +46,10 @@ SAMPLES = [
 def test_roundtrip(msg):
     back = p.decode(msg.encode())
     assert back == msg and type(back) is type(msg)
-    # the decoded message is a normal frozen dataclass
-    assert {f.name: getattr(back, f.name) for f in dataclasses.fields(back)} == msg.body()
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    # the decoded message is a normal frozen struct, and body() is its map on the wire
+    assert msgspec.structs.asdict(back) == msgspec.structs.asdict(msg)
+    assert msgpack.unpackb(back.encode()[0][p.HEADER_LEN:]) == msg.body()
+    with pytest.raises(AttributeError):
         back.request_id = "other"   # type: ignore[misc]
 
 
@@ -113,7 +113,7 @@ def test_nested_lists_are_checked_per_element():
 @pytest.mark.parametrize("over, what", [
     ({"request_id": ""}, "request_id"),
     ({"prompt": "x"}, "exactly one of"),
-    ({"token_ids": []}, "at least one token"),
+    ({"token_ids": b""}, "at least one token"),
     ({"timeout_ms": 0}, "timeout_ms"),
     ({"sampling": {"max_tokens": 0}}, "max_tokens"),
     ({"sampling": {"temperature": True}}, "temperature"),
@@ -178,14 +178,14 @@ def test_sampling_validation_cache_keeps_exact_types():
         p.check_sampling({"stop": [1]})
 
 
-def test_generated_init_matches_the_dataclass_contract():
-    # the fast __init__ keeps positional and keyword arguments, defaults, fresh default
-    # factories, __post_init__ validation and frozenness
+def test_constructor_contract():
+    # positional and keyword arguments, defaults, fresh default factories, __post_init__
+    # validation and frozenness
     a, b = p.Final("r", "stop"), p.Final(request_id="r", finish_reason="stop")
     assert a == b and a.usage == {} and a.usage is not b.usage
     with pytest.raises(TypeError):
         p.Tokens("r")                              # a required field missing
     with pytest.raises(p.ProtocolError, match="exactly one of"):
         p.Submit("r")                              # __post_init__ runs
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         a.finish_reason = "length"                 # type: ignore[misc]
