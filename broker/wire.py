@@ -180,7 +180,7 @@ def message(cmd: int):
     """Class decorator: register a Message class under a one-byte command."""
     def wrap(cls):
         if cmd in _REGISTRY or cmd == BATCH:
-            raise RuntimeError(f"command {cmd} registered twice")
+            raise RuntimeError(f"command {cmd} is taken (by {_REGISTRY.get(cmd, 'batches')})")
         cls.CMD, cls._head = cmd, header(cmd)
         cls._decoder = msgspec.msgpack.Decoder(cls, dec_hook=_dec_hook)
         _REGISTRY[cmd] = cls
@@ -201,7 +201,7 @@ def _decode_body(cls: type[Message], data: Any) -> Message:
         body = _plain(data)
         if err is None:
             err = ProtocolError(_field_error(cls, str(e), body))
-    except (msgspec.DecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:   # msgspec.DecodeError, or a string not UTF-8
         raise ProtocolError(f"undecodable body for {cls.__name__}: {e}") from None
     if not err.request_id and isinstance(body, dict) and type(body.get("request_id")) is str:
         err.request_id = body["request_id"]
@@ -212,7 +212,7 @@ def _plain(data: Any) -> Any:
     """The body as plain values, for error messages only (None if even that fails)."""
     try:
         return msgspec.msgpack.decode(data)
-    except (msgspec.DecodeError, RecursionError):
+    except (ValueError, RecursionError):
         return None
 
 
@@ -295,7 +295,7 @@ def decode_all(frames: Sequence) -> list:
         pairs = _PAIRS.decode(data)
     except msgspec.ValidationError:
         pairs = _pairs_one_by_one(data)
-    except (msgspec.DecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:
         raise ProtocolError(f"undecodable batch: {e}") from None
     out: list = []
     registry = _REGISTRY
@@ -324,10 +324,12 @@ def _pairs_one_by_one(data: Any) -> list:
         items = _ITEMS.decode(data)
     except msgspec.ValidationError:
         raise ProtocolError("batch body is not an array") from None
+    except (ValueError, RecursionError) as e:   # past the item that was not a pair
+        raise ProtocolError(f"undecodable batch: {e}") from None
     out: list = []
     for i, raw in enumerate(items):
         try:
             out.append(_PAIR.decode(raw))
-        except (msgspec.DecodeError, RecursionError):
+        except (ValueError, RecursionError):
             out.append(ProtocolError(f"batch item {i} is not a [command, map] pair"))
     return out
