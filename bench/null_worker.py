@@ -57,7 +57,8 @@ class NullWorker:
 
     def on_message(self, msg: p.Message) -> list:
         if isinstance(msg, p.Prefill):
-            ids = list(msg.token_ids) if msg.token_ids is not None else [1]
+            # the prompt's ids go back as they came (TokenIds, still packed): no work per id
+            ids = msg.token_ids if msg.token_ids is not None else [1]
             n = _max_tokens(msg.sampling)
             finish = p.Finish.LENGTH if n <= 1 else None
             key = f"{msg.request_id}#{msg.attempt}"

@@ -1,52 +1,38 @@
-"""The wire protocol between clients, the broker and workers. The protocol lives only here.
+"""The wire protocol between clients, the broker and workers: every message, its fields, and the
+shared vocabulary (error codes, finish reasons, sampling parameters). Import the protocol from
+here only; its encoding machinery lives in ``broker/wire.py`` (package-private, re-exported here).
 
-Frames after the ROUTER identity: ``[VERSION + command byte + msgpack map][*raw frames]``: the
-version tag, the one-byte command and the body share the first frame (a frame costs a ZeroMQ
-call and a Python object at each end: three frames per message cost the broker twice the time of
-one). Every message is a frozen dataclass with ``encode()`` (to frames) and ``decode()`` (from
-frames).
+A message is one frame after the ROUTER identity: ``VERSION + command byte + msgpack map``. The
+version tag, the one-byte command and the body share the frame (a frame costs a ZeroMQ call and a
+Python object at each end). Every message is a frozen ``msgspec.Struct`` registered under its
+command; ``encode()`` gives its frames and ``decode()`` reads them with the class's typed decoder.
 
-Several messages for one peer may travel as one *batch*: ``[VERSION + BATCH + msgpack array of
-[command, map] pairs]`` (``encode_many``). A busy broker handles a dozen messages per request, and
+Several messages for one peer may travel as one *batch*: ``VERSION + BATCH + msgpack array of
+[command, map] pairs`` (``encode_many``). A busy broker handles a dozen messages per request, and
 a ZeroMQ message costs far more in Python than a map in a batch, so senders batch what they have
 ready for the same peer (the order within a batch is the order of sending) and every receiver
 reads with ``decode_all``, which gives the messages of a batch or of a single message alike.
-Unknown keys in a body are ignored, so an optional field needs no version bump; a wrong version,
-an unknown command, a missing field or a field of the wrong type raises ``ProtocolError``.
 
-Nothing here is ever pickled: bodies are msgpack maps of plain values, bulk bytes ride as extra
-frames. This module does no I/O.
+Unknown keys in a body are ignored, so an optional field needs no version bump; a wrong version,
+an unknown command, a missing field, a field of the wrong type (a bool is not an int) or a body
+nested too deeply raises ``ProtocolError``. Prompt token ids travel packed as little-endian
+uint32s (``TokenIds``: a msgpack bin), so the broker's cost does not grow with the prompt; output
+token ids, a few per message, are msgpack arrays of ints.
+
+Nothing here is ever pickled: bodies are msgpack maps of plain values. This module does no I/O.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import threading
-import typing
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
-import msgpack
+from msgspec import field
 
-VERSION = b"DSRV2"      # DSRV2: one header frame, and peers must accept batches
-BATCH = 9               # the command byte of a batch envelope (no Message class of its own)
-HEADER_LEN = len(VERSION) + 1     # the version tag and the command byte before the body
-_BATCH_HEAD = VERSION + bytes([BATCH])
-
-
-def header(cmd: int) -> bytes:
-    """The bytes a message of this command starts with."""
-    return VERSION + bytes([cmd])
-
-
-class ProtocolError(ValueError):
-    """A frame sequence that is not a valid message of this protocol version. ``request_id`` is
-    the request it was about when that could be read (so a client can be told which one failed)."""
-
-    def __init__(self, message: str, request_id: str = ""):
-        super().__init__(message)
-        self.request_id = request_id
-
+from broker.wire import (BATCH, BATCH_MAX, HEADER_LEN, MAX_TOKEN_IDS, VERSION, Message,  # noqa: F401
+                         ProtocolError, TokenIds, decode, decode_all, encode_many, encode_batches,
+                         header, message, token_fields)
 
 # ---------------------------------------------------------------------------------------------
 # error codes and finish reasons (shared vocabulary)
@@ -171,352 +157,20 @@ def check_sampling(d: Optional[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# message machinery
-
-_REGISTRY: dict[int, type["Message"]] = {}
-
-# The broker handles a dozen messages per request, so decode and encode are its hot path: the
-# per-field type checks are built once per class from the annotations (below), and a decoded
-# message is built without the dataclass __init__ (see Message.from_body).
-
-_INT_ONLY = frozenset((int,))
-
-
-def _all_ints(v: Any) -> bool:
-    # set(map(type, ...)) runs in C; `type(x) is int` also rejects bools (a subclass of int)
-    return isinstance(v, (list, tuple)) and set(map(type, v)) <= _INT_ONLY
-
-
-def _checker(tp: Any) -> Callable[[Any], bool]:
-    """A structural check of a decoded value against a field annotation, built once per field."""
-    if tp is Any:
-        return lambda v: True
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = typing.get_args(tp)
-        if len(args) == 2 and type(None) in args:          # Optional[X]
-            inner = _checker(next(a for a in args if a is not type(None)))
-            return lambda v: v is None or inner(v)
-        checks = [_checker(a) for a in args]
-        return lambda v: any(c(v) for c in checks)
-    if tp is type(None):
-        return lambda v: v is None
-    if tp is float:
-        return lambda v: type(v) is float or type(v) is int or (
-            isinstance(v, (int, float)) and not isinstance(v, bool))
-    if tp is int:
-        return lambda v: type(v) is int or (isinstance(v, int) and not isinstance(v, bool))
-    if tp is bool or tp is str or tp is dict:
-        return lambda v: isinstance(v, tp)
-    if origin in (list, tuple) or tp in (list, tuple):
-        args = typing.get_args(tp)
-        if args and args[0] is int:
-            return _all_ints
-        if args and args[0] is not Ellipsis:
-            inner = _checker(args[0])
-            return lambda v: isinstance(v, (list, tuple)) and all(map(inner, v))
-        return lambda v: isinstance(v, (list, tuple))
-    if origin is dict:
-        return lambda v: isinstance(v, dict)
-    if isinstance(tp, type):
-        return lambda v: isinstance(v, tp)
-    return lambda v: True
-
-
-# One msgpack Packer per thread: packb() builds (and frees) a Packer and its buffer per call,
-# which costs as much as the packing itself; a Packer is not safe to share between threads.
-_packers = threading.local()
-
-
-def _pack(obj: Any) -> bytes:
-    try:
-        return _packers.packer.pack(obj)
-    except AttributeError:
-        _packers.packer = msgpack.Packer(use_bin_type=True)
-        return _packers.packer.pack(obj)
-
-
-def _exact_types(tp: Any) -> Optional[frozenset]:
-    """The exact Python types msgpack gives for a valid value of this annotation, or None when
-    no such set says enough. Used by the decode fast path: a type() lookup in C per field."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        sets = [_exact_types(a) for a in typing.get_args(tp)]
-        return None if None in sets else frozenset().union(*sets)
-    if tp is type(None):
-        return frozenset((type(None),))
-    if tp is float:
-        return frozenset((float, int))
-    if tp in (int, str, bool, dict) or origin is dict:
-        return frozenset((origin or tp,))
-    if origin in (list, tuple) or tp in (list, tuple):
-        return frozenset((list, tuple))   # the elements are checked by the field's full checker
-    return None
-
-
-def _needs_deep_check(tp: Any) -> bool:
-    """Whether a value of the right exact type may still be wrong (a list's elements)."""
-    if typing.get_origin(tp) is typing.Union:
-        return any(_needs_deep_check(a) for a in typing.get_args(tp))
-    args = typing.get_args(tp)
-    return typing.get_origin(tp) in (list, tuple) and bool(args) and args[0] is not Ellipsis
-
-
-_REQUIRED = object()   # marks a field without a default in Message._spec
-_contains = frozenset.__contains__
-
-
-class Message:
-    CMD: ClassVar[int] = 0
-    # per-class tables filled in by @message, so that no message walks dataclasses.fields()
-    _names: ClassVar[tuple] = ()          # field names, without "frames"
-    _spec: ClassVar[tuple] = ()           # (name, check, default value | factory | _REQUIRED, is factory)
-    _has_frames: ClassVar[bool] = False
-    _head: ClassVar[bytes] = b""          # VERSION + command byte
-    _fast_types: ClassVar[Optional[tuple]] = None   # per field: exact types of a valid value
-    _deep: ClassVar[tuple] = ()                     # (name, check) of fields also checked in full
-    _post_init: ClassVar[Optional[Callable]] = None
-
-    def body(self) -> dict:
-        return {name: getattr(self, name) for name in self._names}
-
-    def wire_body(self) -> dict:
-        """The map that goes on the wire (a view of the message: do not modify it)."""
-        # a message without raw frames holds exactly its fields in __dict__ (the dataclass
-        # __init__ and from_body set nothing else): pack it as it is, with no copy
-        return self.body() if self._has_frames else self.__dict__
-
-    def encode(self) -> list:
-        frames = [self._head + _pack(self.wire_body())]
-        if self._has_frames and self.frames:
-            frames.extend(self.frames)
-        return frames
-
-    @classmethod
-    def from_body(cls, body: dict, frames: Sequence = ()) -> "Message":
-        """A decoded body to a message: every field checked against its annotation."""
-        # Fast path, for a body that holds every field with a value of an exact expected type
-        # (what encode() sends): the lookups and type checks run in C, with a full check only
-        # for fields such as token id lists. Anything else takes the field-by-field path, which
-        # fills in defaults and names the missing or bad field.
-        names, fast_types = cls._names, cls._fast_types
-        if fast_types is not None:
-            try:
-                values = tuple(map(body.__getitem__, names))
-            except KeyError:
-                values = None
-            if values is not None and all(map(_contains, fast_types, map(type, values))):
-                for name, check in cls._deep:
-                    if not check(body[name]):
-                        raise ProtocolError(f"{cls.__name__}.{name}: bad value {body[name]!r}")
-                # a body holding exactly the fields (the usual case) becomes the message's dict
-                return cls._build(body if len(body) == len(names) and not cls._has_frames
-                                  else dict(zip(names, values)), frames)
-        values = {}
-        for name, check, default, factory in cls._spec:
-            if name in body:
-                v = body[name]
-                if not check(v):
-                    raise ProtocolError(f"{cls.__name__}.{name}: bad value {v!r}")
-                values[name] = v
-            elif default is _REQUIRED:
-                raise ProtocolError(f"{cls.__name__}: missing field {name!r}")
-            else:
-                values[name] = default() if factory else default
-        return cls._build(values, frames)
-
-    @classmethod
-    def _build(cls, values: dict, frames: Sequence) -> "Message":
-        # What the frozen dataclass __init__ does (set every field, then __post_init__), without
-        # its object.__setattr__ per field, which costs about as much as the rest of the decode.
-        if cls._has_frames:
-            values["frames"] = tuple(frames)
-        msg = cls.__new__(cls)
-        msg.__dict__.update(values)
-        if cls._post_init is not None:
-            try:
-                cls._post_init(msg)
-            except ProtocolError:
-                raise
-            except (TypeError, ValueError) as e:
-                raise ProtocolError(f"{cls.__name__}: {e}") from e
-        return msg
-
-
-def message(cmd: int):
-    """Class decorator: a frozen dataclass registered under a one-byte command."""
-    def wrap(cls):
-        cls = dataclass(frozen=True)(cls)
-        cls.CMD = cmd
-        if cmd in _REGISTRY:
-            raise RuntimeError(f"command {cmd} registered twice")
-        _REGISTRY[cmd] = cls
-        hints = typing.get_type_hints(cls)
-        fields = [f for f in dataclasses.fields(cls) if f.name != "frames"]
-        cls._names = tuple(f.name for f in fields)
-        cls._spec = tuple(
-            (f.name, _checker(hints[f.name]),
-             f.default_factory if f.default_factory is not dataclasses.MISSING
-             else _REQUIRED if f.default is dataclasses.MISSING else f.default,
-             f.default_factory is not dataclasses.MISSING)
-            for f in fields)
-        cls._has_frames = len(fields) != len(dataclasses.fields(cls))
-        cls._head = header(cmd)
-        exact = tuple(_exact_types(hints[f.name]) for f in fields)
-        cls._fast_types = None if None in exact else exact
-        cls._deep = tuple((f.name, _checker(hints[f.name])) for f in fields if _needs_deep_check(hints[f.name]))
-        cls._post_init = getattr(cls, "__post_init__", None)
-        cls.__init__ = _fast_init(cls)
-        return cls
-    return wrap
-
-
-_FACTORY = object()   # "use the field's default factory" in a generated __init__
-
-
-def _fast_init(cls) -> Callable:
-    """The frozen dataclass's __init__ (same signature, defaults and __post_init__), writing the
-    instance dict directly instead of one object.__setattr__ per field: half the cost, and the
-    broker builds half a dozen messages per request."""
-    params, lines, ns = [], [], {"_FACTORY": _FACTORY}
-    for f in dataclasses.fields(cls):
-        if f.default_factory is not dataclasses.MISSING:
-            ns[f"_f_{f.name}"] = f.default_factory
-            params.append(f"{f.name}=_FACTORY")
-            lines.append(f"    if {f.name} is _FACTORY:\n        {f.name} = _f_{f.name}()")
-        elif f.default is not dataclasses.MISSING:
-            ns[f"_d_{f.name}"] = f.default
-            params.append(f"{f.name}=_d_{f.name}")
-        else:
-            params.append(f.name)
-        lines.append(f"    d[{f.name!r}] = {f.name}")
-    if getattr(cls, "__post_init__", None) is not None:
-        lines.append("    self.__post_init__()")
-    src = f"def __init__(self, {', '.join(params)}):\n    d = self.__dict__\n" + "\n".join(lines) + "\n"
-    exec(src, ns)
-    init = ns["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    init.__doc__ = cls.__init__.__doc__
-    return init
-
-
-def _first(frames: Sequence) -> bytes:
-    """The header-and-body frame as bytes, checked for the version tag and a command byte."""
-    if not frames:
-        raise ProtocolError("empty message: expected a frame with the version, command and body")
-    first = frames[0]
-    if type(first) is not bytes:   # a zmq Frame (copy=False) or another buffer
-        first = bytes(first.buffer) if hasattr(first, "buffer") else bytes(first)
-    if first[:len(VERSION)] != VERSION:
-        raise ProtocolError(f"wrong protocol version {first[:len(VERSION)]!r}, expected {VERSION!r}")
-    if len(first) < HEADER_LEN:
-        raise ProtocolError("message has no command byte after the version tag")
-    return first
-
-
-def decode(frames: Sequence) -> Message:
-    """Frames (without the ROUTER identity) to a message; raises ProtocolError."""
-    return _decode(_first(frames), frames)
-
-
-def _decode(first: bytes, frames: Sequence) -> Message:
-    cls = _REGISTRY.get(first[HEADER_LEN - 1])
-    if cls is None:
-        raise ProtocolError(f"unknown command {first[HEADER_LEN - 1]}")
-    try:
-        body = msgpack.unpackb(memoryview(first)[HEADER_LEN:], raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises a zoo of exception types
-        raise ProtocolError(f"undecodable body for {cls.__name__}: {e}") from e
-    if not isinstance(body, dict):
-        raise ProtocolError(f"body of {cls.__name__} is not a map")
-    try:
-        return cls.from_body(body, frames[1:])
-    except ProtocolError as e:      # a readable body with a bad field: say which request it was
-        _name_request(e, body)
-        raise
-
-
-def _name_request(e: ProtocolError, body: dict) -> None:
-    if not e.request_id:
-        rid = body.get("request_id")
-        e.request_id = rid if type(rid) is str else ""
-
-
-def encode_many(msgs: Sequence[Message]) -> list:
-    """Messages for one peer as the frames of one ZeroMQ message: a single message as itself,
-    several as a batch. Messages with raw frames cannot ride in a batch."""
-    if len(msgs) == 1:
-        return msgs[0].encode()
-    if not msgs:
-        raise ValueError("encode_many needs at least one message")
-    items = []
-    for m in msgs:
-        if m._has_frames and m.frames:
-            raise ValueError(f"{type(m).__name__} carries raw frames and cannot be batched")
-        items.append((m.CMD, m.wire_body()))
-    return [_BATCH_HEAD + _pack(items)]
-
-
-BATCH_MAX = 512   # messages per batch at most: a receiver decodes a whole batch before serving it
-
-
-def encode_batches(msgs: Sequence[Message]) -> Iterator[list]:
-    """Messages for one peer as few ZeroMQ messages as ``BATCH_MAX`` allows, in order."""
-    for i in range(0, len(msgs), BATCH_MAX):
-        yield encode_many(msgs[i:i + BATCH_MAX])
-
-
-def decode_all(frames: Sequence) -> list:
-    """Frames (without the ROUTER identity) to the messages they carry, in order: the one
-    message, or every message of a batch. Raises ProtocolError for a bad frame sequence or
-    envelope; a bad message inside a good batch becomes a ProtocolError *in its place*, so the
-    others are still served (callers check ``isinstance(m, ProtocolError)``)."""
-    first = _first(frames)
-    if first[HEADER_LEN - 1] != BATCH:
-        return [_decode(first, frames)]
-    if len(frames) != 1:
-        raise ProtocolError(f"a batch is one frame, got {len(frames)}")
-    try:
-        items = msgpack.unpackb(memoryview(first)[HEADER_LEN:], raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises a zoo of exception types
-        raise ProtocolError(f"undecodable batch: {e}") from e
-    if type(items) is not list:
-        raise ProtocolError("batch body is not an array")
-    out: list = []
-    registry = _REGISTRY
-    for i, item in enumerate(items):
-        try:
-            if type(item) is not list or len(item) != 2 or type(item[1]) is not dict:
-                raise ProtocolError(f"batch item {i} is not a [command, map] pair")
-            cmd, b = item
-            cls = registry.get(cmd) if type(cmd) is int else None
-            if cls is None:
-                raise ProtocolError(f"batch item {i}: unknown command {cmd!r}")
-            if cls._has_frames:
-                raise ProtocolError(f"batch item {i}: {cls.__name__} cannot ride in a batch")
-            out.append(cls.from_body(b))
-        except ProtocolError as e:
-            if type(item) is list and len(item) == 2 and type(item[1]) is dict:
-                _name_request(e, item[1])
-            out.append(e)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # client <-> broker
 
 @message(1)
 class Submit(Message):
     request_id: str
     prompt: Optional[str] = None
-    token_ids: Optional[list[int]] = None
+    token_ids: Optional[TokenIds] = None
     messages: Optional[list[dict]] = None
     sampling: dict = field(default_factory=dict)
-    stream: bool = True
+    stream: bool = True                     # read by no one yet: the broker streams every request
     timeout_ms: Optional[int] = None        # deadline, relative to the broker's receipt
-    model: Optional[str] = None
 
     def __post_init__(self) -> None:
+        token_fields(self, "token_ids")
         if not self.request_id or len(self.request_id) > 256:
             raise ProtocolError(f"invalid request_id {self.request_id!r}: expected 1-256 characters")
         given = [n for n in ("prompt", "token_ids", "messages") if getattr(self, n) is not None]
@@ -622,10 +276,13 @@ class ContextDone(Message):
     attempt: int
     first_token: int
     first_text: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: TokenIds
     kv_handle: dict = field(default_factory=dict)
     finish_reason: Optional[str] = None   # set when the first token already ends the request
     prefill_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        token_fields(self, "prompt_token_ids")
 
 
 @message(23)
@@ -673,10 +330,13 @@ class Prefill(Message):
     request_id: str
     attempt: int
     prompt: Optional[str] = None
-    token_ids: Optional[list[int]] = None
+    token_ids: Optional[TokenIds] = None
     messages: Optional[list[dict]] = None
     sampling: dict = field(default_factory=dict)
     lease_ms: int = 30000
+
+    def __post_init__(self) -> None:
+        token_fields(self, "token_ids")
 
 
 @message(31)
@@ -684,11 +344,14 @@ class Decode(Message):
     """Generation phase: pull the KV through ``kv_handle``, then decode after ``first_token``."""
     request_id: str
     attempt: int
-    prompt_token_ids: list[int]
+    prompt_token_ids: TokenIds
     first_token: int
     first_text: str
     kv_handle: dict
     sampling: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        token_fields(self, "prompt_token_ids")
 
 
 @message(32)
@@ -697,9 +360,12 @@ class Generate(Message):
     request_id: str
     attempt: int
     prompt: Optional[str] = None
-    token_ids: Optional[list[int]] = None
+    token_ids: Optional[TokenIds] = None
     messages: Optional[list[dict]] = None
     sampling: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        token_fields(self, "token_ids")
 
 
 @message(33)

@@ -95,7 +95,6 @@ class BrokerServer:
         self.frontend = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = threading.Event()
-        self.dropped = 0   # malformed messages logged and dropped
 
     def _bind(self, addr: str) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
@@ -171,7 +170,6 @@ class BrokerServer:
         return n
 
     def _malformed(self, sock: zmq.Socket, identity: bytes, e: p.ProtocolError, out: list) -> None:
-        self.dropped += 1
         side = "client" if sock is self.front else "worker"
         log.warning("dropping malformed message from %s %s: %s", side, identity.hex(), e)
         if sock is self.front:

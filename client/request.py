@@ -73,7 +73,7 @@ def build_submit(prompt: Optional[str] = None, *, token_ids: Any = None, message
         frames = submit.encode()
     except ProtocolError as e:
         raise InvalidRequest(Code.INVALID_REQUEST, str(e), False, rid) from None
-    except (TypeError, ValueError) as e:  # a value msgpack cannot carry
+    except (TypeError, ValueError, OverflowError) as e:  # a value msgpack cannot carry
         raise InvalidRequest(Code.INVALID_REQUEST, f"request cannot be encoded: {e}", False, rid) from None
     return submit, frames
 
@@ -103,8 +103,8 @@ def _token_list(token_ids: Any) -> list[int]:
             v = operator.index(t)   # accepts numpy integers, refuses floats and bools' cousins
         except TypeError:
             v = None
-        if v is None or isinstance(t, bool) or v < 0:
-            raise ProtocolError(f"invalid token_ids[{i}]={t!r}: expected an integer >= 0")
+        if v is None or isinstance(t, bool) or not 0 <= v < 2**32:
+            raise ProtocolError(f"invalid token_ids[{i}]={t!r}: expected an integer in [0, 2**32)")
         out.append(v)
     return out
 

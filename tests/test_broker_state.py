@@ -325,3 +325,16 @@ def test_dispatch_prefers_workers_with_free_blocks(st):
     ready(st, b"gen", "generation")
     st.on_worker(b"full", p.Heartbeat(8, 0, 5))     # every block held by leases
     assert of(submit(st), p.Prefill, BACK, b"roomy")
+
+
+def test_prompt_token_ids_pass_through_as_they_came(st):
+    # the broker never unpacks a prompt: its cost per request does not grow with the prompt
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation")
+    sub = p.Submit("r1", token_ids=list(range(1000)))
+    [pre] = of(st.on_client(C1, sub), p.Prefill, BACK, b"ctx")
+    assert pre.token_ids is sub.token_ids
+    done = p.ContextDone("r1", pre.attempt, 7, "x", pre.token_ids, {"k": 1}, None, 0.01)
+    [dec] = of(st.on_worker(b"ctx", done), p.Decode, BACK, b"gen")
+    assert dec.prompt_token_ids is done.prompt_token_ids and dec.prompt_token_ids == list(range(1000))
+    assert st.requests["r1"].prompt_tokens == 1000
