@@ -47,13 +47,12 @@ class NullWorker:
 
     def ready(self) -> p.Ready:
         return p.Ready(self.worker_id, self.role, "null", self.slots, kv_blocks=1_000_000,
-                       block_size=16, max_seq_len=1_000_000,
                        transfer={"backend": "NULL", "endpoint": ""}, pid=os.getpid(),
                        heartbeat_ms=self.heartbeat_ms)
 
     def heartbeat(self) -> p.Heartbeat:
         held = len(self.leases) if self.role != "generation" else 0
-        return p.Heartbeat(free_slots=self.slots, free_blocks=1_000_000, leases=held)
+        return p.Heartbeat(free_blocks=1_000_000, leases=held)
 
     def on_message(self, msg: p.Message) -> list:
         if isinstance(msg, p.Prefill):
@@ -75,7 +74,7 @@ class NullWorker:
             out: list = [p.KvPulled(rid, att, 0.0, 0)]
             out.extend(p.Tokens(rid, i, [NEXT_TOKEN], "y", att) for i in range(1, n - 1))
             last = ([NEXT_TOKEN], "y") if n > 1 else ([], "")    # the last token rides in Finished
-            out.append(p.Finished(rid, att, p.Finish.LENGTH, n, len(msg.prompt_token_ids), 0.0, n - 1, *last))
+            out.append(p.Finished(rid, att, p.Finish.LENGTH, len(msg.prompt_token_ids), 0.0, n - 1, *last))
             self.served += 1
             return out
         if isinstance(msg, p.Generate):
@@ -83,7 +82,7 @@ class NullWorker:
             rid, att = msg.request_id, msg.attempt
             ids = msg.token_ids if msg.token_ids is not None else [1]
             out = [p.Tokens(rid, i, [FIRST_TOKEN if i == 0 else NEXT_TOKEN], "x", att) for i in range(n - 1)]
-            out.append(p.Finished(rid, att, p.Finish.LENGTH, n, len(ids), 0.0, n - 1,
+            out.append(p.Finished(rid, att, p.Finish.LENGTH, len(ids), 0.0, n - 1,
                                   [FIRST_TOKEN if n == 1 else NEXT_TOKEN], "x"))
             self.served += 1
             return out

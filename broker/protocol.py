@@ -255,8 +255,6 @@ class Ready(Message):
     model: str
     slots: int                         # max concurrent requests
     kv_blocks: int                     # KV blocks in the pool
-    block_size: int
-    max_seq_len: int
     transfer: dict = field(default_factory=dict)   # backend, endpoint
     pid: int = 0
     heartbeat_ms: int = 1000
@@ -264,7 +262,6 @@ class Ready(Message):
 
 @message(21)
 class Heartbeat(Message):
-    free_slots: int = 0
     free_blocks: int = 0
     leases: int = 0
     max_decode_batch: int = 0     # largest decode batch since the previous heartbeat
@@ -299,7 +296,6 @@ class Finished(Message):
     request_id: str
     attempt: int
     finish_reason: str
-    completion_tokens: int
     prompt_tokens: int = 0
     prefill_s: float = 0.0
     index: int = 0

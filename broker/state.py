@@ -2,7 +2,7 @@
 
 This module does no I/O and reads no clock of its own: the server loop hands it decoded messages
 and the time (an injected monotonic clock), and sends the messages it returns. Every decision
-about a request's lifecycle (DESIGN §2) is made here, so it is tested without sockets.
+about a request's lifecycle (docs/architecture.md §2) is made here, so it is tested without sockets.
 
 Invariants kept here: every accepted request gets exactly one final message (``Final`` or
 ``Error``); tokens reach the client in order with no gap and no duplicate; every KV lease a
@@ -29,7 +29,7 @@ log = logging.getLogger("broker.state")
 
 FRONT, BACK = "front", "back"     # which socket an outgoing message goes to
 
-# request states (DESIGN §2)
+# request states (docs/architecture.md §2)
 QUEUED, PREFILLING, KV_READY, DECODING, STREAMING = "QUEUED", "PREFILLING", "KV_READY", "DECODING", "STREAMING"
 GENERATING = "GENERATING"          # the whole request on a `both` worker
 
@@ -49,8 +49,6 @@ class Worker:
     model: str
     slots: int
     kv_blocks: int
-    block_size: int
-    max_seq_len: int
     transfer: dict
     pid: int
     heartbeat_s: float
@@ -196,7 +194,7 @@ class BrokerState:
                 self._expire(w, out, "re-registered")
             self._roles = None
             self.workers[identity] = Worker(identity, msg.worker_id, msg.role, msg.model, msg.slots,
-                                            msg.kv_blocks, msg.block_size, msg.max_seq_len,
+                                            msg.kv_blocks,
                                             dict(msg.transfer), msg.pid, msg.heartbeat_ms / 1000,
                                             now, free_blocks=msg.kv_blocks)
             log.info("worker %s ready: role=%s model=%s slots=%d kv_blocks=%d transfer=%s",

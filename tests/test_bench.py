@@ -41,7 +41,7 @@ def test_null_workers_speak_the_worker_protocol():
         "r1", 2, done.prompt_token_ids, done.first_token, done.first_text, done.kv_handle, {"max_tokens": 3})))]
     assert [type(m).__name__ for m in replies] == ["KvPulled", "Tokens", "Finished"]
     assert [m.index for m in replies if isinstance(m, p.Tokens)] == [1]
-    assert replies[-1].completion_tokens == 3 and replies[-1].attempt == 2
+    assert replies[-1].attempt == 2
     assert (replies[-1].index, replies[-1].token_ids) == (2, [43])      # the last token rides in it
     assert ctx.leases == set() and ctx.heartbeat().leases == 0     # the pull freed the "KV"
     ctx.on_message(p.Prefill("r3", 1, token_ids=[1], sampling={"max_tokens": 2}))

@@ -31,7 +31,7 @@ def st(clock):
 
 
 def ready(st, ident, role, slots=4, blocks=100):
-    return st.on_worker(ident, p.Ready(ident.decode(), role, "tiny", slots, blocks, 16, 4096,
+    return st.on_worker(ident, p.Ready(ident.decode(), role, "tiny", slots, blocks,
                                        {"backend": "ZMQ", "endpoint": "tcp://x"}, 1, 1000))
 
 
@@ -83,7 +83,7 @@ def test_disaggregated_happy_path(st):
     assert not of(out, p.KvRelease) and not st.workers[b"ctx"].leases
     out = st.on_worker(b"gen", p.Tokens("r1", 1, [8, 9], "yz", dec.attempt))
     assert of(out, p.Tokens, FRONT)[0].token_ids == [8, 9]
-    out = st.on_worker(b"gen", p.Finished("r1", dec.attempt, "length", 3))
+    out = st.on_worker(b"gen", p.Finished("r1", dec.attempt, "length"))
     [fin] = of(out, p.Final, FRONT)
     assert fin.finish_reason == "length"
     assert fin.usage == {"prompt_tokens": 3, "completion_tokens": 3}
@@ -97,7 +97,7 @@ def test_aggregated_when_only_both_workers(st):
     out = submit(st)
     [gen] = of(out, p.Generate, BACK, b"w")
     st.on_worker(b"w", p.Tokens("r1", 0, [1, 2], "ab", gen.attempt))
-    out = st.on_worker(b"w", p.Finished("r1", gen.attempt, "stop", 2, prompt_tokens=5))
+    out = st.on_worker(b"w", p.Finished("r1", gen.attempt, "stop", prompt_tokens=5))
     assert of(out, p.Final)[0].usage == {"prompt_tokens": 5, "completion_tokens": 2}
     assert_empty(st)
 
@@ -105,7 +105,7 @@ def test_aggregated_when_only_both_workers(st):
 def test_last_tokens_ride_in_finished_and_final(st):
     dec = pulled(st)
     st.on_worker(b"gen", p.Tokens("r1", 1, [8], "y", dec.attempt))
-    out = st.on_worker(b"gen", p.Finished("r1", dec.attempt, "length", 3, 0, 0.0, 2, [9], "z"))
+    out = st.on_worker(b"gen", p.Finished("r1", dec.attempt, "length", 0, 0.0, 2, [9], "z"))
     assert not of(out, p.Tokens)                      # one message, not a Tokens and a Final
     [fin] = of(out, p.Final, FRONT)
     assert (fin.index, fin.token_ids, fin.text) == (2, [9], "z")
@@ -117,7 +117,7 @@ def test_a_final_token_the_client_already_has_is_not_sent_again(st):
     ready(st, b"w", "both")
     [gen] = of(submit(st), p.Generate)
     st.on_worker(b"w", p.Tokens("r1", 0, [1, 2], "ab", gen.attempt))
-    out = st.on_worker(b"w", p.Finished("r1", gen.attempt, "stop", 2, 5, 0.0, 1, [2], "b"))
+    out = st.on_worker(b"w", p.Finished("r1", gen.attempt, "stop", 5, 0.0, 1, [2], "b"))
     [fin] = of(out, p.Final)
     assert fin.token_ids == [] and fin.usage["completion_tokens"] == 2
     assert_empty(st)
@@ -182,8 +182,8 @@ def test_deadline(st, clock):
     clock.advance(0.4)
     assert not of(st.tick(), p.Error)
     clock.advance(0.2)
-    st.on_worker(b"ctx", p.Heartbeat(1, 100, 0))
-    st.on_worker(b"gen", p.Heartbeat(1, 100, 0))
+    st.on_worker(b"ctx", p.Heartbeat(100, 0))
+    st.on_worker(b"gen", p.Heartbeat(100, 0))
     out = st.tick()
     [err] = of(out, p.Error, FRONT)
     assert err.code == p.Code.TIMEOUT and "deadline" in err.message
@@ -197,8 +197,8 @@ def test_context_worker_death_requeues_to_another(st, clock):
     [pre] = of(submit(st), p.Prefill, BACK, b"ctx1")
     ready(st, b"ctx2", "context")
     clock.advance(2.0)
-    st.on_worker(b"ctx2", p.Heartbeat(4, 100, 0))
-    st.on_worker(b"gen", p.Heartbeat(4, 100, 0))
+    st.on_worker(b"ctx2", p.Heartbeat(100, 0))
+    st.on_worker(b"gen", p.Heartbeat(100, 0))
     clock.advance(1.5)                        # ctx1 silent for 3.5 s > 3 intervals
     out = st.tick()
     assert b"ctx1" not in st.workers
@@ -214,7 +214,7 @@ def test_context_worker_death_with_none_left_fails_clearly(st, clock):
     ready(st, b"gen", "generation")
     submit(st)
     clock.advance(2.0)
-    st.on_worker(b"gen", p.Heartbeat(4, 100, 0))
+    st.on_worker(b"gen", p.Heartbeat(100, 0))
     clock.advance(1.5)
     [err] = of(st.tick(), p.Error, FRONT)
     assert err.code == p.Code.NO_WORKERS
@@ -251,8 +251,8 @@ def test_lease_expiry_prefills_again_without_duplicating_the_first_token(st, clo
     context_done(st, b"ctx", pre)                     # r1 waits for a generation slot
     for _ in range(11):
         clock.advance(1.0)
-        st.on_worker(b"ctx", p.Heartbeat(4, 100, 1))
-        st.on_worker(b"gen", p.Heartbeat(0, 100, 0))
+        st.on_worker(b"ctx", p.Heartbeat(100, 1))
+        st.on_worker(b"gen", p.Heartbeat(100, 0))
         out = st.tick()
         if of(out, p.Prefill):
             break
@@ -323,7 +323,7 @@ def test_dispatch_prefers_workers_with_free_blocks(st):
     ready(st, b"full", "context", slots=8)
     ready(st, b"roomy", "context", slots=2)
     ready(st, b"gen", "generation")
-    st.on_worker(b"full", p.Heartbeat(8, 0, 5))     # every block held by leases
+    st.on_worker(b"full", p.Heartbeat(0, 5))     # every block held by leases
     assert of(submit(st), p.Prefill, BACK, b"roomy")
 
 

@@ -87,7 +87,7 @@ def test_state_records_a_disaggregated_request(st):
     clock = st.clock
     ready(st, b"ctx", "context", blocks=100)
     ready(st, b"gen", "generation", blocks=100)
-    st.on_worker(b"gen", p.Heartbeat(free_slots=4, free_blocks=90))
+    st.on_worker(b"gen", p.Heartbeat(free_blocks=90))
     [pre] = of(submit(st), p.Prefill)
     clock.advance(0.5)
     [dec] = of(context_done(st, b"ctx", pre), p.Decode)            # first token: TTFT 0.5 s
@@ -101,7 +101,7 @@ def test_state_records_a_disaggregated_request(st):
     clock.advance(0.2)
     st.on_worker(b"gen", p.Tokens("r1", 1, [8, 9], "yz", dec.attempt))
     clock.advance(0.2)
-    st.on_worker(b"gen", p.Finished("r1", dec.attempt, "length", 3))
+    st.on_worker(b"gen", p.Finished("r1", dec.attempt, "length"))
     s = metrics(st)
     assert s[("disagg_requests_total", (("outcome", "finished"),))] == 1
     assert s[("disagg_time_to_first_token_seconds_sum", ())] == pytest.approx(0.5)

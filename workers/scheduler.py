@@ -147,8 +147,8 @@ class Scheduler:
         if now < self.next_heartbeat:
             return False
         self.next_heartbeat = now + self.heartbeat_s
-        self.outbox.append(p.Heartbeat(self.max_batch_size - len(self.seqs), self.allocator.num_free,
-                                       len(self.leases), self.max_batch_since_heartbeat))
+        self.outbox.append(p.Heartbeat(self.allocator.num_free, len(self.leases),
+                                       self.max_batch_since_heartbeat))
         self.max_batch_since_heartbeat = 0
         return True
 
@@ -362,8 +362,7 @@ class Scheduler:
     def _finish(self, seq: Sequence, index: int, token_ids: list, text: str) -> None:
         """The request is done here; its last tokens ride in the Finished message."""
         self.outbox.append(p.Finished(seq.request_id, seq.attempt, seq.finish_reason,
-                                      len(seq.output_ids), len(seq.prompt_ids), seq.prefill_s,
-                                      index, token_ids, text))
+                                      len(seq.prompt_ids), seq.prefill_s, index, token_ids, text))
         self._drop(seq)
 
     # -----------------------------------------------------------------------------------------
