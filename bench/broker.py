@@ -49,7 +49,7 @@ def submit_template(prompt_tokens: int, output_tokens: int) -> dict:
     """The body of one benchmark ``Submit`` (its request id is replaced per request)."""
     ids = [3 + i % 250 for i in range(prompt_tokens)]
     msg = p.Submit("x", token_ids=ids, sampling={"max_tokens": output_tokens, "ignore_eos": True},
-                   stream=True, timeout_ms=60_000)
+                   timeout_ms=60_000)
     return msg.body()
 
 
@@ -470,16 +470,19 @@ def render(report: dict) -> str:
                "broker and direct servers on any" if c.get("harness_cpus") else "shared by all processes"))
     t = table(["target", "req/s", "range", "p50 ms", "p99 ms", "p50 ms @1", "server CPU%",
                "server CPU us/req", "null wkr CPU%", "loadgen CPU%", "errors"], rows)
-    tail = (f"broker: {h['broker_requests_per_s']:,.0f} full disaggregated req/s "
-            f"({h['broker_messages_per_s']:,.0f} broker messages/s) = "
-            f"{h['broker_vs_direct_rt']:.2f}x the direct round trip, "
-            f"{h['broker_vs_direct_seq']:.2f}x the direct same-messages exchange; "
+    def f(key: str, spec: str, scale: float = 1) -> str:    # a ratio is None where its base measured 0
+        return "n/a" if h[key] is None else format(h[key] * scale, spec)
+
+    tail = (f"broker: {f('broker_requests_per_s', ',.0f')} full disaggregated req/s "
+            f"({f('broker_messages_per_s', ',.0f')} broker messages/s) = "
+            f"{f('broker_vs_direct_rt', '.2f')}x the direct round trip, "
+            f"{f('broker_vs_direct_seq', '.2f')}x the direct same-messages exchange; "
             f"added latency at one request in flight: "
-            f"{h['added_latency_p50_ms_vs_direct_seq'] * 1000:.0f} us (p50, vs direct-seq); "
+            f"{f('added_latency_p50_ms_vs_direct_seq', '.0f', 1000)} us (p50, vs direct-seq); "
             f"target {h['target_requests_per_s']:,.0f} req/s: {'met' if h['meets_target'] else 'NOT met'}.\n"
-            f"broker CPU per request {h['broker_cpu_us_per_request'] or 0:.0f} us (process total, I/O thread "
+            f"broker CPU per request {f('broker_cpu_us_per_request', '.0f')} us (process total, I/O thread "
             f"included): one whole core would sustain about "
-            f"{h['broker_projected_requests_per_s_one_core'] or 0:,.0f} req/s (extrapolated)")
+            f"{f('broker_projected_requests_per_s_one_core', ',.0f')} req/s (extrapolated)")
     return f"{head}\n\n{t}\n\n{tail}"
 
 

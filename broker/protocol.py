@@ -166,7 +166,6 @@ class Submit(Message):
     token_ids: Optional[TokenIds] = None
     messages: Optional[list[dict]] = None
     sampling: dict = field(default_factory=dict)
-    stream: bool = True                     # read by no one yet: the broker streams every request
     timeout_ms: Optional[int] = None        # deadline, relative to the broker's receipt
 
     def __post_init__(self) -> None:

@@ -58,7 +58,7 @@ class AsyncClient:
                        messages: Any = None, timeout: Optional[float] = None,
                        request_id: Optional[str] = None, **sampling: Any) -> Completion:
         """Run one request to the end and return its completion."""
-        stream = self._submit(prompt, token_ids, messages, timeout, request_id, sampling, False)
+        stream = self._submit(prompt, token_ids, messages, timeout, request_id, sampling)
         async with stream:
             async for _ in stream:
                 pass
@@ -70,7 +70,7 @@ class AsyncClient:
                **sampling: Any) -> "AsyncStream":
         """Submit now; ``async for chunk in client.stream(...)``. Leaving early (``break``,
         ``aclose()``, the end of ``async with``) cancels the request."""
-        return self._submit(prompt, token_ids, messages, timeout, request_id, sampling, True)
+        return self._submit(prompt, token_ids, messages, timeout, request_id, sampling)
 
     async def chat(self, messages: list[dict], **kw: Any) -> Completion:
         return await self.generate(messages=messages, **kw)
@@ -129,10 +129,10 @@ class AsyncClient:
             self._loop = asyncio.get_running_loop()
             self._reader = self._loop.create_task(self._read_loop())
 
-    def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling, stream) -> "AsyncStream":
+    def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling) -> "AsyncStream":
         self._start()
         rid, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
-                                              request_id, sampling, stream, self._queues)
+                                              request_id, sampling, self._queues)
         self._queues[rid] = asyncio.Queue()
         return AsyncStream(self, RequestState(rid), time.monotonic() + timeout, timeout,
                            self._send(frames))

@@ -49,7 +49,7 @@ def check_timeout(timeout: Any, default: float) -> float:
 
 
 def build_submit(prompt: Optional[str] = None, *, token_ids: Any = None, messages: Any = None,
-                 sampling: Optional[dict] = None, stream: bool, timeout: float,
+                 sampling: Optional[dict] = None, timeout: float,
                  request_id: Optional[str] = None) -> tuple[Submit, list]:
     """Validate everything locally and return the ``Submit`` and its encoded frames.
 
@@ -68,7 +68,7 @@ def build_submit(prompt: Optional[str] = None, *, token_ids: Any = None, message
         if messages is not None:
             messages = _message_list(messages)
         submit = Submit(request_id=rid, prompt=prompt, token_ids=token_ids, messages=messages,
-                        sampling=wire_sampling, stream=stream,
+                        sampling=wire_sampling,
                         timeout_ms=max(1, math.ceil(timeout * 1000)))
         frames = submit.encode()
     except ProtocolError as e:
@@ -79,14 +79,14 @@ def build_submit(prompt: Optional[str] = None, *, token_ids: Any = None, message
 
 
 def prepare_submit(prompt, token_ids, messages, timeout, default_timeout: float, request_id,
-                   sampling, stream: bool, in_flight) -> tuple[str, float, list]:
+                   sampling, in_flight) -> tuple[str, float, list]:
     """What both clients do before sending: check the timeout, validate, refuse a duplicate id.
 
     Returns the request id, the call's timeout in seconds and the encoded frames.
     """
     timeout = check_timeout(timeout, default_timeout)
     submit, frames = build_submit(prompt, token_ids=token_ids, messages=messages, sampling=sampling,
-                                  stream=stream, timeout=timeout, request_id=request_id)
+                                  timeout=timeout, request_id=request_id)
     rid = submit.request_id
     if rid in in_flight:
         raise failure(Code.DUPLICATE_REQUEST, f"request id {rid!r} is already in flight on this client",

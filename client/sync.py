@@ -49,7 +49,7 @@ class Client:
                  timeout: Optional[float] = None, request_id: Optional[str] = None,
                  **sampling: Any) -> Completion:
         """Run one request to the end and return its completion."""
-        stream = self._submit(prompt, token_ids, messages, timeout, request_id, sampling, False)
+        stream = self._submit(prompt, token_ids, messages, timeout, request_id, sampling)
         with stream:
             for _ in stream:
                 pass
@@ -61,7 +61,7 @@ class Client:
                **sampling: Any) -> "Stream":
         """Submit now; iterate the returned ``Stream`` for chunks. Closing it early (``break`` out
         of a ``for`` over it, ``close()``, or leaving its ``with`` block) cancels the request."""
-        return self._submit(prompt, token_ids, messages, timeout, request_id, sampling, True)
+        return self._submit(prompt, token_ids, messages, timeout, request_id, sampling)
 
     def chat(self, messages: list[dict], **kw: Any) -> Completion:
         return self.generate(messages=messages, **kw)
@@ -100,10 +100,10 @@ class Client:
 
     # -- internals used by Stream -------------------------------------------------------------
 
-    def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling, stream) -> "Stream":
+    def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling) -> "Stream":
         self._check_open()
         rid, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
-                                              request_id, sampling, stream, self._inbox)
+                                              request_id, sampling, self._inbox)
         deadline = time.monotonic() + timeout
         self._inbox[rid] = collections.deque()
         try:

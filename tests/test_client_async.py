@@ -56,7 +56,7 @@ async def test_stream_yields_chunks_in_order(make_broker):
         assert chunks == [Chunk("s1", 0, [65, 66, 67], "ABC"), Chunk("s1", 3, [68, 69, 70], "DEF"),
                           Chunk("s1", 6, [71], "G")]
         assert s.completion.text == "ABCDEFG" and s.completion.finish_reason == "stop"
-    assert (await received(broker, lambda m: isinstance(m, Submit))).stream is True
+    assert (await received(broker, lambda m: isinstance(m, Submit))).request_id == "s1"
     assert not broker.of_type(Cancel)
 
 

@@ -38,7 +38,7 @@ def test_generate_returns_text_tokens_usage_timings(make_broker, make_client):
     assert out == Completion("r1", "HELLO WORLD", [ord(ch) for ch in "HELLO WORLD"], "stop",
                              {"prompt_tokens": 11, "completion_tokens": 11}, TIMINGS)
     sub = broker.wait_for(lambda m: isinstance(m, Submit))
-    assert sub.prompt == "hello world" and sub.stream is False
+    assert sub.prompt == "hello world"
     assert sub.sampling == {"max_tokens": 16, "temperature": 0.5}   # only what the caller set
     assert sub.timeout_ms == 5000
     assert c._inbox == {}   # nothing kept for a finished request
@@ -69,7 +69,7 @@ def test_stream_yields_chunks_in_order(make_broker, make_client):
     assert chunks == [Chunk("s1", 0, [65, 66, 67], "ABC"), Chunk("s1", 3, [68, 69, 70], "DEF"),
                       Chunk("s1", 6, [71, 72], "GH")]
     assert s.completion.finish_reason == "stop" and s.completion.text == "ABCDEFGH"
-    assert broker.wait_for(lambda m: isinstance(m, Submit)).stream is True
+    assert broker.wait_for(lambda m: isinstance(m, Submit)).request_id == "s1"
     assert not broker.of_type(Cancel)   # a stream read to the end is not cancelled
 
 

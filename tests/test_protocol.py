@@ -22,7 +22,7 @@ def submit_body(**over) -> dict:
 SAMPLES = [
     p.Submit("r1", prompt="hello", sampling={"max_tokens": 3, "stop": ["x"]}, timeout_ms=500),
     p.Submit("r2", token_ids=[1, 2, 3]),
-    p.Submit("r3", messages=[{"role": "user", "content": "hi"}], stream=False),
+    p.Submit("r3", messages=[{"role": "user", "content": "hi"}]),
     p.Cancel("r1"), p.Ping(7, metrics=True), p.Accepted("r1"),
     p.Tokens("r1", 0, [5, 6], "ab", attempt=2),
     p.Final("r1", p.Finish.LENGTH, {"prompt_tokens": 3, "completion_tokens": 2}, {"total": 0.5, "ttft": None}),
