@@ -1,12 +1,14 @@
 """Pure parts of the transfer package: planning, layout, handle, config, backend selection, the
-control channel's messages."""
+control channel's messages, the SHM plane's copy."""
 import logging
 
+import numpy as np
 import pytest
 import torch
 
 from transfer import messages as m
 from transfer import registry
+from transfer import shm_backend as shm
 from transfer.base import BackendUnavailable, KvLayout, TransferError, parse_handle, pool_bytes
 from transfer.config import CacheTransceiverConfig, ConfigError
 from transfer.plan import Segment, merge_segments, plan_rounds, split_frames, token_runs
@@ -224,3 +226,43 @@ def test_a_request_out_of_type_or_range_is_malformed(frames, words):
 def test_an_answer_out_of_type_or_range_is_malformed(body, words):
     with pytest.raises(m.Malformed, match=words.replace("`", ".")):
         m.decode_answer(body)
+
+
+def _at_page_offset(buf: np.ndarray, offset: int, n: int) -> np.ndarray:
+    start = (offset - buf.ctypes.data) % shm.PAGE
+    return buf[start:start + n]
+
+
+@pytest.mark.parametrize("delta,n,pieces", [
+    (0, 2 * shm.PIECE + 123, 1),           # no aliasing: one memcpy
+    (64, 2 * shm.PIECE + 123, 3),          # aliasing band: pieces, the last one short
+    (shm.ALIAS_BAND - 1, 2 * shm.PIECE, 2),
+    (shm.ALIAS_BAND, 2 * shm.PIECE, 1),
+    (shm.PAGE - 64, 2 * shm.PIECE, 1),     # destination before the source: no aliasing
+    (64, shm.PIECE, 1),                    # small enough for one piece anyway
+])
+def test_shm_copy_run_is_exact_and_splits_only_an_aliased_large_run(monkeypatch, delta, n,
+                                                                     pieces):
+    rng = np.random.default_rng(delta)
+    src_buf = rng.integers(0, 256, n + 2 * shm.PAGE, dtype=np.uint8)
+    dst_buf = np.zeros(n + 2 * shm.PAGE, dtype=np.uint8)
+    src = _at_page_offset(src_buf, 0, n)
+    dst = _at_page_offset(dst_buf, delta, n)
+    calls = []
+    copyto = np.copyto
+    monkeypatch.setattr(shm.np, "copyto", lambda d, s: calls.append(len(s)) or copyto(d, s))
+    shm.copy_run(dst, src)
+    assert np.array_equal(dst, src)
+    assert np.count_nonzero(dst_buf) == np.count_nonzero(dst)     # nothing written outside
+    assert len(calls) == pieces and sum(calls) == n
+
+
+def test_shm_sink_moves_its_pool_to_a_page_and_every_view_follows():
+    pool = torch.arange(3 * 4096 + 16, dtype=torch.float32)[:3 * 4096]     # a view, as in a sink
+    before = pool.view(3, -1)                   # a view taken before the move
+    plane = shm.ShmSinkPlane(pool)
+    assert pool.untyped_storage().is_shared() and pool.data_ptr() % shm.PAGE == 0
+    pool[5] = -1.0
+    assert before[0, 5].item() == -1.0 and before[2, -1].item() == 3 * 4096 - 1
+    staged = plane.staging(1000)
+    assert staged.data_ptr() % shm.PAGE == 0 and staged.numel() == 1000
