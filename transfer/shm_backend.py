@@ -34,10 +34,11 @@ from .planes import SinkPlane, SourcePlane
 BACKEND = "SHM"
 PAGE = mmap.PAGESIZE
 # (dst - src) % PAGE in [1, ALIAS_BAND): glibc's non-temporal loop stalls on 4K aliasing there
-# (measured 3-4 GB/s from 16 to 256 bytes, 8-11 GB/s from 512 on and at 0, 200 MiB copies)
+# (200 MiB copies: 3-4 GB/s at 16..256 bytes, 5-8 at 512, 8-12 at 0 and from 1024 on)
 ALIAS_BAND = 512
-# a piece stays under any glibc non-temporal threshold, so it is copied through the cache:
-# 6.0 GB/s at 1 MiB where one aliased memcpy made 3.1 (256 KiB .. 8 MiB measured 5.8-6.1)
+# a piece stays under glibc's non-temporal threshold (3/4 of a thread's share of the last-level
+# cache; 192 MiB here), so it is copied through the cache: 6.0 GB/s in 1 MiB pieces where one
+# aliased memcpy made 3.1 (pieces of 128 KiB .. 8 MiB measured 5.8-6.1)
 PIECE = 1 << 20
 
 log = logging.getLogger(__name__)
