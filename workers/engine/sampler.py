@@ -104,8 +104,8 @@ def _top_p_cut(w: torch.Tensor, top_p: torch.Tensor, z: torch.Tensor) -> tuple[t
 def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams], u: torch.Tensor) -> torch.Tensor:
     """Token ids [R] for rows ``x`` [R, V] with temperature > 0."""
     vocab = x.shape[-1]
-    temp = _column([p.temperature for p in params], x)
-    e = (x - x.amax(-1, keepdim=True)).div_(temp).exp_()    # the most likely token weighs 1
+    inv_temp = _column([1.0 / p.temperature for p in params], x)
+    e = (x - x.amax(-1, keepdim=True)).mul_(inv_temp).exp_()   # the most likely token weighs 1
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(top_k):
         k_th = [torch.topk(row, k).values[-1:] if k else row.new_full((1,), float("-inf"))
@@ -119,10 +119,11 @@ def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams], u: torch.Ten
     if plain:
         out[plain] = _draw(e[plain], u[plain])
     rows = [i for i, f in enumerate(filtered) if f]
-    e, u, params = e[rows], u[rows], [params[i] for i in rows]
+    if plain:
+        e, u, params = e[rows], u[rows], [params[i] for i in rows]
     top_p = _column([p.top_p for p in params], e)
     min_p = _column([p.min_p for p in params], e)
-    z = e.sum(-1, keepdim=True, dtype=torch.float64)
+    z = e.sum(-1, keepdim=True).double()      # float32 cascade sum: accurate, and no copy
     # Every token below (1 - top_p) * z / V weighs less than 1 - top_p of the mass together, so
     # the mass ahead of the first of them already reaches top_p: none is kept (half for rounding).
     sure = ((1 - top_p.double()) * z / (2 * vocab)).float()
@@ -167,5 +168,6 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     if rows:
         u = torch.tensor([_uniform(params[i], steps[i]) for i in rows], dtype=torch.float64,
                          device=x.device)
-        out[rows] = _sample_rows(x[rows], [params[i] for i in rows], u).cpu()
+        mine = x if len(rows) == len(params) else x[rows]
+        out[rows] = _sample_rows(mine, [params[i] for i in rows], u).cpu()
     return out.tolist()
