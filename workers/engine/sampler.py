@@ -25,7 +25,7 @@ _MASK64 = (1 << 64) - 1
 # The first, tight candidate threshold is this many times the guaranteed one; rows whose
 # candidates above it do not reach top_p (about 1 in 30 at temperature 1.0 / top_p 0.95 on
 # SmolLM2, none at 0.8) retry with the guaranteed threshold. Measured, not critical.
-_TIGHT = 16.0
+_TIGHT = 64.0
 
 
 def _splitmix64(x: int) -> int:
@@ -101,6 +101,19 @@ def _top_p_cut(w: torch.Tensor, top_p: torch.Tensor, z: torch.Tensor) -> tuple[t
     return s.gather(1, kept - 1), cum[:, -1:] >= need
 
 
+def _filtered(e: torch.Tensor, z: torch.Tensor, top_p: torch.Tensor, floor: torch.Tensor,
+              thr: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [R] drawn from the candidates of ``e`` >= max(thr, floor) after top-p and min-p
+    (``floor``), and per row whether those candidates held the top-p set (else the token is
+    meaningless and the row must retry with a lower ``thr``)."""
+    w, ids = _candidates(e, torch.maximum(thr, floor))
+    cut, reached = _top_p_cut(w, top_p, z)
+    keep = torch.maximum(torch.where(top_p < 1, cut, 0.0), floor)   # min-p: relative to weight 1
+    w = torch.where(w >= keep, w, 0.0)
+    tokens = ids.gather(1, _draw(w, u).unsqueeze(1)).squeeze(1)
+    return tokens, (reached | (top_p >= 1)).squeeze(1)
+
+
 def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams], u: torch.Tensor) -> torch.Tensor:
     """Token ids [R] for rows ``x`` [R, V] with temperature > 0."""
     vocab = x.shape[-1]
@@ -128,19 +141,12 @@ def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams], u: torch.Ten
     # the mass ahead of the first of them already reaches top_p: none is kept (half for rounding).
     sure = ((1 - top_p.double()) * z / (2 * vocab)).float()
     floor = torch.maximum(min_p, torch.full_like(min_p, torch.finfo(e.dtype).tiny))
-    w, ids = _candidates(e, torch.maximum(sure * (2 * _TIGHT), floor))
-    cut, reached = _top_p_cut(w, top_p, z)
-    short = torch.nonzero((~reached & (top_p < 1)).squeeze(1)).flatten()
+    tokens, reached = _filtered(e, z, top_p, floor, sure * (2 * _TIGHT), u)
+    short = torch.nonzero(~reached).flatten()
     if short.numel():                                        # retry with the guaranteed threshold
-        w2, ids2 = _candidates(e[short], torch.maximum(sure[short], floor[short]))
-        cut2, _ = _top_p_cut(w2, top_p[short], z[short])
-        width = max(w.shape[1], w2.shape[1])
-        w, ids = (torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (w, ids))
-        w[short], ids[short], cut[short] = torch.nn.functional.pad(w2, (0, width - w2.shape[1])), \
-            torch.nn.functional.pad(ids2, (0, width - ids2.shape[1])), cut2
-    keep = torch.maximum(torch.where(top_p < 1, cut, 0.0), floor)   # min-p: relative to weight 1
-    w = torch.where(w >= keep, w, 0.0)
-    out[rows] = ids.gather(1, _draw(w, u).unsqueeze(1)).squeeze(1)
+        tokens[short] = _filtered(e[short], z[short], top_p[short], floor[short], sure[short],
+                                  u[short])[0]
+    out[rows] = tokens
     return out
 
 
