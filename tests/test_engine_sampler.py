@@ -2,7 +2,7 @@
 import torch
 
 from broker.protocol import SamplingParams
-from workers.engine.sampler import _TIGHT, sample
+from workers.engine.sampler import _TIGHT, _draw, sample
 
 V = 50
 
@@ -163,3 +163,16 @@ def test_rows_whose_tight_candidates_miss_top_p_fall_back_exactly():
     assert drawn <= support and len(drawn - set(range(100))) > 100
     dropped = set(range(vocab)) - support
     assert dropped == set(torch.topk(row, len(dropped), largest=False).indices.tolist())
+
+
+def test_the_two_level_draw_is_the_plain_inverse_cdf():
+    gen = torch.Generator().manual_seed(9)
+    w = torch.rand(200, 3000, generator=gen) ** 8           # not a multiple of the block
+    w[:, 2900:] = 0                                          # and a kept set ending early
+    w[:5, 300:] = 0
+    u = torch.rand(200, generator=gen, dtype=torch.float64)
+    u[:3] = torch.tensor([0.0, 1.0 - 1e-12, 0.5])
+    cdf = torch.cumsum(w.double(), -1)
+    want = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    want = torch.minimum(want, torch.tensor([int(torch.nonzero(r).max()) for r in w]))
+    assert torch.equal(_draw(w, u), want)
