@@ -10,7 +10,8 @@ operation is row-wise, so a row's token never depends on the other rows. Filters
 vLLM's order: temperature, top-k, top-p, min-p. A filter keeps every token tied with the least
 likely token it keeps (so ties never depend on sort order). Nothing sorts the vocabulary: a
 row keeps only the candidates above a probability threshold that provably contains its top-p
-set (see ``_candidates``), and sorts those few.
+set (see ``_sample_rows``), and sorts those few; exact up to float rounding (a top_p within
+~1e-6 of 1 could, in principle, round the guarantee away).
 """
 from __future__ import annotations
 
@@ -154,6 +155,7 @@ def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams], u: torch.Ten
     z = e.sum(-1, keepdim=True).double()      # float32 cascade sum: accurate, and no copy
     # Every token below (1 - top_p) * z / V weighs less than 1 - top_p of the mass together, so
     # the mass ahead of the first of them already reaches top_p: none is kept (half for rounding).
+    # A first, tighter threshold usually holds the top-p set too, with far fewer candidates.
     sure = ((1 - top_p.double()) * z / (2 * vocab)).float()
     floor = torch.maximum(min_p, torch.full_like(min_p, torch.finfo(e.dtype).tiny))
     tokens, reached = _filtered(e, z, top_p, floor, sure * (2 * _TIGHT), u)
