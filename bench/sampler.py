@@ -1,6 +1,6 @@
 """Sampler micro-benchmark: the sampler in this tree against the one before the batched rewrite
-(read from git at run time, so no copy of it lives here), on one torch thread, at batch 1, 16
-and 64 over SmolLM2's 49,152-entry vocabulary. Times are medians of alternating runs (baseline,
+(read from git at run time, so no copy of it lives here), on one torch thread (``--threads``),
+at batch 1, 16 and 64 over SmolLM2's 49,152-entry vocabulary. Times are medians of alternating runs (baseline,
 new, baseline, ...) so both see the same machine load. With ``--forward`` it also times one
 SmolLM2 decode forward at batch 64 (``workers/engine/runner.py``) for the ratio the issue asks.
 
@@ -8,7 +8,8 @@ Logits: ``smollm2`` (default) takes rows of SmolLM2's own logits over repository
 distributions the sampler meets in practice; ``random`` uses N(0, 3^2) logits, whose top-p sets
 are far larger (a pessimistic case).
 
-    python -m bench.sampler [--batches 1,16,64] [--repeats 7] [--forward] [--json out.json]
+    python -m bench.sampler [--batches 1,16,64] [--repeats 7] [--threads 1] [--forward]
+                            [--logits smollm2|random] [--json out.json]
 """
 from __future__ import annotations
 
@@ -85,9 +86,10 @@ def main(argv=None) -> int:
     ap.add_argument("--logits", choices=("smollm2", "random"), default="smollm2")
     ap.add_argument("--baseline-rev", default=None, help="git revision of the baseline sampler")
     ap.add_argument("--forward", action="store_true", help="also time a batch-64 decode forward")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for everything timed")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     rev, old = baseline_module(args.baseline_rev)
     batches = [int(b) for b in args.batches.split(",")]
     biggest = max(batches)
@@ -106,9 +108,9 @@ def main(argv=None) -> int:
         row["speedup"] = row["baseline"] / row["new"]
         results.append(row)
     report = {"baseline_rev": rev, "logits": args.logits, "temperature": args.temperature,
-              "top_p": args.top_p, "vocab": int(logits.shape[1]), "threads": 1, "results": results}
+              "top_p": args.top_p, "vocab": int(logits.shape[1]), "threads": args.threads, "results": results}
     print(f"sampler, vocab {report['vocab']}, {args.logits} logits, temperature {args.temperature}, "
-          f"top_p {args.top_p}, 1 thread, median of {args.repeats} (baseline {rev[:12]})")
+          f"top_p {args.top_p}, {args.threads} thread(s), median of {args.repeats} (baseline {rev[:12]})")
     print(f"{'batch':>6} {'baseline ms':>12} {'new ms':>9} {'speedup':>8}")
     for r in results:
         print(f"{r['batch']:>6} {r['baseline']:>12.2f} {r['new']:>9.2f} {r['speedup']:>7.1f}x")
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
         fwd = forward_ms(64, 128, max(3, args.repeats // 2))
         report["forward_b64_ms"] = fwd
         new64 = next((r["new"] for r in results if r["batch"] == 64), None)
-        print(f"decode forward, batch 64, context 128, 1 thread: {fwd:.1f} ms"
+        print(f"decode forward, batch 64, context 128, {args.threads} thread(s): {fwd:.1f} ms"
               + (f"; the new sampler at batch 64 is {100 * new64 / (fwd + new64):.1f} % of the step"
                  if new64 else ""))
     if args.json:
