@@ -37,7 +37,8 @@ def baseline_module(rev: str | None) -> tuple[str, types.ModuleType]:
         first = subprocess.run(["git", "log", "--format=%H", "-S", "_TIGHT", "--",
                                 "workers/engine/sampler.py"], cwd=ROOT, capture_output=True,
                                text=True, check=True).stdout.split()[-1]
-        rev = f"{first}^"
+        rev = subprocess.run(["git", "rev-parse", f"{first}^"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
     src = subprocess.run(["git", "show", f"{rev}:workers/engine/sampler.py"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     mod = types.ModuleType("baseline_sampler")
