@@ -78,6 +78,7 @@ class SamplingParams:
     temperature: float = 0.0          # 0 means greedy
     top_k: int = 0                    # 0 means off
     top_p: float = 1.0
+    min_p: float = 0.0                # 0 means off; else keep tokens >= min_p * the most likely's
     seed: Optional[int] = None
     repetition_penalty: float = 1.0
     stop: tuple = ()                  # stop strings
@@ -94,6 +95,8 @@ class SamplingParams:
             raise bad("top_k", self.top_k, "an integer >= 0 (0 turns it off)")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", self.top_p, "a number in (0, 1]")
+        if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", self.min_p, "a number in [0, 1] (0 turns it off)")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise bad("seed", self.seed, "an integer in [0, 2**63) or null")
         if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:

@@ -91,6 +91,7 @@ class _Request(BaseModel):
     temperature: Optional[Annotated[float, Field(ge=0, le=2)]] = None
     top_p: Optional[Annotated[float, Field(gt=0, le=1)]] = None
     top_k: Optional[Annotated[int, Field(ge=-1, le=MAX_INT)]] = None     # 0 or -1 turns it off
+    min_p: Optional[Annotated[float, Field(ge=0, le=1)]] = None         # 0 turns it off
     seed: Optional[int] = None                                          # any integer: taken mod 2**63
     stop: Any = None
     stop_token_ids: Optional[list[TokenId]] = None
@@ -153,6 +154,8 @@ class _Request(BaseModel):
             s["top_p"] = float(self.top_p)
         if self.top_k is not None:
             s["top_k"] = max(0, self.top_k)
+        if self.min_p is not None:
+            s["min_p"] = float(self.min_p)
         if self.seed is not None:
             s["seed"] = self.seed % 2**63
         if self.repetition_penalty is not None:

@@ -2,7 +2,7 @@
 import torch
 
 from broker.protocol import SamplingParams
-from workers.engine.sampler import sample
+from workers.engine.sampler import _TIGHT, _draw, sample
 
 V = 50
 
@@ -81,3 +81,98 @@ def test_repetition_penalty_changes_the_greedy_choice():
     neg = torch.tensor([[-1.0, -1.2]])
     assert draw(neg, SamplingParams(repetition_penalty=2.0), history=[0]) == 1
     assert torch.equal(logits, torch.tensor([[3.0, 2.5, -1.0, 0.0]]))   # input untouched
+
+
+# --- the batched sampler against a straightforward reference -----------------------------------
+
+def reference_support(row: torch.Tensor, p: SamplingParams) -> set:
+    """Tokens the filters keep, computed the plain way: a full sort in float64."""
+    probs = torch.softmax(row.double() / p.temperature, -1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if 0 < p.top_k < row.numel():
+        keep &= row >= torch.topk(row, p.top_k).values[-1]
+        probs = torch.where(keep, probs, 0.0) / torch.where(keep, probs, 0.0).sum()
+    if p.top_p < 1:
+        s = torch.sort(probs, descending=True).values
+        cut = s[int(((torch.cumsum(s, 0) - s) < p.top_p).sum()) - 1]
+        keep &= probs >= cut
+    keep &= probs >= p.min_p * probs.max()
+    return set(torch.nonzero(keep).flatten().tolist())
+
+
+def draws(row: torch.Tensor, p: SamplingParams, n: int) -> set:
+    rows = row.expand(n, -1)
+    ps = [SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                         seed=s) for s in range(n)]
+    return set(sample(rows, ps, [[]] * n, [0] * n))
+
+
+def test_min_p_keeps_tokens_at_least_min_p_of_the_most_likely():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.12, 0.07, 0.11]]))
+    p = SamplingParams(temperature=1.0, min_p=0.2)   # keeps p >= 0.1
+    assert draws(logits[0], p, 400) == {0, 1, 2, 4}   # never 3
+    assert draws(logits[0], SamplingParams(temperature=1.0, min_p=1.0), 50) == {0}
+
+
+def test_filters_keep_the_reference_support_on_small_vocabularies():
+    gen = torch.Generator().manual_seed(0)
+    cases = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=1.3, top_k=5),
+             SamplingParams(temperature=1.0, top_k=8, top_p=0.7),
+             SamplingParams(temperature=0.7, top_p=0.95, min_p=0.05),
+             SamplingParams(temperature=2.0, min_p=0.3)]
+    for trial in range(6):
+        row = torch.randn(V, generator=gen) * (1 + trial)
+        for p in cases:
+            support = reference_support(row, p)
+            drawn = draws(row, p, 600)
+            assert drawn <= support, (p, drawn - support)
+            # Every kept token that is not rare is drawn at least once.
+            probs = torch.softmax(row.double() / p.temperature, -1)
+            assert {t for t in support if probs[t] / probs[list(support)].sum() > 0.02} <= drawn, p
+
+
+def test_a_seeded_row_draws_the_same_token_alone_and_in_a_batch_of_64():
+    gen = torch.Generator().manual_seed(4)
+    vocab = 49152
+    logits = torch.randn(64, vocab, generator=gen) * 4
+    kinds = [SamplingParams(temperature=0.8, top_p=0.95), SamplingParams(temperature=1.0),
+             SamplingParams(), SamplingParams(temperature=0.7, top_k=40, min_p=0.05),
+             SamplingParams(temperature=1.2, top_p=0.5, repetition_penalty=1.3)]
+    params = [SamplingParams(**{**kinds[i % 5].to_dict(), "seed": 1000 + i}) for i in range(64)]
+    histories = [[i, i + 1, 7] for i in range(64)]
+    steps = [i % 9 for i in range(64)]
+    batched = sample(logits, params, histories, steps)
+    alone = [sample(logits[i:i + 1], [params[i]], [histories[i]], [steps[i]])[0] for i in range(64)]
+    assert batched == alone
+    assert batched[::-1] == sample(logits.flip(0), params[::-1], histories[::-1], steps[::-1])
+
+
+def test_rows_whose_tight_candidates_miss_top_p_fall_back_exactly():
+    # 100 likely tokens hold 0.85, 3996 unlikely ones the rest: the candidates above the tight
+    # threshold hold less than top_p, so the guaranteed threshold decides, and the kept set must
+    # still be the reference's (the likely ones and the best of the unlikely ones).
+    vocab = 4096
+    noise = torch.rand(vocab, generator=torch.Generator().manual_seed(2)) * 0.5
+    row = torch.cat([torch.full((100,), 5.0), torch.zeros(vocab - 100)]) + noise
+    p = SamplingParams(temperature=1.0, top_p=0.9)
+    probs = torch.softmax(row.double(), -1)
+    assert probs[probs >= _TIGHT * (1 - p.top_p) / vocab].sum() < p.top_p   # the tight tier misses
+    support = reference_support(row, p)
+    assert 400 < len(support) < vocab - 1000
+    drawn = draws(row, p, 3000)
+    assert drawn <= support and len(drawn - set(range(100))) > 100
+    dropped = set(range(vocab)) - support
+    assert dropped == set(torch.topk(row, len(dropped), largest=False).indices.tolist())
+
+
+def test_the_two_level_draw_is_the_plain_inverse_cdf():
+    gen = torch.Generator().manual_seed(9)
+    w = torch.rand(200, 3000, generator=gen) ** 8           # not a multiple of the block
+    w[:, 2900:] = 0                                          # and a kept set ending early
+    w[:5, 300:] = 0
+    u = torch.rand(200, generator=gen, dtype=torch.float64)
+    u[:3] = torch.tensor([0.0, 1.0 - 1e-12, 0.5])
+    cdf = torch.cumsum(w.double(), -1)
+    want = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    want = torch.minimum(want, torch.tensor([int(torch.nonzero(r).max()) for r in w]))
+    assert torch.equal(_draw(w, u), want)

@@ -129,6 +129,7 @@ BAD = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": "yes"}, "stream", 400, "stream"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2}, "n", 400, "n=2"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 7}, "top_p", 400, "top_p"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "min_p": 1.5}, "min_p", 400, "min_p"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": [""]}, "stop", 400, "stop"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty", 400,
      "repetition_penalty"),
@@ -196,6 +197,7 @@ def test_request_models_apply_openais_defaults_and_normalise():
     r = parse_request(CompletionRequest, {"prompt": ["hi"], "top_k": -1, "seed": -1, "stop": "x", "stream": None})
     assert r.inputs() == {"prompt": "hi"} and not r.stream and not r.include_usage
     assert r.sampling(16) == {"max_tokens": 16, "temperature": 1.0, "top_k": 0, "seed": 2**63 - 1, "stop": ["x"]}
+    assert parse_request(CompletionRequest, {"prompt": "hi", "min_p": 0.1}).sampling(16)["min_p"] == 0.1
     c = parse_request(ChatCompletionRequest, {
         "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
                      {"role": "assistant", "content": None, "refusal": None}],

@@ -178,6 +178,14 @@ def test_sampling_validation_cache_keeps_exact_types():
         p.check_sampling({"stop": [1]})
 
 
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "0.1", True, float("nan")])
+def test_min_p_is_a_number_in_0_1_and_errors_name_it(bad):
+    assert p.SamplingParams.from_dict({"min_p": 0.05}).min_p == 0.05
+    assert p.SamplingParams.from_dict({"min_p": 0}).to_dict()["min_p"] == 0
+    with pytest.raises(p.ProtocolError, match=f"min_p={bad!r}"):
+        p.SamplingParams.from_dict({"min_p": bad})
+
+
 def test_constructor_contract():
     # positional and keyword arguments, defaults, fresh default factories, __post_init__
     # validation and frozenness
