@@ -192,3 +192,12 @@ def test_progress_bar_counts_agree_and_it_stays_off_when_not_a_terminal(monkeypa
         bar.refresh()
         now = term.getvalue().split("\r")[-1]
         assert "1/4" in now and "25%" in now, now
+
+
+def test_sampler_bench_smoke(tmp_path):
+    out = tmp_path / "s.json"
+    _run(["-m", "bench.sampler", "--batches", "1,4", "--repeats", "1", "--logits", "random",
+          "--baseline-rev", "HEAD", "--json", str(out)], timeout=120)
+    rep = json.loads(out.read_text())
+    assert [r["batch"] for r in rep["results"]] == [1, 4]
+    assert all(r["baseline"] > 0 and r["new"] > 0 for r in rep["results"])
