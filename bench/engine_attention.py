@@ -4,9 +4,9 @@ share the model and the KV pool), alternating the two, medians of several rounds
 
 Cases: one decode step at batch 1, 16 and 64 with histories of about ``--history`` positions
 (lengths spread by +-4 so the padding mask is exercised), and a prefill of ``--prefill`` tokens.
-It also reports the largest difference between the two runners' logits, and with ``--profile``
-the share of the step spent in attention's own ops (cache write, gather, SDPA), from torch.profiler.
-The histories' K/V are random: the time of a step does not depend on the values.
+It also reports the time inside the model's ``attend`` callbacks (cache write, gather, attention:
+everything the runner does per layer), timed around each call, and the largest difference between
+the two runners' logits. The histories' K/V are random: a step's time does not depend on them.
 
     python -m bench.engine_attention --baseline main --threads 1
 """
@@ -27,8 +27,6 @@ from workers.engine.kv_cache import KVCache
 from workers.engine.loaders import load_model
 from workers.engine.runner import ModelRunner
 
-# Top-level ops of paged attention in both runners (the model's projections are not attention).
-ATTENTION_OPS = ("aten::index_put_", "aten::index_select", "aten::scaled_dot_product_attention")
 
 
 def baseline_runner_class(rev: str) -> type:
@@ -57,19 +55,28 @@ def decode_case(kv: KVCache, batch: int, history: int) -> tuple:
     return [7] * batch, lengths, tables
 
 
-def timed(fn, *args) -> tuple[float, torch.Tensor]:
+class AttendTimer:
+    """Stands in for a runner's model: runs it, adding up the seconds spent in ``attend``."""
+
+    def __init__(self, model) -> None:
+        self.model, self.cfg, self.logits = model, model.cfg, model.logits
+        self.seconds = 0.0
+
+    def __call__(self, token_ids, positions, attend):
+        def timed_attend(*args):
+            start = time.perf_counter()
+            out = attend(*args)
+            self.seconds += time.perf_counter() - start
+            return out
+        return self.model(token_ids, positions, timed_attend)
+
+
+def timed(runner, method: str, args) -> tuple[float, float, torch.Tensor]:
+    """Milliseconds of the whole call and of its attention, and its output."""
+    runner.model.seconds = 0.0
     start = time.perf_counter()
-    out = fn(*args)
-    return (time.perf_counter() - start) * 1e3, out
-
-
-def attention_share(fn, *args) -> float:
-    from torch.profiler import profile
-    with profile() as prof:
-        fn(*args)
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    return sum(e.cpu_time_total for e in events if e.key in ATTENTION_OPS) / total
+    out = getattr(runner, method)(*args)
+    return (time.perf_counter() - start) * 1e3, runner.model.seconds * 1e3, out
 
 
 def main() -> None:
@@ -81,7 +88,6 @@ def main() -> None:
     ap.add_argument("--history", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model)
@@ -91,28 +97,29 @@ def main() -> None:
     kv = KVCache(model.cfg, need, block_size)
     kv.pool.normal_(0, 1)    # stands in for a prefill of every history
     runners = {"baseline": baseline_runner_class(args.baseline)(model, kv), "this tree": ModelRunner(model, kv)}
+    for runner in runners.values():
+        runner.model = AttendTimer(model)
     cases = [(f"decode b={b}", "decode", decode_case(kv, b, args.history)) for b in batches]
     kv.allocator = type(kv.allocator)(kv.num_blocks)
     ids = torch.randint(0, model.cfg.vocab_size, (args.prefill,)).tolist()
     cases.append((f"prefill {args.prefill}", "prefill", (ids, kv.allocator.allocate(kv.blocks_for(args.prefill)))))
     print(f"{args.model}, {args.threads} thread(s), medians of {args.rounds} alternating rounds, "
           f"baseline = runner at {args.baseline}")
-    print(f"{'case':<14} {'baseline ms':>12} {'this ms':>9} {'speedup':>8} {'max |dlogit|':>13}"
-          + ("  attention share base/this" if args.profile else ""))
+    print(f"{'case':<14} {'step ms base':>12} {'this':>7} {'speedup':>8} {'attention ms base':>18} "
+          f"{'this':>6} {'share base':>10} {'this':>5} {'max |dlogit|':>13}")
     for name, method, case_args in cases:
-        times = {label: [] for label in runners}
-        outs = {}
+        steps, attention, outs = {k: [] for k in runners}, {k: [] for k in runners}, {}
         for _ in range(args.rounds):
             for label, runner in runners.items():
-                ms, outs[label] = timed(getattr(runner, method), *case_args)
-                times[label].append(ms)
-        base, this = (statistics.median(times[k]) for k in runners)
+                ms, attend_ms, outs[label] = timed(runner, method, case_args)
+                steps[label].append(ms)
+                attention[label].append(attend_ms)
+        (base, this), (att_base, att_this) = ([statistics.median(d[k]) for k in runners]
+                                              for d in (steps, attention))
         diff = (outs["baseline"] - outs["this tree"]).abs().max().item()
-        line = f"{name:<14} {base:>12.1f} {this:>9.1f} {base / this:>7.2f}x {diff:>13.1e}"
-        if args.profile:
-            shares = [attention_share(getattr(r, method), *case_args) for r in runners.values()]
-            line += f"  {shares[0]:.0%} / {shares[1]:.0%}"
-        print(line, flush=True)
+        print(f"{name:<14} {base:>12.1f} {this:>7.1f} {base / this:>7.2f}x {att_base:>18.1f} "
+              f"{att_this:>6.1f} {att_base / base:>10.0%} {att_this / this:>5.0%} {diff:>13.1e}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ K/V, then attend.
   causally to the cached prefix plus itself.
 * A decode step attends in groups of sequences whose gathered K/V fit in the CPU's cache
   (``DECODE_GROUP_BYTES``): each group's copy is read back while still cached, instead of the
-  whole batch's history being copied out to memory and read in again (2x faster per layer at
-  batch 64 on a 32 MiB-L3 EPYC; bench/engine_attention.py). The pool's block-major layout puts
-  other layers between two blocks of one layer, so even a run of consecutive blocks is not one
-  strided view over positions: some copy is unavoidable without a custom kernel.
+  whole batch's history being copied out to memory and read in again (attention of a batch-64
+  SmolLM2 step about 25 % faster on a 32 MiB-L3 EPYC: ``python -m bench.engine_attention``).
+  The pool's block-major layout puts other layers between two blocks of one layer, so even a
+  run of consecutive blocks is not one strided view over positions: some copy is unavoidable
+  without a custom kernel.
 
 It never allocates or frees blocks (the caller owns block tables) and never samples.
 """
@@ -30,8 +31,9 @@ from .model import LlamaModel
 
 # Gathered K and V of one decode group, per layer. Small enough to stay in L2/L3 between the
 # gather and the attention that reads it; large enough that a group is one SDPA call for about
-# 5 sequences of 128 positions (SmolLM2: 1.5 KiB of K+V per position per layer). 1 MiB measured
-# best among 0.25/1/2/4 MiB at batch 16 and 64 (4 MiB loses most of the gain, 0.25 all of it).
+# 5 sequences of 128 positions (SmolLM2: 1.5 KiB of K+V per position per layer). Alone, 1 and
+# 2 MiB measured best among 0.25/1/2/4 MiB at batch 16 and 64 (4 MiB loses most of the gain, 0.25
+# all of it); in the whole SmolLM2 step 1 and 2 MiB measured alike.
 DECODE_GROUP_BYTES = 1 << 20
 
 
