@@ -126,3 +126,22 @@ def test_prefill_calls_on_layer_after_every_layer():
     assert seen == list(range(model.cfg.num_layers))
     without = runner.prefill(list(range(20)), kv.allocator.allocate(2))
     assert torch.equal(with_hook, without)
+
+
+def test_decode_groups_fit_the_byte_budget_and_cover_the_batch(monkeypatch):
+    import workers.engine.runner as runner_module
+    r = runner(block_size=4)
+    per_position = 2 * MODEL.cfg.num_kv_heads * MODEL.cfg.head_dim * 4
+    monkeypatch.setattr(runner_module, "DECODE_GROUP_BYTES", 10 * per_position)
+    # A group costs its size times its longest: (3, 4) is 2*4 = 8 <= 10, adding 2 would be 12.
+    assert r._decode_groups([3, 4, 2, 9, 1, 1]) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert r._decode_groups([20]) == [(0, 1)]      # one sequence over the budget still runs
+
+
+@pytest.mark.parametrize("group_positions", [1, 20, 1 << 30])
+def test_batched_decode_in_groups_equals_single_decodes(monkeypatch, group_positions):
+    """Every grouping gives the same logits: one sequence a group, (4, 10) then (7,), the whole batch."""
+    import workers.engine.runner as runner_module
+    per_position = 2 * MODEL.cfg.num_kv_heads * MODEL.cfg.head_dim * 4
+    monkeypatch.setattr(runner_module, "DECODE_GROUP_BYTES", group_positions * per_position)
+    test_batched_decode_equals_single_decodes()
