@@ -8,7 +8,7 @@ It also reports the time inside the model's ``attend`` callbacks (cache write, g
 everything the runner does per layer), timed around each call, and the largest difference between
 the two runners' logits. The histories' K/V are random: a step's time does not depend on them.
 
-    python -m bench.engine_attention --baseline main --threads 1
+    python -m bench.engine_attention --baseline 6245e5d --threads 1
 """
 from __future__ import annotations
 
@@ -80,14 +80,16 @@ def timed(runner, method: str, args) -> tuple[float, float, torch.Tensor]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--baseline", default="main", help="git revision of the runner to compare with")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batches", default="1,16,64")
-    ap.add_argument("--history", type=int, default=128)
-    ap.add_argument("--prefill", type=int, default=512)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap = argparse.ArgumentParser(prog="python -m bench.engine_attention", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--baseline", default="6245e5d",
+                    help="git revision of the runner to compare with (6245e5d: the runner before the grouped decode)")
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny, a .gguf file or a HF directory")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--batches", default="1,16,64", help="decode batch sizes, comma-separated")
+    ap.add_argument("--history", type=int, default=128, help="positions of KV history per sequence in decode")
+    ap.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill case")
+    ap.add_argument("--rounds", type=int, default=7, help="alternating rounds; medians are reported")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model)

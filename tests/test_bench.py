@@ -201,3 +201,11 @@ def test_sampler_bench_smoke(tmp_path):
     rep = json.loads(out.read_text())
     assert [r["batch"] for r in rep["results"]] == [1, 4]
     assert all(r["baseline"] > 0 and r["new"] > 0 for r in rep["results"])
+
+
+def test_engine_attention_bench_smoke():
+    proc = _run(["-m", "bench.engine_attention", "--baseline", "HEAD", "--model", "tiny", "--batches", "1,4",
+                 "--history", "20", "--prefill", "32", "--rounds", "1"], timeout=120)
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("decode", "prefill"))]
+    assert [r[:2] for r in rows] == [["decode", "b=1"], ["decode", "b=4"], ["prefill", "32"]]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)     # step ms: baseline, this tree
