@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 import time
+import types
 from typing import Iterable, Optional, Sequence
 
 from tqdm import tqdm
@@ -54,6 +56,22 @@ def children(prefix: str = "bench-") -> Children:
 def start_broker(procs: Children, http: bool = False, extra: Sequence[str] = ()) -> dict:
     """``broker start`` on free ports, logging warnings only (benchmarks read its ready line)."""
     return launch.start_broker(procs, http=http, log_level="WARNING", extra=extra)
+
+
+def module_at(rev: str, path: str) -> types.ModuleType:
+    """The module ``path`` (``workers/engine/runner.py``) as it is at git revision ``rev``: the
+    baseline a micro-benchmark measures this tree against, with no copy of old code in the tree.
+    Its relative imports resolve to this tree's siblings (it runs inside the same package)."""
+    try:
+        src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"baseline revision {rev!r}: git show {rev}:{path} failed: {e.stderr.strip()}") from None
+    package = os.path.dirname(path).replace("/", ".")
+    mod = types.ModuleType(f"{package}._baseline_{os.path.basename(path)[:-3]}")
+    mod.__package__ = package
+    exec(compile(src, f"{rev}:{path}", "exec"), mod.__dict__)
+    return mod
 
 
 def cpu_seconds(pid: int) -> float:

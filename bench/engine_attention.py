@@ -13,37 +13,16 @@ the two runners' logits. The histories' K/V are random: a step's time does not d
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
 
-from bench.common import ROOT
+from bench.common import module_at
 from workers.engine.kv_cache import KVCache
 from workers.engine.loaders import load_model
 from workers.engine.runner import ModelRunner
 
-
-
-def baseline_runner_class(rev: str) -> type:
-    """``ModelRunner`` as ``workers/engine/runner.py`` is at ``rev``, importing this tree's
-    ``workers.engine`` siblings (model, kv_cache)."""
-    try:
-        source = subprocess.run(["git", "show", f"{rev}:workers/engine/runner.py"], cwd=ROOT,
-                                check=True, capture_output=True, text=True).stdout
-    except subprocess.CalledProcessError as e:
-        raise SystemExit(f"--baseline {rev!r}: git show failed: {e.stderr.strip()}") from None
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("workers.engine._baseline_runner", f.name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.ModelRunner
 
 
 def decode_case(kv: KVCache, batch: int, history: int) -> tuple:
@@ -98,7 +77,7 @@ def main() -> None:
     need = max(max(batches) * (args.history + 8), args.prefill) // block_size + max(batches) + 1
     kv = KVCache(model.cfg, need, block_size)
     kv.pool.normal_(0, 1)    # stands in for a prefill of every history
-    runners = {"baseline": baseline_runner_class(args.baseline)(model, kv), "this tree": ModelRunner(model, kv)}
+    runners = {"baseline": module_at(args.baseline, "workers/engine/runner.py").ModelRunner(model, kv), "this tree": ModelRunner(model, kv)}
     for runner in runners.values():
         runner.model = AttendTimer(model)
     cases = [(f"decode b={b}", "decode", decode_case(kv, b, args.history)) for b in batches]

@@ -17,33 +17,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-import types
 
 import torch
 
-from bench.common import ROOT
+from bench.common import ROOT, module_at
 from broker.protocol import SamplingParams
 from workers.engine import sampler as new_sampler
 
 VOCAB = 49152
-
-
-def baseline_module(rev: str | None) -> tuple[str, types.ModuleType]:
-    """The sampler module as it was before the batched rewrite (or at ``rev``), from git."""
-    if rev is None:   # the parent of the commit that introduced the candidate threshold
-        first = subprocess.run(["git", "log", "--format=%H", "-S", "_TIGHT", "--",
-                                "workers/engine/sampler.py"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.split()[-1]
-        rev = subprocess.run(["git", "rev-parse", f"{first}^"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-    src = subprocess.run(["git", "show", f"{rev}:workers/engine/sampler.py"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    mod = types.ModuleType("baseline_sampler")
-    exec(compile(src, f"{rev}:workers/engine/sampler.py", "exec"), mod.__dict__)
-    return rev, mod
 
 
 def smollm2_logits(rows: int) -> torch.Tensor:
@@ -85,13 +68,15 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--logits", choices=("smollm2", "random"), default="smollm2")
-    ap.add_argument("--baseline-rev", default=None, help="git revision of the baseline sampler")
+    ap.add_argument("--baseline-rev", default="6245e5d",
+                    help="git revision of the baseline sampler (default: 6245e5d, the one before the batched rewrite)")
     ap.add_argument("--forward", action="store_true", help="also time a batch-64 decode forward")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for everything timed")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rev, old = baseline_module(args.baseline_rev)
+    rev = args.baseline_rev
+    old = module_at(rev, "workers/engine/sampler.py")
     batches = [int(b) for b in args.batches.split(",")]
     biggest = max(batches)
     logits = (smollm2_logits(biggest) if args.logits == "smollm2"
