@@ -40,7 +40,7 @@ import zmq
 from broker import protocol as p
 from bench.common import (RESULTS, children, cpu_seconds, machine, median, parse_cpus, quiet_gc, recv_frames,
                           send_frames, start_broker, summarize, table, write_json)
-from broker.launch import Children, read_line, wait_for_workers
+from broker.launch import Children, read_line, ready_words, wait_for_workers
 
 _TOKENS, _FINAL, _ERROR, _ACCEPTED, _BATCH = p.Tokens.CMD, p.Final.CMD, p.Error.CMD, p.Accepted.CMD, p.BATCH
 
@@ -253,7 +253,7 @@ class Bench:
             proc = self.procs.start(name, [sys.executable, "-m", "bench.broker", "_direct", mode,
                                            str(a.prompt_tokens), str(a.output_tokens)],
                                     stdout=subprocess.PIPE)
-            words = dict(w.split("=", 1) for w in read_line(proc, 30, "ready line").split() if "=" in w)
+            words = ready_words(read_line(proc, 30, "ready line"))
             self.targets[name], self.pids[name] = words["frontend"], proc.pid
         for i in range(a.processes):
             proc = self.procs.start(f"loadgen-{i}", [sys.executable, "-m", "bench.broker", "_load", *([cpus] if cpus else [])],

@@ -198,21 +198,26 @@ def read_line(proc: subprocess.Popen, timeout: float, what: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # the broker and workers as children
 
+def ready_words(line: str) -> dict:
+    """The ``key=value`` words of a ready line (``broker ready frontend=... backend=...``)."""
+    return dict(w.split("=", 1) for w in line.split() if "=" in w)
+
+
 def start_broker(children: Children, http: bool = False, log_level: Optional[str] = None,
-                 extra: Sequence[str] = (), name: str = "broker", timeout: float = 30.0) -> dict:
+                 extra: Sequence[str] = ()) -> dict:
     """``broker start`` on free ports, with its HTTP gateway on a free port or none; returns the
     ``key=value`` words of its ready line (frontend, backend, http) and its ``pid``."""
     cmd = [sys.executable, "-m", "broker.cli", "start", "--frontend", "tcp://127.0.0.1:0",
            "--backend", "tcp://127.0.0.1:0", *(["--http-port", "0"] if http else ["--no-http"]),
            *(["--log-level", log_level] if log_level else []), *extra]
-    proc = children.start(name, cmd, stdout=subprocess.PIPE)
+    proc = children.start("broker", cmd, stdout=subprocess.PIPE)
     try:
-        line = read_line(proc, timeout, "ready line")
+        line = read_line(proc, 30.0, "ready line")
     except (TimeoutError, RuntimeError) as e:
-        raise RuntimeError(f"{e}\n{children.tail(name)}") from None
+        raise RuntimeError(f"{e}\n{children.tail('broker')}") from None
     if not line.startswith("broker ready"):
-        raise RuntimeError(f"unexpected first line from the broker: {line!r}\n{children.tail(name)}")
-    words = dict(w.split("=", 1) for w in line.split() if "=" in w)
+        raise RuntimeError(f"unexpected first line from the broker: {line!r}\n{children.tail('broker')}")
+    words = ready_words(line)
     words["pid"] = proc.pid
     return words
 

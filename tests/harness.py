@@ -45,12 +45,11 @@ class Deployment:
     (tests may append processes of their own to ``procs``; they are killed too)."""
 
     def __init__(self, heartbeat_s: float = 0.2, liveness: int = 10, kv_lease_s: float = 30.0,
-                 max_queue: int = 1024, tmpdir: Optional[str] = None, http: bool = False,
+                 max_queue: int = 1024, http: bool = False,
                  config: Optional[str] = None):
         self.children = Children(prefix="dsrv-test-", env=_env())
         self.tmp = self.children.tmp
         self.procs: list[subprocess.Popen] = self.children.procs
-        self.logs: dict[str, str] = self.children.logs
         self.workers: dict[str, subprocess.Popen] = {}
         flags = ["--heartbeat-interval", str(heartbeat_s), "--liveness", str(liveness),
                  "--kv-lease", str(kv_lease_s), "--max-queue", str(max_queue)]

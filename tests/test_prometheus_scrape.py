@@ -1,4 +1,4 @@
-"""A real Prometheus server (Debian's ``prometheus`` package; .ci/run installs it) scrapes the
+"""A real Prometheus server (Debian's ``prometheus`` package; install.sh installs it, as root) scrapes the
 gateway's ``/metrics`` and can query what the broker recorded, histograms included.
 
 A missing ``prometheus`` binary fails this test: the scrape is what it proves.
@@ -7,10 +7,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -18,6 +15,7 @@ import urllib.request
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from broker.launch import Children
 from client import Client
 from tests.harness import Deployment
 
@@ -50,20 +48,19 @@ class Prometheus:
     def __init__(self, target: str):
         binary = shutil.which("prometheus")
         if binary is None:
-            pytest.fail("no `prometheus` on PATH: install Debian's package (apt-get install prometheus; .ci/run does)")
-        self.tmp = tempfile.TemporaryDirectory(prefix="dsrv-prometheus-")
-        config = os.path.join(self.tmp.name, "prometheus.yml")
+            pytest.fail("no `prometheus` on PATH: install Debian's package (apt-get install prometheus; "
+                        "install.sh does, as root)")
+        self.children = Children(prefix="dsrv-prometheus-")
+        tmp = self.children.tmp.name
+        config = os.path.join(tmp, "prometheus.yml")
         with open(config, "w") as f:
             f.write("global:\n  scrape_interval: 500ms\n  scrape_timeout: 500ms\n"
                     "scrape_configs:\n  - job_name: broker\n    metrics_path: /metrics\n"
                     f"    static_configs:\n      - targets: ['{target}']\n")
         self.base = f"http://127.0.0.1:{free_port()}"
-        self.log = os.path.join(self.tmp.name, "prometheus.log")
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                [binary, f"--config.file={config}", f"--storage.tsdb.path={self.tmp.name}/data",
-                 f"--web.listen-address={self.base[len('http://'):]}"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp.name)
+        self.proc = self.children.start("prometheus", [
+            binary, f"--config.file={config}", f"--storage.tsdb.path={tmp}/data",
+            f"--web.listen-address={self.base[len('http://'):]}"])
 
     def wait_until(self, what: str, check, timeout: float = 60.0):
         """``check()`` until it returns something other than None (bounded); its errors retry."""
@@ -81,14 +78,10 @@ class Prometheus:
         pytest.fail(f"timed out waiting for {what} (last error: {last}):\n{self.tail()}")
 
     def tail(self) -> str:
-        with open(self.log) as f:
-            return "".join(f.readlines()[-20:])
+        return self.children.tail("prometheus", 20)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self.tmp.cleanup()
+        self.children.close(grace=0)
 
 
 def test_prometheus_scrapes_the_gateway_and_queries_what_the_broker_recorded():
