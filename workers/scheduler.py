@@ -32,10 +32,7 @@ class RequestRejected(Exception):
 
 @dataclass
 class Lease:
-    """KV blocks a context worker holds for a generation worker to pull."""
-    request_id: str
-    attempt: int
-    key: str
+    """KV blocks a context worker holds for a generation worker to pull (keyed by the dispatch key)."""
     blocks: list
     expires: float
 
@@ -80,7 +77,9 @@ class DecodeBatch:
 
     @property
     def histories(self) -> list:
-        return [s.prompt_ids + s.output_ids for s in self.seqs]
+        """Prompt + output ids, which only the repetition penalty reads: no copy for other rows."""
+        return [s.prompt_ids + s.output_ids if s.params.repetition_penalty != 1.0 else ()
+                for s in self.seqs]
 
     @property
     def steps(self) -> list:
@@ -336,8 +335,7 @@ class Scheduler:
         else:
             handle = self.register(seq.key, seq.blocks, len(seq.prompt_ids))
             ttl = 2 * seq.lease_ms / 1000 + 5     # the broker's lease rules; this is the safety net
-            self.leases[seq.key] = Lease(seq.request_id, seq.attempt, seq.key, seq.blocks,
-                                         self.clock() + ttl)
+            self.leases[seq.key] = Lease(seq.blocks, self.clock() + ttl)
         seq.blocks = []          # the lease (or the allocator) has them now
         self.outbox.append(p.ContextDone(seq.request_id, seq.attempt, token, text, seq.prompt_ids,
                                          handle, seq.finish_reason, seq.prefill_s))

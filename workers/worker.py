@@ -173,8 +173,7 @@ class Worker:
             logits = self.runner.decode(batch.tokens, batch.positions, batch.block_tables)
             self.sched.decoded(batch, sample(logits, batch.params, batch.histories, batch.steps))
             self._flush()
-        self._heartbeat_if_due()
-        self._flush()
+        self._heartbeat_if_due()        # flushes what it queues
 
     def _receive(self) -> None:
         for _ in range(10_000):

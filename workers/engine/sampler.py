@@ -60,8 +60,8 @@ def _uniform(p: SamplingParams, step: int) -> float:
     return float(torch.rand((), generator=gen, dtype=torch.float64))
 
 
-def _column(values: list, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=like.device).unsqueeze(1)
+def _column(values: list, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=like.device).unsqueeze(1)
 
 
 def _last_positive(w: torch.Tensor) -> torch.Tensor:
@@ -186,7 +186,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     out = torch.empty(x.shape[0], dtype=torch.long)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
     if greedy:
-        out[greedy] = torch.argmax(x[greedy], dim=-1).cpu()
+        out[greedy] = torch.argmax(x if len(greedy) == len(params) else x[greedy], dim=-1).cpu()
     rows = [i for i, p in enumerate(params) if p.temperature != 0]
     if rows:
         u = torch.tensor([_uniform(params[i], steps[i]) for i in rows], dtype=torch.float64,
