@@ -238,7 +238,6 @@ class _EngineKeys(Schema):
 
 EngineOptions = create_model("EngineOptions", __base__=_EngineKeys,
                              **{k: (Any, None) for k in WORKER_NOT_SUPPORTED})
-ENGINE_KEYS = set(EngineOptions.model_fields)
 
 
 def engine_notices(opts: BaseModel) -> list:

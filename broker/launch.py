@@ -28,13 +28,13 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 import zmq
 
 from broker import protocol as p
-from broker.config import DisaggConfig, worker_options
+from broker.config import DisaggConfig, read_yaml, worker_options
 
 log = logging.getLogger("broker.launch")
 
@@ -293,13 +293,9 @@ def start_gateway(cfg: DisaggConfig, frontend: str, port: Optional[int] = None, 
     return thread
 
 
-def _transfer_backend(options_path: Optional[str]) -> str:
-    """The cache_transceiver_config.backend a worker options file asks for (upper case), or ''."""
-    if not options_path:
-        return ""
-    with open(options_path) as f:
-        raw = yaml.safe_load(f) or {}
-    ctc = raw.get("cache_transceiver_config") or {} if isinstance(raw, dict) else {}
+def _transfer_backend(options: Any) -> str:
+    """The cache_transceiver_config.backend worker options ask for (upper case), or ''."""
+    ctc = options.get("cache_transceiver_config") or {} if isinstance(options, dict) else {}
     return str(ctc.get("backend", "")).upper() if isinstance(ctc, dict) else ""
 
 
@@ -322,16 +318,17 @@ class Launch:
     def frontend(self) -> str:
         return self.server.frontend
 
-    def _options_file(self, name: str) -> Optional[str]:
-        """The worker options file of one group: its own file as is, or a merged document that
-        carries where each key came from, so a bad value is reported against the user's file."""
+    def _options_file(self, name: str) -> tuple[Optional[str], Any]:
+        """The worker options file of one group and what it holds: the group's own file as is, or
+        a merged document that carries where each key came from, so a bad value is reported
+        against the user's file."""
         path, doc = worker_options(self.cfg, name)
         if doc is None:
-            return path
+            return path, read_yaml(path, "worker options") if path else None
         out = os.path.join(self.children.tmp.name, f"{name}.yaml")
         with open(out, "w") as f:
             yaml.safe_dump(doc, f)
-        return out
+        return out, doc
 
     @property
     def http_url(self) -> Optional[str]:
@@ -343,11 +340,11 @@ class Launch:
             self.gateway = start_gateway(self.cfg, self.frontend, self.http_port, (self.cfg.model,))
         for name, role, group in (("context_servers", "context", self.cfg.context_servers),
                                   ("generation_servers", "generation", self.cfg.generation_servers)):
-            opts = self._options_file(name)
+            opts, options = self._options_file(name)
             # MPI workers join through Open_port/Connect only when each runs under its own
             # `mpiexec -n 1` (the one the mpich wheel installs beside python)
             prefix = ([os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", "1"]
-                      if _transfer_backend(opts) == "MPI" else [])
+                      if _transfer_backend(options) == "MPI" else [])
             for i in range(group.num_instances):
                 cmd = worker_command(role, self.server.backend, self.cfg.model, worker_id=f"{role}-{i}",
                                      options=opts, log_level=self.log_level, exit_with_parent=True,

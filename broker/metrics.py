@@ -35,7 +35,7 @@ class Histogram:
 
     def __init__(self, buckets: Iterable[float]):
         self.buckets = tuple(sorted(buckets))
-        self.series: dict[LabelKey, list] = {}   # labels -> [counts per bucket + inf, sum, count]
+        self.series: dict[LabelKey, list] = {}   # labels -> [counts per bucket + inf, sum]
 
     def observe(self, value: float, labels: LabelKey = ()) -> None:
         # -inf <= value <= inf is False for NaN and None raises: both are rare, so they take
@@ -47,10 +47,9 @@ class Histogram:
             return
         s = self.series.get(labels)
         if s is None:
-            s = self.series[labels] = [[0] * (len(self.buckets) + 1), 0.0, 0]
+            s = self.series[labels] = [[0] * (len(self.buckets) + 1), 0.0]
         s[0][_bisect_left(self.buckets, value)] += 1
         s[1] += value
-        s[2] += 1
 
 
 class Counter:
@@ -160,7 +159,7 @@ class Metrics:
             if kind == "histogram":
                 h = histograms[name]
                 bounds = [_le(b) for b in h.buckets] + ["+Inf"]
-                for key, (counts, total, _) in sorted(h.series.items()):
+                for key, (counts, total) in sorted(h.series.items()):
                     fam.add_metric([v for _, v in key], list(zip(bounds, accumulate(counts))), total)
             else:
                 for key, value in sorted(series.get(name, {}).items()):

@@ -8,8 +8,8 @@ Request and response bodies are the pydantic models of ``client/openai_models.py
 is OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names the bad field
 (its path, in ``param``) and value, 404 an unknown model or route, 413 an oversized body, 503 (with
 ``Retry-After``) an overloaded broker or no worker up. A client that disconnects cancels its request
-at the broker. Like the rest of client/, this module imports only ``broker.protocol`` from the
-project: never torch, workers/ or transfer/.
+at the broker. From the project it imports only ``broker.protocol`` and, through its
+request models, ``broker.config``: never torch, workers/ or transfer/.
 """
 from __future__ import annotations
 
@@ -173,8 +173,7 @@ class Gateway:
             return self.models[0] if self.models else "default"
         if name in self.known_models:
             return name
-        stats = await self._stats()
-        self.known_models.update(w.get("model") for w in stats.get("workers", []) if w.get("model"))
+        await self._served()
         if name not in self.known_models:
             raise HttpError(404, f"the model {name!r} does not exist here; available: "
                                  f"{', '.join(sorted(self.known_models)) or 'none yet (no worker registered)'}",
@@ -183,13 +182,17 @@ class Gateway:
 
     # -- routes -----------------------------------------------------------------------------------
 
-    async def list_models(self, request: web.Request) -> web.Response:
-        stats = await self._stats()
+    async def _served(self) -> list:
+        """The configured models, then those of the registered workers, in order (remembered)."""
         names = list(self.models)
-        for w in stats.get("workers", []):
+        for w in (await self._stats()).get("workers", []):
             if w.get("model") and w["model"] not in names:
                 names.append(w["model"])
         self.known_models.update(names)
+        return names
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        names = await self._served()
         return web.json_response(ModelList(data=[ModelCard(id=n, created=self.created) for n in names]).model_dump())
 
     async def health(self, request: web.Request) -> web.Response:

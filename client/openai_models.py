@@ -3,8 +3,9 @@
 Requests are checked strictly (no coercion, unknown fields refused, NaN and infinities refused,
 integers bounded), and the first error becomes one OpenAI-shaped ``HttpError`` whose ``param`` is
 the field path pydantic reports (``messages[0].role``) and whose message shows the bad value.
-Responses are built from models too, so their shape is written down in one place. Pure: no I/O,
-and nothing of the project but ``client.errors`` types through the gateway.
+Responses are built from models too, so their shape is written down in one place. Pure: no I/O;
+of the project it imports only ``broker.config``, for the field path and the integer bound that
+the configuration errors use too.
 """
 from __future__ import annotations
 
