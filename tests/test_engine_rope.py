@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tests.test_engine_loaders import BYTE_TOKENS, forward, permute_for_gguf, write_tokenizer_json
 from workers.engine import rope
@@ -35,7 +35,8 @@ def documented_llama3(head_dim, theta, factor, low_freq_factor, high_freq_factor
         wavelength = 2 * math.pi / inv
         scaled = inv / factor if wavelength > original / low_freq_factor else inv
         if original / high_freq_factor <= wavelength <= original / low_freq_factor:
-            smooth = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            smooth = ((original / wavelength - low_freq_factor)
+                      / (high_freq_factor - low_freq_factor))
             scaled = (1 - smooth) * scaled / factor + smooth * scaled
         out.append(scaled)
     return torch.tensor(out, dtype=torch.float64)
@@ -59,7 +60,8 @@ def test_llama3_inverse_frequencies_follow_the_documented_formula(head_dim, thet
 
 def test_linear_scaling_is_positions_divided_by_the_factor():
     positions = torch.arange(100, dtype=torch.float64)
-    scaled = torch.outer(positions, rope.inverse_frequencies(16, 10000.0, rope.linear_divisors(16, 4.0)))
+    divisors = rope.linear_divisors(16, 4.0)
+    scaled = torch.outer(positions, rope.inverse_frequencies(16, 10000.0, divisors))
     plain = torch.outer(positions / 4.0, rope.inverse_frequencies(16, 10000.0))
     assert torch.allclose(scaled, plain, rtol=1e-14, atol=0)
 
@@ -72,7 +74,8 @@ def test_plain_rope_is_untouched_by_empty_divisors():
 def write_hf_dir(path, model, **config):
     """An HF directory of ``model`` (untied), with ``config`` overriding config.json's keys."""
     cfg = model.cfg
-    hf = {"model_type": "llama", "num_hidden_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+    hf = {"model_type": "llama", "num_hidden_layers": cfg.num_layers,
+          "hidden_size": cfg.hidden_size,
           "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_heads,
           "num_key_value_heads": cfg.num_kv_heads, "vocab_size": cfg.vocab_size,
           "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_eps,
@@ -89,7 +92,8 @@ def write_hf_dir(path, model, **config):
 GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+                    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
 GGUF_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
 
@@ -215,7 +219,7 @@ def test_what_the_engine_computes_is_not_refused(tmp_path, config):
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type 'dynamic'"),
     ({"rope_scaling": {"rope_type": "longrope"}}, "rope_scaling.rope_type 'longrope'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
-     "rope_scaling of rope_type 'llama3' has no 'low_freq_factor'"),
+     "rope_scaling: rope_type 'llama3' has no 'low_freq_factor'"),
     ({"rope_scaling": {**LLAMA3, "high_freq_factor": 1.0}},
      "rope_scaling: llama3 RoPE scaling: needs high_freq_factor=1.0 > low_freq_factor=1.0"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
@@ -242,9 +246,9 @@ def test_hf_tie_mismatches_are_refused(tmp_path):
         load_model(str(write_hf_dir(tmp_path / "b", tied)))
     # a tied checkpoint that also stores its (equal) lm_head loads
     state_path = tmp_path / "b" / "model.safetensors"
-    from safetensors.torch import load_file
     state = load_file(str(state_path))
-    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, str(state_path))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(state_path))
     (tmp_path / "b" / "config.json").write_text(json.dumps(
         {**json.loads((tmp_path / "b" / "config.json").read_text()), "tie_word_embeddings": True}))
     loaded, _ = load_model(str(tmp_path / "b"))

@@ -45,10 +45,10 @@ def _rope(file: str, hf: dict, head_dim: int) -> tuple[float, tuple[float, ...]]
 
     def need(name):
         if name not in params:
-            raise ValueError(f"{file}: {key} of rope_type {kind!r} has no {name!r}")
+            raise ValueError(f"rope_type {kind!r} has no {name!r}")
         return params[name]
 
-    try:
+    try:   # the file and key go in front of errors from here
         if kind == "default":
             return theta, ()
         if kind == "linear":
@@ -80,7 +80,8 @@ def _refuse_unsupported(file: str, hf: dict, kind: str) -> None:
     # MistralConfig's default) applies to every layer.
     if kind == "qwen2":
         window = hf.get("sliding_window")
-        slides = hf.get("use_sliding_window") and hf.get("max_window_layers", 28) < hf["num_hidden_layers"]
+        slides = (hf.get("use_sliding_window")
+                  and hf.get("max_window_layers", 28) < hf["num_hidden_layers"])
     else:
         window = hf.get("sliding_window", 4096 if kind == "mistral" else None)
         slides = True

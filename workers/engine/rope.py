@@ -14,7 +14,8 @@ import math
 import torch
 
 
-def inverse_frequencies(head_dim: int, theta: float, divisors: tuple[float, ...] = ()) -> torch.Tensor:
+def inverse_frequencies(head_dim: int, theta: float,
+                        divisors: tuple[float, ...] = ()) -> torch.Tensor:
     """float64 [head_dim // 2]: the rotation speed of each pair of dimensions, in radians per
     position, each divided by its divisor where ``divisors`` are given."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
