@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .rope import inverse_frequencies
 
 # attend(layer, q [T, heads, head_dim], k [T, kv_heads, head_dim], v) -> [T, heads * head_dim]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -33,11 +34,13 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to ``max_position``, computed once."""
+    """cos/sin tables for every position up to ``max_position``, computed once; ``freq_divisors``
+    carry the model's RoPE scaling (``ModelConfig.rope_freq_divisors``)."""
 
-    def __init__(self, head_dim: int, theta: float, max_position: int) -> None:
+    def __init__(self, head_dim: int, theta: float, max_position: int,
+                 freq_divisors: tuple[float, ...] = ()) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        inv_freq = inverse_frequencies(head_dim, theta, freq_divisors)
         angles = torch.outer(torch.arange(max_position, dtype=torch.float64), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
         # Not in the state dict: they follow from the config, and checkpoints do not carry them.
@@ -146,7 +149,8 @@ class LlamaModel(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size,
                                                                  bias=False, device=device)
         # Always real: computed from the config, never loaded.
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position,
+                                      cfg.rope_freq_divisors)
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> "LlamaModel":
