@@ -5,6 +5,7 @@ really starts, so ``worker --help`` and ``worker start --help`` answer at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 
@@ -33,10 +34,13 @@ def cli() -> None:
 @click.option("--worker-id", default=None, help="name shown in the broker's logs (default: ROLE-HOST-PID)")
 @click.option("--host", default="127.0.0.1",
               help="address the KV transfer endpoint binds to, on context workers (default: 127.0.0.1)")
+@click.option("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
+              help="where the model, KV cache and sampling run (default: the options file's device, "
+                   "else auto: cuda:0 where CUDA is present, else cpu)")
 @click.option("--exit-with-parent", is_flag=True,
               help="stop when the parent process exits (used by `broker launch`)")
 @log_level_option
-def start(role, broker, model, options, worker_id, host, exit_with_parent, log_level) -> None:
+def start(role, broker, model, options, worker_id, host, device, exit_with_parent, log_level) -> None:
     """Start a worker. It loads the model, connects to the broker's backend address, registers
     its role and capacity, and serves until SIGINT/SIGTERM."""
     setup_logging(log_level)
@@ -45,6 +49,8 @@ def start(role, broker, model, options, worker_id, host, exit_with_parent, log_l
     from workers.worker import Worker
     try:
         opts = load_options(options)
+        if device is not None:
+            opts = dataclasses.replace(opts, device=device)
         worker = Worker(role, broker, model, opts, worker_id, host, exit_with_parent=exit_with_parent)
     except (TransferError, ValueError, FileNotFoundError) as e:   # ConfigError is a ValueError
         raise CommandError("worker", str(e)) from None
@@ -54,7 +60,7 @@ def start(role, broker, model, options, worker_id, host, exit_with_parent, log_l
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"worker {worker.worker_id} role={role} model={model} "
+    print(f"worker {worker.worker_id} role={role} model={model} ({worker.precision.describe()}) "
           f"transfer={worker.transfer_info or 'none'}", flush=True)
     worker.run()
 

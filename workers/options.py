@@ -29,6 +29,9 @@ class WorkerOptions:
     max_seq_len: Optional[int] = None  # default: the model's context length
     tokens_per_block: int = 16
     kv_max_tokens: int = 16384         # kv_cache_config.max_tokens: KV pool size in tokens
+    dtype: str = "auto"                # compute dtype: float32 on the CPU, bf16/fp16 on a GPU
+    quantization: str = "auto"         # int8 weights on the CPU (workers/engine/precision.py)
+    device: str = "auto"               # cuda:0 where CUDA is present, else cpu
     kv_dtype: str = "auto"             # kv_cache_config.dtype; auto: the model's compute dtype
     cache_transceiver: CacheTransceiverConfig = field(default_factory=CacheTransceiverConfig)
     num_threads: int = 1               # torch threads; one per worker is fastest on small machines
@@ -56,7 +59,8 @@ class Origin(Schema):
 
 WorkerOptionsSchema = create_model("WorkerOptionsSchema", __base__=EngineOptions,
                                    **{ORIGIN_KEY: (Optional[Origin], None)})
-_PLAIN = ("max_batch_size", "max_num_tokens", "max_seq_len", "num_threads", "heartbeat_ms", "broker_timeout_ms")
+_PLAIN = ("max_batch_size", "max_num_tokens", "max_seq_len", "num_threads", "heartbeat_ms", "broker_timeout_ms",
+          "dtype", "quantization", "device")
 
 
 def parse_options(raw: Optional[dict], source: str = "<dict>") -> WorkerOptions:

@@ -51,14 +51,17 @@ class Worker:
         self.worker_id = worker_id or f"{role}-{pysocket.gethostname()}-{os.getpid()}"
         self.parent = os.getppid() if exit_with_parent else None
         torch.set_num_threads(options.num_threads)
-        self.model, self.tok = load_model(model)
+        self.model, self.tok = load_model(model, dtype=options.dtype, quantization=options.quantization,
+                                          device=options.device)
+        self.precision = self.model.precision
         cfg = self.model.cfg
         self.max_seq_len = min(options.max_seq_len or cfg.max_position, cfg.max_position)
         num_blocks = max(1, options.kv_max_tokens // options.tokens_per_block)
-        # kv_cache_config.dtype; auto: the dtype the model computes in (that of its final norm)
-        kv_dtype = (self.model.norm.weight.dtype if options.kv_dtype == "auto"
+        # kv_cache_config.dtype; auto: the dtype the model computes in
+        kv_dtype = (self.precision.torch_dtype if options.kv_dtype == "auto"
                     else getattr(torch, options.kv_dtype))
-        self.kv = KVCache(cfg, num_blocks, options.tokens_per_block, kv_dtype)
+        self.kv = KVCache(cfg, num_blocks, options.tokens_per_block, kv_dtype,
+                          device=self.precision.device)
         self.runner = ModelRunner(self.model, self.kv)
         layout = KvLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                           str(self.kv.pool.dtype).replace("torch.", ""), options.tokens_per_block)

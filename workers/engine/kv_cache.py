@@ -22,7 +22,7 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
         if block_size < 1:
             raise ValueError(f"block_size={block_size}: expected at least 1")
         self.cfg = cfg
@@ -31,7 +31,7 @@ class KVCache:
         self.dtype = dtype
         self.allocator = BlockAllocator(num_blocks)
         self.pool = torch.zeros(num_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads,
-                                cfg.head_dim, dtype=dtype)
+                                cfg.head_dim, dtype=dtype, device=device)
         self.block_nbytes = self.pool[0].numel() * self.pool.element_size()
 
     def blocks_for(self, num_tokens: int) -> int:

@@ -48,6 +48,12 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.cfg = cfg
+        self.device = kv.pool.device
+        # Attention runs in the model's compute dtype; the pool may store K/V narrower.
+        self.dtype = model.norm.weight.dtype
+        if model.norm.weight.device != self.device:
+            raise ValueError(f"model on {model.norm.weight.device} and KV cache on {self.device}: "
+                             "they must share a device")
 
     def _check_table(self, block_table: Sequence[int], length: int) -> None:
         need = self.kv.blocks_for(length)
@@ -70,7 +76,7 @@ class ModelRunner:
         for kv_index in (0, 1):
             x = self.kv.pool[:, layer, kv_index].index_select(0, flat)   # [B*n, bs, kvh, hd]
             x = x.view(b, n * self.kv.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
-            out.append(x[:, :length].transpose(1, 2).float())
+            out.append(x[:, :length].transpose(1, 2).to(self.dtype))
         return out[0], out[1]
 
     @torch.inference_mode()
@@ -87,14 +93,15 @@ class ModelRunner:
         end = start_pos + n
         self._check_table(block_table, end)
         bs = self.kv.block_size
-        positions = torch.arange(start_pos, end)
-        table = torch.tensor(list(block_table[: self.kv.blocks_for(end)]), dtype=torch.long)
+        dev = self.device
+        positions = torch.arange(start_pos, end, device=dev)
+        table = torch.tensor(list(block_table[: self.kv.blocks_for(end)]), dtype=torch.long, device=dev)
         blocks, slots = table[positions // bs], positions % bs
         tables = table.unsqueeze(0)
         # Query i sits at start_pos + i and sees every key up to and including itself.
         mask = None
         if start_pos:
-            mask = torch.arange(end).unsqueeze(0) <= positions.unsqueeze(1)
+            mask = torch.arange(end, device=dev).unsqueeze(0) <= positions.unsqueeze(1)
         pool_dtype = self.kv.pool.dtype
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -104,7 +111,7 @@ class ModelRunner:
             else:
                 # Nothing cached before this prompt: its own K/V is the whole history. Round it
                 # as the pool stores it, so this prefill and a decode reading the pool agree.
-                keys, values = (x.to(pool_dtype).float().transpose(0, 1).unsqueeze(0)
+                keys, values = (x.to(pool_dtype).to(q.dtype).transpose(0, 1).unsqueeze(0)
                                 for x in (k, v))
             out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, values,
                                                  attn_mask=mask, is_causal=mask is None,
@@ -113,7 +120,7 @@ class ModelRunner:
                 on_layer(layer)
             return out[0].transpose(0, 1).reshape(n, -1)
 
-        hidden = self.model(torch.tensor(list(token_ids), dtype=torch.long), positions, attend)
+        hidden = self.model(torch.tensor(list(token_ids), dtype=torch.long, device=dev), positions, attend)
         return self.model.logits(hidden[-1]).float()
 
     @torch.inference_mode()
@@ -129,9 +136,10 @@ class ModelRunner:
         lengths = [p + 1 for p in positions]
         for table, length in zip(block_tables, lengths):
             self._check_table(table, length)
-        pos = torch.tensor(list(positions), dtype=torch.long)
+        dev = self.device
+        pos = torch.tensor(list(positions), dtype=torch.long, device=dev)
         blocks = torch.tensor([table[p // bs] for table, p in zip(block_tables, positions)],
-                              dtype=torch.long)
+                              dtype=torch.long, device=dev)
         slots = pos % bs
         kv_heads = self.cfg.num_kv_heads
         groups = [self._decode_group(block_tables[lo:hi], lengths[lo:hi]) + (lo, hi)
@@ -149,7 +157,7 @@ class ModelRunner:
                 out[lo:hi] = att.reshape(hi - lo, -1)
             return out
 
-        hidden = self.model(torch.tensor(list(tokens), dtype=torch.long), pos, attend)
+        hidden = self.model(torch.tensor(list(tokens), dtype=torch.long, device=dev), pos, attend)
         return self.model.logits(hidden).float()
 
     def _decode_groups(self, lengths: Sequence[int]) -> list[tuple[int, int]]:
@@ -179,6 +187,7 @@ class ModelRunner:
             rows.append(used + [used[0]] * (n_blocks - len(used)))
         mask = None
         if min(lengths) != longest:
-            lens = torch.tensor(list(lengths), dtype=torch.long)
-            mask = (torch.arange(longest).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
-        return torch.tensor(rows, dtype=torch.long), longest, mask
+            lens = torch.tensor(list(lengths), dtype=torch.long, device=self.device)
+            mask = (torch.arange(longest, device=self.device).unsqueeze(0)
+                    < lens.unsqueeze(1))[:, None, None, :]
+        return torch.tensor(rows, dtype=torch.long, device=self.device), longest, mask

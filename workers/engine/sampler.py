@@ -46,7 +46,8 @@ def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penal
     """CTRL/HF style, in place: a seen token's positive logit is divided, a negative multiplied."""
     if penalty == 1.0 or not history:
         return
-    ids = torch.tensor(sorted({t for t in history if 0 <= t < logits.shape[-1]}), dtype=torch.long)
+    ids = torch.tensor(sorted({t for t in history if 0 <= t < logits.shape[-1]}), dtype=torch.long,
+                       device=logits.device)
     if ids.numel() == 0:
         return
     seen = logits[ids]

@@ -1,0 +1,119 @@
+"""Weights and dtypes: the int8 linear layer, smoothing, fusion, and how dtype / quantization /
+device settings resolve (workers/engine/quant.py, smooth.py, precision.py)."""
+import pytest
+import torch
+
+from broker.config import ConfigError
+from workers.engine.kv_cache import KVCache
+from workers.engine.loaders import load_model
+from workers.engine.model import causal_attention
+from workers.engine.precision import Precision, prepare, resolve, weight_bytes
+from workers.engine.quant import Int8Linear, quantize_rows
+from workers.engine.runner import ModelRunner
+from workers.engine.smooth import smooth
+from workers.engine.tiny import tiny_model
+from workers.options import parse_options
+
+IDS = list(range(60, 100))
+
+
+def logits(model, ids=IDS):
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids), torch.arange(len(ids)),
+                       lambda layer, q, k, v: causal_attention(q, k, v))
+        return model.logits(hidden)
+
+
+def test_int8_linear_is_close_to_the_float_product():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=gen) / 8
+    b = torch.randn(96, generator=gen)
+    x = torch.randn(5, 64, generator=gen)
+    x[0, 3] = 40.0                       # an outlier in one row must not coarsen the others
+    want = torch.nn.functional.linear(x, w, b)
+    got = Int8Linear(w, b)(x)
+    err = (got - want).norm(dim=1) / want.norm(dim=1)
+    assert err.max() < 0.05, err
+    q, scales = quantize_rows(w)
+    assert q.abs().max() <= 63 and (q.float() * scales[:, None] - w).abs().max() <= scales.max() / 2 + 1e-6
+
+
+def test_int8_linear_rows_do_not_depend_on_their_batch():
+    gen = torch.Generator().manual_seed(1)
+    lin = Int8Linear(torch.randn(200, 64, generator=gen))
+    x = torch.randn(33, 64, generator=gen) * torch.logspace(-2, 2, 33).unsqueeze(1)
+    together = lin(x)
+    for i in (0, 7, 32):
+        assert torch.equal(lin(x[i:i + 1])[0], together[i])
+        assert torch.equal(lin(x[i:i + 3])[0], together[i])
+
+
+def test_smoothing_keeps_the_float_model_and_fusion_changes_nothing():
+    model, tok = tiny_model(3)
+    before = logits(model)
+    smooth(model, IDS)
+    assert torch.allclose(logits(model), before, atol=1e-4, rtol=1e-4)
+    fused = prepare(model, Precision("float32", "none", "cpu"), tok)
+    assert fused.layers[0].self_attn.qkv_proj is not None and not hasattr(fused.layers[0].mlp, "up_proj")
+    assert torch.allclose(logits(fused), before, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_model_stays_close_and_reads_fewer_bytes():
+    ref, _ = load_model("tiny")
+    q, _ = load_model("tiny", quantization="int8")
+    assert q.precision == Precision("float32", "int8", "cpu")
+    assert weight_bytes(q) < 0.3 * weight_bytes(ref)
+    a, b = logits(ref), logits(q)
+    assert ((a - b).norm(dim=1) / a.norm(dim=1)).max() < 0.1
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.85   # random weights: close logits
+
+
+@pytest.mark.parametrize("dtype,kv", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_half_precision_model_runs_paged(dtype, kv):
+    ref, _ = load_model("tiny")
+    model, _ = load_model("tiny", dtype=dtype, quantization="none", device="cpu")
+    assert model.norm.weight.dtype == kv
+    cache = KVCache(model.cfg, 16, 16, kv)
+    runner = ModelRunner(model, cache)
+    table = cache.allocator.allocate(4)
+    full = runner.prefill(IDS, table)
+    assert full.dtype == torch.float32
+    assert torch.allclose(full, logits(ref)[-1], atol=0.15, rtol=0.05)
+    step = runner.decode([int(full.argmax())], [len(IDS)], [table])
+    assert step.shape == (1, model.cfg.vocab_size) and torch.isfinite(step).all()
+
+
+def test_auto_resolves_to_int8_float32_on_the_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: auto picks the GPU there")
+    assert resolve() == Precision("float32", "int8", "cpu")
+    assert resolve("bfloat16") == Precision("bfloat16", "none", "cpu")
+    assert resolve(quantization="none") == Precision("float32", "none", "cpu")
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(dtype="fp8"), ["dtype='fp8'", "float32"]),
+    (dict(quantization="int4"), ["quantization='int4'", "int8"]),
+    (dict(dtype="bfloat16", quantization="int8"), ["int8", "dtype='bfloat16'"]),
+    (dict(device="tpu"), ["device='tpu'", "cuda:N"]),
+])
+def test_bad_settings_are_refused_by_name(kwargs, words):
+    with pytest.raises(ValueError) as e:
+        resolve(**kwargs)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_cuda_without_cuda_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present here")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve(device="cuda:0")
+
+
+def test_worker_options_carry_dtype_quantization_device(tmp_path):
+    opts = parse_options({"dtype": "bfloat16", "quantization": "none", "device": "cpu"}, "w.yaml")
+    assert (opts.dtype, opts.quantization, opts.device) == ("bfloat16", "none", "cpu")
+    assert parse_options({}).quantization == "auto"
+    with pytest.raises(ConfigError, match=r"w.yaml.*quantization"):
+        parse_options({"quantization": "int4"}, "w.yaml")
