@@ -45,7 +45,10 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)
         # Not in the state dict: they follow from the config, and checkpoints do not carry them.
         self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        # sin with its first half negated: rotating half the head is then one roll (apply_rope)
+        sin = angles.sin().float()
+        sin[:, : head_dim // 2].neg_()
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
@@ -55,9 +58,9 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1]: rolled, [x2, x1] times
+    the half-negated sin table gives it in three ops instead of seven (decode is op-bound)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 def _fused(*parts: nn.Linear) -> nn.Linear:
@@ -92,16 +95,17 @@ class Attention(nn.Module):
 
     def forward(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend: Attend) -> torch.Tensor:
-        t = x.shape[0]
-        if self.qkv_proj is not None:
-            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split((q_size, kv_size, kv_size), dim=-1)
+        t, heads, kv_heads, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:   # rotate q and k heads together: one rope, not two
+            qkv = self.qkv_proj(x)
+            qk = apply_rope(qkv[:, : (heads + kv_heads) * hd].reshape(t, heads + kv_heads, hd), cos, sin)
+            q, k = qk.split((heads, kv_heads), dim=1)
+            v = qkv[:, (heads + kv_heads) * hd:].reshape(t, kv_heads, hd)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        return self.o_proj(attend(layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v))
+            q = apply_rope(self.q_proj(x).reshape(t, heads, hd), cos, sin)
+            k = apply_rope(self.k_proj(x).reshape(t, kv_heads, hd), cos, sin)
+            v = self.v_proj(x).reshape(t, kv_heads, hd)
+        return self.o_proj(attend(layer, q, k, v))
 
 
 class MLP(nn.Module):
