@@ -166,8 +166,8 @@ WORKER_NOT_SUPPORTED = _reasons({
         "free_gpu_memory_fraction",
 })
 KV_NOT_SUPPORTED = _reasons({
-    "the KV pool is sized by kv_cache_config.max_tokens, not by a fraction of GPU memory":
-        "free_gpu_memory_fraction max_gpu_total_bytes cross_kv_cache_fraction",
+    "the KV pool is sized by kv_cache_config.max_tokens and free_gpu_memory_fraction only":
+        "max_gpu_total_bytes cross_kv_cache_fraction",
     "this engine has no prefix (block) reuse: every request prefills its whole prompt":
         "enable_block_reuse enable_partial_reuse copy_on_partial_reuse",
     "there is no host offload of KV blocks": "host_cache_size onboard_blocks secondary_offload_min_priority use_uvm",
@@ -220,6 +220,8 @@ class _KvKeys(Schema):
     max_tokens: PositiveInt = None
     tokens_per_block: PositiveInt = None
     dtype: Optional[str] = None
+    # on a GPU: the pool takes this fraction of the memory free after the model loaded
+    free_gpu_memory_fraction: Optional[typing.Annotated[float, Field(gt=0, le=1)]] = None
 
     @field_validator("dtype")
     @classmethod

@@ -382,12 +382,12 @@ def test_every_accepted_but_ignored_worker_key_is_logged_once_with_its_reason(tm
     caplog.set_level("INFO")
     path = write(tmp_path, "w.yaml", """\
         tensor_parallel_size: 1
-        kv_cache_config: {max_tokens: 4096, free_gpu_memory_fraction: 0.9, enable_block_reuse: true}
+        kv_cache_config: {max_tokens: 4096, max_gpu_total_bytes: 9, enable_block_reuse: true}
         """)
     opts = load_options(path)
     assert opts.kv_max_tokens == 4096
     lines = _notices(caplog)
-    for key, reason in [("kv_cache_config.free_gpu_memory_fraction", "sized by kv_cache_config.max_tokens"),
+    for key, reason in [("kv_cache_config.max_gpu_total_bytes", "sized by kv_cache_config.max_tokens"),
                         ("kv_cache_config.enable_block_reuse", "no prefix (block) reuse"),
                         ("tensor_parallel_size", "no tensor, pipeline")]:
         hits = [m for m in lines if f"{path}: {key} is not supported" in m]

@@ -28,10 +28,11 @@ class WorkerOptions:
     max_num_tokens: int = 512          # prefill chunk: heartbeats and decodes run between chunks
     max_seq_len: Optional[int] = None  # default: the model's context length
     tokens_per_block: int = 16
-    kv_max_tokens: int = 16384         # kv_cache_config.max_tokens: KV pool size in tokens
+    kv_max_tokens: Optional[int] = None   # kv_cache_config.max_tokens: KV pool size in tokens (16384)
     dtype: str = "auto"                # compute dtype: float32 on the CPU, bf16/fp16 on a GPU
     quantization: str = "auto"         # int8 weights on the CPU (workers/engine/precision.py)
     device: str = "auto"               # cuda:0 where CUDA is present, else cpu
+    kv_gpu_fraction: Optional[float] = None   # kv_cache_config.free_gpu_memory_fraction (GPU only)
     kv_dtype: str = "auto"             # kv_cache_config.dtype; auto: the model's compute dtype
     cache_transceiver: CacheTransceiverConfig = field(default_factory=CacheTransceiverConfig)
     num_threads: int = 1               # torch threads; one per worker is fastest on small machines
@@ -96,10 +97,12 @@ def parse_options(raw: Optional[dict], source: str = "<dict>") -> WorkerOptions:
     kw = {k: getattr(opts, k) for k in _PLAIN if getattr(opts, k) is not None}
     if kv is not None and kv.max_tokens is not None:
         kw["kv_max_tokens"] = kv.max_tokens
+    if kv is not None and kv.free_gpu_memory_fraction is not None:
+        kw["kv_gpu_fraction"] = kv.free_gpu_memory_fraction
     if kv is not None and kv.dtype is not None:
         kw["kv_dtype"] = kv.dtype
     result = WorkerOptions(**kw, tokens_per_block=block, cache_transceiver=ctc, source=source)
-    if result.kv_max_tokens < block:
+    if result.kv_max_tokens is not None and result.kv_max_tokens < block:
         where, prefix = at("kv_cache_config")
         raise ConfigError(f"{where}: {prefix}kv_cache_config.max_tokens={result.kv_max_tokens} is smaller "
                           f"than one block of {block} tokens")

@@ -28,7 +28,7 @@ from broker import protocol as p
 from broker.protocol import Code
 from transfer.base import KvLayout, TransferError, TransferTimeout
 from transfer.registry import create_sink, create_source, resolve_backend
-from workers.engine.kv_cache import KVCache
+from workers.engine.kv_cache import KVCache, pool_blocks
 from workers.engine.loaders import load_model
 from workers.engine.runner import ModelRunner
 from workers.engine.sampler import sample
@@ -56,10 +56,14 @@ class Worker:
         self.precision = self.model.precision
         cfg = self.model.cfg
         self.max_seq_len = min(options.max_seq_len or cfg.max_position, cfg.max_position)
-        num_blocks = max(1, options.kv_max_tokens // options.tokens_per_block)
         # kv_cache_config.dtype; auto: the dtype the model computes in
         kv_dtype = (self.precision.torch_dtype if options.kv_dtype == "auto"
                     else getattr(torch, options.kv_dtype))
+        num_blocks = pool_blocks(cfg, options.tokens_per_block, kv_dtype, self.precision.device,
+                                 options.kv_max_tokens, options.kv_gpu_fraction)
+        if options.kv_gpu_fraction is not None and self.precision.device == "cpu":
+            log.warning("kv_cache_config.free_gpu_memory_fraction=%s does not apply on the CPU: the KV "
+                        "pool holds kv_cache_config.max_tokens tokens", options.kv_gpu_fraction)
         self.kv = KVCache(cfg, num_blocks, options.tokens_per_block, kv_dtype,
                           device=self.precision.device)
         self.runner = ModelRunner(self.model, self.kv)

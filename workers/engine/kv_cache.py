@@ -4,12 +4,33 @@ tensor is never resized after construction, so its memory address is stable for 
 registration."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .block_allocator import BlockAllocator, OutOfBlocks  # re-exported: the allocator's old home
 from .config import ModelConfig
 
-__all__ = ["BlockAllocator", "KVCache", "OutOfBlocks"]
+__all__ = ["BlockAllocator", "KVCache", "OutOfBlocks", "pool_blocks"]
+
+DEFAULT_MAX_TOKENS = 16384
+
+
+def pool_blocks(cfg: ModelConfig, block_size: int, dtype: torch.dtype, device: str,
+                max_tokens: Optional[int], gpu_fraction: Optional[float]) -> int:
+    """How many blocks the pool gets. On a GPU with ``gpu_fraction`` (TensorRT-LLM's
+    ``free_gpu_memory_fraction``): that fraction of the memory free now, after the model loaded,
+    capped by ``max_tokens`` where given; otherwise ``max_tokens`` (default 16384) tokens."""
+    if gpu_fraction is not None and str(device).startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        blocks = int(free * gpu_fraction) // (cfg.kv_bytes_per_token(dtype) * block_size)
+        if max_tokens is not None:
+            blocks = min(blocks, max_tokens // block_size)
+        if blocks < 1:
+            raise ValueError(f"kv_cache_config.free_gpu_memory_fraction={gpu_fraction} of the "
+                             f"{free} bytes free on {device} holds no KV block of {block_size} tokens")
+        return blocks
+    return max(1, (max_tokens or DEFAULT_MAX_TOKENS) // block_size)
 
 
 class KVCache:

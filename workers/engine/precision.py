@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import LlamaModel
-from .quant import Int8Linear, int8_available
+from .quant import Fp16Linear, Int8Linear, int8_available
 from .smooth import CALIBRATION_TEXT, CALIBRATION_TOKENS, smooth
 from .tokenizer import Tokenizer
 
@@ -98,10 +98,10 @@ def prepare(model: LlamaModel, precision: Precision, tokenizer: Tokenizer) -> Ll
             attn.o_proj = _int8(attn.o_proj)
             mlp.gate_up_proj = _int8(mlp.gate_up_proj)
             mlp.down_proj = _int8(mlp.down_proj)
-        # A tied head gets its own int8 copy; the embedding lookup stays float (it reads one
-        # row per token).
+        # The head keeps fp16 weights (quant.py says why); a tied head gets its own copy, the
+        # embedding lookup stays float32 (it reads one row per token).
         head = model.lm_head if model.lm_head is not None else model.embed_tokens
-        model.lm_head = Int8Linear(head.weight)
+        model.lm_head = Fp16Linear(head.weight)
     model.to(device=precision.device, dtype=precision.torch_dtype)
     model.precision = precision
     return model
@@ -115,7 +115,7 @@ def weight_bytes(model: LlamaModel) -> int:
     """Bytes of weights one decode step reads (every matrix once; the embedding one row)."""
     total = 0
     for module in model.modules():
-        if isinstance(module, Int8Linear):
+        if isinstance(module, (Int8Linear, Fp16Linear)):
             total += module.weight_bytes
         elif isinstance(module, torch.nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
