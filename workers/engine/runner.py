@@ -49,6 +49,10 @@ class ModelRunner:
         self.kv = kv
         self.cfg = cfg
         self.device = kv.pool.device
+        # Each layer's K and V views of the pool [num_blocks, block_size, kv_heads, head_dim],
+        # made once: slicing the pool anew costs ops on every layer of every step.
+        self.k_pools = [kv.pool[:, i, 0] for i in range(cfg.num_layers)]
+        self.v_pools = [kv.pool[:, i, 1] for i in range(cfg.num_layers)]
         # Attention runs in the model's compute dtype; the pool may store K/V narrower.
         self.dtype = model.norm.weight.dtype
         if model.norm.weight.device != self.device:
@@ -63,9 +67,9 @@ class ModelRunner:
 
     def _write(self, layer: int, blocks: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> None:
-        pool = self.kv.pool
-        pool[:, layer, 0].index_put_((blocks, slots), k.to(pool.dtype))
-        pool[:, layer, 1].index_put_((blocks, slots), v.to(pool.dtype))
+        dtype = self.kv.pool.dtype
+        self.k_pools[layer].index_put_((blocks, slots), k.to(dtype))
+        self.v_pools[layer].index_put_((blocks, slots), v.to(dtype))
 
     def _gather(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [B, kv_heads, length, head_dim] of the first ``length`` positions of each
@@ -73,8 +77,8 @@ class ModelRunner:
         b, n = tables.shape
         flat = tables.reshape(-1)
         out = []
-        for kv_index in (0, 1):
-            x = self.kv.pool[:, layer, kv_index].index_select(0, flat)   # [B*n, bs, kvh, hd]
+        for pool in (self.k_pools[layer], self.v_pools[layer]):
+            x = pool.index_select(0, flat)   # [B*n, bs, kvh, hd]
             x = x.view(b, n * self.kv.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
             out.append(x[:, :length].transpose(1, 2).to(self.dtype))
         return out[0], out[1]
@@ -147,10 +151,14 @@ class ModelRunner:
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self._write(layer, blocks, slots, k, v)
-            out = q.new_empty(b, q.shape[1] * q.shape[2])
             # The query heads sharing a KV head (heads kvh*g .. kvh*g+g-1, as enable_gqa maps
             # them) become g queries of that KV head, so each KV head's keys are read once.
-            grouped = q.view(b, kv_heads, -1, q.shape[2])
+            grouped = q.reshape(b, kv_heads, -1, q.shape[2])
+            if len(groups) == 1:
+                tables, longest, mask, _, _ = groups[0]
+                keys, values = self._gather(layer, tables, longest)
+                return F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask).reshape(b, -1)
+            out = q.new_empty(b, q.shape[1] * q.shape[2])
             for tables, longest, mask, lo, hi in groups:
                 keys, values = self._gather(layer, tables, longest)
                 att = F.scaled_dot_product_attention(grouped[lo:hi], keys, values, attn_mask=mask)
