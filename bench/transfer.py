@@ -56,7 +56,20 @@ def cases(quick: bool, kv_dtypes: tuple = ("float32",)) -> list:
     return out
 
 
-def memcpy_seconds(nbytes: int, repeats: int) -> list:
+def memcpy_seconds(nbytes: int, repeats: int, device: str = "cpu") -> list:
+    """A plain copy of ``nbytes`` on the device the pools are on (numpy memcpy on the CPU, a
+    device-to-device copy on a GPU)."""
+    if device != "cpu":
+        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
+        dst = torch.ones_like(src)
+        out = []
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            dst.copy_(src)
+            torch.cuda.synchronize(device)
+            out.append(time.perf_counter() - t)
+        return out[1:]
     src = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
     dst = np.ones(nbytes, np.uint8)                      # touched: no page faults timed
     np.copyto(dst, src)
@@ -69,11 +82,11 @@ def memcpy_seconds(nbytes: int, repeats: int) -> list:
 
 
 def pull_seconds(backend: str, source: LoopbackSource, layout: KvLayout, blocks: int,
-                 tokens: int, repeats: int, tag: str) -> tuple:
+                 tokens: int, repeats: int, tag: str, device: str = "cpu") -> tuple:
     cfg = CacheTransceiverConfig(backend=backend, max_tokens_in_buffer=max(tokens, 4096),
                                  kv_transfer_timeout_ms=120_000)
     pool = torch.ones(blocks, layout.num_layers, 2, layout.block_size, layout.num_kv_heads,
-                      layout.head_dim, dtype=getattr(torch, layout.dtype))
+                      layout.head_dim, dtype=getattr(torch, layout.dtype), device=device)
     sink = create_sink(cfg, pool, layout)
     times = []
     try:
@@ -92,7 +105,7 @@ def pull_seconds(backend: str, source: LoopbackSource, layout: KvLayout, blocks:
             if r:
                 times.append(elapsed)
         want = fill_pool(layout, blocks, 1).view(torch.uint8)
-        exact = torch.equal(pool.view(torch.uint8), want)
+        exact = torch.equal(pool.view(torch.uint8).cpu(), want)
     finally:
         sink.close()
     return times, exact
@@ -107,11 +120,12 @@ def summary(nbytes: int, seconds: list) -> dict:
             "spread": round((max(rates) - min(rates)) / med, 3) if med else None}
 
 
-def run(backends: list, quick: bool, repeats: int, kv_dtypes: tuple = ("float32",)) -> dict:
+def run(backends: list, quick: bool, repeats: int, kv_dtypes: tuple = ("float32",),
+        device: str = "cpu") -> dict:
     torch.set_num_threads(1)
     plan = cases(quick, kv_dtypes)
     memcpy = {name: summary(blocks * lay.block_nbytes,
-                            memcpy_seconds(blocks * lay.block_nbytes, repeats))
+                            memcpy_seconds(blocks * lay.block_nbytes, repeats, device))
               for name, lay, blocks, _ in plan}
     rows = []
     for backend in backends:
@@ -125,13 +139,13 @@ def run(backends: list, quick: bool, repeats: int, kv_dtypes: tuple = ("float32"
             for lay in {lay for _, lay, _, _ in plan}:       # all children boot in parallel
                 blocks = max(b for _, l2, b, _ in plan if l2 == lay)
                 sources[lay] = LoopbackSource(lay, blocks, 1, {"backend": backend},
-                                              timeout=120, wait=False)
+                                              timeout=120, wait=False, device=device)
             for name, lay, blocks, tokens in plan:
                 nbytes = blocks * lay.block_nbytes
                 seconds, exact = pull_seconds(backend, sources[lay], lay, blocks, tokens,
-                                              repeats, name.replace(" ", "_"))
+                                              repeats, name.replace(" ", "_"), device)
                 # the baseline right beside the pulls: a shared 2-core machine drifts
-                beside = summary(nbytes, memcpy_seconds(nbytes, repeats))
+                beside = summary(nbytes, memcpy_seconds(nbytes, repeats, device))
                 row = {"backend": backend, "case": name, "kv_dtype": lay.dtype, "bytes": nbytes,
                        "exact": exact,
                        "repeats": repeats, **summary(nbytes, seconds),
@@ -144,7 +158,7 @@ def run(backends: list, quick: bool, repeats: int, kv_dtypes: tuple = ("float32"
                 src.kill()
     return {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "python": platform.python_version(), "torch": torch.__version__},
-            "quick": quick, "repeats": repeats, "kv_dtypes": list(kv_dtypes), "memcpy": memcpy,
+            "quick": quick, "repeats": repeats, "device": device, "kv_dtypes": list(kv_dtypes), "memcpy": memcpy,
             "results": rows,
             "targets_at_256MiB": TARGETS}
 
@@ -175,6 +189,9 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--kv-dtype", default="float32,bfloat16",
                         help="comma-separated KV dtypes of the KV handoff case, of "
                              f"{', '.join(KV_DTYPES)} (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", metavar="cpu|cuda|cuda:N",
+                        help="where both KV pools live (GPU: NIXL VRAM and UCX CUDA only; the "
+                             "baseline is then a device-to-device copy) (default: %(default)s)")
     parser.add_argument("--out", default="bench/results/transfer.json",
                         help="where to write the JSON report (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -186,7 +203,12 @@ def main(argv: list | None = None) -> int:
     bad = [d for d in kv_dtypes if d not in KV_DTYPES]
     if bad or not kv_dtypes:
         parser.error(f"--kv-dtype {args.kv_dtype!r}: expected some of {', '.join(KV_DTYPES)}")
-    report = run(wanted, args.quick, repeats, kv_dtypes)
+    device = "cuda:0" if args.device == "cuda" else args.device
+    if device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
+    if device != "cpu":     # the other backends move host memory only
+        wanted = [b for b in wanted if b in ("NIXL", "UCX")]
+    report = run(wanted, args.quick, repeats, kv_dtypes, device)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

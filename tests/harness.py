@@ -65,7 +65,8 @@ class Deployment:
     def add_worker(self, role: str, name: str, model: str = "tiny", options: Optional[dict] = None,
                    wait: bool = True, timeout: float = 120, prefix: tuple = ()) -> subprocess.Popen:
         """Start a worker (``prefix``: a launcher in front, e.g. ``mpiexec -n 1`` for MPI)."""
-        opts = {"heartbeat_ms": 200, "broker_timeout_ms": 5000, "num_threads": 1}
+        # the CPU unless a test asks for a GPU: the suite runs the same on machines with one
+        opts = {"heartbeat_ms": 200, "broker_timeout_ms": 5000, "num_threads": 1, "device": "cpu"}
         opts.update(options or {})
         path = os.path.join(self.tmp.name, f"{name}.yaml")
         with open(path, "w") as f:

@@ -43,7 +43,7 @@ def _serve(spec: dict) -> None:
     os.dup2(2, 1)
     torch.set_num_threads(1)
     layout = KvLayout.from_dict(spec["layout"])
-    pool = fill_pool(layout, spec["num_blocks"], spec["seed"])
+    pool = fill_pool(layout, spec["num_blocks"], spec["seed"]).to(spec.get("device", "cpu"))
     cfg = CacheTransceiverConfig.from_dict(spec.get("config"))
     source = create_source(cfg, pool, layout)
     say = lambda obj: print(json.dumps(obj), file=answers, flush=True)   # noqa: E731
@@ -86,11 +86,11 @@ class LoopbackSource:
     by pid on exit whatever happened."""
 
     def __init__(self, layout: KvLayout, num_blocks: int, seed: int, config: dict | None = None,
-                 *, timeout: float = 30.0, wait: bool = True) -> None:
+                 *, timeout: float = 30.0, wait: bool = True, device: str = "cpu") -> None:
         """``wait=False`` returns at once (start several children in parallel); the child's
-        hello is then awaited on first use."""
+        hello is then awaited on first use. ``device``: where the child's pool lives."""
         spec = {"layout": layout.to_dict(), "num_blocks": num_blocks, "seed": seed,
-                "config": config}
+                "config": config, "device": device}
         self.timeout = timeout
         backend = str((config or {}).get("backend", "")).upper()
         self.proc = subprocess.Popen(
