@@ -247,7 +247,7 @@ class _EngineKeys(Schema):
     cache_transceiver_config: Optional[dict] = None
     # TensorRT-LLM's LLM-API dtype; quantization and device are ours (workers/engine/precision.py)
     dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = None
-    quantization: Optional[Literal["auto", "none", "int8"]] = None
+    quantization: Optional[Literal["auto", "none", "int8", "fp16"]] = None
     device: Optional[str] = None
     num_threads: PositiveInt = None                                   # ours
     heartbeat_ms: Optional[typing.Annotated[int, Field(ge=10, le=MAX_INT)]] = None  # ours

@@ -93,7 +93,7 @@ def test_auto_resolves_to_int8_float32_on_the_cpu():
 
 @pytest.mark.parametrize("kwargs,words", [
     (dict(dtype="fp8"), ["dtype='fp8'", "float32"]),
-    (dict(quantization="int4"), ["quantization='int4'", "int8"]),
+    (dict(quantization="int4"), ["quantization='int4'", "int8", "fp16"]),
     (dict(dtype="bfloat16", quantization="int8"), ["int8", "dtype='bfloat16'"]),
     (dict(device="tpu"), ["device='tpu'", "cuda:N"]),
 ])

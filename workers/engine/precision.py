@@ -20,13 +20,13 @@ from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
-QUANTIZATIONS = ("auto", "none", "int8")
+QUANTIZATIONS = ("auto", "none", "int8", "fp16")
 
 
 @dataclass(frozen=True)
 class Precision:
     dtype: str = "float32"          # compute dtype of activations and unquantized weights
-    quantization: str = "none"      # "none" or "int8" (weights of every linear layer)
+    quantization: str = "none"      # "none", "int8" or "fp16" (weights of every linear layer)
     device: str = "cpu"
 
     @property
@@ -68,15 +68,16 @@ def resolve(dtype: str = "auto", quantization: str = "auto", device: str = "auto
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
     if quantization == "auto":
         quantization = "int8" if not on_gpu and dtype == "float32" and int8_available() else "none"
-    if quantization == "int8":
+    if quantization in ("int8", "fp16"):
+        q = quantization
         if on_gpu:
-            raise ValueError(f"quantization=int8 runs on the CPU only (fbgemm kernels); on "
+            raise ValueError(f"quantization={q} runs on the CPU only (fbgemm kernels); on "
                              f"{device} use quantization: none with dtype bfloat16 or float16")
         if dtype != "float32":
-            raise ValueError(f"quantization=int8 computes in float32; dtype={dtype!r} with int8 "
+            raise ValueError(f"quantization={q} computes in float32; dtype={dtype!r} with {q} "
                              "is not supported (use dtype: float32 or quantization: none)")
         if not int8_available():
-            raise ValueError(f"quantization=int8: this torch build ({torch.__version__}) has no "
+            raise ValueError(f"quantization={q}: this torch build ({torch.__version__}) has no "
                              "fbgemm/x86 quantized kernels; use quantization: none")
     return Precision(dtype, quantization, device)
 
@@ -91,13 +92,14 @@ def prepare(model: LlamaModel, precision: Precision, tokenizer: Tokenizer) -> Ll
     for layer in model.layers:
         layer.self_attn.fuse()
         layer.mlp.fuse()
-    if precision.quantization == "int8":
+    if precision.quantization in ("int8", "fp16"):
+        packed = _int8 if precision.quantization == "int8" else _fp16
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_proj = _int8(attn.qkv_proj)
-            attn.o_proj = _int8(attn.o_proj)
-            mlp.gate_up_proj = _int8(mlp.gate_up_proj)
-            mlp.down_proj = _int8(mlp.down_proj)
+            attn.qkv_proj = packed(attn.qkv_proj)
+            attn.o_proj = packed(attn.o_proj)
+            mlp.gate_up_proj = packed(mlp.gate_up_proj)
+            mlp.down_proj = packed(mlp.down_proj)
         # The head keeps fp16 weights (quant.py says why); a tied head gets its own copy, the
         # embedding lookup stays float32 (it reads one row per token).
         head = model.lm_head if model.lm_head is not None else model.embed_tokens
@@ -109,6 +111,10 @@ def prepare(model: LlamaModel, precision: Precision, tokenizer: Tokenizer) -> Ll
 
 def _int8(linear: torch.nn.Linear) -> Int8Linear:
     return Int8Linear(linear.weight, linear.bias)
+
+
+def _fp16(linear: torch.nn.Linear) -> Fp16Linear:
+    return Fp16Linear(linear.weight, linear.bias)
 
 
 def weight_bytes(model: LlamaModel) -> int:

@@ -101,12 +101,13 @@ class Fp16Linear(nn.Module):
     """``y = x @ W.T`` with W stored in fp16 and x in float32 (fbgemm's ``linear_dynamic_fp16``):
     half the bytes of fp32, no activation quantization."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         if not int8_available():
             raise RuntimeError("fp16 weights need torch's fbgemm kernels, which this torch build "
                                f"({torch.__version__}) lacks; use quantization: none")
-        self._packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), None)
+        self._packed = torch.ops.quantized.linear_prepack_fp16(
+            weight.detach().float(), None if bias is None else bias.detach().float())
         self.out_features, self.in_features = weight.shape
         self.weight_bytes = 2 * weight.numel()
 
