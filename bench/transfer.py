@@ -1,8 +1,8 @@
 """KV transfer micro-benchmark: every available backend between two processes, against memcpy.
 
 Moves 1, 16 and 256 MiB buffers and a realistic KV handoff (SmolLM2-135M: 30 layers, 3 KV heads,
-head dim 64, fp32, 46,080 bytes/token; a 2048-token prompt in 16-token blocks, ~94 MB) from a
-context-side source in a child process (``transfer.loopback``; under ``mpiexec -n 1`` for MPI)
+head dim 64; a 2048-token prompt in 16-token blocks: 46,080 bytes/token and ~94 MB in fp32, half
+that in bf16/fp16, one case per ``--kv-dtype``) from a context-side source in a child process (``transfer.loopback``; under ``mpiexec -n 1`` for MPI)
 into a sink in this process. Each case runs one warm-up pull (connection setup, registration)
 and then ``--repeats`` timed pulls, from ``start_pull`` to the result (control round trips
 included), polled without sleeping. The baseline is a numpy memcpy of the same size between
@@ -10,7 +10,8 @@ two preallocated, touched buffers, measured in the same run right after each cas
 ratio uses that one; ``memcpy`` in the JSON is measured once up front). Prints a table and
 writes JSON.
 
-    python -m bench.transfer [--quick] [--backends ZMQ,SHM,...] [--out bench/results/transfer.json]
+    python -m bench.transfer [--quick] [--backends ZMQ,SHM,...] [--kv-dtype float32,bfloat16]
+                             [--out bench/results/transfer.json]
 """
 from __future__ import annotations
 
@@ -37,16 +38,21 @@ MIB = 1 << 20
 BACKENDS = ("ZMQ", "SHM", "NIXL", "UCX", "MPI")
 # 1 MiB blocks: 8 layers x 2 x 16 tokens x 8 heads x 128 x fp32
 FLAT = KvLayout(num_layers=8, num_kv_heads=8, head_dim=128, dtype="float32", block_size=16)
-SMOLLM2 = KvLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype="float32", block_size=16)
+KV_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}   # kv_cache_config.dtype
+
+
+def smollm2(dtype: str) -> KvLayout:
+    return KvLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype=dtype, block_size=16)
 TARGETS = {"SHM": 0.8, "NIXL": 0.45, "MPI": 0.45, "UCX": 0.25, "ZMQ": 0.1}
 
 
-def cases(quick: bool) -> list:
-    """(name, layout, number of blocks, tokens)."""
+def cases(quick: bool, kv_dtypes: tuple = ("float32",)) -> list:
+    """(name, layout, number of blocks, tokens). The MiB cases move bytes, whatever they hold;
+    the KV handoff comes once per KV dtype: a half-precision KV cache moves half the bytes."""
     out = [("1 MiB", FLAT, 1, 16), ("16 MiB", FLAT, 16, 256)]
     if not quick:
         out.append(("256 MiB", FLAT, 256, 4096))
-    out.append(("KV 2048 tok", SMOLLM2, 128, 2048))
+    out += [(f"KV 2048 {KV_DTYPES[d]}", smollm2(d), 128, 2048) for d in kv_dtypes]
     return out
 
 
@@ -67,7 +73,7 @@ def pull_seconds(backend: str, source: LoopbackSource, layout: KvLayout, blocks:
     cfg = CacheTransceiverConfig(backend=backend, max_tokens_in_buffer=max(tokens, 4096),
                                  kv_transfer_timeout_ms=120_000)
     pool = torch.ones(blocks, layout.num_layers, 2, layout.block_size, layout.num_kv_heads,
-                      layout.head_dim)
+                      layout.head_dim, dtype=getattr(torch, layout.dtype))
     sink = create_sink(cfg, pool, layout)
     times = []
     try:
@@ -95,14 +101,15 @@ def pull_seconds(backend: str, source: LoopbackSource, layout: KvLayout, blocks:
 def summary(nbytes: int, seconds: list) -> dict:
     rates = [nbytes / s / 1e9 for s in seconds]
     med = statistics.median(rates)
-    return {"median_GBps": round(med, 3), "min_GBps": round(min(rates), 3),
+    return {"median_GBps": round(med, 3), "median_ms": round(statistics.median(seconds) * 1e3, 3),
+            "min_GBps": round(min(rates), 3),
             "max_GBps": round(max(rates), 3),
             "spread": round((max(rates) - min(rates)) / med, 3) if med else None}
 
 
-def run(backends: list, quick: bool, repeats: int) -> dict:
+def run(backends: list, quick: bool, repeats: int, kv_dtypes: tuple = ("float32",)) -> dict:
     torch.set_num_threads(1)
-    plan = cases(quick)
+    plan = cases(quick, kv_dtypes)
     memcpy = {name: summary(blocks * lay.block_nbytes,
                             memcpy_seconds(blocks * lay.block_nbytes, repeats))
               for name, lay, blocks, _ in plan}
@@ -125,7 +132,8 @@ def run(backends: list, quick: bool, repeats: int) -> dict:
                                               repeats, name.replace(" ", "_"))
                 # the baseline right beside the pulls: a shared 2-core machine drifts
                 beside = summary(nbytes, memcpy_seconds(nbytes, repeats))
-                row = {"backend": backend, "case": name, "bytes": nbytes, "exact": exact,
+                row = {"backend": backend, "case": name, "kv_dtype": lay.dtype, "bytes": nbytes,
+                       "exact": exact,
                        "repeats": repeats, **summary(nbytes, seconds),
                        "memcpy_GBps": beside["median_GBps"]}
                 row["ratio_to_memcpy"] = round(row["median_GBps"] / beside["median_GBps"], 3)
@@ -136,13 +144,14 @@ def run(backends: list, quick: bool, repeats: int) -> dict:
                 src.kill()
     return {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "python": platform.python_version(), "torch": torch.__version__},
-            "quick": quick, "repeats": repeats, "memcpy": memcpy, "results": rows,
+            "quick": quick, "repeats": repeats, "kv_dtypes": list(kv_dtypes), "memcpy": memcpy,
+            "results": rows,
             "targets_at_256MiB": TARGETS}
 
 
 def table(report: dict) -> str:
     lines = [f"{'backend':8} {'case':12} {'median GB/s':>11} {'spread':>7} {'memcpy GB/s':>11} "
-             f"{'ratio':>6} {'exact':>5}"]
+             f"{'ratio':>6} {'exact':>5} {'median ms':>9}"]
     for row in report["results"]:
         if "skipped" in row:
             lines.append(f"{row['backend']:8} skipped: {row['skipped']}")
@@ -150,7 +159,7 @@ def table(report: dict) -> str:
         mem = row["memcpy_GBps"]
         lines.append(f"{row['backend']:8} {row['case']:12} {row['median_GBps']:11.2f} "
                      f"{row['spread']:7.2f} {mem:11.2f} {row['ratio_to_memcpy']:6.2f} "
-                     f"{str(row['exact']):>5}")
+                     f"{str(row['exact']):>5} {row['median_ms']:9.2f}")
     return "\n".join(lines)
 
 
@@ -163,6 +172,9 @@ def main(argv: list | None = None) -> int:
                         help="timed pulls per case (default: 7, or 2 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="CI smoke: no 256 MiB case, 2 repetitions")
+    parser.add_argument("--kv-dtype", default="float32,bfloat16",
+                        help="comma-separated KV dtypes of the KV handoff case, of "
+                             f"{', '.join(KV_DTYPES)} (default: %(default)s)")
     parser.add_argument("--out", default="bench/results/transfer.json",
                         help="where to write the JSON report (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -170,7 +182,11 @@ def main(argv: list | None = None) -> int:
     wanted = [b.strip().upper() for b in args.backends.split(",") if b.strip()]
     # canonical order: MPICH's UCX, once loaded, breaks loading UCXX's libucx afterwards
     wanted.sort(key=lambda b: BACKENDS.index(b) if b in BACKENDS else len(BACKENDS))
-    report = run(wanted, args.quick, repeats)
+    kv_dtypes = tuple(d.strip() for d in args.kv_dtype.split(",") if d.strip())
+    bad = [d for d in kv_dtypes if d not in KV_DTYPES]
+    if bad or not kv_dtypes:
+        parser.error(f"--kv-dtype {args.kv_dtype!r}: expected some of {', '.join(KV_DTYPES)}")
+    report = run(wanted, args.quick, repeats, kv_dtypes)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

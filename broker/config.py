@@ -170,7 +170,6 @@ KV_NOT_SUPPORTED = _reasons({
         "free_gpu_memory_fraction max_gpu_total_bytes cross_kv_cache_fraction",
     "this engine has no prefix (block) reuse: every request prefills its whole prompt":
         "enable_block_reuse enable_partial_reuse copy_on_partial_reuse",
-    "the KV cache always takes the model's dtype": "dtype",
     "there is no host offload of KV blocks": "host_cache_size onboard_blocks secondary_offload_min_priority use_uvm",
     "attention always spans the whole sequence (no sliding window or sink tokens)":
         "max_attention_window sink_token_length",
@@ -214,9 +213,22 @@ def log_not_supported(where: str, key: str, reason: str, logger: logging.Logger 
 PositiveInt = Optional[typing.Annotated[int, Field(ge=1, le=MAX_INT)]]
 
 
+KV_DTYPES = ("auto", "float32", "bfloat16", "float16")   # auto: the model's compute dtype
+
+
 class _KvKeys(Schema):
     max_tokens: PositiveInt = None
     tokens_per_block: PositiveInt = None
+    dtype: Optional[str] = None
+
+    @field_validator("dtype")
+    @classmethod
+    def _storable(cls, v: Optional[str]) -> Optional[str]:
+        # TensorRT-LLM also takes fp8 (and nvfp4): refused, never stored as something else
+        if v is not None and v not in KV_DTYPES:
+            raise ValueError(f"expected one of {', '.join(KV_DTYPES)} (this engine cannot store "
+                             f"a KV cache in {v!r})")
+        return v
 
 
 KvCacheSchema = create_model("KvCacheSchema", __base__=_KvKeys,

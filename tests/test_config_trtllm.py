@@ -382,15 +382,14 @@ def test_every_accepted_but_ignored_worker_key_is_logged_once_with_its_reason(tm
     caplog.set_level("INFO")
     path = write(tmp_path, "w.yaml", """\
         tensor_parallel_size: 1
-        kv_cache_config: {max_tokens: 4096, free_gpu_memory_fraction: 0.9, enable_block_reuse: true, dtype: fp8}
+        kv_cache_config: {max_tokens: 4096, free_gpu_memory_fraction: 0.9, enable_block_reuse: true}
         """)
     opts = load_options(path)
     assert opts.kv_max_tokens == 4096
     lines = _notices(caplog)
     for key, reason in [("kv_cache_config.free_gpu_memory_fraction", "sized by kv_cache_config.max_tokens"),
                         ("kv_cache_config.enable_block_reuse", "no prefix (block) reuse"),
-                        ("kv_cache_config.dtype", "model's dtype"),
                         ("tensor_parallel_size", "no tensor, pipeline")]:
         hits = [m for m in lines if f"{path}: {key} is not supported" in m]
         assert len(hits) == 1 and reason in hits[0], (key, lines)
-    assert len(lines) == 4 and not any("max_tokens is" in m for m in lines)
+    assert len(lines) == 3 and not any("max_tokens is" in m for m in lines)

@@ -237,6 +237,34 @@ def test_different_block_sizes_are_exact_token_wise(backend, src_bs, dst_bs, buf
     assert not pool[untouched].any()
 
 
+# Half-precision KV (kv_cache_config.dtype) through every backend: bfloat16 everywhere and
+# float16 in process; both are 2-byte rows to the transfer, which never converts (float16 through
+# ZMQ is also served end to end in tests/test_kv_dtype.py). One source child each.
+HALF = [(b, "bfloat16") for b in BACKENDS] + [("FAKE", "float16")]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend,dtype", HALF)
+def test_half_precision_kv_moves_byte_exact_also_between_block_sizes(backend, dtype, sources,
+                                                                      sinks):
+    src_lay, dst_lay = layout(dtype=dtype), layout(8, dtype=dtype)
+    assert src_lay.block_nbytes * 2 == layout().block_nbytes
+    src = sources(backend, src_lay)
+    same, same_pool = sinks(backend, src_lay)
+    staged, staged_pool = sinks(backend, dst_lay, max_tokens_in_buffer=16)
+    src_ids, n, dst_ids = CASES[2]
+    same.start_pull("p", src.register("t", src_ids, n), dst_ids)
+    r = wait_results(same)["p"]        # one after the other: a sink's poll() is its progress
+    staged_ids = list(range(2, 2 + dst_lay.blocks_for(n)))
+    staged.start_pull("q", src.register("u", src_ids, n), staged_ids)
+    q = wait_results(staged)["q"]
+    assert r.ok and q.ok, (r.error, q.error)
+    assert r.nbytes == len(src_ids) * src_lay.block_nbytes
+    assert same_pool.dtype == staged_pool.dtype == getattr(torch, dtype)
+    assert_tokens_equal(src_lay, 64, src_ids, same_pool, src_lay, dst_ids, n)
+    assert_tokens_equal(src_lay, 64, src_ids, staged_pool, dst_lay, staged_ids, n)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("field,value,words", [("dtype", "float16", ["float16", "float32"]),

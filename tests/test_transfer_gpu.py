@@ -27,10 +27,10 @@ def _installed(backend):
         return False
 
 
-def _pull(backend, src_pool, dst_pool):
+def _pull(backend, src_pool, dst_pool, layout=LAYOUT):
     cfg = CacheTransceiverConfig(backend=backend, kv_transfer_timeout_ms=30_000)
-    source = create_source(cfg, src_pool, LAYOUT)
-    sink = create_sink(cfg, dst_pool, LAYOUT)
+    source = create_source(cfg, src_pool, layout)
+    sink = create_sink(cfg, dst_pool, layout)
     try:
         sink.start_pull("p", source.register("t", [3, 4, 9], 40), [0, 1, 2])
         deadline, results = time.monotonic() + 30, []
@@ -51,13 +51,15 @@ def _pull(backend, src_pool, dst_pool):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])   # kv_cache_config.dtype
 @pytest.mark.parametrize("backend", ["NIXL", "UCX"])
-def test_cuda_pools_round_trip(backend):
+def test_cuda_pools_round_trip(backend, dtype):
     if not _installed(backend):
         pytest.skip(f"{backend} is not installed")
-    src = fill_pool(LAYOUT, 16, 3).cuda()
+    layout = KvLayout(**{**LAYOUT.to_dict(), "dtype": dtype})
+    src = fill_pool(layout, 16, 3).cuda()
     dst = torch.zeros_like(src)
-    _pull(backend, src, dst)
+    _pull(backend, src, dst, layout)
     assert torch.equal(dst[:3].view(torch.uint8), src[[3, 4, 9]].view(torch.uint8))
 
 

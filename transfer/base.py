@@ -109,14 +109,21 @@ class KvLayout:
         _, layers, _, block_size, heads, head_dim = pool.shape
         return cls(layers, heads, head_dim, str(pool.dtype).removeprefix("torch."), block_size)
 
-    def check_compatible(self, remote: "KvLayout") -> None:
-        """``self`` is this (generation) worker's layout, ``remote`` the context worker's."""
-        for name, what in (("dtype", "KV dtype"), ("num_kv_heads", "number of KV heads"),
-                           ("head_dim", "head size"), ("num_layers", "number of layers")):
+    def check_compatible(self, remote: "KvLayout", remote_worker: str = "",
+                         local_worker: str = "") -> None:
+        """``self`` is this (generation) worker's layout, ``remote`` the context worker's; the
+        two workers' names (when known) go into the error. Bytes of another dtype would read
+        as garbage, so a mismatch is an error, never a conversion."""
+        def named(worker: str) -> str:
+            return f" ({worker})" if worker else ""
+
+        for name, what in (("dtype", "KV dtype (kv_cache_config.dtype)"),
+                           ("num_kv_heads", "number of KV heads"), ("head_dim", "head size"),
+                           ("num_layers", "number of layers")):
             theirs, ours = getattr(remote, name), getattr(self, name)
             if theirs != ours:
-                raise TransferError(f"{what} mismatch: context worker {theirs}, "
-                                    f"generation worker {ours}")
+                raise TransferError(f"{what} mismatch: context worker {theirs}{named(remote_worker)}, "
+                                    f"generation worker {ours}{named(local_worker)}")
 
 
 def pool_bytes(pool: torch.Tensor, layout: KvLayout, backend: str,
@@ -156,7 +163,7 @@ def copy_tokens(dst: torch.Tensor, dst_ids: list, src: torch.Tensor, src_ids: Ca
 
 
 # ---------------------------------------------------------------------------------------------
-# the KV handle: {backend, endpoint, transfer_id, block_ids, num_tokens, layout}
+# the KV handle: {backend, endpoint, transfer_id, block_ids, num_tokens, layout, worker_id}
 
 class KvHandle(NamedTuple):
     backend: str
@@ -165,13 +172,17 @@ class KvHandle(NamedTuple):
     block_ids: list
     num_tokens: int
     layout: KvLayout
+    worker_id: str = ""     # the context worker holding the KV; optional, named in errors
 
 
 def make_handle(backend: str, endpoint: str, transfer_id: str, block_ids: list,
-                num_tokens: int, layout: KvLayout) -> dict:
-    return {"backend": backend, "endpoint": endpoint, "transfer_id": transfer_id,
-            "block_ids": [int(b) for b in block_ids], "num_tokens": int(num_tokens),
-            "layout": layout.to_dict()}
+                num_tokens: int, layout: KvLayout, worker_id: str = "") -> dict:
+    handle = {"backend": backend, "endpoint": endpoint, "transfer_id": transfer_id,
+              "block_ids": [int(b) for b in block_ids], "num_tokens": int(num_tokens),
+              "layout": layout.to_dict()}
+    if worker_id:
+        handle["worker_id"] = worker_id
+    return handle
 
 
 def check_block_ids(block_ids: Any, num_tokens: Any, layout: KvLayout, num_blocks: int,
@@ -200,7 +211,7 @@ def parse_handle(handle: Any, backend: str) -> KvHandle:
     """Check a KV handle's shape; raises TransferError naming what is wrong."""
     if not isinstance(handle, dict):
         raise TransferError(f"malformed KV handle {handle!r}: expected a map")
-    missing = [k for k in KvHandle._fields if k not in handle]
+    missing = [k for k in KvHandle._fields if k not in handle and k not in KvHandle._field_defaults]
     if missing:
         raise TransferError(f"malformed KV handle: missing {', '.join(missing)}")
     if handle["backend"] != backend:
@@ -209,23 +220,28 @@ def parse_handle(handle: Any, backend: str) -> KvHandle:
     for key in ("endpoint", "transfer_id"):
         if not isinstance(handle[key], str) or not handle[key]:
             raise TransferError(f"malformed KV handle: {key}={handle[key]!r}")
+    worker_id = handle.get("worker_id", "")
+    if not isinstance(worker_id, str) or len(worker_id) > MAX_ID_CHARS:
+        raise TransferError(f"malformed KV handle: worker_id={worker_id!r:.80}")
     layout = KvLayout.from_dict(handle["layout"])
     block_ids = check_block_ids(handle["block_ids"], handle["num_tokens"], layout,
                                 2**62, "KV handle block_ids")
     return KvHandle(backend, handle["endpoint"], handle["transfer_id"], block_ids,
-                    handle["num_tokens"], layout)
+                    handle["num_tokens"], layout, worker_id)
 
 
 def check_pull(pull_id: str, handle: Any, dest_block_ids: Any, backend: str, layout: KvLayout,
                num_blocks: int, running: dict,
-               check_handle: Optional[Callable[[dict, KvHandle], None]] = None) -> tuple:
+               check_handle: Optional[Callable[[dict, KvHandle], None]] = None,
+               worker_id: str = "") -> tuple:
     """What every sink checks before a pull starts, in this order: the handle (then the
     backend's own ``check_handle``), the two layouts, the destination blocks, a duplicate pull
-    id. Returns ``(KvHandle, destination block ids holding its tokens)``; raises TransferError."""
+    id. ``worker_id``: the sink's own worker, for the errors. Returns ``(KvHandle, destination
+    block ids holding its tokens)``; raises TransferError."""
     h = parse_handle(handle, backend)
     if check_handle is not None:
         check_handle(handle, h)
-    layout.check_compatible(h.layout)
+    layout.check_compatible(h.layout, h.worker_id or f"at {h.endpoint}", worker_id)
     dst = check_block_ids(dest_block_ids, h.num_tokens, layout, num_blocks, "dest_block_ids")
     if pull_id in running:
         raise TransferError(f"pull {pull_id!r} is already running")
@@ -311,6 +327,7 @@ class KvSource(ABC):
     """Context side: serves registered blocks of the local KV pool to pulling sinks."""
 
     endpoint: str
+    worker_id: str = ""     # the worker it serves (``registry.create_source``): put in handles
 
     @abstractmethod
     def register(self, transfer_id: str, block_ids: list, num_tokens: int) -> dict:
@@ -336,6 +353,8 @@ class KvSource(ABC):
 
 class KvSink(ABC):
     """Generation side: pulls a context worker's blocks into the local KV pool."""
+
+    worker_id: str = ""     # the worker it serves (``registry.create_sink``): named in errors
 
     @abstractmethod
     def start_pull(self, pull_id: str, handle: dict, dest_block_ids: list) -> None:

@@ -90,7 +90,7 @@ class ChannelSink(KvSink):
 
     def start_pull(self, pull_id: str, handle: dict, dest_block_ids: list) -> None:
         h, dst = check_pull(pull_id, handle, dest_block_ids, self.backend, self._layout,
-                            self._pool.shape[0], self._pulls, self._check_handle)
+                            self._pool.shape[0], self._pulls, self._check_handle, self.worker_id)
         staged = h.layout.block_size != self._layout.block_size
         per_round = buffer_blocks(self._cfg.buffer_tokens(self._layout.block_size),
                                   h.layout.block_size)

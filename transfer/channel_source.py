@@ -96,7 +96,7 @@ class ChannelSource(KvSource, SourceLink):
     def register(self, transfer_id: str, block_ids: list, num_tokens: int) -> dict:
         reg = self._regs.add(transfer_id, block_ids, num_tokens)
         handle = make_handle(self.backend, self.endpoint, transfer_id, reg.block_ids, num_tokens,
-                             self._layout)
+                             self._layout, self.worker_id)
         handle.update(self._plane.handle_extra())
         return handle
 

@@ -36,7 +36,8 @@ class FakeSource(KvSource):
 
     def register(self, transfer_id: str, block_ids: list, num_tokens: int) -> dict:
         reg = self._regs.add(transfer_id, block_ids, num_tokens)
-        return make_handle(BACKEND, self.endpoint, transfer_id, reg.block_ids, num_tokens, self.layout)
+        return make_handle(BACKEND, self.endpoint, transfer_id, reg.block_ids, num_tokens, self.layout,
+                           self.worker_id)
 
     def release(self, transfer_id: str) -> None:
         self._regs.pop(transfer_id, None)
@@ -85,7 +86,7 @@ class FakeSink(KvSink):
 
     def start_pull(self, pull_id: str, handle: dict, dest_block_ids: list) -> None:
         h, dst = check_pull(pull_id, handle, dest_block_ids, BACKEND, self.layout,
-                            self.pool.shape[0], self._pulls)
+                            self.pool.shape[0], self._pulls, worker_id=self.worker_id)
         pull = _Pull(pull_id, h, dst, time.monotonic())
         self._pulls[pull_id] = pull
         try:

@@ -68,11 +68,19 @@ def _module(cfg: CacheTransceiverConfig):
 
 
 def create_source(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout, *,
-                  host: str = "127.0.0.1") -> KvSource:
+                  host: str = "127.0.0.1", worker_id: str = "") -> KvSource:
+    """``worker_id``: the context worker it serves; its handles carry it, so that a generation
+    worker's error names the worker the KV came from."""
     cfg.check_block_size(layout.block_size)
-    return _module(cfg).make_source(cfg, pool, layout, host=host)
+    source = _module(cfg).make_source(cfg, pool, layout, host=host)
+    source.worker_id = worker_id
+    return source
 
 
-def create_sink(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout) -> KvSink:
+def create_sink(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout, *,
+                worker_id: str = "") -> KvSink:
+    """``worker_id``: the generation worker it serves, named in its errors."""
     cfg.check_block_size(layout.block_size)
-    return _module(cfg).make_sink(cfg, pool, layout)
+    sink = _module(cfg).make_sink(cfg, pool, layout)
+    sink.worker_id = worker_id
+    return sink

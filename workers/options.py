@@ -29,6 +29,7 @@ class WorkerOptions:
     max_seq_len: Optional[int] = None  # default: the model's context length
     tokens_per_block: int = 16
     kv_max_tokens: int = 16384         # kv_cache_config.max_tokens: KV pool size in tokens
+    kv_dtype: str = "auto"             # kv_cache_config.dtype; auto: the model's compute dtype
     cache_transceiver: CacheTransceiverConfig = field(default_factory=CacheTransceiverConfig)
     num_threads: int = 1               # torch threads; one per worker is fastest on small machines
     heartbeat_ms: int = 1000
@@ -91,6 +92,8 @@ def parse_options(raw: Optional[dict], source: str = "<dict>") -> WorkerOptions:
     kw = {k: getattr(opts, k) for k in _PLAIN if getattr(opts, k) is not None}
     if kv is not None and kv.max_tokens is not None:
         kw["kv_max_tokens"] = kv.max_tokens
+    if kv is not None and kv.dtype is not None:
+        kw["kv_dtype"] = kv.dtype
     result = WorkerOptions(**kw, tokens_per_block=block, cache_transceiver=ctc, source=source)
     if result.kv_max_tokens < block:
         where, prefix = at("kv_cache_config")

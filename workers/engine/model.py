@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, SmolLM, Qwen2) in plain torch, fp32.
+"""The Llama-family decoder (Llama, SmolLM, Qwen2) in plain torch.
 
 Owns the math of one forward pass: embeddings, RMSNorm, rotary position embeddings (HF layout:
 the two halves of each head rotate together), grouped-query attention projections, the SwiGLU
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .rope import inverse_frequencies
 
 # attend(layer, q [T, heads, head_dim], k [T, kv_heads, head_dim], v) -> [T, heads * head_dim]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -33,11 +34,13 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to ``max_position``, computed once."""
+    """cos/sin tables for every position up to ``max_position``, computed once; ``freq_divisors``
+    carry the model's RoPE scaling (``ModelConfig.rope_freq_divisors``)."""
 
-    def __init__(self, head_dim: int, theta: float, max_position: int) -> None:
+    def __init__(self, head_dim: int, theta: float, max_position: int,
+                 freq_divisors: tuple[float, ...] = ()) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        inv_freq = inverse_frequencies(head_dim, theta, freq_divisors)
         angles = torch.outer(torch.arange(max_position, dtype=torch.float64), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
         # Not in the state dict: they follow from the config, and checkpoints do not carry them.
@@ -57,6 +60,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def _fused(*parts: nn.Linear) -> nn.Linear:
+    """One linear layer whose output is the concatenation of ``parts``' outputs."""
+    weight = torch.cat([p.weight for p in parts])
+    biases = [p.bias for p in parts]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None,
+                      device="meta", dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None) -> None:
         super().__init__()
@@ -67,12 +82,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias, device=device)
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False, device=device)
 
+        self.qkv_proj: nn.Module | None = None     # set by fuse()
+
+    def fuse(self) -> None:
+        """One [q; k; v] projection instead of three: one matmul reads the input once (and,
+        quantized, quantizes it once). The separate projections are dropped."""
+        self.qkv_proj = _fused(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend: Attend) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split((q_size, kv_size, kv_size), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         return self.o_proj(attend(layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v))
 
 
@@ -82,9 +110,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, device=device)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, device=device)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device=device)
+        self.gate_up_proj: nn.Module | None = None   # set by fuse()
+
+    def fuse(self) -> None:
+        """One [gate; up] projection instead of two (see ``Attention.fuse``)."""
+        self.gate_up_proj = _fused(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -112,7 +149,8 @@ class LlamaModel(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size,
                                                                  bias=False, device=device)
         # Always real: computed from the config, never loaded.
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position,
+                                      cfg.rope_freq_divisors)
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> "LlamaModel":
@@ -136,8 +174,9 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is None:   # tied: the embedding matrix is the head
+            return F.linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
