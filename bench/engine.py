@@ -33,6 +33,7 @@ from bench import llamacpp
 from bench.common import machine, median, write_json
 from workers.engine.kv_cache import KVCache
 from workers.engine.loaders import DEFAULT_MODEL, load_model, smollm2_path
+from workers.engine.precision import weight_bytes
 from workers.engine.runner import ModelRunner
 
 BLOCK_SIZE = 16
@@ -62,19 +63,18 @@ def config_name(config: tuple[str, str]) -> str:
 
 
 def load_config(spec: str, config: tuple[str, str]):
-    """(model, tokenizer) of ``spec`` in this configuration. The default one is asked for without
-    keywords, so it loads with any ``load_model``; a loader without dtype or quantization options
-    raises TypeError for the others, which the callers report as a skipped configuration."""
+    """(model, tokenizer) of ``spec`` in this configuration, prepared as a worker serves it
+    (fused projections, quantized or cast), on the CPU."""
     dtype, quantization = config
-    kwargs = {} if config == ("float32", "none") else {"dtype": dtype, "quantization": quantization}
-    return load_model(spec, **kwargs)
+    return load_model(spec, dtype=dtype, quantization=quantization, device="cpu")
 
 
 def try_load(spec: str, config: tuple[str, str]):
-    """(model, tokenizer), or None after printing why this configuration is skipped."""
+    """(model, tokenizer), or None after printing why this configuration is skipped (an int8
+    configuration on a torch without fbgemm, int8 with a half dtype)."""
     try:
         return load_config(spec, config)
-    except (TypeError, ValueError, NotImplementedError) as e:
+    except (ValueError, RuntimeError) as e:
         print(f"{config_name(config)}: skipped ({type(e).__name__}: {e})", flush=True)
         return None
 
@@ -90,28 +90,6 @@ def gguf_of(spec: str, requested: Optional[str]) -> Optional[str]:
 
 # ---------------------------------------------------------------------------------------------
 # bytes and bandwidth
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every tensor of the state dict (quantized ones
-    and packed tuples included), each storage once, less the embedding table when an untied LM
-    head leaves it read only a row per token."""
-    seen, total = set(), 0
-
-    def add(x) -> None:
-        nonlocal total
-        if isinstance(x, (tuple, list)):
-            for y in x:
-                add(y)
-        elif isinstance(x, torch.Tensor) and x.data_ptr() not in seen:
-            seen.add(x.data_ptr())
-            total += x.numel() * x.element_size()
-
-    for value in model.state_dict().values():
-        add(value)
-    if getattr(model, "lm_head", None) is not None:
-        total -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
-    return total
-
 
 def gguf_weight_bytes(path: str) -> int:
     """The GGUF's tensor bytes as stored: what llama.cpp reads per decode step."""
@@ -144,8 +122,7 @@ class Engine:
 
     def __init__(self, model, cases: list[Case], history: int, steps: int) -> None:
         self.history, self.steps = history, steps
-        kv_dtype = next(model.parameters()).dtype
-        kv_dtype = kv_dtype if kv_dtype.is_floating_point else torch.float32
+        kv_dtype = model.precision.torch_dtype      # the KV cache's "auto": the compute dtype
         blocks = -(-(history + steps) // BLOCK_SIZE)
         need = max([c.size * blocks for c in cases if c.kind == "decode"] +
                    [-(-c.size // BLOCK_SIZE) for c in cases if c.kind == "prefill"] + [1])

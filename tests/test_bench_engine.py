@@ -14,11 +14,11 @@ import torch
 
 from bench import llamacpp
 from bench.common import ROOT, child_env
-from bench.engine import parse_configs, weight_bytes
+from bench.engine import parse_configs
 from bench.perplexity import perplexity
 from workers.engine.kv_cache import KVCache
 from workers.engine.runner import ModelRunner
-from workers.engine.tiny import random_model, tiny_config, tiny_model
+from workers.engine.tiny import tiny_model
 from workers.engine.tokenizer import ByteTokenizer
 
 
@@ -53,15 +53,6 @@ def test_configurations_parse_and_name_bad_input():
         parse_configs("float64:none")
     with pytest.raises(ValueError, match="'float32:int4'"):
         parse_configs("float32:int4")
-
-
-def test_weight_bytes_read_per_step():
-    untied, _ = tiny_model()
-    params = dict(untied.named_parameters())
-    # an untied LM head: the embedding table is read a row per token, not whole
-    assert weight_bytes(untied) == sum(p.numel() * 4 for n, p in params.items() if n != "embed_tokens.weight")
-    tied = random_model(tiny_config(tie_embeddings=True))
-    assert weight_bytes(tied) == sum(p.numel() * 4 for p in tied.parameters())
 
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
@@ -104,40 +95,48 @@ def test_bos_replaces_each_chunks_first_token_where_the_tokenizer_adds_one():
 # ---------------------------------------------------------------------------------------------
 # llama.cpp's output, captured (the build is never needed here)
 
+# llama-bench -o json (11434.0.0, SmolLM2 Q4_1, 1 thread), fields trimmed; a log line before it
 LLAMA_BENCH_JSON = """\
-load_backend: loaded CPU backend
+load_backend: loaded CPU backend from libggml-cpu.so
 [
   {
     "build_commit": "unknown",
-    "build_number": 0,
     "cpu_info": "AMD EPYC",
-    "model_filename": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    "model_type": "llama ?B Q4_1",
-    "n_threads": 2,
-    "n_prompt": 128,
+    "backends": "CPU",
+    "model_type": "llama 256M Q4_1",
+    "model_size": 96576768,
+    "n_batch": 2048,
+    "n_threads": 1,
+    "type_k": "f16",
+    "flash_attn": -1,
+    "n_prompt": 32,
     "n_gen": 0,
     "n_depth": 0,
-    "avg_ts": 143.25,
-    "stddev_ts": 1.5,
-    "samples_ns": [ 893000000 ],
-    "samples_ts": [ 143.25 ]
+    "test_time": "2026-11-29T11:58:27Z",
+    "avg_ns": 392377135,
+    "stddev_ns": 0,
+    "avg_ts": 81.554191,
+    "stddev_ts": 0.000000,
+    "samples_ns": [ 392377135 ],
+    "samples_ts": [ 81.5542 ]
   },
   {
-    "n_threads": 2,
+    "n_threads": 1,
     "n_prompt": 0,
-    "n_gen": 16,
-    "n_depth": 128,
-    "avg_ts": 87.5,
-    "stddev_ts": 0.0,
-    "samples_ts": [ 87.5 ]
+    "n_gen": 8,
+    "n_depth": 32,
+    "avg_ts": 56.706017,
+    "stddev_ts": 0.000000,
+    "samples_ts": [ 56.706 ]
   }
 ]
 """
 
+# llama-batched-bench --output-format jsonl -npp 32 -ntg 4 -npl 2,4 -pps, and its closing log
 BATCHED_BENCH_JSONL = """\
-main: n_kv_max = 9472, n_batch = 2048, n_ubatch = 512
-{"n_kv_max": 9472, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 1, "n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, "pp": 128, "tg": 16, "pl": 4, "n_kv": 576, "t_pp": 0.900000, "speed_pp": 142.222222, "t_tg": 0.400000, "speed_tg": 160.000000, "t": 1.300000, "speed": 147.692307}
-{"n_kv_max": 9472, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 1, "n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, "pp": 128, "tg": 16, "pl": 16, "n_kv": 2304, "t_pp": 0.900000, "speed_pp": 142.222222, "t_tg": 1.500000, "speed_tg": 170.666666, "t": 2.400000, "speed": 160.000000}
+{"n_kv_max": 1024, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 1, "n_gpu_layers": -1, "n_threads": 1, "n_threads_batch": 1, "pp": 32, "tg": 4, "pl": 2, "n_kv": 72, "t_pp": 0.366418, "speed_pp": 87.331955, "t_tg": 0.141308, "speed_tg": 56.613922, "t": 0.507726, "speed": 78.782646}
+{"n_kv_max": 1024, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 1, "n_gpu_layers": -1, "n_threads": 1, "n_threads_batch": 1, "pp": 32, "tg": 4, "pl": 4, "n_kv": 144, "t_pp": 0.357314, "speed_pp": 89.557083, "t_tg": 0.234990, "speed_tg": 68.088005, "t": 0.592304, "speed": 81.039467}
+
 llama_perf_context_print:        load time =     120.00 ms
 """
 
@@ -151,14 +150,14 @@ Final estimate: PPL = 18.2071 +/- 0.45678
 
 def test_llama_bench_output_parses():
     rows = llamacpp.parse_llama_bench(LLAMA_BENCH_JSON)
-    assert [(r["n_prompt"], r["n_gen"], r["n_depth"], r["n_threads"]) for r in rows] == [(128, 0, 0, 2), (0, 16, 128, 2)]
-    assert rows[0]["tokens_per_s"] == 143.25 and rows[1]["samples"] == [87.5]
+    assert [(r["n_prompt"], r["n_gen"], r["n_depth"], r["n_threads"]) for r in rows] == [(32, 0, 0, 1), (0, 8, 32, 1)]
+    assert rows[0]["tokens_per_s"] == 81.554191 and rows[1]["samples"] == [56.706]
     with pytest.raises(llamacpp.LlamaCppError, match="no JSON array"):
         llamacpp.parse_llama_bench("error: failed to load model\n")
 
 
 def test_batched_bench_and_perplexity_output_parse():
-    assert llamacpp.parse_batched_bench(BATCHED_BENCH_JSONL) == {4: 160.0, 16: 170.666666}
+    assert llamacpp.parse_batched_bench(BATCHED_BENCH_JSONL) == {2: 56.613922, 4: 68.088005}
     assert llamacpp.parse_perplexity(PERPLEXITY_OUTPUT) == 18.2071
     with pytest.raises(llamacpp.LlamaCppError, match="Final estimate"):
         llamacpp.parse_perplexity("[1]17.1234,")
