@@ -33,13 +33,14 @@ from bench import llamacpp
 from bench.common import machine, median, write_json
 from workers.engine.kv_cache import KVCache
 from workers.engine.loaders import DEFAULT_MODEL, load_model, smollm2_path
+from workers.engine import precision
 from workers.engine.precision import weight_bytes
 from workers.engine.runner import ModelRunner
 
 BLOCK_SIZE = 16
 MEMCPY_BYTES = 256 << 20
-DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int8")
+DTYPES = tuple(precision.DTYPES)
+QUANTIZATIONS = tuple(q for q in precision.QUANTIZATIONS if q != "auto")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,18 +63,18 @@ def config_name(config: tuple[str, str]) -> str:
     return f"{config[0]}/{config[1]}"
 
 
-def load_config(spec: str, config: tuple[str, str]):
+def load_config(spec: str, config: tuple[str, str], device: str = "cpu"):
     """(model, tokenizer) of ``spec`` in this configuration, prepared as a worker serves it
-    (fused projections, quantized or cast), on the CPU."""
+    (fused projections, quantized or cast), on ``device``."""
     dtype, quantization = config
-    return load_model(spec, dtype=dtype, quantization=quantization, device="cpu")
+    return load_model(spec, dtype=dtype, quantization=quantization, device=device)
 
 
-def try_load(spec: str, config: tuple[str, str]):
+def try_load(spec: str, config: tuple[str, str], device: str = "cpu"):
     """(model, tokenizer), or None after printing why this configuration is skipped (an int8
-    configuration on a torch without fbgemm, int8 with a half dtype)."""
+    configuration on a torch without fbgemm, int8 with a half dtype, int8 on a GPU)."""
     try:
-        return load_config(spec, config)
+        return load_config(spec, config, device)
     except (ValueError, RuntimeError) as e:
         print(f"{config_name(config)}: skipped ({type(e).__name__}: {e})", flush=True)
         return None
@@ -126,7 +127,8 @@ class Engine:
         blocks = -(-(history + steps) // BLOCK_SIZE)
         need = max([c.size * blocks for c in cases if c.kind == "decode"] +
                    [-(-c.size // BLOCK_SIZE) for c in cases if c.kind == "prefill"] + [1])
-        self.kv = KVCache(model.cfg, need, BLOCK_SIZE, dtype=kv_dtype)
+        self.device = model.precision.device
+        self.kv = KVCache(model.cfg, need, BLOCK_SIZE, dtype=kv_dtype, device=self.device)
         self.kv.pool.normal_(0, 1)     # stands in for the prefill of every history
         self.runner = ModelRunner(model, self.kv)
         self.vocab = model.cfg.vocab_size
@@ -141,13 +143,20 @@ class Engine:
             ids = torch.randint(0, self.vocab, (case.size,)).tolist()
             start = time.perf_counter()
             self.runner.prefill(ids, table)
+            self._sync()
             return case.size / (time.perf_counter() - start)
         tables = self._tables(case.size, self.history + self.steps)
         tokens = torch.randint(0, self.vocab, (case.size,)).tolist()
         start = time.perf_counter()
         for step in range(self.steps):
             self.runner.decode(tokens, [self.history + step] * case.size, tables)
+        self._sync()
         return case.size * self.steps / (time.perf_counter() - start)
+
+    def _sync(self) -> None:
+        """A GPU runs asynchronously: the clock stops when its work is done."""
+        if self.device != "cpu":
+            torch.cuda.synchronize(self.device)
 
     def warm_up(self) -> None:
         self.tokens_per_s(Case("prefill", min(16, self.kv.num_blocks * BLOCK_SIZE)))
@@ -184,7 +193,7 @@ def run(args) -> dict:
              [Case("prefill", int(n)) for n in args.prefill.split(",") if n])
     engines, weights = {}, {}
     for config in configs:
-        loaded = try_load(args.model, config)
+        loaded = try_load(args.model, config, args.device)
         if loaded is not None:
             name = config_name(config)
             engines[name] = Engine(loaded[0], cases, args.history, args.steps)
@@ -265,6 +274,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gguf", default=None, help="the GGUF llama.cpp runs (default: the model's own file)")
     ap.add_argument("--configs", default="float32:none,float32:int8",
                     help="DTYPE:QUANTIZATION pairs, comma-separated; ones this tree cannot load are skipped")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (llama.cpp stays on the CPU)")
     ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
     ap.add_argument("--batches", default="1,4,16,64", help="decode batch sizes, comma-separated")
     ap.add_argument("--prefill", default="128,512", help="prefill prompt lengths, comma-separated")
