@@ -83,10 +83,11 @@ def test_half_precision_model_runs_paged(dtype, kv):
     assert step.shape == (1, model.cfg.vocab_size) and torch.isfinite(step).all()
 
 
-def test_auto_resolves_to_int8_float32_on_the_cpu():
+def test_auto_resolves_to_fp16_weights_and_float32_compute_on_the_cpu():
     if torch.cuda.is_available():
         pytest.skip("CUDA is present: auto picks the GPU there")
-    assert resolve() == Precision("float32", "int8", "cpu")
+    assert resolve() == Precision("float32", "fp16", "cpu")
+    assert resolve(quantization="int8") == Precision("float32", "int8", "cpu")
     assert resolve("bfloat16") == Precision("bfloat16", "none", "cpu")
     assert resolve(quantization="none") == Precision("float32", "none", "cpu")
 

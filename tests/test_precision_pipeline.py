@@ -1,5 +1,5 @@
 """Every weight precision end to end on the tiny model: disaggregated equals aggregated token for
-token (int8, the CPU default, is covered by test_pipeline.py), and mixed precision (a float32
+token, and mixed precision (a float32
 context worker with an int8 generation worker, one KV dtype) serves."""
 import pytest
 
@@ -24,9 +24,10 @@ def serve(workers: dict) -> list:
     return out
 
 
-@pytest.mark.parametrize("options", [{"quantization": "none"},
+@pytest.mark.parametrize("options", [{"quantization": "none"}, {"quantization": "fp16"},
+                                     {"quantization": "int8"},
                                      {"dtype": "bfloat16", "quantization": "none"}],
-                         ids=["float32", "bfloat16"])
+                         ids=["float32", "fp16-weights", "int8", "bfloat16"])
 def test_disaggregated_equals_aggregated_in_each_precision(options):
     disagg = serve({"ctx": ("context", options), "gen": ("generation", options)})
     agg = serve({"both": ("both", options)})
