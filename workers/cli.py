@@ -30,7 +30,8 @@ def cli() -> None:
                    "Hugging Face directory with safetensors and tokenizer.json (default: smollm2-135m)")
 @click.option("--extra-llm-api-options", "--extra_llm_api_options", "options", metavar="YAML", default=None,
               help="TensorRT-LLM-style worker options: cache_transceiver_config, kv_cache_config, "
-                   "max_batch_size, max_num_tokens, tokens_per_block, ...")
+                   "max_batch_size, max_num_tokens, tokens_per_block, dtype, quantization "
+                   "(auto|none|fp16|int8), device, ...")
 @click.option("--worker-id", default=None, help="name shown in the broker's logs (default: ROLE-HOST-PID)")
 @click.option("--host", default="127.0.0.1",
               help="address the KV transfer endpoint binds to, on context workers (default: 127.0.0.1)")

@@ -139,7 +139,7 @@ def load_gguf(path: str) -> tuple[LlamaModel, HFTokenizer]:
     for t in reader.tensors:
         name = _param_name(t.name)
         if name is None:
-            continue   # e.g. rope_freqs: tables the model computes itself
+            continue   # rope_freqs: read by _config into the RoPE divisors, not a weight
         w = dequantize(t)
         # llama.cpp permutes Q/K only for the llama architecture; qwen2 is stored as in HF.
         if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
