@@ -108,7 +108,9 @@ def shared_sources():
             if _available(backend) is None:
                 for lay in (layout(), layout(8)):
                     key, config = _key(backend, lay)
-                    made[key] = LoopbackSource(lay, 64, SEED, config, wait=False)
+                    # ten children importing torch at once on 2 cores: their first answer
+                    # can take well over the usual 30 s when the machine is busy
+                    made[key] = LoopbackSource(lay, 64, SEED, config, wait=False, timeout=120)
         yield made
     finally:
         for src in made.values():
