@@ -54,12 +54,12 @@ def server_command(binary: str, gguf: str, port: int, threads: int, parallel: in
 class LlamaServer:
     """llama-server as a child process on a free port, stopped by pid on close."""
 
-    def __init__(self, binary: str, gguf: str, a, say):
+    def __init__(self, binary: str, gguf: str, threads: int, a, say):
         self.procs = children(prefix="bench-llama-server-")
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         try:
-            self.procs.start("llama-server", server_command(binary, gguf, port, a.peer_threads, a.concurrency,
+            self.procs.start("llama-server", server_command(binary, gguf, port, threads, a.concurrency,
                                                             a.input_len, a.output_len))
             self._wait_ready(say)
         except BaseException:
@@ -86,7 +86,7 @@ class LlamaServer:
 
 
 def targets(a, peer: Optional[str]) -> list[dict]:
-    out = [{"label": PEER, "kind": "peer"}] if peer else []
+    out = [{"label": f"{PEER} -t{n}", "kind": "peer", "threads": n} for n in a.peer_threads] if peer else []
     for q in a.quantization:
         for layout in a.layouts:
             out.append({"label": f"{layout} {q}", "kind": "ours", "layout": layout, "quantization": q})
@@ -96,7 +96,7 @@ def targets(a, peer: Optional[str]) -> list[dict]:
 async def measure_one(a, target: dict, specs, peer: Optional[str], gguf: str, say) -> dict:
     """Start ``target``, warm it up, send the workload once, stop it; its metrics."""
     if target["kind"] == "peer":
-        proc = await asyncio.to_thread(LlamaServer, peer, gguf, a, say)
+        proc = await asyncio.to_thread(LlamaServer, peer, gguf, target["threads"], a, say)
         url = proc.url
     else:
         mode, n = LAYOUTS[target["layout"]]
@@ -132,15 +132,17 @@ def summarize_rounds(per_round: list[dict]) -> dict:
 
 
 def verdict(summary: dict) -> Optional[dict]:
-    """Our best deployment (highest median req/s) against llama-server: ratios and whether it
-    serves at least as many req/s with a lower TTFT p50. None without both."""
-    peer = summary.get(PEER)
-    ours = {t: s for t, s in summary.items() if t != PEER and s["request_throughput"]}
-    if not peer or not ours or not peer["request_throughput"]:
+    """Our best deployment (highest median req/s) against llama-server's best thread count:
+    ratios and whether it serves at least as many req/s with a lower TTFT p50. None without both."""
+    peers = {t: s for t, s in summary.items() if t.startswith(PEER) and s["request_throughput"]}
+    ours = {t: s for t, s in summary.items() if not t.startswith(PEER) and s["request_throughput"]}
+    if not peers or not ours:
         return None
+    peer_best = max(peers, key=lambda t: peers[t]["request_throughput"])
+    peer = peers[peer_best]
     best = max(ours, key=lambda t: ours[t]["request_throughput"])
     b = ours[best]
-    return {"best": best,
+    return {"best": best, "peer": peer_best,
             "request_throughput_ratio": b["request_throughput"] / peer["request_throughput"],
             "ttft_p50_ratio": (b["ttft_ms.p50"] / peer["ttft_ms.p50"]) if peer["ttft_ms.p50"] else None,
             "beats_req_s": b["request_throughput"] >= peer["request_throughput"],
@@ -157,7 +159,7 @@ def render(rep: dict) -> str:
              "", table(["target", "ok", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms"], rows)]
     v = rep.get("verdict")
     if v:
-        lines += ["", f"best of ours: {v['best']}: {v['request_throughput_ratio']:.2f}x llama-server's req/s "
+        lines += ["", f"best of ours: {v['best']}: {v['request_throughput_ratio']:.2f}x {v['peer']}'s req/s "
                       f"({'at least as many' if v['beats_req_s'] else 'fewer'}), TTFT p50 "
                       f"{v['ttft_p50_ratio']:.2f}x ({'lower' if v['lower_ttft'] else 'not lower'})"]
     elif rep.get("peer_skipped"):
@@ -184,7 +186,7 @@ async def bench(a, say) -> dict:
     config = {k: v for k, v in vars(a).items() if k not in ("request_rate", "slo_ttft_ms", "slo_tpot_ms")}
     return {"benchmark": "serving", "config": config, "machine": machine(), "gguf": os.path.basename(gguf),
             "peer": peer, "peer_skipped": None if peer else reason,
-            "peer_command": server_command(peer, gguf, 0, a.peer_threads, a.concurrency, a.input_len,
+            "peer_command": server_command(peer, gguf, 0, a.peer_threads[0], a.concurrency, a.input_len,
                                            a.output_len) if peer else None,
             "rounds": per_target, "summary": summary, "verdict": verdict(summary)}
 
@@ -199,6 +201,13 @@ def _csv(choices):
     return parse
 
 
+def _ints(text: str) -> list:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid thread count(s) {text!r}: expected integers such as 1,2") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -209,8 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quantization", type=_csv(["auto", "none", "int8", "fp16"]), default=["int8", "fp16"],
                     help="worker weight precision(s), comma-separated")
     ap.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker")
-    ap.add_argument("--peer-threads", type=int, default=os.cpu_count() or 2,
-                    help="llama-server's -t/-tb (default: every core, as our deployments use)")
+    ap.add_argument("--peer-threads", type=_ints, default=[os.cpu_count() or 2],
+                    help="llama-server's -t/-tb, comma-separated to measure several (default: every "
+                         "core, as our deployments use; 1 too where other processes share the cores, "
+                         "since llama.cpp's threads wait on each other)")
     ap.add_argument("--rounds", type=int, default=1, help="times every target is measured (alternating)")
     ap.add_argument("--num-prompts", type=int, default=32, help="measured requests per target and round")
     ap.add_argument("--input-len", type=int, default=128, help="prompt length, tokens (about, as text)")
@@ -229,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = build_parser()
     a = ap.parse_args(argv)
-    for name in ("rounds", "num_prompts", "input_len", "output_len", "concurrency", "worker_threads", "peer_threads"):
+    if min(a.peer_threads) < 1:
+        ap.error(f"--peer-threads must be >= 1, got {a.peer_threads}")
+    for name in ("rounds", "num_prompts", "input_len", "output_len", "concurrency", "worker_threads"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.warmup < 0:

@@ -28,7 +28,8 @@ def test_arguments_default_to_the_issues_workload_and_refuse_bad_values():
     assert (a.input_len, a.output_len, a.concurrency, a.num_prompts) == (128, 64, 8, 32)
     assert a.layouts == ["agg1", "agg2", "disagg"] and a.quantization == ["int8", "fp16"]
     assert parse_args(["--layouts", "disagg", "--quantization", "none,int8"]).quantization == ["none", "int8"]
-    for bad in (["--layouts", "agg3"], ["--quantization", "int4"], ["--rounds", "0"], ["--concurrency", "0"]):
+    assert parse_args(["--peer-threads", "1,2"]).peer_threads == [1, 2]
+    for bad in (["--peer-threads", "0"], ["--peer-threads", "x"], ["--layouts", "agg3"], ["--quantization", "int4"], ["--rounds", "0"], ["--concurrency", "0"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
@@ -42,14 +43,15 @@ def test_llama_server_command_has_the_threads_slots_and_room_for_every_slot():
 
 
 def test_medians_over_rounds_and_the_verdict_against_the_peer():
-    summary = {PEER: summarize_rounds([_metrics(1.0, 900.0), _metrics(1.2, 700.0), _metrics(1.1, 800.0)]),
+    summary = {f"{PEER} -t1": summarize_rounds([_metrics(0.4, 300.0)]),
+               f"{PEER} -t2": summarize_rounds([_metrics(1.0, 900.0), _metrics(1.2, 700.0), _metrics(1.1, 800.0)]),
                "agg2 int8": summarize_rounds([_metrics(1.5, 100.0, ok=7)]),
                "disagg int8": summarize_rounds([_metrics(1.3, 50.0)])}
-    assert summary[PEER]["request_throughput"] == pytest.approx(1.1)
-    assert summary[PEER]["ttft_ms.p50"] == pytest.approx(800.0)
+    assert summary[f"{PEER} -t2"]["request_throughput"] == pytest.approx(1.1)
+    assert summary[f"{PEER} -t2"]["ttft_ms.p50"] == pytest.approx(800.0)
     assert (summary["agg2 int8"]["completed"], summary["agg2 int8"]["requests"]) == (7, 8)
     v = verdict(summary)
-    assert v["best"] == "agg2 int8" and v["beats_req_s"] and v["lower_ttft"]
+    assert v["best"] == "agg2 int8" and v["peer"] == f"{PEER} -t2" and v["beats_req_s"] and v["lower_ttft"]
     assert v["request_throughput_ratio"] == pytest.approx(1.5 / 1.1)
     assert v["ttft_p50_ratio"] == pytest.approx(100.0 / 800.0)
     slower = dict(summary, **{"agg2 int8": summarize_rounds([_metrics(0.5, 900.0)]),
@@ -61,7 +63,7 @@ def test_medians_over_rounds_and_the_verdict_against_the_peer():
            "machine": {"cpus": 2}, "gguf": "m.gguf", "summary": summary, "verdict": verdict(summary)}
     text = render(rep)
     assert "| " not in text.splitlines()[0] and "agg2 int8" in text and "7/8" in text
-    assert "1.36x llama-server's req/s (at least as many)" in text and "0.12x (lower)" in text
+    assert "1.36x llama-server -t2's req/s (at least as many)" in text and "0.12x (lower)" in text
 
 
 class _FlakySession:
