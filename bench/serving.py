@@ -126,6 +126,8 @@ def summarize_rounds(per_round: list[dict]) -> dict:
     """Medians over rounds of the table's columns, and the completed/sent counts summed."""
     out = {f"{k}.{s}" if s else k: median(_value(m, k, s) for m in per_round if _value(m, k, s) is not None)
            for k, s in _COLUMNS}
+    # each round's req/s too: a median of few rounds hides a round that a busy machine spoiled
+    out["request_throughput_rounds"] = [m["request_throughput"] for m in per_round]
     out["completed"] = sum(m["completed"] for m in per_round)
     out["requests"] = sum(m["requests"] for m in per_round)
     return out
@@ -152,11 +154,14 @@ def verdict(summary: dict) -> Optional[dict]:
 def render(rep: dict) -> str:
     c = rep["config"]
     rows = [[t, f"{s['completed']}/{s['requests']}", s["request_throughput"], s["output_token_throughput"],
-             s["ttft_ms.p50"], s["ttft_ms.p99"], s["tpot_ms.p50"]] for t, s in rep["summary"].items()]
+             s["ttft_ms.p50"], s["ttft_ms.p99"], s["tpot_ms.p50"],
+             " ".join(f"{x:.2f}" for x in s["request_throughput_rounds"] if x is not None)]
+            for t, s in rep["summary"].items()]
     lines = [f"serving over HTTP: {c['num_prompts']} requests of ~{c['input_len']} text tokens in / "
              f"{c['output_len']} out, temperature 0, ignore_eos, concurrency {c['concurrency']}; "
              f"medians of {c['rounds']} round(s); {rep['machine']['cpus']} CPUs; model {rep['gguf']}",
-             "", table(["target", "ok", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms"], rows)]
+             "", table(["target", "ok", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
+                                     "req/s by round"], rows)]
     v = rep.get("verdict")
     if v:
         lines += ["", f"best of ours: {v['best']}: {v['request_throughput_ratio']:.2f}x {v['peer']}'s req/s "
