@@ -12,6 +12,8 @@ build) ``find_or_build`` returns None with the reason and the benchmarks print
 * ``llama-bench``: prefill (``pp``) and single-sequence decode (``tg``) tokens/s.
 * ``llama-batched-bench``: decode tokens/s of B parallel sequences (llama-bench decodes one).
 * ``llama-perplexity``: perplexity of a text file in chunks of a fixed context.
+* ``llama-server``: llama.cpp's OpenAI-compatible HTTP server (``bench/serving.py``), built in its
+  own directory (``server-<version>``) with the server on, so the tools' build stays as it is.
 
 Nothing of llama.cpp is copied into this repository; this module only drives its binaries.
 """
@@ -39,6 +41,10 @@ CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DGGML_CUDA=
                  "-DGGML_VULKAN=OFF", "-DGGML_METAL=OFF", "-DLLAMA_OPENSSL=OFF",
                  "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                  "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF")
+# llama-server: the same options with the server (and the app it belongs to) on.
+SERVER = "llama-server"
+SERVER_CMAKE_OPTIONS = tuple(o.replace("=OFF", "=ON") if o.split("=")[0] in
+                             ("-DLLAMA_BUILD_SERVER", "-DLLAMA_BUILD_APP") else o for o in CMAKE_OPTIONS)
 RUN_TIMEOUT_S = 1800
 
 
@@ -58,29 +64,50 @@ def find_or_build(cache: Optional[str] = None, *, jobs: int = 2, build: bool = T
                   log=sys.stderr) -> tuple[Optional["LlamaCpp"], str]:
     """``(tools, "")``, or ``(None, reason)`` where they are not built and cannot be. Holds a lock
     on the cache while building, so two benchmarks started together build once."""
-    root = cache_dir(cache)
-    found = _built(root)
+    return _find_or_build(cache_dir(cache), _built, _build_dir, TOOLS, CMAKE_OPTIONS, jobs, build, log)
+
+
+def find_or_build_server(cache: Optional[str] = None, *, jobs: int = 2, build: bool = True,
+                         log=sys.stderr) -> tuple[Optional[str], str]:
+    """``(path of llama-server, "")``, or ``(None, reason)``; built like ``find_or_build``."""
+    return _find_or_build(cache_dir(cache), _built_server, _server_dir, (SERVER,), SERVER_CMAKE_OPTIONS,
+                          jobs, build, log)
+
+
+def _find_or_build(root: str, built, build_dir, targets: Sequence[str], options: Sequence[str],
+                   jobs: int, build: bool, log):
+    found = built(root)
     if found or not build:
-        return (found, "") if found else (None, f"no llama.cpp {VERSION} build in {root} and building is off")
+        return (found, "") if found else (None, f"no llama.cpp {VERSION} {', '.join(targets)} in "
+                                               f"{build_dir(root)} and building is off")
     if shutil.which("cmake") is None:
         return None, "cmake not found on PATH"
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        found = _built(root)      # another process may have built it while this one waited
+        found = built(root)       # another process may have built it while this one waited
         if found:
             return found, ""
         try:
             src = _sources(root, log)
-            _build(src, _build_dir(root), jobs, log)
+            _build(src, build_dir(root), targets, options, jobs, log)
         except LlamaCppError as e:
             return None, str(e)
-    found = _built(root)
-    return (found, "") if found else (None, f"the build in {_build_dir(root)} made no {', '.join(TOOLS)}")
+    found = built(root)
+    return (found, "") if found else (None, f"the build in {build_dir(root)} made no {', '.join(targets)}")
 
 
 def _build_dir(root: str) -> str:
     return os.path.join(root, f"build-{VERSION}")
+
+
+def _server_dir(root: str) -> str:
+    return os.path.join(root, f"server-{VERSION}")
+
+
+def _built_server(root: str) -> Optional[str]:
+    path = os.path.join(_server_dir(root), "bin", SERVER)
+    return path if os.access(path, os.X_OK) else None
 
 
 def _built(root: str) -> Optional["LlamaCpp"]:
@@ -114,14 +141,14 @@ def _sources(root: str, log) -> str:
     return src
 
 
-def _build(src: str, build: str, jobs: int, log) -> None:
+def _build(src: str, build: str, targets: Sequence[str], options: Sequence[str], jobs: int, log) -> None:
     log_path = build + ".log"
-    print(f"llama.cpp: building {', '.join(TOOLS)} with cmake -j{jobs} (tens of minutes on 2 cores; "
+    print(f"llama.cpp: building {', '.join(targets)} with cmake -j{jobs} (tens of minutes on 2 cores; "
           f"log: {log_path})", file=log, flush=True)
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _run_logged(["cmake", "-S", src, "-B", build, *generator, *CMAKE_OPTIONS], log_path,
+    _run_logged(["cmake", "-S", src, "-B", build, *generator, *options], log_path,
                 what="cmake configure", timeout=600)
-    _run_logged(["cmake", "--build", build, "--target", *TOOLS, f"-j{jobs}"], log_path,
+    _run_logged(["cmake", "--build", build, "--target", *targets, f"-j{jobs}"], log_path,
                 what="cmake --build", timeout=4 * 3600)
 
 

@@ -168,6 +168,9 @@ class ClientDriver:
         await self.client.close()
 
 
+_SEND_ATTEMPTS = 3     # a stale keep-alive connection costs one; a second stale one is rare
+
+
 class HttpDriver:
     """Streaming ``POST /v1/completions`` (server-sent events) to an OpenAI-compatible URL."""
     name = "http"
@@ -189,7 +192,7 @@ class HttpDriver:
         r = Result(start=time.monotonic())
         last, chunks, usage = r.start, 0, None
         try:
-            async with self.session.post(self.url, json=body) as resp:
+            async with await self._post(body) as resp:
                 if resp.status != 200:
                     raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
                 buf = b""
@@ -227,6 +230,18 @@ class HttpDriver:
         except Exception as e:
             r.error = f"{type(e).__name__}: {e}"
         return r
+
+    async def _post(self, body: dict):
+        """The response to ``body``, sent again when the pooled keep-alive connection it went out
+        on turns out closed by the server before any answer byte came (llama.cpp's server closes
+        idle ones: "Can not write request body"). Nothing was generated for the lost attempt; the
+        request's clock keeps running from the first send."""
+        for attempt in range(_SEND_ATTEMPTS):
+            try:
+                return await self.session.post(self.url, json=body)
+            except (self.aiohttp.ServerDisconnectedError, self.aiohttp.ClientOSError):
+                if attempt == _SEND_ATTEMPTS - 1:
+                    raise
 
     async def close(self) -> None:
         await self.session.close()
