@@ -7,15 +7,13 @@ import torch
 from client import Client
 from tests.harness import Deployment
 from tests.test_pipeline import prompts_for_equality
-from transfer import registry
-from transfer.base import BackendUnavailable
+from tests.test_transfer_gpu import NO_CUDA, _installed
 from workers.engine.kv_cache import KVCache
 from workers.engine.loaders import load_model
 from workers.engine.runner import ModelRunner
 from workers.engine.sampler import sample
 from broker.protocol import SamplingParams
 
-NO_CUDA = "CUDA is absent: torch.cuda.is_available() is False (no GPU or no CUDA build of torch)"
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA),
               pytest.mark.timeout(300)]
 IDS = list(range(60, 100))
@@ -42,14 +40,6 @@ def test_auto_picks_the_gpu_in_bf16_or_fp16():
     model, _ = load_model("tiny", dtype="auto", quantization="auto", device="auto")
     assert model.precision.device == "cuda:0"
     assert model.precision.dtype in ("bfloat16", "float16")
-
-
-def _installed(backend):
-    try:
-        registry.resolve_backend(backend)
-        return True
-    except BackendUnavailable:
-        return False
 
 
 @pytest.mark.parametrize("backend", ["NIXL", "UCX"])

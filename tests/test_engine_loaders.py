@@ -120,14 +120,22 @@ def permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
              .swapaxes(1, 2).reshape(w.shape))
 
 
-def test_gguf_round_trip_undoes_the_rope_permutation(tmp_path):
+GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
+GGUF_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+
+
+def write_gguf(path, model, fields=None, tensors=None):
+    """A llama GGUF of ``model`` as llama.cpp's converter lays it out, plus extra metadata
+    ``fields`` (key -> int, float or str) and extra ``tensors`` (name -> float32 array)."""
     import gguf
 
-    cfg = tiny_config()
-    model = random_model(cfg, seed=9)
-    path = tmp_path / "tiny.gguf"
+    cfg = model.cfg
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-gguf")
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_position)
     w.add_embedding_length(cfg.hidden_size)
@@ -138,34 +146,39 @@ def test_gguf_round_trip_undoes_the_rope_permutation(tmp_path):
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
     w.add_token_list(BYTE_TOKENS)
     w.add_token_types([1] * 256 + [3, 3])
     w.add_token_merges([])
     w.add_bos_token_id(256)
     w.add_eos_token_id(257)
-    names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                   "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                   "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for key, value in (fields or {}).items():
+        add = {int: w.add_uint32, float: w.add_float32, str: w.add_string}[type(value)]
+        add(key, value)
     for name, p in model.state_dict().items():
         arr = p.numpy().copy()
-        if name in names:
-            w.add_tensor(names[name], arr)
+        if name in GGUF_NAMES:
+            w.add_tensor(GGUF_NAMES[name], arr)
             continue
         _, i, rest = name.split(".", 2)
         module = rest.rsplit(".", 1)[0]
-        if module == "self_attn.q_proj":
-            arr = permute_for_gguf(arr, cfg.num_heads)
-        elif module == "self_attn.k_proj":
-            arr = permute_for_gguf(arr, cfg.num_kv_heads)
-        w.add_tensor(f"blk.{i}.{layer_names[module]}.weight", arr)
+        if module in ("self_attn.q_proj", "self_attn.k_proj"):
+            heads = cfg.num_heads if module == "self_attn.q_proj" else cfg.num_kv_heads
+            arr = permute_for_gguf(arr, heads)
+        w.add_tensor(f"blk.{i}.{GGUF_LAYER_NAMES[module]}.weight", arr)
+    for name, arr in (tensors or {}).items():
+        w.add_tensor(name, np.asarray(arr, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_gguf_round_trip_undoes_the_rope_permutation(tmp_path):
+    cfg = tiny_config()
+    model = random_model(cfg, seed=9)
+    path = write_gguf(tmp_path / "tiny.gguf", model,
+                      {"general.name": "tiny-gguf", "tokenizer.ggml.pre": "smollm"})
 
     loaded, tok = load_model(str(path))
     assert loaded.cfg.name == "tiny-gguf" and not loaded.cfg.tie_embeddings

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.test_engine_loaders import BYTE_TOKENS, forward, permute_for_gguf, write_tokenizer_json
+from tests.test_engine_loaders import forward, write_gguf, write_tokenizer_json
 from workers.engine import rope
 from workers.engine.loaders import load_model
 from workers.engine.tiny import random_model, tiny_config
@@ -86,60 +86,6 @@ def write_hf_dir(path, model, **config):
              for n, p in model.state_dict().items()}
     save_file(state, str(path / "model.safetensors"))
     write_tokenizer_json(path)
-    return path
-
-
-GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                    "mlp.down_proj": "ffn_down"}
-GGUF_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-              "lm_head.weight": "output.weight"}
-
-
-def write_gguf(path, model, fields=None, tensors=None):
-    """A llama GGUF of ``model`` as llama.cpp's converter lays it out, plus extra metadata
-    ``fields`` (key -> int, float or str) and extra ``tensors`` (name -> float32 array)."""
-    import gguf
-
-    cfg = model.cfg
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_layers)
-    w.add_context_length(cfg.max_position)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(BYTE_TOKENS)
-    w.add_token_types([1] * 256 + [3, 3])
-    w.add_token_merges([])
-    w.add_bos_token_id(256)
-    w.add_eos_token_id(257)
-    for key, value in (fields or {}).items():
-        add = {int: w.add_uint32, float: w.add_float32, str: w.add_string}[type(value)]
-        add(key, value)
-    for name, p in model.state_dict().items():
-        arr = p.numpy().copy()
-        if name in GGUF_NAMES:
-            w.add_tensor(GGUF_NAMES[name], arr)
-            continue
-        _, i, rest = name.split(".", 2)
-        module = rest.rsplit(".", 1)[0]
-        if module in ("self_attn.q_proj", "self_attn.k_proj"):
-            heads = cfg.num_heads if module == "self_attn.q_proj" else cfg.num_kv_heads
-            arr = permute_for_gguf(arr, heads)
-        w.add_tensor(f"blk.{i}.{GGUF_LAYER_NAMES[module]}.weight", arr)
-    for name, arr in (tensors or {}).items():
-        w.add_tensor(name, np.asarray(arr, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
     return path
 
 
