@@ -187,6 +187,7 @@ def test_gguf_round_trip_undoes_the_rope_permutation(tmp_path):
     assert tok.encode("<|eos|>") == [257]
     assert tok.eos_token_ids == (257,)
     # The tokenizer also rebuilds from the gguf package's own reader.
+    import gguf
     from workers.engine.tokenizer import tokenizer_from_gguf
     assert tokenizer_from_gguf(gguf.GGUFReader(str(path))).encode(" 42 ✓") == IDS[-7:]
 
