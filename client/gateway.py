@@ -32,6 +32,8 @@ from .aio import AsyncClient
 from .errors import BrokerUnavailable, ClientError, RequestFailed, RequestTimeout
 from .openai_models import (AssistantMessage, ChatCompletionRequest, Choice, Completion, CompletionRequest,
                             Delta, HttpError, ModelCard, ModelList, Usage, parse_request)
+from .triton import TritonApi
+from .triton_metrics import render as trtllm_metrics
 
 log = logging.getLogger("gateway")
 
@@ -99,6 +101,7 @@ class Gateway:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        TritonApi(self).add_routes(app)          # Triton's KServe v2 API: /v2/...
         return app
 
     async def start(self) -> None:
@@ -217,7 +220,8 @@ class Gateway:
     async def metrics(self, request: web.Request) -> web.Response:
         stats = await self._stats(metrics=True)
         # the exposition version in the content type tells a scraper which text format this is
-        return web.Response(body=stats.get("prometheus", "").encode(),
+        text = stats.get("prometheus", "")
+        return web.Response(body=(text + trtllm_metrics(stats, text, time.time())).encode(),
                             headers={"Content-Type": CONTENT_TYPE_LATEST, "X-Content-Type-Options": "nosniff"})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
