@@ -276,3 +276,55 @@ def test_kserve_binary_tensors_round_trip_and_bad_data_is_named():
     out = json.loads(body[:n])
     assert out["outputs"][0]["parameters"]["binary_data_size"] == 6 and out["outputs"][1]["data"] == [0.25]
     assert body[n:] == struct.pack("<I", 2) + b"ok"
+
+
+async def test_an_error_after_the_stream_started_is_one_error_event():
+    """A worker dying mid-answer (here a fake client's second chunk) ends the stream with
+    ``data: {"error": ...}``: the 200 is already sent, and there is no [DONE]."""
+    from aiohttp import web
+
+    from broker.protocol import Code
+    from client.errors import RequestFailed
+    from client.gateway import Gateway
+    from client.request import Chunk
+
+    class Stream:
+        def __init__(self):
+            self.sent = 0
+            self.completion = None
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            self.sent += 1
+            if self.sent == 1:
+                return Chunk("r", 0, [5], "Hel")
+            raise RequestFailed(Code.WORKER_DIED, "worker gen0 stopped answering", retryable=True)
+
+    class FakeClient:
+        def stream(self, **kw):
+            return Stream()
+
+    gw = Gateway("tcp://127.0.0.1:9")
+    gw.client = FakeClient()
+    runner = web.AppRunner(gw.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v2/models/ensemble/generate_stream"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            async with s.post(url, json={"text_input": "x", "max_tokens": 4, "stream": True}) as r:
+                status, text = r.status, await r.text()
+    finally:
+        await runner.cleanup()
+    events = [json.loads(e) for e in sse_events(text)]
+    assert status == 200 and events[0]["text_output"] == "Hel"
+    assert events[1:] == [{"error": "worker gen0 stopped answering"}]
