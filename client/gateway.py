@@ -32,7 +32,6 @@ from .aio import AsyncClient
 from .errors import BrokerUnavailable, ClientError, RequestFailed, RequestTimeout
 from .openai_models import (AssistantMessage, ChatCompletionRequest, Choice, Completion, CompletionRequest,
                             Delta, HttpError, ModelCard, ModelList, Usage, parse_request)
-from .triton import TritonApi
 from .triton_metrics import render as trtllm_metrics
 
 log = logging.getLogger("gateway")
@@ -68,6 +67,17 @@ def failure_to_http(e: ClientError, input_field: Optional[str] = None) -> HttpEr
     return HttpError(500, str(e), code="internal")
 
 
+async def first_chunk(stream, input_field: Optional[str] = None):
+    """A stream's first chunk (None if it ended at once), awaited before a streamed response
+    commits to its 200, so that an early error still gets its status (as an ``HttpError``)."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+    except ClientError as e:
+        raise failure_to_http(e, input_field) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # the server
 
@@ -101,7 +111,8 @@ class Gateway:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
-        TritonApi(self).add_routes(app)          # Triton's KServe v2 API: /v2/...
+        from .triton import TritonApi            # Triton's KServe v2 API, /v2/... (it imports this module)
+        TritonApi(self).add_routes(app)
         return app
 
     async def start(self) -> None:
@@ -250,12 +261,7 @@ class Gateway:
         except ClientError as e:
             raise failure_to_http(e, input_field) from None
         async with stream:
-            try:   # wait for the first token before committing to a 200: early errors get a status
-                first = await stream.__anext__()
-            except StopAsyncIteration:
-                first = None
-            except ClientError as e:
-                raise failure_to_http(e, input_field) from None
+            first = await first_chunk(stream, input_field)
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
             chunk_obj = obj + ".chunk" if chat else obj

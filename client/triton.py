@@ -24,6 +24,7 @@ from typing import Optional
 from aiohttp import web
 
 from .errors import ClientError
+from .gateway import failure_to_http, first_chunk
 from .kserve import HEADER, TensorError, encode_infer_response, parse_infer_request
 from .openai_models import HttpError
 from .triton_bls import (ALIASES, OUTPUTS, VERSION, BlsRequest, bls_request, json_values, model_config,
@@ -166,12 +167,7 @@ class TritonApi:
         stream = self.gw.client.stream(prompt=req.prompt, request_id=rid, timeout=self.gw.request_timeout,
                                        **req.sampling)
         async with stream:
-            try:   # wait for the first token before committing to a 200: early errors get a status
-                first = await stream.__anext__()
-            except StopAsyncIteration:
-                first = None
-            except ClientError as e:
-                raise _failure(e) from None
+            first = await first_chunk(stream, "text_input")
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
             try:
@@ -212,7 +208,6 @@ class TritonApi:
 
 
 def _failure(e: ClientError) -> HttpError:
-    from .gateway import failure_to_http     # the gateway's one mapping of broker errors to statuses
     return failure_to_http(e, "text_input")
 
 
