@@ -197,9 +197,11 @@ class TritonApi:
         tasks = [asyncio.ensure_future(self._run(r)) for r in reqs]
         try:
             answers = await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:          # one row failed (or the client left): stop the others
+        except BaseException:        # one row failed (or the client left): stop the others
+            for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         reply = {"model_name": name, "model_version": VERSION}
         if isinstance(head.get("id"), str):
             reply["id"] = head["id"]

@@ -328,3 +328,17 @@ async def test_an_error_after_the_stream_started_is_one_error_event():
     events = [json.loads(e) for e in sse_events(text)]
     assert status == 200 and events[0]["text_output"] == "Hel"
     assert events[1:] == [{"error": "worker gen0 stopped answering"}]
+
+
+async def test_a_failing_row_fails_the_infer_batch_and_stops_the_others(dep):
+    rows = [PROMPT, "long " * 3000]                   # the second is longer than the tiny model's context
+    status, _, text = await post(dep, "/v2/models/ensemble/infer", {"inputs": [
+        {"name": "text_input", "datatype": "BYTES", "shape": [2, 1], "data": rows},
+        {"name": "max_tokens", "datatype": "INT32", "shape": [2, 1], "data": [[200], [4]]},
+        {"name": "end_id", "datatype": "INT32", "shape": [2, 1], "data": [[10**6], [10**6]]}]})
+    assert status == 400 and "context" in json.loads(text)["error"], text
+    dep.wait_idle()
+    status, _, text = await post(dep, "/v2/models/ensemble/infer", {"inputs": [
+        {"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": [PROMPT]},
+        {"name": "max_tokens", "datatype": "INT32", "shape": [1, 2], "data": [[4, 5]]}]})
+    assert status == 400 and "max_tokens" in json.loads(text)["error"], text
