@@ -106,10 +106,10 @@ class TritonApi:
 
     @triton_errors
     async def ready(self, request: web.Request) -> web.Response:
-        return await self._ready()
+        return await self._ready(request)
 
-    async def _ready(self) -> web.Response:
-        health = await self.gw.health(None)        # the /health rule: enough workers up
+    async def _ready(self, request: web.Request) -> web.Response:
+        health = await self.gw.health(request)     # the /health rule: enough workers up
         if health.status == 200:
             return web.Response(status=200)
         reason = json.loads(health.text).get("reason", "not ready")
@@ -118,7 +118,7 @@ class TritonApi:
     @triton_errors
     async def model_ready(self, request: web.Request) -> web.Response:
         await self._model(request)
-        return await self._ready()
+        return await self._ready(request)
 
     @triton_errors
     async def metadata(self, request: web.Request) -> web.Response:

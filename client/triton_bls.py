@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .kserve import Tensor
@@ -78,7 +78,6 @@ class BlsRequest:
     sampling: dict
     stream: bool = False
     exclude_input: bool = False
-    extra: dict = field(default_factory=dict)
 
     def outputs(self, text: str, n_tokens: int, streamed: bool = False) -> dict:
         """The BLS outputs for ``text`` (the answer, or one streamed piece of it)."""
@@ -176,7 +175,8 @@ def bls_request(values: dict) -> BlsRequest:
     if _words("bad_words", values.get("bad_words", [])):
         raise HttpError(400, f"bad_words={json.dumps(values['bad_words'])[:60]} is not supported by this server "
                              '("" means none)', "bad_words", "unsupported_value")
-    max_tokens, top_k, top_p, temperature = one("max_tokens"), one("top_k", 0), one("top_p", 0.0), one("temperature", 1.0)
+    max_tokens, top_k, top_p = one("max_tokens"), one("top_k", 0), one("top_p", 0.0)
+    temperature = one("temperature", 1.0)
     if max_tokens < 1:
         raise _bad("max_tokens", max_tokens, "an integer >= 1")
     if top_k < 0:
