@@ -67,6 +67,16 @@ def _check_json_element(name: str, datatype: str, v: Any) -> Any:
     return v
 
 
+def parameters(obj: dict, where: str) -> dict:
+    """``obj``'s ``parameters`` object (empty if absent)."""
+    p = obj.get("parameters")
+    if p is None:
+        return {}
+    if not isinstance(p, dict):
+        raise TensorError(f"{where}: parameters={json.dumps(p)[:40]} must be a JSON object")
+    return p
+
+
 def _unpack(name: str, datatype: str, raw: bytes, n: int) -> list:
     if datatype == "BYTES":
         out, off = [], 0
@@ -116,7 +126,7 @@ def parse_infer_request(body: bytes, header_length: Optional[str]) -> tuple[dict
             raise TensorError(f"input {name!r}: unknown datatype={json.dumps(datatype)[:40]}; "
                               f"known: {', '.join(DATATYPES)}")
         n = _count(name, t.get("shape"))
-        size = (t.get("parameters") or {}).get("binary_data_size")
+        size = parameters(t, f"input {name!r}").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or off + size > len(binary):
                 raise TensorError(f"input {name!r}: binary_data_size={json.dumps(size)[:20]} does not fit the "

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from .errors import ClientError
 from .gateway import failure_to_http, first_chunk
-from .kserve import HEADER, TensorError, encode_infer_response, parse_infer_request
+from .kserve import HEADER, TensorError, encode_infer_response, parameters, parse_infer_request
 from .openai_models import HttpError
 from .triton_bls import (ALIASES, OUTPUTS, VERSION, BlsRequest, bls_request, json_values, model_config,
                          model_metadata, output_tensors, tensor_rows)
@@ -171,8 +171,8 @@ class TritonApi:
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
             try:
-                if first is not None:
-                    await resp.write(_event({**head, **req.outputs(first.text, len(first.token_ids), True)}))
+                await resp.write(_event({**head, **(req.outputs(first.text, len(first.token_ids), True) if first
+                                                     else req.outputs("", 0, True))}))   # at least one response
                 try:
                     async for ch in stream:
                         await resp.write(_event({**head, **req.outputs(ch.text, len(ch.token_ids), True)}))
@@ -215,7 +215,7 @@ def _failure(e: ClientError) -> HttpError:
 
 def _requested_outputs(head: dict) -> tuple[list, set]:
     """The outputs an ``infer`` request asks for (all by default), and those it wants binary."""
-    every_binary = (head.get("parameters") or {}).get("binary_data_output") is True
+    every_binary = parameters(head, "the request").get("binary_data_output") is True
     asked: Optional[list] = head.get("outputs")
     if asked is None:
         return list(OUTPUTS), set(OUTPUTS) if every_binary else set()
@@ -228,6 +228,6 @@ def _requested_outputs(head: dict) -> tuple[list, set]:
             raise HttpError(400, f"unknown output {json.dumps(n)[:40]}; outputs: {', '.join(OUTPUTS)}", "outputs",
                             "unknown_field")
         wanted.append(n)
-        if (o.get("parameters") or {}).get("binary_data", every_binary) is True:
+        if parameters(o, f"output {n!r}").get("binary_data", every_binary) is True:
             binary.add(n)
     return wanted, binary

@@ -121,6 +121,8 @@ def json_values(body: dict) -> dict:
 
 def tensor_rows(tensors: list[Tensor], max_batch: int) -> list[dict]:
     """The inputs of an ``infer`` request, one dict per batch row (the first dimension is the batch)."""
+    if not tensors:
+        raise HttpError(400, "missing required input 'text_input'", "text_input", "missing_field")
     rows: list[dict] = []
     batch = None
     for t in tensors:

@@ -342,3 +342,21 @@ async def test_a_failing_row_fails_the_infer_batch_and_stops_the_others(dep):
         {"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": [PROMPT]},
         {"name": "max_tokens", "datatype": "INT32", "shape": [1, 2], "data": [[4, 5]]}]})
     assert status == 400 and "max_tokens" in json.loads(text)["error"], text
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["x"], "parameters": [1]}]},
+     "parameters=[1] must be a JSON object"),
+    ({"inputs": [], "parameters": "binary"}, "parameters"),
+    ({"inputs": [{"name": "text_input", "datatype": "STRING", "shape": [1], "data": ["x"]}]}, "datatype"),
+    ({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["x"]},
+                 {"name": "max_tokens", "datatype": "INT32", "shape": [1], "data": [2]}],
+      "outputs": [{"name": "logits"}]}, "unknown output"),
+    ({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["x"]},
+                 {"name": "max_tokens", "datatype": "FP32", "shape": [1], "data": [2.5]}]}, "max_tokens"),
+    ({"inputs": "x"}, "inputs"),
+    ({"inputs": []}, "missing required input 'text_input'"),
+])
+async def test_malformed_infer_requests_are_400s_naming_the_problem(dep, body, needle):
+    status, _, text = await post(dep, "/v2/models/ensemble/infer", body)
+    assert status == 400 and needle in json.loads(text)["error"], text
