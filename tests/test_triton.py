@@ -347,7 +347,9 @@ async def test_a_failing_row_fails_the_infer_batch_and_stops_the_others(dep):
 @pytest.mark.parametrize("body,needle", [
     ({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["x"], "parameters": [1]}]},
      "parameters=[1] must be a JSON object"),
-    ({"inputs": [], "parameters": "binary"}, "parameters"),
+    ({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["x"]},
+                 {"name": "max_tokens", "datatype": "INT32", "shape": [1], "data": [2]}], "parameters": "binary"},
+     'parameters="binary" must be a JSON object'),
     ({"inputs": [{"name": "text_input", "datatype": "STRING", "shape": [1], "data": ["x"]}]}, "datatype"),
     ({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["x"]},
                  {"name": "max_tokens", "datatype": "INT32", "shape": [1], "data": [2]}],
