@@ -32,6 +32,7 @@ from .aio import AsyncClient
 from .errors import BrokerUnavailable, ClientError, RequestFailed, RequestTimeout
 from .openai_models import (AssistantMessage, ChatCompletionRequest, Choice, Completion, CompletionRequest,
                             Delta, HttpError, ModelCard, ModelList, Usage, parse_request)
+from .triton_metrics import render as trtllm_metrics
 
 log = logging.getLogger("gateway")
 
@@ -64,6 +65,17 @@ def failure_to_http(e: ClientError, input_field: Optional[str] = None) -> HttpEr
             return HttpError(504, e.message, code="timeout", type_="timeout_error")
         return HttpError(500, e.message, code=e.code.lower(), retry_after=1 if e.retryable else None)
     return HttpError(500, str(e), code="internal")
+
+
+async def first_chunk(stream, input_field: Optional[str] = None):
+    """A stream's first chunk (None if it ended at once), awaited before a streamed response
+    commits to its 200, so that an early error still gets its status (as an ``HttpError``)."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+    except ClientError as e:
+        raise failure_to_http(e, input_field) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +111,8 @@ class Gateway:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        from .triton import TritonApi            # Triton's KServe v2 API, /v2/... (it imports this module)
+        TritonApi(self).add_routes(app)
         return app
 
     async def start(self) -> None:
@@ -217,7 +231,8 @@ class Gateway:
     async def metrics(self, request: web.Request) -> web.Response:
         stats = await self._stats(metrics=True)
         # the exposition version in the content type tells a scraper which text format this is
-        return web.Response(body=stats.get("prometheus", "").encode(),
+        text = stats.get("prometheus", "")
+        return web.Response(body=(text + trtllm_metrics(stats, text, time.time())).encode(),
                             headers={"Content-Type": CONTENT_TYPE_LATEST, "X-Content-Type-Options": "nosniff"})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -246,12 +261,7 @@ class Gateway:
         except ClientError as e:
             raise failure_to_http(e, input_field) from None
         async with stream:
-            try:   # wait for the first token before committing to a 200: early errors get a status
-                first = await stream.__anext__()
-            except StopAsyncIteration:
-                first = None
-            except ClientError as e:
-                raise failure_to_http(e, input_field) from None
+            first = await first_chunk(stream, input_field)
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
             chunk_obj = obj + ".chunk" if chat else obj
