@@ -86,6 +86,7 @@ class Request:
     context: Optional[p.ContextDone] = None
     next_index: int = 0               # tokens already sent to the client
     prompt_tokens: int = 0
+    cached_tokens: int = 0            # of those, served from the worker's prefix cache
     t_dispatch: Optional[float] = None
     t_first: Optional[float] = None
     prefill_s: float = 0.0
@@ -113,7 +114,9 @@ class BrokerState:
         self._leases: list = []        # KV lease deadlines of requests waiting in KV_READY
         self._seq = itertools.count()  # tie-breaker: Requests themselves are not comparable
         self.next_heartbeat = 0.0
-        self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0}
+        self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0,
+                         # every prefill's prompt tokens, and those its worker's prefix cache held
+                         "prefill_prompt_tokens": 0, "prefill_cached_tokens": 0}
         self.metrics = Metrics(lambda: state_gauges(self))
         self._worker_handlers = {
             p.Heartbeat: self._on_heartbeat, p.Disconnect: self._on_disconnect,
@@ -244,6 +247,10 @@ class BrokerState:
         if req is not None:
             if msg.prompt_tokens:
                 req.prompt_tokens = msg.prompt_tokens
+                if req.mode == "agg":     # the prefill ran here (disaggregated: counted at ContextDone)
+                    self._count_prefill(msg.prompt_tokens, msg.cached_tokens)
+            if msg.cached_tokens:
+                req.cached_tokens = msg.cached_tokens
             if msg.prefill_s:
                 req.prefill_s = msg.prefill_s
             self._outcome("finished")
@@ -273,6 +280,8 @@ class BrokerState:
         req.lease_deadline = self.clock() + self.cfg.kv_lease_s
         req.context, req.worker = msg, None
         req.prompt_tokens, req.prefill_s = len(msg.prompt_token_ids), msg.prefill_s
+        req.cached_tokens = msg.cached_tokens
+        self._count_prefill(req.prompt_tokens, msg.cached_tokens)
         if msg.finish_reason is not None:     # the first token ends it: it rides in the Final
             self._outcome("finished")
             self._finish_with_tokens(req, out, msg.finish_reason, 0, [msg.first_token], msg.first_text)
@@ -560,7 +569,12 @@ class BrokerState:
             self.metrics.finished(self.clock(), req.received, req.t_first, req.next_index)
 
     def _usage(self, req: Request) -> dict:
-        return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.next_index}
+        return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.next_index,
+                "cached_tokens": req.cached_tokens}
+
+    def _count_prefill(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.counters["prefill_prompt_tokens"] += prompt_tokens
+        self.counters["prefill_cached_tokens"] += cached_tokens
 
     def _timings(self, req: Request) -> dict:
         now = self.clock()
