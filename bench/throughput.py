@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -70,6 +71,7 @@ class Result:
     itl: list = field(default_factory=list)   # gaps between consecutive output chunks
     output_tokens: int = 0
     input_tokens: int = 0
+    cached_tokens: int = 0               # prompt tokens the server's prefix cache supplied
 
     @property
     def tpot(self) -> Optional[float]:
@@ -91,6 +93,35 @@ def synthetic(n: int, input_len: int, output_len: int, seed: int, text: bool) ->
             specs.append(Spec(output_len, input_len, prompt=" ".join(rng.choice(_WORDS) for _ in range(input_len))))
         else:
             specs.append(Spec(output_len, input_len, token_ids=[rng.randrange(3, 256) for _ in range(input_len)]))
+    return specs
+
+
+def shared_prefix(n: int, prefix_len: int, input_len: int, output_len: int, seed: int) -> list[Spec]:
+    """A long common system prompt (``prefix_len`` tokens) before each request's own
+    ``input_len`` random tokens: what prefix caching serves from cache after the first."""
+    rng = random.Random(seed)
+    system = [rng.randrange(3, 256) for _ in range(prefix_len)]
+    return [Spec(output_len, prefix_len + input_len,
+                 token_ids=system + [rng.randrange(3, 256) for _ in range(input_len)]) for _ in range(n)]
+
+
+def multi_turn(n: int, turns: int, input_len: int, output_len: int, seed: int) -> list[Spec]:
+    """``n`` requests from chats of ``turns`` turns that resend their history: turn k's prompt is
+    turn k-1's prompt, a reply of ``output_len`` tokens and a new message of ``input_len``. The
+    chats are interleaved (every chat's turn 1, then every turn 2, ...), so under a concurrency
+    cap below the number of chats a turn arrives after the one before it has ended."""
+    rng = random.Random(seed)
+    chats = -(-n // turns)
+    history = [[] for _ in range(chats)]
+    specs = []
+    for _turn in range(turns):
+        for c in range(chats):
+            if len(specs) == n:
+                break
+            if history[c]:
+                history[c] += [rng.randrange(3, 256) for _ in range(output_len)]   # the reply
+            history[c] += [rng.randrange(3, 256) for _ in range(input_len)]
+            specs.append(Spec(output_len, len(history[c]), token_ids=list(history[c])))
     return specs
 
 
@@ -159,6 +190,7 @@ class ClientDriver:
             usage = stream.completion.usage if stream.completion else {}
             r.input_tokens = int(usage.get("prompt_tokens") or spec.input_len)
             r.output_tokens = int(usage.get("completion_tokens") or r.output_tokens)
+            r.cached_tokens = int(usage.get("cached_tokens") or 0)
             r.ok = True
         except Exception as e:   # a failed request is counted and reported, never fatal
             r.error = f"{type(e).__name__}: {e}"
@@ -226,6 +258,8 @@ class HttpDriver:
                 raise RuntimeError("the stream ended without a token")
             r.output_tokens = int((usage or {}).get("completion_tokens") or chunks)
             r.input_tokens = int((usage or {}).get("prompt_tokens") or spec.input_len)
+            details = (usage or {}).get("prompt_tokens_details") or {}
+            r.cached_tokens = int(details.get("cached_tokens") or 0)
             r.ok = True
         except Exception as e:
             r.error = f"{type(e).__name__}: {e}"
@@ -292,6 +326,9 @@ def metrics(results: list[Result], duration: float, slo_ttft: float, slo_tpot: f
         "total_token_throughput": (out_tokens + sum(r.input_tokens for r in ok)) / duration if duration else None,
         "mean_input_tokens": sum(r.input_tokens for r in ok) / len(ok) if ok else None,
         "mean_output_tokens": out_tokens / len(ok) if ok else None,
+        # the share of prompt tokens served from the workers' prefix caches
+        "cache_hit_rate": (sum(r.cached_tokens for r in ok) / sum(r.input_tokens for r in ok)
+                           if ok and sum(r.input_tokens for r in ok) else None),
         "ttft_ms": summarize((r.ttft for r in ok), 1000),
         "tpot_ms": summarize((r.tpot for r in ok if r.tpot is not None), 1000),
         "itl_ms": summarize((x for r in ok for x in r.itl), 1000),
@@ -370,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --launch: drive the Python client or the HTTP gateway")
     t.add_argument("--model", default="smollm2-135m", help="with --launch: smollm2-135m, tiny, or a path")
     t.add_argument("--http-model", default=None, help="the 'model' field of HTTP requests (default: none)")
+    t.add_argument("--compare-reuse", action="store_true",
+                   help="with --launch: run each deployment with prefix caching "
+                        "(kv_cache_config.enable_block_reuse) on and off, in one run")
     t.add_argument("--agg-instances", type=int, default=1, help="'both' workers in the aggregated deployment")
     t.add_argument("--worker-threads", type=int, default=1, help="torch threads per launched worker")
     t.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for launched workers")
@@ -379,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--output-len", type=int, default=32, help="output tokens per synthetic request")
     w.add_argument("--prompt-format", choices=["ids", "text"], default="ids",
                    help="synthetic prompts as token ids, or as text of about --input-len words")
+    w.add_argument("--workload", choices=["random", "shared-prefix", "multi-turn"], default="random",
+                   help="synthetic prompts: independent random ones; a common system prompt of "
+                        "--prefix-len tokens before --input-len own tokens; or chats of --turns turns "
+                        "that resend their history (--input-len new tokens per turn)")
+    w.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: system prompt tokens")
+    w.add_argument("--turns", type=int, default=4, help="multi-turn: turns per chat")
     w.add_argument("--dataset", help="ShareGPT-format JSON file instead of synthetic prompts")
     w.add_argument("--sharegpt-output-len", type=int, default=None,
                    help="fixed output length for --dataset (default: the reply's, estimated)")
@@ -406,9 +452,14 @@ def check_args(ap: argparse.ArgumentParser, a) -> None:
     given = [n for n in ("frontend", "url") if getattr(a, n)] + (["launch"] if a.launch else [])
     if len(given) != 1:
         ap.error(f"give exactly one target: --frontend, --url or --launch (got {', '.join(given) or 'none'})")
-    if a.compare and not a.launch:
-        ap.error("--compare needs --launch: it starts both deployments itself")
-    for name in ("num_prompts", "input_len", "output_len", "agg_instances", "worker_threads"):
+    if (a.compare or a.compare_reuse) and not a.launch:
+        ap.error("--compare and --compare-reuse need --launch: they start the deployments themselves")
+    if a.dataset and a.workload != "random":
+        ap.error(f"--workload {a.workload} is synthetic: it cannot be combined with --dataset")
+    if a.workload != "random" and a.prompt_format == "text":
+        ap.error(f"--workload {a.workload} builds token-id prompts: drop --prompt-format text")
+    for name in ("num_prompts", "input_len", "output_len", "agg_instances", "worker_threads", "prefix_len",
+                 "turns"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.concurrency is not None and a.concurrency < 1:
@@ -435,17 +486,23 @@ async def measure_target(a, driver, label: str, specs: list[Spec], say) -> list[
         runs.append({"target": label, "request_rate": rate, "concurrency": a.concurrency, "metrics": m,
                      "per_request": [{"ok": r.ok, "ttft_s": r.ttft, "tpot_s": r.tpot, "e2e_s": r.e2e,
                                       "output_tokens": r.output_tokens, "input_tokens": r.input_tokens,
+                                      "cached_tokens": r.cached_tokens,
                                       "itl_s": [round(x, 6) for x in r.itl], "error": r.error or None}
                                      for r in results]})
         say(f"{label} rate={rate:g}: {m['completed']}/{m['requests']} ok, "
             f"{m['output_token_throughput']:.1f} output tok/s, TTFT p50 {m['ttft_ms']['p50'] or 0:.0f} ms, "
-            f"TPOT p50 {m['tpot_ms']['p50'] or 0:.0f} ms, SLO attainment {m['slo_attainment']:.0%}")
+            f"TPOT p50 {m['tpot_ms']['p50'] or 0:.0f} ms, SLO attainment {m['slo_attainment']:.0%}, "
+            f"cache hits {100 * (m['cache_hit_rate'] or 0):.0f}% of prompt tokens")
     return runs
 
 
 async def bench(a, say) -> dict:
     if a.dataset:
         specs = sharegpt(a.dataset, a.num_prompts, a.seed, a.max_input_len, a.max_output_len, a.sharegpt_output_len)
+    elif a.workload == "shared-prefix":
+        specs = shared_prefix(a.num_prompts, a.prefix_len, a.input_len, a.output_len, a.seed)
+    elif a.workload == "multi-turn":
+        specs = multi_turn(a.num_prompts, a.turns, a.input_len, a.output_len, a.seed)
     else:
         specs = synthetic(a.num_prompts, a.input_len, a.output_len, a.seed, a.prompt_format == "text")
     runs: list[dict] = []
@@ -458,16 +515,21 @@ async def bench(a, say) -> dict:
             await driver.close()
     else:
         modes = ["agg", "disagg"] if a.compare else [a.mode]
-        opts = {"num_threads": a.worker_threads}
-        for mode in modes:
-            say(f"starting the {mode} deployment of {a.model} ...")
+        reuses = [True, False] if a.compare_reuse else [None]
+        for mode, reuse in itertools.product(modes, reuses):
+            opts: dict = {"num_threads": a.worker_threads}
+            label = mode
+            if reuse is not None:
+                opts["kv_cache_config"] = {"enable_block_reuse": reuse}
+                label = mode if reuse else f"{mode}-noreuse"
+            say(f"starting the {label} deployment of {a.model} ...")
             dep = await asyncio.to_thread(Deployment, mode, a.model, a.api == "http", a.agg_instances,
                                           opts, a.ready_timeout, say)
             try:
                 driver = ClientDriver(dep.frontend, a.request_timeout) if a.api == "client" else \
                     HttpDriver(dep.url, a.http_model, a.request_timeout)
                 try:
-                    runs += await measure_target(a, driver, mode, specs, say)
+                    runs += await measure_target(a, driver, label, specs, say)
                 finally:
                     await driver.close()
             finally:
@@ -481,7 +543,7 @@ def report(a, specs: list[Spec], runs: list[dict]) -> dict:
     out = {
         "benchmark": "throughput",
         "config": {k: v for k, v in vars(a).items()},
-        "workload": {"source": a.dataset or "synthetic", "requests": len(specs),
+        "workload": {"source": a.dataset or a.workload, "requests": len(specs),
                      "mean_input_tokens": sum(s.input_len for s in specs) / len(specs),
                      "mean_output_tokens": sum(s.output_len for s in specs) / len(specs),
                      "ignore_eos": True},
@@ -496,6 +558,9 @@ def report(a, specs: list[Spec], runs: list[dict]) -> dict:
             r["request_rate"] = "inf"
     if a.compare:
         out["compare"] = compare(runs, good)
+    if a.compare_reuse:   # prefix caching on / off, per deployment
+        out["compare_reuse"] = {t: compare(runs, good, t, f"{t}-noreuse") for t in targets
+                                if not t.endswith("-noreuse")}
     return out
 
 
@@ -505,23 +570,23 @@ _RATIO_KEYS = [("request_throughput", None), ("output_token_throughput", None), 
                ("e2e_ms", "mean"), ("e2e_ms", "p50"), ("e2e_ms", "p99")]
 
 
-def compare(runs: list[dict], good: dict) -> dict:
-    """Disaggregated / aggregated, rate by rate (above 1 is better for throughputs and attainment,
-    below 1 is better for latencies)."""
+def compare(runs: list[dict], good: dict, num: str = "disagg", den: str = "agg") -> dict:
+    """Target ``num`` / target ``den``, rate by rate (above 1 is better for throughputs and
+    attainment, below 1 is better for latencies)."""
     by = {(r["target"], str(r["request_rate"])): r["metrics"] for r in runs}
     out = {}
     for (t, rate), m in by.items():
-        if t != "disagg" or ("agg", rate) not in by:
+        if t != num or (den, rate) not in by:
             continue
-        base = by[("agg", rate)]
+        base = by[(den, rate)]
         ratios = {}
         for key, sub in _RATIO_KEYS:
             x = m[key][sub] if sub else m[key]
             y = base[key][sub] if sub else base[key]
             ratios[f"{key}.{sub}" if sub else key] = (x / y) if x is not None and y else None
         out[f"rate={rate}"] = ratios
-    if good.get("agg") and good.get("disagg"):
-        out["goodput_rps"] = good["disagg"] / good["agg"]
+    if good.get(den) and good.get(num):
+        out["goodput_rps"] = good[num] / good[den]
     return out
 
 
@@ -534,7 +599,8 @@ def render(rep: dict) -> str:
                      m["ttft_ms"]["mean"], m["ttft_ms"]["p50"], m["ttft_ms"]["p90"], m["ttft_ms"]["p99"],
                      m["tpot_ms"]["mean"], m["tpot_ms"]["p50"], m["tpot_ms"]["p99"],
                      m["itl_ms"]["p50"], m["itl_ms"]["p99"], m["e2e_ms"]["p50"], m["e2e_ms"]["p99"],
-                     f"{100 * m['slo_attainment']:.0f}%" if m["slo_attainment"] is not None else None])
+                     f"{100 * m['slo_attainment']:.0f}%" if m["slo_attainment"] is not None else None,
+                     f"{100 * m['cache_hit_rate']:.0f}%" if m.get("cache_hit_rate") is not None else None])
     w = rep["workload"]
     slo = rep["slo"]
     finite = any(r["request_rate"] != "inf" for r in rep["runs"])
@@ -544,24 +610,25 @@ def render(rep: dict) -> str:
              f"concurrency cap {rep['config']['concurrency'] or 'none'}; {rep['machine']['cpus']} CPUs",
              "",
              table(["target", "rate/s", "ok", "req/s", "out tok/s", "TTFT mean", "p50", "p90", "p99",
-                    "TPOT mean", "p50", "p99", "ITL p50", "p99", "E2E p50", "p99", "SLO ok"], rows),
+                    "TPOT mean", "p50", "p99", "ITL p50", "p99", "E2E p50", "p99", "SLO ok", "cached"], rows),
              "(latencies in ms)", "",
              f"goodput (highest swept rate with >= {slo['attainment']:.0%} of requests within TTFT "
              f"{slo['ttft_ms']:g} ms and TPOT {slo['tpot_ms']:g} ms): "
              + ", ".join(f"{t} {g:g} req/s" if g else f"{t} none of the swept rates" if finite
                          else f"{t} n/a (sweep finite --request-rate values)"
                          for t, g in rep["goodput_rps"].items())]
-    if rep.get("compare"):
-        lines.append("")
-        keys = ["request_throughput", "output_token_throughput", "ttft_ms.p50", "ttft_ms.p99",
-                "tpot_ms.p50", "itl_ms.p50", "e2e_ms.p50", "slo_attainment"]
-        crow = [[rate] + [ratios.get(k) for k in keys] for rate, ratios in rep["compare"].items()
+    ratio_tables = [("disaggregated / aggregated", rep["compare"])] if rep.get("compare") else []
+    ratio_tables += [(f"{t}: prefix caching on / off", c) for t, c in rep.get("compare_reuse", {}).items()]
+    keys = ["request_throughput", "output_token_throughput", "ttft_ms.p50", "ttft_ms.p99",
+            "tpot_ms.p50", "itl_ms.p50", "e2e_ms.p50", "slo_attainment"]
+    for title, ratios_by_rate in ratio_tables:
+        crow = [[rate] + [ratios.get(k) for k in keys] for rate, ratios in ratios_by_rate.items()
                 if isinstance(ratios, dict)]
-        lines.append("disaggregated / aggregated (throughput and SLO: higher is better; latency: lower is better)")
-        lines.append(table(["", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p50",
-                            "E2E p50", "SLO ok"], crow))
-        if "goodput_rps" in rep["compare"]:
-            lines.append(f"goodput ratio: {rep['compare']['goodput_rps']:.2f}")
+        lines += ["", f"{title} (throughput and SLO: higher is better; latency: lower is better)",
+                  table(["", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p50",
+                         "E2E p50", "SLO ok"], crow)]
+        if "goodput_rps" in ratios_by_rate:
+            lines.append(f"goodput ratio: {ratios_by_rate['goodput_rps']:.2f}")
     return "\n".join(lines)
 
 

@@ -19,7 +19,8 @@ from typing import Any, Literal, Optional
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, create_model,
+                      field_validator)
 from pydantic_core import ArgsKwargs
 
 log = logging.getLogger("broker.config")
@@ -168,8 +169,8 @@ WORKER_NOT_SUPPORTED = _reasons({
 KV_NOT_SUPPORTED = _reasons({
     "the KV pool is sized by kv_cache_config.max_tokens and free_gpu_memory_fraction only":
         "max_gpu_total_bytes cross_kv_cache_fraction",
-    "this engine has no prefix (block) reuse: every request prefills its whole prompt":
-        "enable_block_reuse enable_partial_reuse copy_on_partial_reuse",
+    "prefix reuse shares whole blocks only (enable_block_reuse); a partly matching block is "
+    "recomputed": "enable_partial_reuse copy_on_partial_reuse",
     "there is no host offload of KV blocks": "host_cache_size onboard_blocks secondary_offload_min_priority use_uvm",
     "attention always spans the whole sequence (no sliding window or sink tokens)":
         "max_attention_window sink_token_length",
@@ -222,6 +223,7 @@ class _KvKeys(Schema):
     dtype: Optional[str] = None
     # on a GPU: the pool takes this fraction of the memory free after the model loaded
     free_gpu_memory_fraction: Optional[typing.Annotated[float, Field(gt=0, le=1)]] = None
+    enable_block_reuse: Optional[StrictBool] = None    # prefix caching; on by default
 
     @field_validator("dtype")
     @classmethod

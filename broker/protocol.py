@@ -282,6 +282,7 @@ class ContextDone(Message):
     kv_handle: dict = field(default_factory=dict)
     finish_reason: Optional[str] = None   # set when the first token already ends the request
     prefill_s: float = 0.0
+    cached_tokens: int = 0                # prompt tokens whose KV came from the prefix cache
 
     def __post_init__(self) -> None:
         token_fields(self, "prompt_token_ids")
@@ -306,6 +307,7 @@ class Finished(Message):
     index: int = 0
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    cached_tokens: int = 0
 
 
 @message(25)

@@ -18,80 +18,15 @@ import logging
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from broker import protocol as p
 from broker.config import BrokerConfig
 from broker.metrics import Metrics, state_gauges
+from broker.records import (BACK, DECODING, FRONT, GENERATING, KV_READY, PREFILLING,  # noqa: F401
+                            QUEUED, STREAMING, Out, Request, Worker)
 
 log = logging.getLogger("broker.state")
-
-FRONT, BACK = "front", "back"     # which socket an outgoing message goes to
-
-# request states (docs/architecture.md §2)
-QUEUED, PREFILLING, KV_READY, DECODING, STREAMING = "QUEUED", "PREFILLING", "KV_READY", "DECODING", "STREAMING"
-GENERATING = "GENERATING"          # the whole request on a `both` worker
-
-
-@dataclass
-class Out:
-    socket: str          # FRONT or BACK
-    identity: bytes
-    msg: p.Message
-
-
-@dataclass
-class Worker:
-    identity: bytes
-    worker_id: str
-    role: str
-    model: str
-    slots: int
-    kv_blocks: int
-    transfer: dict
-    pid: int
-    heartbeat_s: float
-    last_seen: float
-    free_blocks: int = 0
-    leases_reported: int = 0
-    max_decode_batch: int = 0
-    inflight: set = field(default_factory=set)    # request ids whose current phase runs here
-    leases: set = field(default_factory=set)      # request ids whose KV this worker holds
-
-    @property
-    def credits(self) -> int:
-        return self.slots - len(self.inflight)
-
-    def does(self, phase: str) -> bool:
-        return self.role == phase or self.role == "both"
-
-
-@dataclass
-class Request:
-    request_id: str
-    client: bytes
-    submit: p.Submit
-    sampling: dict
-    received: float
-    deadline: float
-    state: str = QUEUED
-    attempt: int = 0                  # bumped on every dispatch; stale worker messages are dropped
-    prefill_attempts: int = 0
-    mode: str = ""                    # "disagg" or "agg", fixed at first dispatch
-    worker: Optional[bytes] = None    # the worker running the current phase
-    ctx_worker: Optional[bytes] = None  # the context worker holding the KV lease
-    lease_attempt: int = 0
-    lease_deadline: Optional[float] = None
-    context: Optional[p.ContextDone] = None
-    next_index: int = 0               # tokens already sent to the client
-    prompt_tokens: int = 0
-    t_dispatch: Optional[float] = None
-    t_first: Optional[float] = None
-    prefill_s: float = 0.0
-    kv_transfer_s: float = 0.0
-    decode_tries: int = 0
-    note: str = ""                    # why the request was re-run, for its final error
 
 
 class BrokerState:
@@ -113,7 +48,9 @@ class BrokerState:
         self._leases: list = []        # KV lease deadlines of requests waiting in KV_READY
         self._seq = itertools.count()  # tie-breaker: Requests themselves are not comparable
         self.next_heartbeat = 0.0
-        self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0}
+        self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0,
+                         # every prefill's prompt tokens, and those its worker's prefix cache held
+                         "prefill_prompt_tokens": 0, "prefill_cached_tokens": 0}
         self.metrics = Metrics(lambda: state_gauges(self))
         self._worker_handlers = {
             p.Heartbeat: self._on_heartbeat, p.Disconnect: self._on_disconnect,
@@ -244,6 +181,10 @@ class BrokerState:
         if req is not None:
             if msg.prompt_tokens:
                 req.prompt_tokens = msg.prompt_tokens
+                if req.mode == "agg":     # the prefill ran here (disaggregated: counted at ContextDone)
+                    self._count_prefill(msg.prompt_tokens, msg.cached_tokens)
+            if msg.cached_tokens:
+                req.cached_tokens = msg.cached_tokens
             if msg.prefill_s:
                 req.prefill_s = msg.prefill_s
             self._outcome("finished")
@@ -273,6 +214,8 @@ class BrokerState:
         req.lease_deadline = self.clock() + self.cfg.kv_lease_s
         req.context, req.worker = msg, None
         req.prompt_tokens, req.prefill_s = len(msg.prompt_token_ids), msg.prefill_s
+        req.cached_tokens = msg.cached_tokens
+        self._count_prefill(req.prompt_tokens, msg.cached_tokens)
         if msg.finish_reason is not None:     # the first token ends it: it rides in the Final
             self._outcome("finished")
             self._finish_with_tokens(req, out, msg.finish_reason, 0, [msg.first_token], msg.first_text)
@@ -560,7 +503,12 @@ class BrokerState:
             self.metrics.finished(self.clock(), req.received, req.t_first, req.next_index)
 
     def _usage(self, req: Request) -> dict:
-        return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.next_index}
+        return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.next_index,
+                "cached_tokens": req.cached_tokens}
+
+    def _count_prefill(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.counters["prefill_prompt_tokens"] += prompt_tokens
+        self.counters["prefill_cached_tokens"] += cached_tokens
 
     def _timings(self, req: Request) -> dict:
         now = self.clock()

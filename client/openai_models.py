@@ -319,15 +319,21 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
     @classmethod
     def of(cls, u: dict) -> "Usage":
         p, c = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
-        return cls(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+        details = PromptTokensDetails(cached_tokens=int(u.get("cached_tokens") or 0))
+        return cls(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, prompt_tokens_details=details)
 
 
 class AssistantMessage(BaseModel):

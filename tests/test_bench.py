@@ -209,3 +209,30 @@ def test_engine_attention_bench_smoke():
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("decode", "prefill"))]
     assert [r[:2] for r in rows] == [["decode", "b=1"], ["decode", "b=4"], ["prefill", "32"]]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)     # step ms: baseline, this tree
+
+
+def test_multi_turn_chats_resend_their_history_interleaved():
+    from bench.throughput import multi_turn, shared_prefix
+    specs = multi_turn(7, 3, input_len=5, output_len=4, seed=1)
+    assert len(specs) == 7
+    chats = 3                                   # ceil(7 / 3): turn 1 of chats 0-2, then turn 2, ...
+    for i in range(chats, len(specs)):
+        prev, cur = specs[i - chats].token_ids, specs[i].token_ids
+        assert cur[:len(prev)] == prev and len(cur) == len(prev) + 4 + 5
+    shared = shared_prefix(3, 20, 6, 2, seed=1)
+    assert all(s.token_ids[:20] == shared[0].token_ids[:20] and len(s.token_ids) == 26 for s in shared)
+    assert len({tuple(s.token_ids[20:]) for s in shared}) == 3
+
+
+def test_throughput_shared_prefix_compares_prefix_caching_on_and_off(tmp_path):
+    out = tmp_path / "t.json"
+    proc = _run(["-m", "bench.throughput", "--launch", "--mode", "agg", "--compare-reuse", "--model", "tiny",
+                 "--workload", "shared-prefix", "--prefix-len", "64", "--input-len", "8", "--output-len", "4",
+                 "--num-prompts", "4", "--concurrency", "1", "--request-rate", "inf", "--warmup", "1",
+                 "--no-plot", "--out", str(out)], timeout=240)
+    rep = json.loads(out.read_text())
+    hits = {r["target"]: r["metrics"]["cache_hit_rate"] for r in rep["runs"]}
+    # with caching, every request after the warm-up finds the 64-token prefix (4 blocks of 16)
+    assert hits["agg-noreuse"] == 0 and hits["agg"] == pytest.approx(64 / 72)
+    assert [q["cached_tokens"] for q in rep["runs"][0]["per_request"]] == [64] * 4
+    assert "agg: prefix caching on / off" in proc.stdout and "ttft_ms.p50" in rep["compare_reuse"]["agg"]["rate=inf"]

@@ -86,7 +86,7 @@ def test_disaggregated_happy_path(st):
     out = st.on_worker(b"gen", p.Finished("r1", dec.attempt, "length"))
     [fin] = of(out, p.Final, FRONT)
     assert fin.finish_reason == "length"
-    assert fin.usage == {"prompt_tokens": 3, "completion_tokens": 3}
+    assert fin.usage == {"prompt_tokens": 3, "completion_tokens": 3, "cached_tokens": 0}
     assert fin.timings["kv_transfer"] == 0.002 and fin.timings["ttft"] is not None
     assert not of(out, p.CancelWork)
     assert_empty(st)
@@ -97,8 +97,9 @@ def test_aggregated_when_only_both_workers(st):
     out = submit(st)
     [gen] = of(out, p.Generate, BACK, b"w")
     st.on_worker(b"w", p.Tokens("r1", 0, [1, 2], "ab", gen.attempt))
-    out = st.on_worker(b"w", p.Finished("r1", gen.attempt, "stop", prompt_tokens=5))
-    assert of(out, p.Final)[0].usage == {"prompt_tokens": 5, "completion_tokens": 2}
+    out = st.on_worker(b"w", p.Finished("r1", gen.attempt, "stop", prompt_tokens=5, cached_tokens=4))
+    assert of(out, p.Final)[0].usage == {"prompt_tokens": 5, "completion_tokens": 2, "cached_tokens": 4}
+    assert (st.counters["prefill_prompt_tokens"], st.counters["prefill_cached_tokens"]) == (5, 4)
     assert_empty(st)
 
 

@@ -263,7 +263,8 @@ def test_broker_start_with_the_config_and_a_trtllm_worker_yaml(tmp_path):
                                                       "ignore_eos": True}).encode())
         with urllib.request.urlopen(req, timeout=60) as r:
             assert json.loads(r.read())["usage"] == {"prompt_tokens": 70, "completion_tokens": 3,
-                                                     "total_tokens": 73}
+                                                     "total_tokens": 73,
+                                                     "prompt_tokens_details": {"cached_tokens": 0}}
         d.wait_idle()
 
 
@@ -382,13 +383,14 @@ def test_every_accepted_but_ignored_worker_key_is_logged_once_with_its_reason(tm
     caplog.set_level("INFO")
     path = write(tmp_path, "w.yaml", """\
         tensor_parallel_size: 1
-        kv_cache_config: {max_tokens: 4096, max_gpu_total_bytes: 9, enable_block_reuse: true}
+        kv_cache_config: {max_tokens: 4096, max_gpu_total_bytes: 9, enable_block_reuse: false,
+                          enable_partial_reuse: true}
         """)
     opts = load_options(path)
-    assert opts.kv_max_tokens == 4096
+    assert opts.kv_max_tokens == 4096 and opts.block_reuse is False
     lines = _notices(caplog)
     for key, reason in [("kv_cache_config.max_gpu_total_bytes", "sized by kv_cache_config.max_tokens"),
-                        ("kv_cache_config.enable_block_reuse", "no prefix (block) reuse"),
+                        ("kv_cache_config.enable_partial_reuse", "shares whole blocks only"),
                         ("tensor_parallel_size", "no tensor, pipeline")]:
         hits = [m for m in lines if f"{path}: {key} is not supported" in m]
         assert len(hits) == 1 and reason in hits[0], (key, lines)

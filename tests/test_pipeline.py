@@ -75,9 +75,13 @@ def test_seeded_sampling_is_equal_too(disagg, agg):
 
 def test_completion_carries_usage_and_timings(disagg):
     with Client(disagg.frontend, timeout=60) as c:
-        r = c.generate(token_ids=[5] * 40, max_tokens=6, ignore_eos=True)
+        r = c.generate(token_ids=[5, 77] * 20, max_tokens=6, ignore_eos=True)
+        again = c.generate(token_ids=[5, 77] * 20, max_tokens=6, ignore_eos=True)
     assert r.finish_reason == "length" and len(r.token_ids) == 6
-    assert r.usage == {"prompt_tokens": 40, "completion_tokens": 6}
+    assert r.usage == {"prompt_tokens": 40, "completion_tokens": 6, "cached_tokens": 0}
+    # the repeat finds the prompt's two full blocks (16 tokens each) in the context worker's cache
+    assert again.usage == {"prompt_tokens": 40, "completion_tokens": 6, "cached_tokens": 32}
+    assert again.token_ids == r.token_ids
     for k in ("queue", "prefill", "kv_transfer", "ttft", "total"):
         assert r.timings[k] is not None and r.timings[k] >= 0, k
     assert r.timings["kv_transfer"] > 0 and r.timings["total"] >= r.timings["ttft"]

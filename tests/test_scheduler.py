@@ -26,9 +26,10 @@ class Clock:
 class Rig:
     """A scheduler with what the worker would give it, recording the transfer calls it makes."""
 
-    def __init__(self, role="both", blocks=8, max_num_tokens=512, max_batch_size=64, max_seq_len=1000):
+    def __init__(self, role="both", blocks=8, max_num_tokens=512, max_batch_size=64, max_seq_len=1000,
+                 alloc=None):
         self.clock = Clock()
-        self.alloc = BlockAllocator(blocks)
+        self.alloc = alloc or BlockAllocator(blocks)
         self.calls = []
         self.sched = Scheduler(role, "w1", self.alloc, BLOCK, TOK, TOK.vocab_size, max_seq_len,
                                max_batch_size, max_num_tokens, heartbeat_ms=1000,

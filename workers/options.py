@@ -34,6 +34,7 @@ class WorkerOptions:
     device: str = "auto"               # cuda:0 where CUDA is present, else cpu
     kv_gpu_fraction: Optional[float] = None   # kv_cache_config.free_gpu_memory_fraction (GPU only)
     kv_dtype: str = "auto"             # kv_cache_config.dtype; auto: the model's compute dtype
+    block_reuse: bool = True           # kv_cache_config.enable_block_reuse: prefix caching
     cache_transceiver: CacheTransceiverConfig = field(default_factory=CacheTransceiverConfig)
     num_threads: int = 1               # torch threads; one per worker is fastest on small machines
     heartbeat_ms: int = 1000
@@ -101,6 +102,8 @@ def parse_options(raw: Optional[dict], source: str = "<dict>") -> WorkerOptions:
         kw["kv_gpu_fraction"] = kv.free_gpu_memory_fraction
     if kv is not None and kv.dtype is not None:
         kw["kv_dtype"] = kv.dtype
+    if kv is not None and kv.enable_block_reuse is not None:
+        kw["block_reuse"] = kv.enable_block_reuse
     result = WorkerOptions(**kw, tokens_per_block=block, cache_transceiver=ctc, source=source)
     if result.kv_max_tokens is not None and result.kv_max_tokens < block:
         where, prefix = at("kv_cache_config")

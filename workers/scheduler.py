@@ -116,6 +116,8 @@ class Scheduler:
         self.heartbeat_s, self.broker_timeout_s = heartbeat_ms / 1000, broker_timeout_ms / 1000
         self.clock = clock
         self.register, self.release, self.cancel_pull = register, release, cancel_pull
+        # a CachingAllocator (prefix_cache.py) when kv_cache_config.enable_block_reuse is on
+        self.reuse = hasattr(allocator, "lookup")
         self.outbox: list[p.Message] = []            # messages for the broker, in order
         self.seqs: dict[str, Sequence] = {}          # by request id: every request this worker runs
         self.waiting: deque[Sequence] = deque()      # admitted, waiting for KV blocks
@@ -272,10 +274,19 @@ class Scheduler:
         while self.waiting:
             seq = self.waiting[0]
             need = self.blocks_for(seq.reserve_tokens)
-            if need > self.allocator.num_free:
+            hit: list = []
+            free = self.allocator.num_free
+            if self.reuse and seq.kind != DECODE:
+                # at least the last prompt token is computed: its logits give the first token
+                hit = self.allocator.lookup(seq.prompt_ids, len(seq.prompt_ids) - 1)
+                free -= self.allocator.idle_among(hit)
+            if need - len(hit) > free:
                 return                       # FIFO: wait until blocks are freed
             self.waiting.popleft()
-            seq.blocks = self.allocator.allocate(need)
+            if hit:
+                self.allocator.acquire(hit)
+            seq.blocks = hit + self.allocator.allocate(need - len(hit))
+            seq.num_cached = seq.cached_tokens = len(hit) * self.block_size
             if seq.kind == DECODE:
                 self.pulling[seq.key] = seq
                 yield PullStart(seq, seq.blocks[:self.blocks_for(len(seq.prompt_ids))])
@@ -327,6 +338,8 @@ class Scheduler:
         if chunk.last:
             self.prefilling.popleft()
             seq.prefill_s = self.clock() - seq.t_prefill_start
+            if self.reuse:
+                self.allocator.store(seq.blocks, seq.prompt_ids)
 
     def first_token(self, seq: Sequence, token: int) -> None:
         text = seq.accept(token, self.tok, self.eos_ids)
@@ -348,7 +361,7 @@ class Scheduler:
             self.leases[seq.key] = Lease(seq.blocks, self.clock() + ttl)
         seq.blocks = []          # the lease (or the allocator) has them now
         self.outbox.append(p.ContextDone(seq.request_id, seq.attempt, token, text, seq.prompt_ids,
-                                         handle, seq.finish_reason, seq.prefill_s))
+                                         handle, seq.finish_reason, seq.prefill_s, seq.cached_tokens))
 
     def next_decode(self) -> Optional[DecodeBatch]:
         """Every running request, oldest first, up to ``max_batch_size``, in one step."""
@@ -370,7 +383,8 @@ class Scheduler:
     def _finish(self, seq: Sequence, index: int, token_ids: list, text: str) -> None:
         """The request is done here; its last tokens ride in the Finished message."""
         self.outbox.append(p.Finished(seq.request_id, seq.attempt, seq.finish_reason,
-                                      len(seq.prompt_ids), seq.prefill_s, index, token_ids, text))
+                                      len(seq.prompt_ids), seq.prefill_s, index, token_ids, text,
+                                      seq.cached_tokens))
         self._drop(seq)
 
     # -----------------------------------------------------------------------------------------

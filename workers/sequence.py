@@ -25,6 +25,7 @@ class Sequence:
     output_ids: list = field(default_factory=list)
     blocks: list = field(default_factory=list)
     num_cached: int = 0               # prompt tokens whose KV is in the blocks
+    cached_tokens: int = 0            # of those, the ones the prefix cache supplied
     emitted_chars: int = 0
     text: str = ""                    # text emitted so far (after stop-string cuts)
     finish_reason: Optional[str] = None

@@ -65,7 +65,7 @@ class Worker:
             log.warning("kv_cache_config.free_gpu_memory_fraction=%s does not apply on the CPU: the KV "
                         "pool holds kv_cache_config.max_tokens tokens", options.kv_gpu_fraction)
         self.kv = KVCache(cfg, num_blocks, options.tokens_per_block, kv_dtype,
-                          device=self.precision.device)
+                          device=self.precision.device, block_reuse=options.block_reuse)
         self.runner = ModelRunner(self.model, self.kv)
         layout = KvLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                           str(self.kv.pool.dtype).replace("torch.", ""), options.tokens_per_block)

@@ -77,7 +77,11 @@ class BlockAllocator:
         for b in block_ids:
             self._refcount[b] -= 1
             if self._refcount[b] == 0:
-                heapq.heappush(self._free, b)
+                self._released(b)
+
+    def _released(self, b: int) -> None:
+        """Block ``b`` has no holder left (the prefix cache keeps hashed ones for reuse)."""
+        heapq.heappush(self._free, b)
 
     def refcount(self, block_id: int) -> int:
         self._check(block_id)

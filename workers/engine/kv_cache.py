@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from .block_allocator import BlockAllocator, OutOfBlocks  # re-exported: the allocator's old home
+from .prefix_cache import CachingAllocator
 from .config import ModelConfig
 
 __all__ = ["BlockAllocator", "KVCache", "OutOfBlocks", "pool_blocks"]
@@ -43,14 +44,17 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 block_reuse: bool = False) -> None:
         if block_size < 1:
             raise ValueError(f"block_size={block_size}: expected at least 1")
         self.cfg = cfg
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
-        self.allocator = BlockAllocator(num_blocks)
+        # block_reuse: prompts with a cached prefix skip its prefill (prefix_cache.py)
+        self.allocator = (CachingAllocator(num_blocks, block_size) if block_reuse
+                          else BlockAllocator(num_blocks))
         self.pool = torch.zeros(num_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads,
                                 cfg.head_dim, dtype=dtype, device=device)
         self.block_nbytes = self.pool[0].numel() * self.pool.element_size()
