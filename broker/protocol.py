@@ -82,6 +82,10 @@ class SamplingParams:
     min_p: float = 0.0                # 0 means off; else keep tokens >= min_p * the most likely's
     seed: Optional[int] = None
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0     # OpenAI's: minus this for every token already in the output
+    frequency_penalty: float = 0.0    # OpenAI's: minus this times the token's count in the output
+    min_tokens: int = 0               # no EOS, stop token or stop string before this many tokens
+    logit_bias: tuple = ()            # (token id, bias in [-100, 100]) pairs added to the logits
     stop: tuple = ()                  # stop strings
     stop_token_ids: tuple = ()
     ignore_eos: bool = False
@@ -104,6 +108,13 @@ class SamplingParams:
             raise bad("seed", self.seed, "an integer in [0, 2**63) or null")
         if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad("repetition_penalty", self.repetition_penalty, "a number > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not is_num(v) or not -2 <= v <= 2:
+                raise bad(name, v, "a number in [-2, 2]")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= MAX_MIN_TOKENS:
+            raise bad("min_tokens", self.min_tokens, f"an integer in [0, {MAX_MIN_TOKENS}]")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)
@@ -116,6 +127,11 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(ids))
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", self.ignore_eos, "true or false")
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether sampling reads the prompt and output so far (the penalties)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "SamplingParams":
@@ -133,7 +149,32 @@ class SamplingParams:
         d = dataclasses.asdict(self)
         d["stop"] = list(self.stop)
         d["stop_token_ids"] = list(self.stop_token_ids)
+        d["logit_bias"] = [list(pair) for pair in self.logit_bias]
         return d
+
+
+MAX_MIN_TOKENS = 1 << 20
+MAX_LOGIT_BIAS = 1024       # entries; OpenAI takes 300
+
+
+def _logit_bias(v: Any) -> tuple:
+    """``{token id: bias}`` (JSON's string keys too) or ``[[id, bias], ...]`` as sorted pairs."""
+    pairs = list(v.items()) if isinstance(v, dict) else v
+    if not isinstance(pairs, (list, tuple)) or len(pairs) > MAX_LOGIT_BIAS:
+        raise _bad_param("logit_bias", v, f"a map of at most {MAX_LOGIT_BIAS} token ids to biases")
+    out = {}
+    for pair in pairs:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise _bad_param("logit_bias", v, "token id -> bias pairs")
+        tid, bias = pair
+        if isinstance(tid, str) and tid.isdigit() and len(tid) < 12:
+            tid = int(tid)
+        if not _is_int(tid) or not 0 <= tid < 2**32:
+            raise _bad_param("logit_bias", tid, "token ids (integers >= 0) as keys")
+        if not _is_num(bias) or not -100 <= bias <= 100:
+            raise _bad_param(f"logit_bias[{tid}]", bias, "a number in [-100, 100]")
+        out[tid] = float(bias)
+    return tuple(sorted(out.items()))
 
 
 _SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))

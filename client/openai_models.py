@@ -58,13 +58,11 @@ TokenId = Annotated[int, Field(ge=0, le=MAX_INT)]
 
 # fields that must be absent or hold their "off" value, because this engine cannot honour them
 OFF_VALUES = {
-    "presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,),
-    "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},),
+    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "best_of": (1,),
     "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
     "response_format": ({"type": "text"},),
 }
-_OFF_HINT = {"presence_penalty": "; use repetition_penalty (an extension field) instead",
-             "frequency_penalty": "; use repetition_penalty (an extension field) instead"}
+_OFF_HINT: dict = {}
 # request fields OpenAI clients send that change nothing here: accepted and ignored
 IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
            "safety_identifier")
@@ -100,16 +98,17 @@ class _Request(BaseModel):
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     repetition_penalty: Optional[Annotated[float, Field(gt=0)]] = None  # 1 turns it off
+    presence_penalty: Optional[Annotated[float, Field(ge=-2, le=2)]] = None
+    frequency_penalty: Optional[Annotated[float, Field(ge=-2, le=2)]] = None
+    min_tokens: Optional[Annotated[int, Field(ge=0, le=1 << 20)]] = None   # vLLM's extension
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None
     ignore_eos: Optional[bool] = None
     # accepted only "off" (see OFF_VALUES), and accepted and ignored (see IGNORED)
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     logprobs: Any = None
     top_logprobs: Any = None
     echo: Any = None
     suffix: Any = None
     best_of: Any = None
-    logit_bias: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -163,6 +162,13 @@ class _Request(BaseModel):
             s["seed"] = self.seed % 2**63
         if self.repetition_penalty is not None:
             s["repetition_penalty"] = float(self.repetition_penalty)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                s[name] = float(getattr(self, name))
+        if self.min_tokens:
+            s["min_tokens"] = self.min_tokens
+        if self.logit_bias:
+            s["logit_bias"] = [[key, float(bias)] for key, bias in self.logit_bias.items()]
         if self.stop:
             s["stop"] = self.stop
         if self.stop_token_ids is not None:

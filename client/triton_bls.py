@@ -57,9 +57,6 @@ MAX_WORDS = 16
 _RANGES = {"INT32": (-2**31, 2**31 - 1), "UINT64": (0, 2**64 - 1)}
 # inputs accepted only at their neutral value: name -> (is it neutral?, what turns it off, why)
 _NEUTRAL = {
-    "presence_penalty": (lambda v: v == 0, "0", "; use repetition_penalty instead"),
-    "frequency_penalty": (lambda v: v == 0, "0", "; use repetition_penalty instead"),
-    "min_length": (lambda v: v <= 1, "1", ""),
     "beam_width": (lambda v: v == 1, "1", ": this server decodes one beam"),
     "return_log_probs": (lambda v: v is False, "false", ": the engine computes no log probabilities"),
     "return_context_logits": (lambda v: v is False, "false", ": the engine returns no logits"),
@@ -201,6 +198,17 @@ def bls_request(values: dict) -> BlsRequest:
         if not rp > 0:
             raise _bad("repetition_penalty", rp, "a number > 0 (1 turns it off)")
         s["repetition_penalty"] = float(rp)
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = one(name)
+        if v is not None and not -2 <= v <= 2:
+            raise _bad(name, v, "a number in [-2, 2] (0 turns it off)")
+        if v:
+            s[name] = float(v)
+    min_length = one("min_length")
+    if min_length is not None and not 0 <= min_length <= 1 << 20:
+        raise _bad("min_length", min_length, "an integer in [0, 1048576]")
+    if min_length and min_length > 1:
+        s["min_tokens"] = min_length
     seed = one("random_seed")
     if seed is not None:
         s["seed"] = seed % 2**63

@@ -176,3 +176,37 @@ def test_the_two_level_draw_is_the_plain_inverse_cdf():
     want = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
     want = torch.minimum(want, torch.tensor([int(torch.nonzero(r).max()) for r in w]))
     assert torch.equal(_draw(w, u), want)
+
+
+def test_presence_and_frequency_penalties_act_on_the_output_only():
+    logits = torch.zeros(1, V)
+    logits[0, 7], logits[0, 9] = 2.0, 1.5
+    prompt, out = [9, 9, 9], [7, 7]
+    # a prompt token is not penalized by OpenAI's penalties: 9 stays below 7 ...
+    assert draw(logits, SamplingParams(presence_penalty=2.0), step=0, history=prompt) == 7
+    # ... but 7 in the output: 2.0 - 0.3 presence - 2 x 0.2 frequency = 1.3 < 1.5
+    p = SamplingParams(presence_penalty=0.3, frequency_penalty=0.2)
+    assert draw(logits, p, step=2, history=prompt + out) == 9
+    assert draw(logits, SamplingParams(presence_penalty=0.3), step=2, history=prompt + out) == 7
+    before = logits.clone()
+    draw(logits, p, step=2, history=prompt + out)
+    assert torch.equal(logits, before)                 # the caller's logits are never changed
+
+
+def test_logit_bias_moves_the_choice_and_ignores_ids_past_the_vocabulary():
+    logits = logits_row(3)
+    worst = int(logits.argmin())
+    assert draw(logits, SamplingParams(logit_bias={str(worst): 100, V + 5: -100})) == worst
+    best = int(logits.argmax())
+    assert draw(logits, SamplingParams(logit_bias=[[best, -100]])) != best
+
+
+def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
+    logits = torch.zeros(1, V)
+    logits[0, 3], logits[0, 4], logits[0, 5] = 9.0, 8.0, 1.0      # 3 is EOS, 4 a stop token
+    p = SamplingParams(min_tokens=2, stop_token_ids=[4])
+    tokens = [sample(logits, [p], [[]], [step], eos_ids=[3])[0] for step in range(3)]
+    assert tokens == [5, 5, 3]
+    # ignore_eos leaves EOS to the logits (it is not a stop then), the stop token stays banned
+    p = SamplingParams(min_tokens=2, stop_token_ids=[4], ignore_eos=True)
+    assert sample(logits, [p], [[]], [0], eos_ids=[3]) == [3]

@@ -7,7 +7,7 @@ import aiohttp
 import openai
 import pytest
 
-from client import Client
+from client import AsyncClient, Client
 from tests.harness import Deployment
 from tests.test_metrics import parse
 
@@ -131,8 +131,11 @@ BAD = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 7}, "top_p", 400, "top_p"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "min_p": 1.5}, "min_p", 400, "min_p"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": [""]}, "stop", 400, "stop"),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty", 400,
-     "repetition_penalty"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty", 400,
+     "2"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"65": 101}}, "logit_bias.65", 400, "100"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"999": 5}}, "prompt", 400,
+     "logit_bias token id 999 is outside the vocabulary [0, 258)"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "bogus": 1}, "bogus", 400, "bogus"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, 2, 99999]}, "prompt", 400, "99999"),
     # prompt + max_tokens beyond the context: refused at once (OpenAI's param is the prompt), not
@@ -289,3 +292,17 @@ async def test_health_flips_when_a_worker_dies_and_back_and_503_without_workers(
         assert m[("disagg_worker_expirations_total", (("role", "generation"),))] == 1
         assert (await post(d, "/v1/completions", {"prompt": "x", "max_tokens": 2}))[0] == 200
         d.wait_idle()
+
+
+async def test_penalties_logit_bias_and_min_tokens_reach_the_engine(dep):
+    body = {"model": "tiny", "prompt": [3] * 6, "max_tokens": 6, "temperature": 0}
+    _, _, plain = await post(dep, "/v1/completions", body)
+    status, _, text = await post(dep, "/v1/completions", {**body, "logit_bias": {"65": 100}})
+    assert status == 200 and json.loads(text)["choices"][0]["text"] == "A" * 6
+    # the Python client with the same settings gets the same tokens: the gateway maps them as given
+    sampling = {"presence_penalty": 1.5, "frequency_penalty": 0.5, "min_tokens": 4}
+    status, _, text = await post(dep, "/v1/completions", {**body, **sampling})
+    assert status == 200
+    async with AsyncClient(dep.frontend, timeout=60) as c:
+        direct = await c.generate(token_ids=[3] * 6, max_tokens=6, temperature=0.0, **sampling)
+    assert json.loads(text)["choices"][0]["text"] == direct.text

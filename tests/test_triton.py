@@ -118,9 +118,9 @@ async def test_ready_is_503_and_generate_fails_clearly_without_workers():
 
 
 REFUSED = [
-    ({"presence_penalty": 0.5}, "presence_penalty=0.5"),
-    ({"frequency_penalty": 1.0}, "frequency_penalty=1.0"),
-    ({"min_length": 5}, "min_length=5"),
+    ({"presence_penalty": 2.5}, "presence_penalty=2.5"),
+    ({"frequency_penalty": -3.0}, "frequency_penalty=-3.0"),
+    ({"min_length": -1}, "min_length=-1"),
     ({"return_log_probs": True}, "return_log_probs=true"),
     ({"return_generation_logits": True}, "return_generation_logits=true"),
     ({"beam_width": 2}, "beam_width=2"),
@@ -204,7 +204,7 @@ def test_tritonclient_http_infer_binary_and_json_batch(dep, want):
         assert r.get_response()["id"] == "batch-1" and len(r.get_response()["outputs"]) == 1
         with pytest.raises(InferenceServerException, match="presence_penalty"):
             i = triton.InferInput("presence_penalty", [1, 1], "FP32")
-            i.set_data_from_numpy(np.array([[0.5]], dtype=np.float32))
+            i.set_data_from_numpy(np.array([[2.5]], dtype=np.float32))
             c.infer("ensemble", inputs([PROMPT], 2, True) + [i])
     finally:
         c.close()

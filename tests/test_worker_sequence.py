@@ -78,3 +78,15 @@ def test_length_at_max_new_and_a_stop_token_on_the_last_step_is_a_stop():
     assert seq.finish_reason == "length"
     seq, _ = run([101, 101, EOS[0]], max_new=3)
     assert seq.finish_reason == "stop"
+
+
+def test_min_tokens_lets_nothing_but_length_stop_the_request_before_it():
+    # vLLM's rule: stop strings and stop tokens count only once the output holds min_tokens
+    seq, deltas = run(b"ab xyz", stop=["ab"], min_tokens=3)
+    assert seq.finish_reason is None and "".join(deltas).startswith("ab x")
+    seq, _ = run([104, 105, 7, 8], stop_token_ids=[7], min_tokens=3)
+    assert seq.finish_reason == "stop" and seq.output_ids == [104, 105, 7]
+    seq, _ = run([104, 7], stop_token_ids=[7], min_tokens=3)
+    assert seq.finish_reason is None
+    seq, _ = run(b"abcdef", max_new=2, min_tokens=5)
+    assert seq.finish_reason == "length" and len(seq.output_ids) == 2

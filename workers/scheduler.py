@@ -77,9 +77,8 @@ class DecodeBatch:
 
     @property
     def histories(self) -> list:
-        """Prompt + output ids, which only the repetition penalty reads: no copy for other rows."""
-        return [s.prompt_ids + s.output_ids if s.params.repetition_penalty != 1.0 else ()
-                for s in self.seqs]
+        """Prompt + output ids, which only the penalties read: no copy for other rows."""
+        return [s.prompt_ids + s.output_ids if s.params.uses_history else () for s in self.seqs]
 
     @property
     def steps(self) -> list:
@@ -209,9 +208,14 @@ class Scheduler:
 
     def _params(self, sampling: dict) -> SamplingParams:
         try:
-            return SamplingParams.from_dict(sampling)
+            params = SamplingParams.from_dict(sampling)
         except p.ProtocolError as e:
             raise RequestRejected(str(e)) from None
+        bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise RequestRejected(f"logit_bias token id {bad[0]} is outside the vocabulary "
+                                  f"[0, {self.vocab_size})")
+        return params
 
     def _new_sequence(self, msg, kind: str) -> Sequence:
         params = self._params(msg.sampling)

@@ -54,11 +54,12 @@ class Sequence:
         """
         self.output_ids.append(token)
         p = self.params
-        if (token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        stoppable = len(self.output_ids) >= p.min_tokens     # before min_tokens only length stops it
+        if stoppable and ((token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
             # a stop token: its own text is never shown, what was held back is
             self.finish_reason = Finish.STOP
             return self._emit(incremental_text(tok, self.output_ids[:-1], self.emitted_chars, final=True))
-        if p.stop:
+        if p.stop and stoppable:
             full = tok.decode(self.output_ids)
             start = max(0, len(self.text) - max(len(s) for s in p.stop) + 1)
             hits = [i for i in (full.find(s, start) for s in p.stop) if i >= 0]

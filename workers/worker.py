@@ -176,12 +176,14 @@ class Worker:
             self.sched.prefilled(chunk)
             if chunk.last:
                 seq = chunk.seq
-                self.sched.first_token(seq, sample(logits[None], [seq.params], [seq.prompt_ids], [0])[0])
+                token = sample(logits[None], [seq.params], [seq.prompt_ids], [0], self.tok.eos_token_ids)[0]
+                self.sched.first_token(seq, token)
             self._flush()
         batch = self.sched.next_decode()
         if batch is not None:
             logits = self.runner.decode(batch.tokens, batch.positions, batch.block_tables)
-            self.sched.decoded(batch, sample(logits, batch.params, batch.histories, batch.steps))
+            self.sched.decoded(batch, sample(logits, batch.params, batch.histories, batch.steps,
+                                             self.tok.eos_token_ids))
             self._flush()
         self._heartbeat_if_due()        # flushes what it queues
 

@@ -54,6 +54,34 @@ def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penal
     logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
 
 
+def _adjust_row(row: torch.Tensor, p: SamplingParams, history: Sequence[int], step: int,
+                eos_ids: Sequence[int]) -> None:
+    """vLLM's order, in place: the repetition penalty (prompt and output), OpenAI's presence and
+    frequency penalties (output only: the last ``step`` ids of ``history``), the logit bias, then
+    min_tokens, which bans EOS (unless ignored) and the stop tokens while ``step`` is below it."""
+    vocab = row.shape[-1]
+    apply_repetition_penalty(row, history, p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and step:
+        ids, counts = torch.unique(torch.tensor(list(history[-step:]), dtype=torch.long), return_counts=True)
+        ok = ids < vocab
+        ids, counts = ids[ok].to(row.device), counts[ok].to(row.device, torch.float32)
+        row[ids] -= p.presence_penalty + p.frequency_penalty * counts
+    if p.logit_bias:
+        pairs = [(t, b) for t, b in p.logit_bias if t < vocab]
+        if pairs:
+            ids = torch.tensor([t for t, _ in pairs], dtype=torch.long, device=row.device)
+            row[ids] += torch.tensor([b for _, b in pairs], dtype=row.dtype, device=row.device)
+    if step < p.min_tokens:
+        banned = [t for t in (*(() if p.ignore_eos else eos_ids), *p.stop_token_ids) if 0 <= t < vocab]
+        if banned:
+            row[torch.tensor(banned, dtype=torch.long, device=row.device)] = float("-inf")
+
+
+def _needs_adjusting(p: SamplingParams, history: Sequence[int], step: int) -> bool:
+    return bool((p.repetition_penalty != 1.0 and history) or p.presence_penalty or p.frequency_penalty
+                or p.logit_bias or step < p.min_tokens)
+
+
 def _uniform(p: SamplingParams, step: int) -> float:
     """The one uniform number a row's draw uses, from a generator seeded by (seed, step) alone."""
     seed = p.seed if p.seed is not None else secrets.randbits(63)
@@ -169,21 +197,23 @@ def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams], u: torch.Ten
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           histories: Sequence[Sequence[int]], steps: Sequence[int]) -> list[int]:
+           histories: Sequence[Sequence[int]], steps: Sequence[int],
+           eos_ids: Sequence[int] = ()) -> list[int]:
     """One token per row of ``logits`` [B, V].
 
-    ``histories[i]`` is prompt + output ids so far (for the repetition penalty); ``steps[i]`` is
-    the index of the token being chosen in the output (0 for the first token).
+    ``histories[i]`` is prompt + output ids so far (for the penalties; may be empty where
+    ``params[i].uses_history`` is false); ``steps[i]`` is the index of the token being chosen in
+    the output (0 for the first token); ``eos_ids`` are what min_tokens bans.
     """
     if not (logits.shape[0] == len(params) == len(histories) == len(steps)):
         raise ValueError(f"sample: {logits.shape[0]} rows of logits but {len(params)} params, "
                          f"{len(histories)} histories, {len(steps)} steps")
     x = logits.float()
-    penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[i]]
-    if penalized:
+    adjusted = [i for i, p in enumerate(params) if _needs_adjusting(p, histories[i], steps[i])]
+    if adjusted:
         x = x.clone() if x is logits else x
-        for i in penalized:
-            apply_repetition_penalty(x[i], histories[i], params[i].repetition_penalty)
+        for i in adjusted:
+            _adjust_row(x[i], params[i], histories[i], steps[i], eos_ids)
     out = torch.empty(x.shape[0], dtype=torch.long)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
     if greedy:
