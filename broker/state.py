@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import msgspec
+
 from broker import protocol as p
 from broker.config import BrokerConfig
 from broker.metrics import Metrics, state_gauges
@@ -92,6 +94,7 @@ class Request:
     kv_transfer_s: float = 0.0
     decode_tries: int = 0
     note: str = ""                    # why the request was re-run, for its final error
+    client_rid: str = ""              # the id its client gave (request_id is the broker's key)
 
 
 class BrokerState:
@@ -101,6 +104,12 @@ class BrokerState:
         self.clock = clock
         self.rng = rng or random.Random()
         self.requests: dict[str, Request] = {}
+        # Request ids are scoped per client: (client identity, its request id) -> the broker's key,
+        # which is the client's id unless another client's request holds it. A client can neither
+        # cancel another's request nor learn that an id is in use (no DUPLICATE_REQUEST across
+        # clients); workers see only the broker's keys.
+        self._owned: dict[tuple, str] = {}
+        self._rekeyed = itertools.count(1)
         self.prefill_queue: deque[str] = deque()   # QUEUED requests, in arrival order
         self.decode_queue: deque[str] = deque()    # KV_READY requests waiting for a generation worker
         self.workers: dict[bytes, Worker] = {}
@@ -129,7 +138,7 @@ class BrokerState:
         if isinstance(msg, p.Submit):
             self._submit(identity, msg, out)
         elif isinstance(msg, p.Cancel):
-            req = self.requests.get(msg.request_id)
+            req = self.requests.get(self._owned.get((identity, msg.request_id), ""))
             if req is not None and req.client == identity:
                 self._finish(req, out, p.Final(req.request_id, p.Finish.CANCELLED,
                                                self._usage(req), self._timings(req)))
@@ -153,7 +162,7 @@ class BrokerState:
             self._outcome("rejected", code)
             out.append(Out(FRONT, identity, p.Error(rid, code, text, retryable)))
 
-        if rid in self.requests:
+        if (identity, rid) in self._owned:
             return reject(p.Code.DUPLICATE_REQUEST, f"request id {rid!r} is already in flight")
         if not self._can_serve():
             return reject(p.Code.NO_WORKERS, self._no_worker_text(), True)
@@ -167,9 +176,13 @@ class BrokerState:
             sampling["seed"] = self.rng.getrandbits(63)
         now = self.clock()
         timeout = msg.timeout_ms / 1000 if msg.timeout_ms else self.cfg.request_timeout_s
-        req = self.requests[rid] = Request(rid, identity, msg, sampling, now, now + timeout)
+        key = rid
+        while key in self.requests:      # another client's request holds this id
+            key = f"{rid}~{next(self._rekeyed)}"
+        self._owned[(identity, rid)] = key
+        req = self.requests[key] = Request(key, identity, msg, sampling, now, now + timeout, client_rid=rid)
         heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
-        self.prefill_queue.append(rid)
+        self.prefill_queue.append(key)
         self.counters["submitted"] += 1
         out.append(Out(FRONT, identity, p.Accepted(rid)))
 
@@ -284,7 +297,7 @@ class BrokerState:
 
     def _relay_tokens(self, req: Request, index: int, ids: list, text: str, out: list[Out]) -> None:
         if self._take_tokens(req, index, ids):
-            out.append(Out(FRONT, req.client, p.Tokens(req.request_id, index, ids, text)))
+            out.append(Out(FRONT, req.client, p.Tokens(req.client_rid, index, ids, text)))
 
     def _take_tokens(self, req: Request, index: int, ids: list) -> bool:
         """Whether these tokens go to the client: the next ones in order (counted here), not a
@@ -545,6 +558,7 @@ class BrokerState:
     def _finish(self, req: Request, out: list[Out], final: Optional[p.Message]) -> None:
         """The one exit of a request: final message to the client, work cancelled, KV released."""
         self.requests.pop(req.request_id, None)
+        self._owned.pop((req.client, req.client_rid), None)
         if req.worker is not None:
             w = self.workers.get(req.worker)
             if w is not None:
@@ -555,6 +569,8 @@ class BrokerState:
             req.worker = None
         self._release_lease(req, out)
         if final is not None:
+            if req.client_rid != req.request_id:     # the broker's key is never shown to a client
+                final = msgspec.structs.replace(final, request_id=req.client_rid)
             out.append(Out(FRONT, req.client, final))
         if isinstance(final, p.Final) and final.finish_reason != p.Finish.CANCELLED:
             self.metrics.finished(self.clock(), req.received, req.t_first, req.next_index)

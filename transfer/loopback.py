@@ -77,7 +77,7 @@ def launcher(backend: str) -> list:
     ``mpiexec -n 1`` (MPICH's, next to this python)."""
     if backend != "MPI":
         return []
-    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec.gforker")
     return [mpiexec if os.path.exists(mpiexec) else "mpiexec", "-n", "1"]
 
 
