@@ -361,8 +361,9 @@ class Launch:
                                   ("generation_servers", "generation", self.cfg.generation_servers)):
             opts, options = self._options_file(name)
             # MPI workers join through Open_port/Connect only when each runs under its own
-            # `mpiexec -n 1` (the one the mpich wheel installs beside python)
-            prefix = ([os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", "1"]
+            # `mpiexec.gforker -n 1` (the mpich wheel's, beside python: unlike Hydra's mpiexec
+            # it opens no PMI port on 0.0.0.0)
+            prefix = ([os.path.join(os.path.dirname(sys.executable), "mpiexec.gforker"), "-n", "1"]
                       if _transfer_backend(options) == "MPI" else [])
             for i in range(group.num_instances):
                 cmd = worker_command(role, self.server.backend, self.cfg.model, worker_id=f"{role}-{i}",
