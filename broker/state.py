@@ -21,9 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import msgspec
-
 from broker import protocol as p
+from broker.client_ids import ClientIds, shown_to_client
 from broker.config import BrokerConfig
 from broker.metrics import Metrics, state_gauges
 
@@ -104,12 +103,7 @@ class BrokerState:
         self.clock = clock
         self.rng = rng or random.Random()
         self.requests: dict[str, Request] = {}
-        # Request ids are scoped per client: (client identity, its request id) -> the broker's key,
-        # which is the client's id unless another client's request holds it. A client can neither
-        # cancel another's request nor learn that an id is in use (no DUPLICATE_REQUEST across
-        # clients); workers see only the broker's keys.
-        self._owned: dict[tuple, str] = {}
-        self._rekeyed = itertools.count(1)
+        self.ids = ClientIds()     # request ids scoped per client: keys of self.requests
         self.prefill_queue: deque[str] = deque()   # QUEUED requests, in arrival order
         self.decode_queue: deque[str] = deque()    # KV_READY requests waiting for a generation worker
         self.workers: dict[bytes, Worker] = {}
@@ -138,7 +132,7 @@ class BrokerState:
         if isinstance(msg, p.Submit):
             self._submit(identity, msg, out)
         elif isinstance(msg, p.Cancel):
-            req = self.requests.get(self._owned.get((identity, msg.request_id), ""))
+            req = self.requests.get(self.ids.key(identity, msg.request_id))
             if req is not None and req.client == identity:
                 self._finish(req, out, p.Final(req.request_id, p.Finish.CANCELLED,
                                                self._usage(req), self._timings(req)))
@@ -162,7 +156,7 @@ class BrokerState:
             self._outcome("rejected", code)
             out.append(Out(FRONT, identity, p.Error(rid, code, text, retryable)))
 
-        if (identity, rid) in self._owned:
+        if self.ids.key(identity, rid) is not None:
             return reject(p.Code.DUPLICATE_REQUEST, f"request id {rid!r} is already in flight")
         if not self._can_serve():
             return reject(p.Code.NO_WORKERS, self._no_worker_text(), True)
@@ -176,10 +170,7 @@ class BrokerState:
             sampling["seed"] = self.rng.getrandbits(63)
         now = self.clock()
         timeout = msg.timeout_ms / 1000 if msg.timeout_ms else self.cfg.request_timeout_s
-        key = rid
-        while key in self.requests:      # another client's request holds this id
-            key = f"{rid}~{next(self._rekeyed)}"
-        self._owned[(identity, rid)] = key
+        key = self.ids.add(identity, rid, self.requests)
         req = self.requests[key] = Request(key, identity, msg, sampling, now, now + timeout, client_rid=rid)
         heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
         self.prefill_queue.append(key)
@@ -558,7 +549,7 @@ class BrokerState:
     def _finish(self, req: Request, out: list[Out], final: Optional[p.Message]) -> None:
         """The one exit of a request: final message to the client, work cancelled, KV released."""
         self.requests.pop(req.request_id, None)
-        self._owned.pop((req.client, req.client_rid), None)
+        self.ids.drop(req.client, req.client_rid)
         if req.worker is not None:
             w = self.workers.get(req.worker)
             if w is not None:
@@ -569,9 +560,7 @@ class BrokerState:
             req.worker = None
         self._release_lease(req, out)
         if final is not None:
-            if req.client_rid != req.request_id:     # the broker's key is never shown to a client
-                final = msgspec.structs.replace(final, request_id=req.client_rid)
-            out.append(Out(FRONT, req.client, final))
+            out.append(Out(FRONT, req.client, shown_to_client(final, req.client_rid)))
         if isinstance(final, p.Final) and final.finish_reason != p.Finish.CANCELLED:
             self.metrics.finished(self.clock(), req.received, req.t_first, req.next_index)
 

@@ -170,7 +170,7 @@ def test_a_client_can_neither_cancel_nor_detect_another_clients_request_id():
     out = st.on_worker(b"w", p.Finished(gen_a.request_id, gen_a.attempt, "length"))
     assert [(o.identity, o.msg.request_id) for o in out if isinstance(o.msg, p.Final)] == [(A, "r1")]
     st.on_client(A, p.Cancel("a-only"))
-    assert st.requests == {} and st._owned == {}
+    assert st.requests == {} and len(st.ids) == 0
 
 
 def test_a_rekeyed_request_ends_with_the_clients_own_id():
