@@ -456,3 +456,33 @@ def test_transfer_endpoints_listen_on_loopback_only(backend, tmp_path):
     assert all(a.startswith(("127.", "[::1]", "[::ffff:127.")) for a in listening), listening
     if backend != "ZMQ":
         assert report["devices"] == "lo" and len(listening) >= 2      # UCX listens too: on lo
+
+
+# ---------------------------------------------------------------------------------------------
+# `broker launch` from a disagg_config.yaml with an auth section
+
+@pytest.mark.timeout(180)
+def test_broker_launch_runs_curve_and_the_api_key_from_the_config(keys, tmp_path):
+    from broker.config import load_disagg_config
+    from broker.launch import Launch
+    group = {"num_instances": 1, "num_threads": 1, "device": "cpu", "heartbeat_ms": 200,
+             "cache_transceiver_config": {"backend": "ZMQ"}}
+    path = tmp_path / "disagg.yaml"
+    path.write_text(json.dumps({
+        "model": "tiny", "hostname": "127.0.0.1", "port": 0, "context_servers": group,
+        "generation_servers": group,
+        "auth": {"curve_key": keys["broker"], "client_keys": keys["clients"], "worker_keys": keys["workers"],
+                 "worker_key": os.path.relpath(keys["ctx"], tmp_path), "api_key": API_KEY}}))
+    session = Launch(load_disagg_config(str(path)), "WARNING", http=True, http_port=0)
+    try:
+        session.start()
+        session.wait_ready(120, progress=lambda line: None)
+        assert http("GET", session.http_url + "/v1/models")[0] == 401
+        status, _, raw = http("POST", session.http_url + "/v1/completions", API_KEY,
+                              {"model": "tiny", "prompt": "Hi", "max_tokens": 2})
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 2
+        with Client(session.frontend, timeout=5, curve=as_client(keys, "mallory")) as c:
+            with pytest.raises(BrokerUnavailable):
+                c.ping(timeout=1.0)
+    finally:
+        session.stop(grace=0)
