@@ -167,7 +167,7 @@ class CurveServer:
     """A binding side's CURVE: its key pair and, per ZAP domain, the public keys it admits."""
     pair: KeyPair
     admit: dict = field(default_factory=dict)   # domain -> frozenset of Z85 public keys
-    _auth: Optional[ThreadAuthenticator] = None
+    _auth: Optional[ThreadAuthenticator] = field(default=None, init=False, repr=False)
 
     def start(self, ctx: zmq.Context) -> "CurveServer":
         """Start the ZAP handler in ``ctx`` (once per context, before any CURVE socket binds)."""
@@ -193,22 +193,26 @@ class CurveServer:
             self._auth = None
 
 
+CONFIG_NAMES = ("auth.curve_key", "auth.client_keys", "auth.worker_keys")
+
+
 def broker_curve(curve_key: Optional[str], client_keys: Optional[str], worker_keys: Optional[str],
-                 where: str = "auth") -> Optional[CurveServer]:
+                 names: tuple = CONFIG_NAMES) -> Optional[CurveServer]:
     """The broker's CURVE from its key pair and the two directories of admitted keys (None when
-    ``curve_key`` is not set). Its own public key is admitted as a client too: the HTTP gateway
-    and `broker launch` in its process connect with the broker's pair."""
-    if not curve_key:
-        if client_keys or worker_keys:
-            raise ConfigError(f"{where}.curve_key is not set but {where}.client_keys/worker_keys are: "
-                              "keys are used only with CURVE on")
+    none is set); ``names``: how errors call the three (config keys or flags). Its own public key
+    is admitted as a client too: the HTTP gateway and `broker launch` in its process connect
+    with the broker's pair."""
+    values = (curve_key, client_keys, worker_keys)
+    if not any(values):
         return None
-    for name, value in (("client_keys", client_keys), ("worker_keys", worker_keys)):
-        if not value:
-            raise ConfigError(f"{where}.curve_key={curve_key!r} is set but {where}.{name} is not")
-    pair = KeyPair.load(curve_key, f"{where}.curve_key")
-    clients = load_public_dir(client_keys, f"{where}.client_keys") | {pair.public}
-    return CurveServer(pair, {CLIENTS: clients, WORKERS: load_public_dir(worker_keys, f"{where}.worker_keys")})
+    missing = [n for n, v in zip(names, values) if not v]
+    if missing:
+        given = ", ".join(f"{n}={v!r}" for n, v in zip(names, values) if v)
+        raise ConfigError(f"{given} set but {', '.join(missing)} not: CURVE needs the broker's key "
+                          "pair and the directories of admitted client and worker keys")
+    pair = KeyPair.load(curve_key, names[0])
+    clients = load_public_dir(client_keys, names[1]) | {pair.public}
+    return CurveServer(pair, {CLIENTS: clients, WORKERS: load_public_dir(worker_keys, names[2])})
 
 
 def self_client(server: Optional[CurveServer]) -> Optional[CurveClient]:

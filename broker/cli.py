@@ -15,7 +15,7 @@ from typing import Optional
 
 import click
 
-from broker.auth import api_key_from, broker_curve, self_client
+from broker.auth import CONFIG_NAMES, api_key_from, broker_curve, self_client
 from broker.auth import keygen as keygen_files
 from broker.config import BrokerConfig, ConfigError, DisaggConfig, load_disagg_config
 
@@ -124,8 +124,11 @@ def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv
                     "`broker launch` passes them, or give them to `worker start "
                     "--extra-llm-api-options`", cfg.source, name)
         a = cfg.auth
+        flags = (curve_key, client_keys, worker_keys)
+        names = tuple(f"--{n.split('.')[1].replace('_', '-')}" if v or not config else f"{cfg.source}: {n}"
+                      for n, v in zip(CONFIG_NAMES, flags))
         curve = broker_curve(curve_key or a.curve_key, client_keys or a.client_keys,
-                             worker_keys or a.worker_keys, "--curve-key/auth" if curve_key else "auth")
+                             worker_keys or a.worker_keys, names)
         if not no_http:
             api_key_from(api_key, a.api_key)        # a bad key fails before anything binds
         server = BrokerServer(frontend or cfg.frontend, backend or cfg.backend_address, settings,

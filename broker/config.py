@@ -334,17 +334,9 @@ def _auth(a: Optional[AuthSchema], source: str) -> AuthSettings:
     if a is None:
         return AuthSettings()
     base = os.path.dirname(os.path.abspath(source)) if source not in ("<dict>", "<defaults>") else ""
+    # paths only: broker/auth.py checks the keys, after the command line's flags are applied
     paths = {k: os.path.join(base, v) if base and v and not os.path.isabs(v) else v
              for k in ("curve_key", "client_keys", "worker_keys", "worker_key") for v in [getattr(a, k)]}
-    need = ("client_keys", "worker_keys")
-    if paths["curve_key"] and not all(paths[k] for k in need):
-        missing = [f"auth.{k}" for k in need if not paths[k]]
-        raise ConfigError(f"{source}: auth.curve_key={a.curve_key!r} is set but {', '.join(missing)} "
-                          "is not: CURVE admits only the public keys listed there")
-    stray = [k for k in (*need, "worker_key") if paths[k] and not paths["curve_key"]]
-    if stray:
-        raise ConfigError(f"{source}: auth.{stray[0]}={getattr(a, stray[0])!r} is set but auth.curve_key "
-                          "is not: keys are used only with CURVE on (the broker's own key pair)")
     return AuthSettings(**paths, api_key=a.api_key, metrics_need_key=a.metrics_need_key)
 
 

@@ -34,7 +34,7 @@ import yaml
 import zmq
 
 from broker import protocol as p
-from broker.auth import CurveClient, api_key_from, broker_curve, public_file, self_client
+from broker.auth import CONFIG_NAMES, CurveClient, api_key_from, broker_curve, public_file, self_client
 from broker.config import ConfigError, DisaggConfig, read_yaml, worker_options
 
 log = logging.getLogger("broker.launch")
@@ -230,7 +230,7 @@ def worker_command(role: str, broker: str, model: str, worker_id: Optional[str] 
                    options: Optional[str] = None, log_level: Optional[str] = None,
                    exit_with_parent: bool = False, prefix: Sequence[str] = (),
                    extra: Sequence[str] = ()) -> list:
-    """The ``worker start`` command line (``prefix``: a launcher in front, e.g. ``mpiexec -n 1``)."""
+    """The ``worker start`` command line (``prefix``: a launcher in front, e.g. ``mpiexec.gforker -n 1``)."""
     cmd = [*prefix, sys.executable, "-m", "workers.cli", "start", "--role", role, "--broker", broker,
            "--model", model]
     if worker_id:
@@ -319,7 +319,8 @@ class Launch:
         self.cfg = cfg
         self.log_level = log_level
         a = cfg.auth
-        self.curve = broker_curve(a.curve_key, a.client_keys, a.worker_keys, f"{cfg.source}: auth")
+        self.curve = broker_curve(a.curve_key, a.client_keys, a.worker_keys,
+                                  tuple(f"{cfg.source}: {n}" for n in CONFIG_NAMES))
         if self.curve is not None and not a.worker_key:
             raise ConfigError(f"{cfg.source}: auth.curve_key is set but auth.worker_key is not: "
                               "`broker launch` gives the workers it starts that key pair")

@@ -81,8 +81,11 @@ def test_key_errors_name_the_file_and_value(tmp_path, keys):
         load_public_dir(str(tmp_path / "empty"), "auth.client_keys")
     with pytest.raises(ConfigError, match="--curve-key is set but --curve-server-key is not"):
         curve_client(keys["alice"], None)
-    with pytest.raises(ConfigError, match="auth.curve_key=.* is set but auth.worker_keys is not"):
+    with pytest.raises(ConfigError, match=r"auth.curve_key=.*, auth.client_keys=.* set but auth.worker_keys not"):
         broker_curve(keys["broker"], keys["clients"], None)
+    with pytest.raises(ConfigError, match=r"--client-keys='c' set but --curve-key, --worker-keys not"):
+        broker_curve(None, "c", None, ("--curve-key", "--client-keys", "--worker-keys"))
+    assert broker_curve(None, None, None) is None
 
 
 def test_config_auth_section_resolves_paths_and_checks_its_keys(tmp_path, keys):
@@ -93,10 +96,6 @@ def test_config_auth_section_resolves_paths_and_checks_its_keys(tmp_path, keys):
                             source=str(cfg)).auth
     assert a.curve_key == str(tmp_path / "k/b.key_secret") and a.client_keys == str(tmp_path / "c")
     assert a.worker_keys == "/w" and not a.metrics_need_key
-    with pytest.raises(ConfigError, match=r"auth.client_keys='c' is set but auth.curve_key is not"):
-        parse_disagg_config({"auth": {"client_keys": "c"}}, source="d.yaml")
-    with pytest.raises(ConfigError, match="auth.curve_key='k' is set but auth.client_keys, auth.worker_keys"):
-        parse_disagg_config({"auth": {"curve_key": "k"}}, source="d.yaml")
     with pytest.raises(ConfigError, match=r"unknown key 'auth.api_keys'.*did you mean 'api_key'"):
         parse_disagg_config({"auth": {"api_keys": "x"}}, source="d.yaml")
 
@@ -486,3 +485,19 @@ def test_broker_launch_runs_curve_and_the_api_key_from_the_config(keys, tmp_path
                 c.ping(timeout=1.0)
     finally:
         session.stop(grace=0)
+
+
+def test_command_lines_name_the_flag_and_file_of_a_bad_key(keys):
+    from workers.cli import cli as worker_cli
+    res = CliRunner().invoke(broker_cli, ["start", "--no-http", "--curve-key", keys["broker"]])
+    assert res.exit_code == 2 and "--client-keys, --worker-keys not" in res.output
+    res = CliRunner().invoke(broker_cli, ["start", "--no-http", "--curve-key", keys["broker_public"],
+                                          "--client-keys", keys["clients"], "--worker-keys", keys["workers"]])
+    assert res.exit_code == 2 and f"--curve-key={keys['broker_public']!r}: holds no secret-key" in res.output
+    res = CliRunner().invoke(worker_cli, ["start", "--role", "generation", "--broker", "tcp://127.0.0.1:9",
+                                          "--model", "tiny", "--curve-key", keys["gen"]])
+    assert res.exit_code == 2 and "--curve-key is set but --curve-server-key is not" in res.output
+    res = CliRunner().invoke(worker_cli, ["start", "--role", "context", "--broker", "tcp://127.0.0.1:9",
+                                          "--model", "tiny", "--curve-key", keys["ctx"],
+                                          "--curve-server-key", keys["broker_public"]])
+    assert res.exit_code == 2 and "needs --curve-peers" in res.output
