@@ -132,6 +132,35 @@ class CurveClient:
         sock.curve_serverkey = self.server
         return sock
 
+    def refusals(self, sock: zmq.Socket) -> "Refusals":
+        """Watch a connected socket for the server refusing this pair (its key not admitted)."""
+        return Refusals(sock, self)
+
+
+class Refusals:
+    """A client socket's monitor for refused handshakes: ZeroMQ retries them silently, so a
+    worker with an unlisted key would otherwise only see a broker that never answers."""
+
+    def __init__(self, sock: zmq.Socket, curve: CurveClient) -> None:
+        self.sock, self.curve = sock, curve
+        self._mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+    def explain(self, server: str) -> Optional[str]:
+        """What went wrong if the server refused this socket's key since the last call, else None."""
+        seen = False
+        while self._mon.poll(0):
+            self._mon.recv_multipart()
+            seen = True
+        if not seen:
+            return None
+        return (f"the server at {server} refused this CURVE key (public key {self.curve.pair.public.decode()} "
+                f"of {self.curve.pair.path or 'the given pair'}): list its public NAME.key in the server's "
+                "admitted keys, or check the server's public key")
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self._mon.close(0)
+
 
 def curve_client(key_file: Optional[str], server_key_file: Optional[str], what: str = "--curve-key",
                  server_what: str = "--curve-server-key") -> Optional[CurveClient]:

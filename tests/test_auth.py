@@ -299,6 +299,25 @@ def test_rogue_workers_without_an_admitted_key_receive_no_prefill(secure, keys):
 
 
 @pytest.mark.timeout(180)
+def test_a_real_worker_with_an_unlisted_key_never_registers_and_says_why(secure, keys):
+    path = os.path.join(secure.children.tmp.name, "mallory.yaml")
+    with open(path, "w") as f:
+        json.dump({"heartbeat_ms": 100, "broker_timeout_ms": 300, "num_threads": 1, "device": "cpu"}, f)
+    proc = secure.children.start("mallory", worker_command(
+        "generation", secure.backend, "tiny", worker_id="mallory", options=path,
+        extra=["--curve-key", keys["mallory"], "--curve-server-key", keys["broker_public"]]))
+    deadline = time.monotonic() + 90
+    while "refused this CURVE key" not in secure.children.tail("mallory", 50):
+        secure.children.check_alive([proc], "the worker's refusal")
+        assert time.monotonic() < deadline, secure.children.tail("mallory")
+        time.sleep(0.1)
+    assert KeyPair.load(keys["mallory"]).public.decode() in secure.children.tail("mallory", 50)
+    assert {w["worker_id"] for w in secure.stats()["workers"]} == {"ctx", "gen"}
+    with Client(secure.frontend, timeout=60, curve=secure.alice) as c:
+        assert c.generate(token_ids=[4, 5], max_tokens=2, ignore_eos=True).usage["completion_tokens"] == 2
+
+
+@pytest.mark.timeout(180)
 def test_one_client_cannot_cancel_another_clients_request(secure, keys):
     with Client(secure.frontend, timeout=60, curve=secure.alice) as a, \
             Client(secure.frontend, timeout=60, curve=secure.alice) as b:

@@ -104,12 +104,19 @@ class Worker:
                                clock=time.monotonic, **transfer_calls)
         self.ctx = zmq.Context()
         self.sock: Optional[zmq.Socket] = None
+        self.refusals = None        # broker.auth.Refusals of the socket, with CURVE
         self.stop_event = threading.Event()
 
     # -----------------------------------------------------------------------------------------
     # connection
 
     def _connect(self) -> None:
+        if self.refusals is not None:         # why the broker stayed silent, if it refused us
+            why = self.refusals.explain(self.broker_addr)
+            if why:
+                log.error("%s", why)
+            self.refusals.close()
+            self.refusals = None
         if self.sock is not None:
             self.sock.close(0)
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -118,6 +125,8 @@ class Worker:
         if self.curve is not None:
             self.curve.apply(self.sock)
         self.sock.connect(self.broker_addr)
+        if self.curve is not None:
+            self.refusals = self.curve.refusals(self.sock)
         self.sched.heard_from_broker()
         self.sched.outbox.clear()    # nothing queued for the old connection is valid on the new one
         self.sched.outbox.append(p.Ready(self.worker_id, self.role, self.model_name,
@@ -165,6 +174,8 @@ class Worker:
             for t in (self.source, self.sink):
                 if t is not None:
                     t.close()
+            if self.refusals is not None:
+                self.refusals.close()
             self.sock.close(0)
             self.ctx.term()
 
