@@ -16,14 +16,13 @@ import zmq
 from click.testing import CliRunner
 
 from broker import protocol as p
-from broker.auth import (CLIENTS, PEERS, WORKERS, CurveClient, CurveServer, KeyPair, api_key_from,
+from broker.auth import (PEERS, CurveClient, CurveServer, KeyPair, api_key_from,
                          bearer_ok, broker_curve, curve_client, is_loopback, keygen, load_public_dir)
 from broker.cli import cli as broker_cli
 from broker.config import BrokerConfig, ConfigError, parse_disagg_config
-from broker.launch import Children, start_broker, wait_until, worker_command
 from broker.state import BACK, FRONT, BrokerState
 from client import BrokerUnavailable, Client
-from tests.harness import ROOT, _env
+from tests.harness import ROOT, Deployment, _env
 
 API_KEY = "sk-test-0123456789abcdef"
 
@@ -185,36 +184,23 @@ def test_a_rekeyed_request_ends_with_the_clients_own_id():
 # ---------------------------------------------------------------------------------------------
 # a deployment with CURVE on both broker sockets and the KV channel, and an HTTP API key
 
-class Secure:
+class Secure(Deployment):
+    """A deployment with CURVE on both broker sockets and the KV channel, and an HTTP API key."""
+
     def __init__(self, keys):
-        self.keys = keys
-        self.children = Children(prefix="dsrv-auth-", env=_env())
-        words = start_broker(self.children, http=True, extra=[
-            "--heartbeat-interval", "0.2", "--liveness", "10", "--curve-key", keys["broker"],
-            "--client-keys", keys["clients"], "--worker-keys", keys["workers"], "--api-key", API_KEY])
-        self.frontend, self.backend, self.http = words["frontend"], words["backend"], words["http"]
-        self.alice = as_client(keys, "alice")
-        for role, name in (("context", "ctx"), ("generation", "gen")):
-            path = os.path.join(self.children.tmp.name, f"{name}.yaml")
-            with open(path, "w") as f:
-                json.dump({"heartbeat_ms": 200, "num_threads": 1, "device": "cpu",
-                           "cache_transceiver_config": {"backend": "ZMQ"}}, f)
-            self.children.start(name, worker_command(role, self.backend, "tiny", worker_id=name, options=path,
-                                                     extra=["--curve-key", keys[name], "--curve-server-key",
-                                                            keys["broker_public"], "--curve-peers",
-                                                            keys["workers"]]))
-        self.wait_for(lambda s: {w["worker_id"] for w in s["workers"]} == {"ctx", "gen"}, 120,
-                      "ctx and gen registered")
-
-    def wait_for(self, pred, timeout, what):
-        return wait_until(self.frontend, pred, timeout, what, lambda: self.children.check_alive(what=what),
-                          ping_timeout=5.0, curve=self.alice)
-
-    def stats(self):
-        return self.wait_for(lambda s: True, 10, "stats")
-
-    def close(self):
-        self.children.close(grace=0)
+        self.keys, self.curve = keys, as_client(keys, "alice")
+        self.alice = self.curve
+        self.broker_args = ("--curve-key", keys["broker"], "--client-keys", keys["clients"],
+                            "--worker-keys", keys["workers"], "--api-key", API_KEY)
+        super().__init__(http=True)
+        try:
+            for role, name in (("context", "ctx"), ("generation", "gen")):
+                self.add_worker(role, name, options={"cache_transceiver_config": {"backend": "ZMQ"}},
+                                extra=("--curve-key", keys[name], "--curve-server-key", keys["broker_public"],
+                                       "--curve-peers", keys["workers"]))
+        except BaseException:
+            self.close()
+            raise
 
 
 @pytest.fixture(scope="module")
@@ -285,12 +271,13 @@ def test_rogue_workers_without_an_admitted_key_receive_no_prefill(secure, keys):
             for role in ("context", "generation"):
                 s.send_multipart(p.Ready(f"rogue-{i}-{role}", role, "tiny", 10**6, 10**6,
                                          {"backend": "ZMQ", "endpoint": "tcp://127.0.0.1:9"}, 1,
-                                         3_600_000).encode())
+                                         60_000).encode())   # values an open broker accepts
         with Client(secure.frontend, timeout=60, curve=secure.alice) as c:
             outs = [c.generate(token_ids=[5, 6, 7], max_tokens=3, ignore_eos=True) for _ in range(4)]
         assert all(o.usage["completion_tokens"] == 3 for o in outs)
         assert [drain(s, 0.5) for s in rogues] == [[], [], []]
         assert {w["worker_id"] for w in secure.stats()["workers"]} == {"ctx", "gen"}
+        secure.wait_idle()               # one final each, and no request, block or lease left over
     finally:
         for s in rogues:
             s.close(0)
@@ -300,12 +287,9 @@ def test_rogue_workers_without_an_admitted_key_receive_no_prefill(secure, keys):
 
 @pytest.mark.timeout(180)
 def test_a_real_worker_with_an_unlisted_key_never_registers_and_says_why(secure, keys):
-    path = os.path.join(secure.children.tmp.name, "mallory.yaml")
-    with open(path, "w") as f:
-        json.dump({"heartbeat_ms": 100, "broker_timeout_ms": 300, "num_threads": 1, "device": "cpu"}, f)
-    proc = secure.children.start("mallory", worker_command(
-        "generation", secure.backend, "tiny", worker_id="mallory", options=path,
-        extra=["--curve-key", keys["mallory"], "--curve-server-key", keys["broker_public"]]))
+    proc = secure.add_worker("generation", "mallory", options={"heartbeat_ms": 100, "broker_timeout_ms": 300},
+                             wait=False, extra=("--curve-key", keys["mallory"],
+                                                "--curve-server-key", keys["broker_public"]))
     deadline = time.monotonic() + 90
     while "refused this CURVE key" not in secure.children.tail("mallory", 50):
         secure.children.check_alive([proc], "the worker's refusal")
