@@ -504,3 +504,18 @@ def test_command_lines_name_the_flag_and_file_of_a_bad_key(keys):
                                           "--model", "tiny", "--curve-key", keys["ctx"],
                                           "--curve-server-key", keys["broker_public"]])
     assert res.exit_code == 2 and "needs --curve-peers" in res.output
+
+
+@pytest.mark.timeout(180)
+def test_broker_bench_measures_curve_beside_the_plain_broker(tmp_path):
+    out = tmp_path / "broker.json"
+    res = subprocess.run([sys.executable, "-m", "bench.broker", "--runs", "1", "--duration", "0.3", "--warmup",
+                          "0.1", "--latency-duration", "0.2", "--processes", "1", "--conns", "2",
+                          "--concurrency", "8", "--curve", "--out", str(out)],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=150)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert set(rep["summary"]) == {"direct-rt", "direct-seq", "broker", "broker-curve"}
+    s = rep["summary"]["broker-curve"]
+    assert s["errors"] == 0 and s["unfinished"] == 0 and rep["runs"]["broker-curve"][0]["completed"] > 0
+    assert rep["headline"]["curve_vs_plain"] > 0 and "CURVE on both broker sockets" in res.stdout
