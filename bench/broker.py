@@ -422,8 +422,9 @@ def main(argv=None) -> int:
             total = args.runs * len(args.targets) + len(args.targets)
             step = 0
             for r in range(args.runs):
-                # interleaved, so the machine's noise falls on every target alike
-                for t in args.targets:
+                # interleaved, in alternating order, so the machine's noise (and whatever the
+                # target run before leaves behind) falls on every target alike
+                for t in (args.targets if r % 2 == 0 else args.targets[::-1]):
                     step += 1
                     res = bench.measure(t, args.processes, args.concurrency, args.duration)
                     runs[t].append(res)

@@ -8,8 +8,10 @@ Request and response bodies are the pydantic models of ``client/openai_models.py
 is OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names the bad field
 (its path, in ``param``) and value, 404 an unknown model or route, 413 an oversized body, 503 (with
 ``Retry-After``) an overloaded broker or no worker up. A client that disconnects cancels its request
-at the broker. From the project it imports only ``broker.protocol`` and, through its
-request models, ``broker.config``: never torch, workers/ or transfer/.
+at the broker. With an API key set, every route but ``/health`` (and ``/metrics`` unless asked)
+needs ``Authorization: Bearer KEY``; 401 otherwise (docs/architecture.md §9). From the project it
+imports only ``broker.protocol``, ``broker.auth`` and, through its request models,
+``broker.config``: never torch, workers/ or transfer/.
 """
 from __future__ import annotations
 
