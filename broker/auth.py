@@ -99,11 +99,13 @@ def keygen(directory: str, name: str, force: bool = False) -> tuple[str, str]:
     secret = os.path.join(directory, f"{name}.key_secret")
     if os.path.exists(secret) and not force:
         raise ConfigError(f"{secret!r} exists; pass --force to replace it")
-    old = os.umask(0o077)
+    old = os.umask(0o077)            # the secret file is never readable by others, not even briefly
     try:
-        return tuple(zmq.auth.create_certificates(directory, name))
+        public, secret = zmq.auth.create_certificates(directory, name)
     finally:
         os.umask(old)
+    os.chmod(public, 0o644)
+    return public, secret
 
 
 def public_file(path: str) -> str:

@@ -57,6 +57,7 @@ def test_keygen_writes_a_loadable_pair_and_refuses_to_overwrite(tmp_path):
     assert zmq.curve_public(pair.secret) == pair.public
     assert load_public_dir(str(tmp_path)) == {pair.public}
     assert oct(os.stat(tmp_path / "w1.key_secret").st_mode & 0o777) == "0o600"
+    assert oct(os.stat(tmp_path / "w1.key").st_mode & 0o777) == "0o644"
     again = CliRunner().invoke(broker_cli, ["keygen", "--dir", str(tmp_path), "--name", "w1"])
     assert again.exit_code == 2 and "w1.key_secret" in again.output and "--force" in again.output
 
