@@ -391,6 +391,7 @@ def _pull(sink, handle, timeout=20.0):
 def test_kv_channel_serves_admitted_generation_workers_only(keys):
     from transfer.base import KvLayout, TransferError
     from transfer.config import CacheTransceiverConfig
+    from transfer.messages import Start, encode
     from transfer.registry import create_sink, create_source
     lay = KvLayout(2, 2, 8, "float32", 4)
     cfg = CacheTransceiverConfig(backend="ZMQ", kv_transfer_timeout_ms=10_000)
@@ -409,6 +410,14 @@ def test_kv_channel_serves_admitted_generation_workers_only(keys):
         sinks.append(keyless)
         r = _pull(keyless, handle)
         assert not r.ok and isinstance(r.error, TransferError) and "no key pair" in str(r.error)
+        ctx = zmq.Context()                      # a plain socket asking to start the transfer
+        try:
+            plain = dealer(ctx, source.endpoint)
+            plain.send_multipart(encode(Start(1, "t1")))
+            assert drain(plain, 1.0) == []
+            plain.close(0)
+        finally:
+            ctx.term()
         gen_pool = _pool(lay, 4, 0.0)
         gen = create_sink(cfg, gen_pool, lay, curve=KeyPair.load(keys["gen"]))
         sinks.append(gen)
