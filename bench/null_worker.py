@@ -96,7 +96,9 @@ class NullWorker:
 
 
 def _max_tokens(sampling: dict) -> int:
-    n = sampling.get("max_tokens", p.SamplingParams.max_tokens) if isinstance(sampling, dict) else 1
+    if not isinstance(sampling, dict):
+        return 1
+    n = sampling.get("max_tokens") or sampling.get("default_max_tokens", p.SamplingParams.default_max_tokens)
     return n if isinstance(n, int) and n >= 1 else 1
 
 

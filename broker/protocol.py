@@ -74,7 +74,8 @@ def _is_num(v: Any) -> bool:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 64
+    max_tokens: Optional[int] = None  # a request that cannot fit its prompt plus this is refused
+    default_max_tokens: int = 64      # when max_tokens is absent: this, clipped to the context
     temperature: float = 0.0          # 0 means greedy
     top_k: int = 0                    # 0 means off
     top_p: float = 1.0
@@ -87,8 +88,10 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         bad, is_int, is_num = _bad_param, _is_int, _is_num
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            raise bad("max_tokens", self.max_tokens, "an integer >= 1")
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", self.max_tokens, "an integer >= 1 or null")
+        if not is_int(self.default_max_tokens) or self.default_max_tokens < 1:
+            raise bad("default_max_tokens", self.default_max_tokens, "an integer >= 1")
         if not is_num(self.temperature) or self.temperature < 0:
             raise bad("temperature", self.temperature, "a number >= 0")
         if not is_int(self.top_k) or self.top_k < 0:

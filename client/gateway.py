@@ -9,7 +9,8 @@ is OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names
 (its path, in ``param``) and value, 404 an unknown model or route, 413 an oversized body, 503 (with
 ``Retry-After``) an overloaded broker or no worker up. A client that disconnects cancels its request
 at the broker. With an API key set, every route but ``/health`` (and ``/metrics`` unless asked)
-needs ``Authorization: Bearer KEY``; 401 otherwise (docs/architecture.md §9). From the project it
+needs ``Authorization: Bearer KEY``; 401 otherwise (docs/architecture.md §9). Triton's
+``/v2/health/*`` probes are open like ``/health``. From the project it
 imports only ``broker.protocol``, ``broker.auth`` and, through its request models,
 ``broker.config``: never torch, workers/ or transfer/.
 """
@@ -36,6 +37,7 @@ from .aio import AsyncClient
 from .errors import BrokerUnavailable, ClientError, RequestFailed, RequestTimeout
 from .openai_models import (AssistantMessage, ChatCompletionRequest, Choice, Completion, CompletionRequest,
                             Delta, HttpError, ModelCard, ModelList, Usage, parse_request)
+from .triton_metrics import render as trtllm_metrics
 
 log = logging.getLogger("gateway")
 
@@ -70,6 +72,17 @@ def failure_to_http(e: ClientError, input_field: Optional[str] = None) -> HttpEr
     return HttpError(500, str(e), code="internal")
 
 
+async def first_chunk(stream, input_field: Optional[str] = None):
+    """A stream's first chunk (None if it ended at once), awaited before a streamed response
+    commits to its 200, so that an early error still gets its status (as an ``HttpError``)."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+    except ClientError as e:
+        raise failure_to_http(e, input_field) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # the server
 
@@ -85,7 +98,9 @@ class Gateway:
         ``Authorization: Bearer KEY``; ``curve``: the ``CurveClient`` for a CURVE broker."""
         self.broker, self.host, self.port = broker, host, port
         self.api_key, self.curve = api_key, curve
-        self.open_paths = {"/health"} if metrics_need_key else {"/health", "/metrics"}
+        # health probes never need the key (Triton's too); /metrics only when asked
+        self.open_paths = {"/health", "/v2/health/live", "/v2/health/ready",
+                           *(() if metrics_need_key else ("/metrics",))}
         self.models = [m for m in models if m]
         self.known_models = set(self.models)
         self.min_workers = dict(min_workers if min_workers is not None else {"context": 1, "generation": 1})
@@ -109,6 +124,8 @@ class Gateway:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        from .triton import TritonApi            # Triton's KServe v2 API, /v2/... (it imports this module)
+        TritonApi(self).add_routes(app)
         return app
 
     async def start(self) -> None:
@@ -241,7 +258,8 @@ class Gateway:
     async def metrics(self, request: web.Request) -> web.Response:
         stats = await self._stats(metrics=True)
         # the exposition version in the content type tells a scraper which text format this is
-        return web.Response(body=stats.get("prometheus", "").encode(),
+        text = stats.get("prometheus", "")
+        return web.Response(body=(text + trtllm_metrics(stats, text, time.time())).encode(),
                             headers={"Content-Type": CONTENT_TYPE_LATEST, "X-Content-Type-Options": "nosniff"})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -270,12 +288,7 @@ class Gateway:
         except ClientError as e:
             raise failure_to_http(e, input_field) from None
         async with stream:
-            try:   # wait for the first token before committing to a 200: early errors get a status
-                first = await stream.__anext__()
-            except StopAsyncIteration:
-                first = None
-            except ClientError as e:
-                raise failure_to_http(e, input_field) from None
+            first = await first_chunk(stream, input_field)
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
             chunk_obj = obj + ".chunk" if chat else obj

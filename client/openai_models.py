@@ -148,8 +148,10 @@ class _Request(BaseModel):
         """The ``AsyncClient`` sampling arguments: only what was set, plus OpenAI's defaults."""
         s: dict = {}
         mt = self._max_tokens()
-        if mt is not None or default_max_tokens is not None:
-            s["max_tokens"] = mt if mt is not None else default_max_tokens
+        if mt is not None:
+            s["max_tokens"] = mt
+        elif default_max_tokens is not None:
+            s["default_max_tokens"] = default_max_tokens   # clipped to the context, never refused
         s["temperature"] = 1.0 if self.temperature is None else float(self.temperature)   # OpenAI's default
         if self.top_p is not None:
             s["top_p"] = float(self.top_p)

@@ -339,6 +339,8 @@ def test_http_needs_the_api_key_except_on_health_and_metrics(secure):
             assert (status, err["code"], err["type"]) == (401, "invalid_api_key", "invalid_request_error"), path
             assert headers["WWW-Authenticate"] == "Bearer"
     assert http("GET", secure.http + "/health")[0] == 200
+    assert http("GET", secure.http + "/v2/health/ready")[0] == 200 and http("GET", secure.http + "/v2/health/live")[0] == 200
+    assert http("GET", secure.http + "/v2")[0] == 401 and http("GET", secure.http + "/v2", API_KEY)[0] == 200
     status, _, raw = http("GET", secure.http + "/metrics")
     assert status == 200 and b"# TYPE" in raw
     status, _, raw = http("POST", secure.http + "/v1/completions", API_KEY, body)

@@ -135,6 +135,11 @@ BAD = [
      "repetition_penalty"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "bogus": 1}, "bogus", 400, "bogus"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, 2, 99999]}, "prompt", 400, "99999"),
+    # prompt + max_tokens beyond the context: refused at once (OpenAI's param is the prompt), not
+    # clipped into a run of thousands of tokens the caller did not ask for
+    ("/v1/completions", {"model": "tiny", "prompt": [1, 2], "max_tokens": 100000}, "prompt", 400,
+     "max_tokens=100000 with a prompt of 2 tokens needs 100002 tokens, beyond the model's context "
+     "(max_seq_len) of 4096: ask for at most 4094"),
     ("/v1/completions", {"model": 7, "prompt": "x"}, "model", 400, "model"),
     ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, "model", 404, "gpt-9"),
     ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, "messages", 400, "messages"),
@@ -196,7 +201,7 @@ def test_request_models_apply_openais_defaults_and_normalise():
     from client.openai_models import ChatCompletionRequest, CompletionRequest, parse_request
     r = parse_request(CompletionRequest, {"prompt": ["hi"], "top_k": -1, "seed": -1, "stop": "x", "stream": None})
     assert r.inputs() == {"prompt": "hi"} and not r.stream and not r.include_usage
-    assert r.sampling(16) == {"max_tokens": 16, "temperature": 1.0, "top_k": 0, "seed": 2**63 - 1, "stop": ["x"]}
+    assert r.sampling(16) == {"default_max_tokens": 16, "temperature": 1.0, "top_k": 0, "seed": 2**63 - 1, "stop": ["x"]}
     assert parse_request(CompletionRequest, {"prompt": "hi", "min_p": 0.1}).sampling(16)["min_p"] == 0.1
     c = parse_request(ChatCompletionRequest, {
         "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
@@ -227,7 +232,7 @@ async def test_client_disconnect_mid_stream_cancels_at_the_broker(dep):
     before = dep.stats()["counters"]["cancelled"]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
         async with s.post(dep.http + "/v1/completions", json={
-                "model": "tiny", "prompt": [3] * 20, "max_tokens": 100000, "ignore_eos": True,
+                "model": "tiny", "prompt": [3] * 20, "max_tokens": 4000, "ignore_eos": True,
                 "stream": True}) as r:
             assert r.status == 200
             seen = 0

@@ -265,6 +265,18 @@ def test_a_pull_that_cannot_start_frees_its_blocks_for_the_next_in_line_at_once(
     r.assert_clean()
 
 
+def test_max_tokens_beyond_the_context_is_refused_and_the_default_is_clipped():
+    r = Rig(blocks=64, max_seq_len=20)
+    r.send(generate("explicit", "x" * 5, max_tokens=16), generate("fits", "x" * 5, max_tokens=15),
+           generate("default", "x" * 5, default_max_tokens=64), generate("unset", "x" * 5))
+    fails = {m.request_id: m for m in r.take(p.Failed)}
+    assert list(fails) == ["explicit"] and fails["explicit"].code == Code.INVALID_REQUEST
+    assert fails["explicit"].message == ("max_tokens=16 with a prompt of 5 tokens needs 21 tokens, "
+                                         "beyond the model's context (max_seq_len) of 20: ask for at most 15")
+    assert {rid: s.max_new for rid, s in r.sched.seqs.items()} == {"fits": 15, "default": 15, "unset": 15}
+    r.sched.drop_all()
+
+
 def test_prompt_validation_and_kv_exhaustion_are_rejected_with_the_field_and_value():
     r = Rig(blocks=2, max_seq_len=50)
     r.send(generate("big", "x" * 8),

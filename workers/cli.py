@@ -1,4 +1,5 @@
-"""``worker start``: run one context, generation or aggregated worker against a broker.
+"""``worker start``: run one context, generation or aggregated worker against a broker;
+``worker export-tokenizer``: write a model's tokenizer for offline benchmark tools.
 
 The command line only (click). It imports the worker, the engine and torch only once a worker
 really starts, so ``worker --help`` and ``worker start --help`` answer at once.
@@ -79,6 +80,26 @@ def start(role, broker, model, options, worker_id, host, curve_key, curve_server
     print(f"worker {worker.worker_id} role={role} model={model} ({worker.precision.describe()}) "
           f"transfer={worker.transfer_info or 'none'}", flush=True)
     worker.run()
+
+
+@cli.command("export-tokenizer", short_help="write a model's tokenizer as a Hugging Face folder")
+@click.option("--model", default="smollm2-135m",
+              help="smollm2-135m (embedded default), a .gguf file, or a Hugging Face directory "
+                   "(default: smollm2-135m)")
+@click.option("--overwrite", is_flag=True, help="replace tokenizer files already in DIR")
+@click.argument("out_dir", metavar="DIR")
+def export_tokenizer(model, overwrite, out_dir) -> None:
+    """Write DIR/tokenizer.json, tokenizer_config.json (with the chat template) and
+    special_tokens_map.json for MODEL, so that benchmark tools (AIPerf, guidellm) and
+    transformers' AutoTokenizer count tokens offline exactly as the server does. Reads the
+    model's vocabulary only, not its weights."""
+    from workers.engine.tokenizer_export import export_tokenizer as export
+    try:
+        paths = export(model, out_dir, overwrite=overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise CommandError("worker", str(e)) from None
+    for path in paths:
+        click.echo(path)
 
 
 def main(argv=None) -> int:

@@ -245,7 +245,17 @@ class Scheduler:
         if n + 1 > capacity:
             raise RequestRejected(f"prompt is {n} tokens; this worker's KV cache holds {capacity} "
                                   f"tokens (kv_cache_config.max_tokens)")
-        return max(1, min(params.max_tokens, self.max_seq_len - n, capacity - n))
+        room = self.max_seq_len - n
+        if params.max_tokens is None:
+            want = min(params.default_max_tokens, room)
+        elif params.max_tokens > room:
+            # OpenAI's and vLLM's rule: refused at once, not clipped into a run the caller did not ask for
+            raise RequestRejected(f"max_tokens={params.max_tokens} with a prompt of {n} tokens needs "
+                                  f"{n + params.max_tokens} tokens, beyond the model's context "
+                                  f"(max_seq_len) of {self.max_seq_len}: ask for at most {room}")
+        else:
+            want = params.max_tokens
+        return max(1, min(want, capacity - n))
 
     def fail(self, rid: str, attempt: int, code: str, message: str, retryable: bool = False) -> None:
         log.info("request %s failed: %s %s", rid, code, message)

@@ -128,13 +128,18 @@ def _config(reader: GGUFFile, arch: str, path: str) -> ModelConfig:
         bos_token_id=get("tokenizer.ggml.bos_token_id"), eos_token_ids=tuple(dict.fromkeys(eos)))
 
 
-def load_gguf(path: str) -> tuple[LlamaModel, HFTokenizer]:
-    reader = GGUFFile(path)
+def read_config(reader: GGUFFile, path: str) -> tuple[str, ModelConfig]:
+    """The file's architecture and model config, refused where the engine cannot run it."""
     arch = reader.fields.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
                          f"{', '.join(SUPPORTED_ARCHS)}")
-    cfg = _config(reader, arch, path)
+    return arch, _config(reader, arch, path)
+
+
+def load_gguf(path: str) -> tuple[LlamaModel, HFTokenizer]:
+    reader = GGUFFile(path)
+    arch, cfg = read_config(reader, path)
     state = {}
     for t in reader.tensors:
         name = _param_name(t.name)
