@@ -4,7 +4,8 @@ Owns the source's registrations and one ROUTER served by one background thread, 
 the sinks' requests (``messages.py``), starts each transfer's clock, refuses what it no longer
 holds, and drives the backend's data plane (``planes.SourcePlane``). It never trusts a request:
 malformed ones are logged and dropped, byte ranges outside the transfer's blocks are refused,
-and nothing a peer sends can stop the thread.
+and nothing a peer sends can stop the thread. With CURVE (a ``broker.auth.CurveServer``), only
+the generation workers whose public keys it admits can connect at all (docs/architecture.md §9).
 """
 from __future__ import annotations
 

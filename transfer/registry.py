@@ -68,14 +68,13 @@ def resolve_backend(name: str) -> str:
     return key
 
 
-def _module(cfg: CacheTransceiverConfig):
-    return importlib.import_module(_BACKENDS[resolve_backend(cfg.backend)][0])
-
-
-def _confine(cfg: CacheTransceiverConfig, host: str) -> None:
-    """Before a UCX-based library starts (MPICH here runs over UCX): listen on ``host`` only."""
-    if resolve_backend(cfg.backend) in ("NIXL", "UCX", "MPI"):
+def _module(cfg: CacheTransceiverConfig, host: str):
+    """The backend's module; a UCX-based one (NIXL, UCX, and MPI: MPICH here runs over UCX) is
+    confined to ``host``'s interface before its library starts."""
+    name = resolve_backend(cfg.backend)
+    if name in ("NIXL", "UCX", "MPI"):
         confine_ucx(host)
+    return importlib.import_module(_BACKENDS[name][0])
 
 
 def create_source(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout, *,
@@ -84,9 +83,8 @@ def create_source(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLay
     worker's error names the worker the KV came from. ``host``: where its channel and data
     plane listen; ``curve``: CURVE on its channel (its pair and the peers' keys it admits)."""
     cfg.check_block_size(layout.block_size)
-    _confine(cfg, host)
     kw = {"curve": curve} if curve is not None else {}
-    source = _module(cfg).make_source(cfg, pool, layout, host=host, **kw)
+    source = _module(cfg, host).make_source(cfg, pool, layout, host=host, **kw)
     source.worker_id = worker_id
     return source
 
@@ -97,8 +95,7 @@ def create_sink(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayou
     the worker advertises (its UCX listens there only); ``curve``: its key pair, for sources
     that run CURVE."""
     cfg.check_block_size(layout.block_size)
-    _confine(cfg, host)
     kw = {"curve": curve} if curve is not None else {}
-    sink = _module(cfg).make_sink(cfg, pool, layout, **kw)
+    sink = _module(cfg, host).make_sink(cfg, pool, layout, **kw)
     sink.worker_id = worker_id
     return sink
