@@ -40,6 +40,7 @@ import zmq
 from broker import protocol as p
 from bench.common import (RESULTS, children, cpu_seconds, machine, median, parse_cpus, quiet_gc, recv_frames,
                           send_frames, start_broker, summarize, table, write_json)
+from broker.auth import CurveClient, keygen
 from broker.launch import Children, read_line, ready_words, wait_for_workers
 
 _TOKENS, _FINAL, _ERROR, _ACCEPTED, _BATCH = p.Tokens.CMD, p.Final.CMD, p.Error.CMD, p.Accepted.CMD, p.BATCH
@@ -117,9 +118,10 @@ def run_direct(mode: str, prompt_tokens: int, output_tokens: int) -> None:
 # load generator: a closed loop over raw DEALER sockets
 
 def load(address: str, conns: int, concurrency: int, t0: float, warmup: float, duration: float,
-         prompt_tokens: int, output_tokens: int, drain_s: float = 10.0) -> dict:
+         prompt_tokens: int, output_tokens: int, drain_s: float = 10.0, curve=None) -> dict:
     """Keep ``concurrency`` requests in flight (split over ``conns`` sockets) from monotonic time
-    ``t0`` for ``warmup + duration`` seconds; count the requests that end in the measured window."""
+    ``t0`` for ``warmup + duration`` seconds; count the requests that end in the measured window.
+    ``curve``: a ``broker.auth.CurveClient`` for a broker with CURVE."""
     ctx = zmq.Context()
     socks = []
     poller = zmq.Poller()
@@ -128,6 +130,8 @@ def load(address: str, conns: int, concurrency: int, t0: float, warmup: float, d
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 1_000_000)
         s.setsockopt(zmq.RCVHWM, 1_000_000)
+        if curve is not None:
+            curve.apply(s)
         s.connect(address)
         poller.register(s, zmq.POLLIN)
         socks.append(s)
@@ -221,8 +225,9 @@ def loadgen_main(cpus: Optional[set] = None) -> int:
         cmd = json.loads(line)
         if cmd.get("op") == "quit":
             break
+        curve = CurveClient.load(*cmd["curve"]) if cmd.get("curve") else None
         res = load(cmd["address"], cmd["conns"], cmd["concurrency"], cmd["t0"], cmd["warmup"],
-                   cmd["duration"], cmd["prompt_tokens"], cmd["output_tokens"])
+                   cmd["duration"], cmd["prompt_tokens"], cmd["output_tokens"], curve=curve)
         print(json.dumps(res), flush=True)
     return 0
 
@@ -236,6 +241,7 @@ class Bench:
         self.loadgens: list[subprocess.Popen] = []
         self.targets: dict[str, str] = {}     # name -> frontend address
         self.pids: dict[str, int] = {}        # name -> server process pid (CPU accounting)
+        self.curve: Optional[list] = None     # the load generators' key pair and the broker's key
 
     def setup(self) -> None:
         a = self.args
@@ -248,6 +254,8 @@ class Bench:
                                                *(["--cpus", cpus] if cpus else [])])
         self.pids["null-workers"] = nw.pid
         wait_for_workers(b["frontend"], {"context": 1, "generation": 1}, 30, self.procs)
+        if a.curve:
+            self._start_curve_broker(cpus)
         for mode in ("rt", "seq"):
             name = f"direct-{mode}"
             proc = self.procs.start(name, [sys.executable, "-m", "bench.broker", "_direct", mode,
@@ -261,6 +269,23 @@ class Bench:
             read_line(proc, 30, "ready line")
             self.loadgens.append(proc)
 
+    def _start_curve_broker(self, cpus: str) -> None:
+        """The same broker and null workers with CURVE on both sockets (target broker-curve)."""
+        d = os.path.join(self.procs.tmp.name, "keys")
+        pairs = {n: keygen(os.path.join(d, n), n)[1] for n in ("broker", "clients", "workers")}
+        b = start_broker(self.procs, extra=["--curve-key", pairs["broker"], "--client-keys",
+                                            os.path.join(d, "clients"), "--worker-keys", os.path.join(d, "workers")])
+        self.targets["broker-curve"], self.pids["broker-curve"] = b["frontend"], b["pid"]
+        server = pairs["broker"][:-len("_secret")]
+        nw = self.procs.start("null-workers-curve", [
+            sys.executable, "-m", "bench.null_worker", "--broker", b["backend"], "--role", "context",
+            "--role", "generation", "--max-seconds", "3600", "--curve-key", pairs["workers"],
+            "--curve-server-key", server, *(["--cpus", cpus] if cpus else [])])
+        self.pids["null-workers-curve"] = nw.pid
+        self.curve = [pairs["clients"], server]
+        wait_for_workers(b["frontend"], {"context": 1, "generation": 1}, 30, self.procs,
+                         curve=CurveClient.load(*self.curve))
+
     def measure(self, target: str, processes: int, concurrency: int, duration: float) -> dict:
         """One closed-loop measurement of one target with ``processes`` load generators."""
         a = self.args
@@ -273,11 +298,13 @@ class Bench:
                                       "conns": min(a.conns, c), "concurrency": c, "t0": t0,
                                       "warmup": a.warmup, "duration": duration,
                                       "prompt_tokens": a.prompt_tokens,
-                                      "output_tokens": a.output_tokens}) + "\n")
+                                      "output_tokens": a.output_tokens,
+                                      "curve": self.curve if target == "broker-curve" else None}) + "\n")
             g.stdin.flush()
         time.sleep(max(0.0, t0 + a.warmup - time.monotonic()))
         pid = self.pids[target]
-        helpers = [pid] + ([self.pids["null-workers"]] if target == "broker" else [])
+        workers = {"broker": "null-workers", "broker-curve": "null-workers-curve"}.get(target)
+        helpers = [pid] + ([self.pids[workers]] if workers else [])
         cpu0 = [cpu_seconds(x) for x in helpers]
         time.sleep(max(0.0, t0 + a.warmup + duration - time.monotonic()))
         cpu1 = [cpu_seconds(x) for x in helpers]
@@ -296,7 +323,7 @@ class Bench:
             "server_cpu_us_per_request": 1e6 * (cpu1[0] - cpu0[0]) / done if done else None,
             "loadgen_cpu_pct": 100 * sum(r["cpu_s"] for r in results) / duration,
         }
-        if target == "broker":
+        if workers:
             out["null_workers_cpu_pct"] = 100 * (cpu1[1] - cpu0[1]) / duration
         return out
 
@@ -309,7 +336,7 @@ class Bench:
                 pass
 
 
-TARGETS = ("direct-rt", "direct-seq", "broker")
+TARGETS = ("direct-rt", "direct-seq", "broker")     # and broker-curve with --curve
 
 
 def summarize_runs(runs: list[dict]) -> dict:
@@ -352,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "take no CPU time from the broker or the direct servers (which may run on "
                          "any CPU): a list such as 1 or 2-3, 'last' (the last CPU, the default on a "
                          "machine with two or more) or 'none'")
+    ap.add_argument("--curve", action="store_true",
+                    help="also measure a broker with CURVE on both sockets (target broker-curve: "
+                         "its clients and null workers authenticate and encrypt)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "broker.json"),
                     help="JSON results path (default: bench/results/broker.json)")
     return ap
@@ -382,24 +412,26 @@ def main(argv=None) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.concurrency < args.processes:
         raise SystemExit(f"--concurrency {args.concurrency} must be >= --processes {args.processes}")
-    runs: dict = {t: [] for t in TARGETS}
+    args.targets = TARGETS + (("broker-curve",) if args.curve else ())
+    runs: dict = {t: [] for t in args.targets}
     latency: dict = {}
     with children(prefix="bench-broker-") as procs:
         bench = Bench(args, procs)
         try:
             bench.setup()
-            total = args.runs * len(TARGETS) + len(TARGETS)
+            total = args.runs * len(args.targets) + len(args.targets)
             step = 0
             for r in range(args.runs):
-                # interleaved, so the machine's noise falls on every target alike
-                for t in TARGETS:
+                # interleaved, in alternating order, so the machine's noise (and whatever the
+                # target run before leaves behind) falls on every target alike
+                for t in (args.targets if r % 2 == 0 else args.targets[::-1]):
                     step += 1
                     res = bench.measure(t, args.processes, args.concurrency, args.duration)
                     runs[t].append(res)
                     print(f"[{step}/{total}] run {r + 1} {t}: {res['requests_per_s']:,.0f} req/s, "
                           f"p50 {res['latency_ms']['p50'] or 0:.2f} ms, server CPU "
                           f"{res['server_cpu_pct']:.0f}%, errors {res['errors']}", file=sys.stderr)
-            for t in TARGETS:
+            for t in args.targets:
                 step += 1
                 latency[t] = bench.measure(t, 1, 1, args.latency_duration)
                 print(f"[{step}/{total}] one at a time {t}: p50 {latency[t]['latency_ms']['p50'] or 0:.3f} ms",
@@ -414,7 +446,7 @@ def main(argv=None) -> int:
 
 
 def build_report(args, runs: dict, latency: dict) -> dict:
-    summary = {t: summarize_runs(runs[t]) for t in TARGETS}
+    summary = {t: summarize_runs(runs[t]) for t in runs}
     b, seq, rt = summary["broker"], summary["direct-seq"], summary["direct-rt"]
     lb, lseq, lrt = (latency[t]["latency_ms"]["p50"] for t in ("broker", "direct-seq", "direct-rt"))
     ratio = lambda x, y: (x / y) if x and y else None
@@ -431,7 +463,7 @@ def build_report(args, runs: dict, latency: dict) -> dict:
         "machine": machine(),
         "summary": summary,
         "one_at_a_time": {t: {"latency_ms": latency[t]["latency_ms"], "ttft_ms": latency[t]["ttft_ms"],
-                              "requests_per_s": latency[t]["requests_per_s"]} for t in TARGETS},
+                              "requests_per_s": latency[t]["requests_per_s"]} for t in runs},
         "headline": {
             "broker_requests_per_s": b["requests_per_s"],
             "direct_rt_round_trips_per_s": rt["requests_per_s"],
@@ -448,15 +480,27 @@ def build_report(args, runs: dict, latency: dict) -> dict:
             "added_latency_p50_ms_vs_direct_rt": (lb - lrt) if lb is not None and lrt is not None else None,
             "target_requests_per_s": args.target_rps,
             "meets_target": bool(b["requests_per_s"] and b["requests_per_s"] >= args.target_rps),
+            **(curve_headline(b, summary["broker-curve"], latency) if "broker-curve" in summary else {}),
         },
-        "runs": {t: [{k: v for k, v in r.items()} for r in runs[t]] for t in TARGETS},
+        "runs": {t: [{k: v for k, v in r.items()} for r in runs[t]] for t in runs},
     }
+
+
+def curve_headline(plain: dict, curve: dict, latency: dict) -> dict:
+    """What CURVE costs the broker: its request rate and CPU per request against the plain one."""
+    lp, lc = (latency[t]["latency_ms"]["p50"] for t in ("broker", "broker-curve"))
+    cp, cc = plain["server_cpu_us_per_request"], curve["server_cpu_us_per_request"]
+    return {"curve_requests_per_s": curve["requests_per_s"],
+            "curve_vs_plain": (curve["requests_per_s"] / plain["requests_per_s"])
+            if curve["requests_per_s"] and plain["requests_per_s"] else None,
+            "curve_cpu_us_per_request_added": (cc - cp) if cc is not None and cp is not None else None,
+            "curve_added_latency_p50_ms": (lc - lp) if lc is not None and lp is not None else None}
 
 
 def render(report: dict) -> str:
     c, s, h, one = report["config"], report["summary"], report["headline"], report["one_at_a_time"]
     rows = []
-    for t in TARGETS:
+    for t in s:
         x = s[t]
         rows.append([t, x["requests_per_s"], f"{x['requests_per_s_min']:,.0f}-{x['requests_per_s_max']:,.0f}",
                      x["latency_p50_ms"], x["latency_p99_ms"], one[t]["latency_ms"]["p50"],
@@ -483,6 +527,11 @@ def render(report: dict) -> str:
             f"broker CPU per request {f('broker_cpu_us_per_request', '.0f')} us (process total, I/O thread "
             f"included): one whole core would sustain about "
             f"{f('broker_projected_requests_per_s_one_core', ',.0f')} req/s (extrapolated)")
+    if "curve_vs_plain" in h:
+        tail += (f"\nCURVE on both broker sockets: {f('curve_requests_per_s', ',.0f')} req/s = "
+                 f"{f('curve_vs_plain', '.2f')}x without, {f('curve_cpu_us_per_request_added', '+.0f')} us "
+                 f"broker CPU per request, {f('curve_added_latency_p50_ms', '+.0f', 1000)} us p50 at one "
+                 "request in flight")
     return f"{head}\n\n{t}\n\n{tail}"
 
 

@@ -103,9 +103,10 @@ def _max_tokens(sampling: dict) -> int:
 
 
 def serve(broker: str, workers: list, stop_after: Optional[float] = None,
-          should_stop=lambda: False) -> None:
+          should_stop=lambda: False, curve=None) -> None:
     """Run the null workers against the broker's backend until ``should_stop()`` or
-    ``stop_after`` seconds; each sends Ready, heartbeats from the loop, and Disconnect at the end."""
+    ``stop_after`` seconds; each sends Ready, heartbeats from the loop, and Disconnect at the end.
+    ``curve``: a ``broker.auth.CurveClient`` for a broker with CURVE."""
     ctx = zmq.Context()
     socks = []
     poller = zmq.Poller()
@@ -114,6 +115,8 @@ def serve(broker: str, workers: list, stop_after: Optional[float] = None,
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 1_000_000)
         s.setsockopt(zmq.RCVHWM, 1_000_000)
+        if curve is not None:
+            curve.apply(s)
         s.connect(broker)
         s.send_multipart(w.ready().encode())
         socks.append((s, w))
@@ -170,7 +173,11 @@ def main(argv=None) -> int:
                     help="stop after this many seconds in any case (default: 3600)")
     ap.add_argument("--cpus", type=parse_cpus, default=None, metavar="LIST",
                     help="run only on these CPUs, e.g. 1 or 0,2-3 (default: any)")
+    ap.add_argument("--curve-key", default=None, help="CURVE key pair (NAME.key_secret) of the workers")
+    ap.add_argument("--curve-server-key", default=None, help="the broker's CURVE public key")
     args = ap.parse_args(argv)
+    from broker.auth import curve_client
+    curve = curve_client(args.curve_key, args.curve_server_key)
     if args.cpus:
         os.sched_setaffinity(0, args.cpus)    # before any thread starts: they all inherit it
     stop = []
@@ -181,7 +188,7 @@ def main(argv=None) -> int:
                for i, r in enumerate(args.role)]
     print(f"null workers ready pid={os.getpid()} roles={','.join(args.role)}", flush=True)
     parent = os.getppid()      # a benchmark that died without stopping us: stop too
-    serve(args.broker, workers, args.max_seconds, lambda: bool(stop) or os.getppid() != parent)
+    serve(args.broker, workers, args.max_seconds, lambda: bool(stop) or os.getppid() != parent, curve)
     return 0
 
 

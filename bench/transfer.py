@@ -2,7 +2,7 @@
 
 Moves 1, 16 and 256 MiB buffers and a realistic KV handoff (SmolLM2-135M: 30 layers, 3 KV heads,
 head dim 64; a 2048-token prompt in 16-token blocks: 46,080 bytes/token and ~94 MB in fp32, half
-that in bf16/fp16, one case per ``--kv-dtype``) from a context-side source in a child process (``transfer.loopback``; under ``mpiexec -n 1`` for MPI)
+that in bf16/fp16, one case per ``--kv-dtype``) from a context-side source in a child process (``transfer.loopback``; under ``mpiexec.gforker -n 1`` for MPI)
 into a sink in this process. Each case runs one warm-up pull (connection setup, registration)
 and then ``--repeats`` timed pulls, from ``start_pull`` to the result (control round trips
 included), polled without sleeping. The baseline is a numpy memcpy of the same size between

@@ -15,6 +15,8 @@ from typing import Optional
 
 import click
 
+from broker.auth import CONFIG_NAMES, api_key_from, broker_curve, self_client
+from broker.auth import keygen as keygen_files
 from broker.config import BrokerConfig, ConfigError, DisaggConfig, load_disagg_config
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -59,6 +61,22 @@ def _http_options(f):
                              "(default: the config's port, 8000 without a config)")(f)
 
 
+def _auth_options(f):
+    """The broker's CURVE keys and HTTP API key (each over the config's ``auth`` section)."""
+    for opt in reversed([
+        click.option("--curve-key", default=None, metavar="KEY_SECRET_FILE",
+                     help="the broker's CURVE key pair (`broker keygen`): CURVE on both sockets"),
+        click.option("--client-keys", default=None, metavar="DIR",
+                     help="directory of the client public keys (*.key) CURVE admits"),
+        click.option("--worker-keys", default=None, metavar="DIR",
+                     help="directory of the worker public keys (*.key) CURVE admits"),
+        click.option("--api-key", default=None, help="HTTP API key: every route but /health and "
+                     "/metrics needs 'Authorization: Bearer KEY' (default: auth.api_key, $DSRV_API_KEY)"),
+    ]):
+        f = opt(f)
+    return f
+
+
 @click.group(context_settings=CONTEXT)
 def cli() -> None:
     """The disaggregated-serving broker."""
@@ -84,9 +102,11 @@ _D = BrokerConfig()
 @click.option("--request-timeout", type=float, default=None,
               help=f"deadline of requests that set none, seconds (default {_D.request_timeout_s})")
 @_http_options
+@_auth_options
 @log_level_option
 def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv_lease,
-          request_timeout, http_port, no_http, log_level) -> None:
+          request_timeout, http_port, no_http, curve_key, client_keys, worker_keys, api_key,
+          log_level) -> None:
     """Run the broker: clients connect to --frontend, workers to --backend. A port of 0 (or *)
     picks a free port; the chosen addresses are printed on the first line of stdout."""
     setup_logging(log_level)
@@ -103,7 +123,16 @@ def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv
                     "%s: %s worker options are not used by `broker start` (it starts no workers): "
                     "`broker launch` passes them, or give them to `worker start "
                     "--extra-llm-api-options`", cfg.source, name)
-        server = BrokerServer(frontend or cfg.frontend, backend or cfg.backend_address, settings)
+        a = cfg.auth
+        flags = (curve_key, client_keys, worker_keys)
+        names = tuple(f"--{n.split('.')[1].replace('_', '-')}" if v or not config else f"{cfg.source}: {n}"
+                      for n, v in zip(CONFIG_NAMES, flags))
+        curve = broker_curve(curve_key or a.curve_key, client_keys or a.client_keys,
+                             worker_keys or a.worker_keys, names)
+        if not no_http:
+            api_key_from(api_key, a.api_key)        # a bad key fails before anything binds
+        server = BrokerServer(frontend or cfg.frontend, backend or cfg.backend_address, settings,
+                              curve=curve)
     except (ConfigError, OSError) as e:
         raise CommandError("broker", str(e)) from None
     gateway = None
@@ -111,7 +140,7 @@ def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv
         if not no_http:
             from broker.launch import start_gateway
             models = (cfg.model,) if config else ()
-            gateway = start_gateway(cfg, server.frontend, http_port, models)
+            gateway = start_gateway(cfg, server.frontend, http_port, models, self_client(curve), api_key)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         signal.signal(signal.SIGINT, lambda *_: server.stop())
         http = f" http={gateway.gateway.url}" if gateway is not None else ""
@@ -164,7 +193,7 @@ def launch(ctx, config, model, demo, prompt, max_tokens, ready_timeout, http_por
               f"model={cfg.model}{http}", flush=True)
         if demo:
             prompts = [[{"role": "user", "content": q}] for q in prompt] or DEMO_PROMPTS
-            rc = run_demo(session.frontend, prompts, max_tokens)
+            rc = run_demo(session.frontend, prompts, max_tokens, curve=self_client(session.curve))
         else:
             while not stop.wait(0.5):
                 if session.children.exited() is not None:
@@ -179,6 +208,20 @@ def launch(ctx, config, model, demo, prompt, max_tokens, ready_timeout, http_por
     finally:
         session.stop()
     ctx.exit(rc)
+
+
+@cli.command(short_help="write a CURVE key pair")
+@click.option("--dir", "directory", required=True, help="folder to write NAME.key and NAME.key_secret to")
+@click.option("--name", required=True, help="file name of the pair: NAME.key (public) and NAME.key_secret")
+@click.option("--force", is_flag=True, help="replace an existing pair of that name")
+def keygen(directory, name, force) -> None:
+    """Write a CURVE key pair as ZeroMQ certificates. Give the public NAME.key to the other side
+    (a directory of admitted keys, or --curve-server-key); keep NAME.key_secret (mode 0600)."""
+    try:
+        public, secret = keygen_files(directory, name, force)
+    except (ConfigError, OSError) as e:
+        raise CommandError("broker", str(e)) from None
+    click.echo(f"public={public} secret={secret}")
 
 
 def main(argv=None) -> int:

@@ -312,6 +312,36 @@ class ClusterSchema(Schema):
     inactive_interval_sec: Optional[float] = None    # TensorRT-LLM's README spells it so; its code does not
 
 
+class AuthSchema(Schema):
+    """Ours: the ``auth`` section (broker/auth.py). Paths are relative to the config's folder."""
+    curve_key: Optional[str] = None     # the broker's NAME.key_secret: CURVE on both ZeroMQ sockets
+    client_keys: Optional[str] = None   # directory of admitted client public keys (*.key)
+    worker_keys: Optional[str] = None   # directory of admitted worker public keys (*.key)
+    worker_key: Optional[str] = None    # the key pair `broker launch` gives the workers it starts
+    api_key: Optional[str] = None       # HTTP API key (also --api-key, $DSRV_API_KEY)
+    metrics_need_key: bool = False      # also ask the API key on /metrics (never on /health)
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    curve_key: Optional[str] = None
+    client_keys: Optional[str] = None
+    worker_keys: Optional[str] = None
+    worker_key: Optional[str] = None
+    api_key: Optional[str] = None
+    metrics_need_key: bool = False
+
+
+def _auth(a: Optional[AuthSchema], source: str) -> AuthSettings:
+    if a is None:
+        return AuthSettings()
+    base = os.path.dirname(os.path.abspath(source)) if source not in ("<dict>", "<defaults>") else ""
+    # paths only: broker/auth.py checks the keys, after the command line's flags are applied
+    paths = {k: os.path.join(base, v) if base and v and not os.path.isabs(v) else v
+             for k in ("curve_key", "client_keys", "worker_keys", "worker_key") for v in [getattr(a, k)]}
+    return AuthSettings(**paths, api_key=a.api_key, metrics_need_key=a.metrics_need_key)
+
+
 class _DisaggKeys(Schema):
     hostname: str = "127.0.0.1"
     port: typing.Annotated[int, Field(ge=0, le=65535)] = 8000
@@ -324,6 +354,7 @@ class _DisaggKeys(Schema):
     broker: Optional[dict] = None        # ours: BrokerConfig
     frontend: str = "tcp://127.0.0.1:*"          # ours: the client-facing ZeroMQ address
     backend_address: str = "tcp://127.0.0.1:*"   # ours: the worker-facing ZeroMQ address
+    auth: Optional[AuthSchema] = None            # ours: CURVE keys and the HTTP API key
 
 
 # TensorRT-LLM hands every other top-level key to both groups as an LLM-API option
@@ -362,6 +393,7 @@ class DisaggConfig:
     broker: BrokerConfig = BrokerConfig()
     frontend: str = "tcp://127.0.0.1:*"       # our addition: the client-facing ZeroMQ address
     backend_address: str = "tcp://127.0.0.1:*"  # our addition: the worker-facing ZeroMQ address
+    auth: AuthSettings = AuthSettings()         # our addition: CURVE keys and the HTTP API key
     source: str = "<defaults>"
 
 
@@ -435,7 +467,8 @@ def parse_disagg_config(raw: Any, source: str = "<dict>") -> DisaggConfig:
         {"context": ctx.num_instances, "generation": gen.num_instances}
     return DisaggConfig(hostname=d.hostname, port=d.port, model=d.model, backend=d.backend,
                         context_servers=ctx, generation_servers=gen, min_workers=minimum, broker=broker,
-                        frontend=d.frontend, backend_address=d.backend_address, source=source)
+                        frontend=d.frontend, backend_address=d.backend_address,
+                        auth=_auth(d.auth, source), source=source)
 
 
 # ---------------------------------------------------------------------------------------------

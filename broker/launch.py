@@ -34,16 +34,20 @@ import yaml
 import zmq
 
 from broker import protocol as p
-from broker.config import DisaggConfig, read_yaml, worker_options
+from broker.auth import CONFIG_NAMES, CurveClient, api_key_from, broker_curve, public_file, self_client
+from broker.config import ConfigError, DisaggConfig, read_yaml, worker_options
 
 log = logging.getLogger("broker.launch")
 
 
-def ping(address: str, timeout: float = 2.0, ctx: Optional[zmq.Context] = None) -> Optional[dict]:
+def ping(address: str, timeout: float = 2.0, ctx: Optional[zmq.Context] = None,
+         curve: Optional[CurveClient] = None) -> Optional[dict]:
     """One Ping to a broker frontend; its stats, or None if it did not answer in time."""
     ctx = ctx or zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(s)
     try:
         s.connect(address)
         nonce = int.from_bytes(os.urandom(4), "little")
@@ -226,7 +230,7 @@ def worker_command(role: str, broker: str, model: str, worker_id: Optional[str] 
                    options: Optional[str] = None, log_level: Optional[str] = None,
                    exit_with_parent: bool = False, prefix: Sequence[str] = (),
                    extra: Sequence[str] = ()) -> list:
-    """The ``worker start`` command line (``prefix``: a launcher in front, e.g. ``mpiexec -n 1``)."""
+    """The ``worker start`` command line (``prefix``: a launcher in front, e.g. ``mpiexec.gforker -n 1``)."""
     cmd = [*prefix, sys.executable, "-m", "workers.cli", "start", "--role", role, "--broker", broker,
            "--model", model]
     if worker_id:
@@ -243,13 +247,13 @@ def worker_command(role: str, broker: str, model: str, worker_id: Optional[str] 
 
 def wait_until(frontend: str, pred: Callable[[dict], bool], timeout: float, what: str,
                check: Optional[Callable[[], None]] = None, ping_timeout: float = 2.0,
-               interval: float = 0.05) -> dict:
+               interval: float = 0.05, curve: Optional[CurveClient] = None) -> dict:
     """Poll the broker's stats until ``pred(stats)`` holds and return them. ``check()`` raises
     when a process we wait on has died; TimeoutError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     stats = None
     while True:
-        stats = ping(frontend, ping_timeout)
+        stats = ping(frontend, ping_timeout, curve=curve)
         if stats is not None and pred(stats):
             return stats
         if check is not None:
@@ -260,7 +264,8 @@ def wait_until(frontend: str, pred: Callable[[dict], bool], timeout: float, what
 
 
 def wait_for_workers(frontend: str, want: dict, timeout: float, children: Optional[Children] = None,
-                     progress: Optional[Callable[[str], None]] = None) -> dict:
+                     progress: Optional[Callable[[str], None]] = None,
+                     curve: Optional[CurveClient] = None) -> dict:
     """Until the broker reports at least ``want[role]`` registered workers of each role;
     ``progress`` gets a line each time the counts change."""
     last = [""]
@@ -275,19 +280,24 @@ def wait_for_workers(frontend: str, want: dict, timeout: float, children: Option
 
     what = "workers registered (" + ", ".join(f"{r} {n}" for r, n in want.items()) + ")"
     check = (lambda: children.check_alive(what=what)) if children is not None else None
-    return wait_until(frontend, ready, timeout, what, check, ping_timeout=1.0, interval=0.1)
+    return wait_until(frontend, ready, timeout, what, check, ping_timeout=1.0, interval=0.1, curve=curve)
 
 
 # ---------------------------------------------------------------------------------------------
 # ``broker launch``
 
-def start_gateway(cfg: DisaggConfig, frontend: str, port: Optional[int] = None, models: tuple = ()):
+def start_gateway(cfg: DisaggConfig, frontend: str, port: Optional[int] = None, models: tuple = (),
+                  curve: Optional[CurveClient] = None, api_key: Optional[str] = None):
     """The OpenAI-compatible HTTP gateway on the config's hostname:port (``port`` overrides it),
-    in a thread of this process, talking to the broker at ``frontend``. Returns the running
-    ``GatewayThread``; raises OSError when the port cannot be bound."""
+    in a thread of this process, talking to the broker at ``frontend`` (with ``curve``, the
+    broker's own pair: ``auth.self_client``). ``api_key``: the flag's, else the config's, else
+    $DSRV_API_KEY. Returns the running ``GatewayThread``; raises OSError when the port cannot be
+    bound."""
     from client.gateway import Gateway, GatewayThread     # aiohttp is needed only when serving HTTP
     gw = Gateway(frontend, host=cfg.hostname, port=cfg.port if port is None else port, models=models,
-                 min_workers=cfg.min_workers, request_timeout=cfg.broker.request_timeout_s)
+                 min_workers=cfg.min_workers, request_timeout=cfg.broker.request_timeout_s,
+                 api_key=api_key_from(api_key, cfg.auth.api_key),
+                 metrics_need_key=cfg.auth.metrics_need_key, curve=curve)
     thread = GatewayThread(gw)
     thread.start()
     return thread
@@ -308,7 +318,16 @@ class Launch:
         from broker.server import BrokerServer
         self.cfg = cfg
         self.log_level = log_level
-        self.server = BrokerServer(cfg.frontend, cfg.backend_address, cfg.broker)
+        a = cfg.auth
+        self.curve = broker_curve(a.curve_key, a.client_keys, a.worker_keys,
+                                  tuple(f"{cfg.source}: {n}" for n in CONFIG_NAMES))
+        if self.curve is not None and not a.worker_key:
+            raise ConfigError(f"{cfg.source}: auth.curve_key is set but auth.worker_key is not: "
+                              "`broker launch` gives the workers it starts that key pair")
+        self.worker_auth = ([] if self.curve is None else
+                            ["--curve-key", a.worker_key, "--curve-server-key", public_file(a.curve_key),
+                             "--curve-peers", a.worker_keys])
+        self.server = BrokerServer(cfg.frontend, cfg.backend_address, cfg.broker, curve=self.curve)
         self.thread = threading.Thread(target=self.server.run, name="broker", daemon=True)
         self.http, self.http_port = http, http_port
         self.gateway = None
@@ -337,25 +356,27 @@ class Launch:
     def start(self) -> None:
         self.thread.start()
         if self.http:
-            self.gateway = start_gateway(self.cfg, self.frontend, self.http_port, (self.cfg.model,))
+            self.gateway = start_gateway(self.cfg, self.frontend, self.http_port, (self.cfg.model,),
+                                         curve=self_client(self.curve))
         for name, role, group in (("context_servers", "context", self.cfg.context_servers),
                                   ("generation_servers", "generation", self.cfg.generation_servers)):
             opts, options = self._options_file(name)
             # MPI workers join through Open_port/Connect only when each runs under its own
-            # `mpiexec -n 1` (the one the mpich wheel installs beside python)
-            prefix = ([os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", "1"]
+            # `mpiexec.gforker -n 1` (the mpich wheel's, beside python: unlike Hydra's mpiexec
+            # it opens no PMI port on 0.0.0.0)
+            prefix = ([os.path.join(os.path.dirname(sys.executable), "mpiexec.gforker"), "-n", "1"]
                       if _transfer_backend(options) == "MPI" else [])
             for i in range(group.num_instances):
                 cmd = worker_command(role, self.server.backend, self.cfg.model, worker_id=f"{role}-{i}",
                                      options=opts, log_level=self.log_level, exit_with_parent=True,
-                                     prefix=prefix, extra=group.args)
+                                     prefix=prefix, extra=[*self.worker_auth, *group.args])
                 proc = self.children.start(f"{name}[{i}] of {self.cfg.source}", cmd, inherit=True)
                 log.info("started %s worker %d (pid %d)", role, i, proc.pid)
 
     def wait_ready(self, timeout: float, progress=print) -> None:
         want = {"context": self.cfg.context_servers.num_instances,
                 "generation": self.cfg.generation_servers.num_instances}
-        wait_for_workers(self.frontend, want, timeout, self.children, progress)
+        wait_for_workers(self.frontend, want, timeout, self.children, progress, curve=self_client(self.curve))
 
     def stop(self, grace: float = 10.0) -> None:
         self.children.close(grace)
@@ -373,10 +394,11 @@ DEMO_PROMPTS = [
 ]
 
 
-def run_demo(frontend: str, prompts: list, max_tokens: int = 48, out=print) -> int:
+def run_demo(frontend: str, prompts: list, max_tokens: int = 48, out=print,
+             curve: Optional[CurveClient] = None) -> int:
     from client import Client, ClientError
     failures = 0
-    with Client(frontend, timeout=300) as c:
+    with Client(frontend, timeout=300, curve=curve) as c:
         for messages in prompts:
             question = messages[-1]["content"]
             try:

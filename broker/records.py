@@ -76,3 +76,4 @@ class Request:
     kv_transfer_s: float = 0.0
     decode_tries: int = 0
     note: str = ""                    # why the request was re-run, for its final error
+    client_rid: str = ""              # the id its client gave (request_id is the broker's key)

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import zmq
 
 from broker import protocol as p
+from broker.auth import CLIENTS, WORKERS, CurveServer, warn_exposed
 from broker.config import BrokerConfig
 from broker.state import FRONT, BrokerState, Out
 
@@ -87,17 +88,32 @@ class BrokerServer:
     """Binds the frontend (clients) and backend (workers) ROUTERs; ``run()`` serves until stopped."""
 
     def __init__(self, frontend: str = "tcp://127.0.0.1:*", backend: str = "tcp://127.0.0.1:*",
-                 config: BrokerConfig = BrokerConfig(), ctx: Optional[zmq.Context] = None):
-        self.ctx = ctx or zmq.Context.instance()
+                 config: BrokerConfig = BrokerConfig(), ctx: Optional[zmq.Context] = None,
+                 curve: Optional[CurveServer] = None):
+        # CURVE needs a ZAP handler of its own context: one per context, so never the shared one
+        self._own_ctx = ctx is None and curve is not None
+        self.ctx = ctx or (zmq.Context() if curve is not None else zmq.Context.instance())
+        self.curve = curve.start(self.ctx) if curve is not None else None
         self.state = BrokerState(config)
-        self.front = self._bind(normalize_endpoint(frontend))
-        self.back = self._bind(normalize_endpoint(backend))
+        self.front: Optional[zmq.Socket] = None
+        self.front = self._bind(normalize_endpoint(frontend), CLIENTS)
+        try:
+            self.back = self._bind(normalize_endpoint(backend), WORKERS)
+        except OSError:
+            self.front.close(0)
+            self._stop_auth()
+            raise
         self.frontend = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
+        if curve is None:
+            warn_exposed([self.frontend, self.backend], "CURVE authentication",
+                         "set auth.curve_key, auth.client_keys and auth.worker_keys (README: Authentication)")
         self._stop = threading.Event()
 
-    def _bind(self, addr: str) -> zmq.Socket:
+    def _bind(self, addr: str, domain: str) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
+        if self.curve is not None:
+            self.curve.apply(s, domain)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unreachable peer raises instead of vanishing
         s.setsockopt(zmq.SNDHWM, 100_000)
@@ -107,6 +123,8 @@ class BrokerServer:
             s.bind(addr)
         except zmq.ZMQError as e:
             s.close()
+            if self.front is None:     # the first socket: nothing else to close
+                self._stop_auth()
             raise OSError(f"cannot bind {addr}: {e}") from e
         return s
 
@@ -116,6 +134,14 @@ class BrokerServer:
     def close(self) -> None:
         self.front.close(0)
         self.back.close(0)
+        self._stop_auth()
+
+    def _stop_auth(self) -> None:
+        if self.curve is not None:
+            self.curve.stop()
+        if self._own_ctx:
+            self.ctx.term()
+            self._own_ctx = False
 
     def run(self) -> None:
         poller = zmq.Poller()

@@ -21,6 +21,7 @@ from collections import deque
 from typing import Callable, Optional
 
 from broker import protocol as p
+from broker.client_ids import ClientIds, shown_to_client
 from broker.config import BrokerConfig
 from broker.metrics import Metrics, state_gauges
 from broker.records import (BACK, DECODING, FRONT, GENERATING, KV_READY, PREFILLING,  # noqa: F401
@@ -36,6 +37,7 @@ class BrokerState:
         self.clock = clock
         self.rng = rng or random.Random()
         self.requests: dict[str, Request] = {}
+        self.ids = ClientIds()     # request ids scoped per client: keys of self.requests
         self.prefill_queue: deque[str] = deque()   # QUEUED requests, in arrival order
         self.decode_queue: deque[str] = deque()    # KV_READY requests waiting for a generation worker
         self.workers: dict[bytes, Worker] = {}
@@ -66,7 +68,7 @@ class BrokerState:
         if isinstance(msg, p.Submit):
             self._submit(identity, msg, out)
         elif isinstance(msg, p.Cancel):
-            req = self.requests.get(msg.request_id)
+            req = self.requests.get(self.ids.key(identity, msg.request_id))
             if req is not None and req.client == identity:
                 self._finish(req, out, p.Final(req.request_id, p.Finish.CANCELLED,
                                                self._usage(req), self._timings(req)))
@@ -90,7 +92,7 @@ class BrokerState:
             self._outcome("rejected", code)
             out.append(Out(FRONT, identity, p.Error(rid, code, text, retryable)))
 
-        if rid in self.requests:
+        if self.ids.key(identity, rid) is not None:
             return reject(p.Code.DUPLICATE_REQUEST, f"request id {rid!r} is already in flight")
         if not self._can_serve():
             return reject(p.Code.NO_WORKERS, self._no_worker_text(), True)
@@ -104,9 +106,10 @@ class BrokerState:
             sampling["seed"] = self.rng.getrandbits(63)
         now = self.clock()
         timeout = msg.timeout_ms / 1000 if msg.timeout_ms else self.cfg.request_timeout_s
-        req = self.requests[rid] = Request(rid, identity, msg, sampling, now, now + timeout)
+        key = self.ids.add(identity, rid, self.requests)
+        req = self.requests[key] = Request(key, identity, msg, sampling, now, now + timeout, client_rid=rid)
         heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
-        self.prefill_queue.append(rid)
+        self.prefill_queue.append(key)
         self.counters["submitted"] += 1
         out.append(Out(FRONT, identity, p.Accepted(rid)))
 
@@ -227,7 +230,7 @@ class BrokerState:
 
     def _relay_tokens(self, req: Request, index: int, ids: list, text: str, out: list[Out]) -> None:
         if self._take_tokens(req, index, ids):
-            out.append(Out(FRONT, req.client, p.Tokens(req.request_id, index, ids, text)))
+            out.append(Out(FRONT, req.client, p.Tokens(req.client_rid, index, ids, text)))
 
     def _take_tokens(self, req: Request, index: int, ids: list) -> bool:
         """Whether these tokens go to the client: the next ones in order (counted here), not a
@@ -488,6 +491,7 @@ class BrokerState:
     def _finish(self, req: Request, out: list[Out], final: Optional[p.Message]) -> None:
         """The one exit of a request: final message to the client, work cancelled, KV released."""
         self.requests.pop(req.request_id, None)
+        self.ids.drop(req.client, req.client_rid)
         if req.worker is not None:
             w = self.workers.get(req.worker)
             if w is not None:
@@ -498,7 +502,7 @@ class BrokerState:
             req.worker = None
         self._release_lease(req, out)
         if final is not None:
-            out.append(Out(FRONT, req.client, final))
+            out.append(Out(FRONT, req.client, shown_to_client(final, req.client_rid)))
         if isinstance(final, p.Final) and final.finish_reason != p.Finish.CANCELLED:
             self.metrics.finished(self.clock(), req.received, req.t_first, req.next_index)
 

@@ -34,12 +34,16 @@ class _Stop:
 class AsyncClient:
     """Asyncio client. ``async with AsyncClient(addr) as c: await c.generate("Hi")``."""
 
-    def __init__(self, address: str, *, timeout: float = 120.0) -> None:
+    def __init__(self, address: str, *, timeout: float = 120.0, curve: Any = None) -> None:
+        """``curve``: a ``broker.auth.CurveClient`` (this client's key pair and the broker's
+        public key) when the broker runs CURVE; ``broker.auth.curve_client(KEY, SERVER_KEY)``."""
         self.address = address
         self.timeout = check_timeout(timeout, timeout)
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self._sock)
         try:
             self._sock.connect(address)
         except zmq.ZMQError as e:

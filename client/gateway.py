@@ -8,8 +8,11 @@ Request and response bodies are the pydantic models of ``client/openai_models.py
 is OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names the bad field
 (its path, in ``param``) and value, 404 an unknown model or route, 413 an oversized body, 503 (with
 ``Retry-After``) an overloaded broker or no worker up. A client that disconnects cancels its request
-at the broker. From the project it imports only ``broker.protocol`` and, through its
-request models, ``broker.config``: never torch, workers/ or transfer/.
+at the broker. With an API key set, every route but ``/health`` (and ``/metrics`` unless asked)
+needs ``Authorization: Bearer KEY``; 401 otherwise (docs/architecture.md §9). Triton's
+``/v2/health/*`` probes are open like ``/health``. From the project it
+imports only ``broker.protocol``, ``broker.auth`` and, through its request models,
+``broker.config``: never torch, workers/ or transfer/.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from typing import Optional
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from broker.auth import API_KEY_ENV, api_key_from, bearer_ok, curve_client, warn_exposed
+from broker.config import ConfigError
 from broker.protocol import Code
 
 from .aio import AsyncClient
@@ -87,8 +92,15 @@ class Gateway:
     def __init__(self, broker: str, *, host: str = "127.0.0.1", port: int = 8000,
                  models: tuple = (), min_workers: Optional[dict] = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY, request_timeout: float = 600.0,
-                 chat_max_tokens: int = 256):
+                 chat_max_tokens: int = 256, api_key: Optional[str] = None,
+                 metrics_need_key: bool = False, curve=None):
+        """``api_key``: every route but /health (and /metrics unless ``metrics_need_key``) needs
+        ``Authorization: Bearer KEY``; ``curve``: the ``CurveClient`` for a CURVE broker."""
         self.broker, self.host, self.port = broker, host, port
+        self.api_key, self.curve = api_key, curve
+        # health probes never need the key (Triton's too); /metrics only when asked
+        self.open_paths = {"/health", "/v2/health/live", "/v2/health/ready",
+                           *(() if metrics_need_key else ("/metrics",))}
         self.models = [m for m in models if m]
         self.known_models = set(self.models)
         self.min_workers = dict(min_workers if min_workers is not None else {"context": 1, "generation": 1})
@@ -105,7 +117,8 @@ class Gateway:
         return f"http://{host}:{self.port}"
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors])
+        middlewares = [self._api_key, self._errors] if self.api_key else [self._errors]
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=middlewares)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.list_models)
@@ -117,7 +130,7 @@ class Gateway:
 
     async def start(self) -> None:
         """Bind (port 0 picks a free port; ``self.port`` then holds the chosen one)."""
-        self.client = AsyncClient(self.broker, timeout=self.request_timeout)
+        self.client = AsyncClient(self.broker, timeout=self.request_timeout, curve=self.curve)
         self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
@@ -128,6 +141,8 @@ class Gateway:
             raise OSError(f"cannot bind the HTTP gateway to {self.host}:{self.port}: {e.strerror or e}") from None
         self.port = self.runner.addresses[0][1]
         log.info("OpenAI-compatible gateway on %s (broker %s)", self.url, self.broker)
+        if not self.api_key:
+            warn_exposed([self.host], "an HTTP API key", f"set --api-key, auth.api_key or ${API_KEY_ENV}")
 
     async def close(self) -> None:
         if self.runner is not None:
@@ -138,6 +153,18 @@ class Gateway:
             self.client = None
 
     # -- middleware -----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _api_key(self, request: web.Request, handler) -> web.StreamResponse:
+        if request.path in self.open_paths or bearer_ok(request.headers.get("Authorization"), self.api_key):
+            return await handler(request)
+        given = "Authorization" in request.headers
+        err = HttpError(401, ("Incorrect API key provided" if given else
+                              "You didn't provide an API key: send 'Authorization: Bearer KEY'"),
+                        None, "invalid_api_key")
+        resp = error_response(err)
+        resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
 
     @web.middleware
     async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
@@ -356,12 +383,25 @@ def main(argv=None) -> int:
                     "the models of registered workers are served too)")
     ap.add_argument("--min-context", type=int, default=1, help="context workers /health needs (default: 1)")
     ap.add_argument("--min-generation", type=int, default=1, help="generation workers /health needs (default: 1)")
+    ap.add_argument("--api-key", default=None, help=f"HTTP API key every route but /health (and /metrics) "
+                    f"needs as 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    ap.add_argument("--metrics-need-key", action="store_true", help="ask the API key on /metrics too")
+    ap.add_argument("--curve-key", default=None, metavar="KEY_SECRET_FILE",
+                    help="this gateway's CURVE key pair (a NAME.key_secret of `broker keygen`)")
+    ap.add_argument("--curve-server-key", default=None, metavar="KEY_FILE", help="the broker's CURVE public key")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        curve = curve_client(args.curve_key, args.curve_server_key)
+        api_key = api_key_from(args.api_key, None)
+    except ConfigError as e:
+        print(f"gateway: error: {e}", file=sys.stderr)
+        return 2
     gw = Gateway(args.broker, host=args.host, port=args.port, models=tuple(args.model),
-                 min_workers={"context": args.min_context, "generation": args.min_generation})
+                 min_workers={"context": args.min_context, "generation": args.min_generation},
+                 api_key=api_key, metrics_need_key=args.metrics_need_key, curve=curve)
 
     async def run() -> None:
         await gw.start()

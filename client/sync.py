@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 class Client:
     """Synchronous client. ``with Client("tcp://127.0.0.1:5555") as c: c.generate("Hi")``."""
 
-    def __init__(self, address: str, *, timeout: float = 120.0) -> None:
+    def __init__(self, address: str, *, timeout: float = 120.0, curve: Any = None) -> None:
+        """``curve``: a ``broker.auth.CurveClient`` (this client's key pair and the broker's
+        public key) when the broker runs CURVE; ``broker.auth.curve_client(KEY, SERVER_KEY)``."""
         self.address = address
         self.timeout = check_timeout(timeout, timeout)
         self._inbox: dict[str, collections.deque] = {}   # in-flight request id -> unread messages
@@ -37,6 +39,8 @@ class Client:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self._sock)
         try:
             self._sock.connect(address)
         except zmq.ZMQError as e:

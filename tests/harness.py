@@ -43,6 +43,8 @@ def raw_client(address: str):
 class Deployment:
     """A broker process and any number of worker processes; ``close()`` kills every one by pid
     (tests may append processes of their own to ``procs``; they are killed too)."""
+    broker_args: tuple = ()    # more `broker start` flags (a subclass may set them before __init__)
+    curve = None               # the broker.auth.CurveClient its pings use, for a broker with CURVE
 
     def __init__(self, heartbeat_s: float = 0.2, liveness: int = 10, kv_lease_s: float = 30.0,
                  max_queue: int = 1024, http: bool = False,
@@ -54,7 +56,8 @@ class Deployment:
         flags = ["--heartbeat-interval", str(heartbeat_s), "--liveness", str(liveness),
                  "--kv-lease", str(kv_lease_s), "--max-queue", str(max_queue)]
         try:
-            words = start_broker(self.children, http=http, extra=flags + (["--config", config] if config else []))
+            words = start_broker(self.children, http=http,
+                                 extra=[*flags, *self.broker_args, *(["--config", config] if config else [])])
         except BaseException:
             self.close()
             raise
@@ -63,7 +66,8 @@ class Deployment:
         self.http: Optional[str] = words.get("http")     # http://127.0.0.1:PORT when http=True
 
     def add_worker(self, role: str, name: str, model: str = "tiny", options: Optional[dict] = None,
-                   wait: bool = True, timeout: float = 120, prefix: tuple = ()) -> subprocess.Popen:
+                   wait: bool = True, timeout: float = 120, prefix: tuple = (),
+                   extra: tuple = ()) -> subprocess.Popen:
         """Start a worker (``prefix``: a launcher in front, e.g. ``mpiexec -n 1`` for MPI)."""
         # the CPU unless a test asks for a GPU: the suite runs the same on machines with one
         opts = {"heartbeat_ms": 200, "broker_timeout_ms": 5000, "num_threads": 1, "device": "cpu"}
@@ -72,7 +76,7 @@ class Deployment:
         with open(path, "w") as f:
             yaml.safe_dump(opts, f)
         proc = self.children.start(name, worker_command(role, self.backend, model, worker_id=name,
-                                                        options=path, prefix=prefix))
+                                                        options=path, prefix=prefix, extra=extra))
         self.workers[name] = proc
         if wait:
             self.wait_for(lambda s: any(w["worker_id"] == name for w in s["workers"]), timeout,
@@ -80,7 +84,7 @@ class Deployment:
         return proc
 
     def stats(self, timeout: float = 5.0) -> dict:
-        s = ping(self.frontend, timeout)
+        s = ping(self.frontend, timeout, curve=self.curve)
         if s is None:
             raise TimeoutError("broker did not answer a ping")
         return s
@@ -88,7 +92,7 @@ class Deployment:
     def wait_for(self, pred, timeout: float, what: str, proc: Optional[subprocess.Popen] = None) -> dict:
         """Until ``pred(stats)``; fails at once, with its log tail, if ``proc`` exits meanwhile."""
         check = (lambda: self.children.check_alive([proc], what)) if proc is not None else None
-        return wait_until(self.frontend, pred, timeout, what, check, ping_timeout=5.0)
+        return wait_until(self.frontend, pred, timeout, what, check, ping_timeout=5.0, curve=self.curve)
 
     def wait_idle(self, timeout: float = 20.0) -> dict:
         """Until the broker holds no request and every worker reports no used block and no lease."""

@@ -1,7 +1,7 @@
 """End to end for every transfer backend: disaggregated output equals aggregated output token for
 token; a backend that is not installed is a clear error naming the extra; DEFAULT falls back.
 
-MPI workers each run under their own ``mpiexec -n 1`` (see transfer/mpi_backend.py); the test
+MPI workers each run under their own ``mpiexec.gforker -n 1`` (see transfer/mpi_backend.py); the test
 starts them that way and kills the worker processes by pid (they are mpiexec's children).
 """
 import logging

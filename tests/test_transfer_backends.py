@@ -1,4 +1,4 @@
-"""One suite over every backend: the source in a real child process (under ``mpiexec -n 1`` for
+"""One suite over every backend: the source in a real child process (under ``mpiexec.gforker -n 1`` for
 MPI), the sink in the test process; FAKE runs both in process. A backend whose library is not
 installed is skipped, saying which extra provides it."""
 import os

@@ -173,15 +173,18 @@ class KvHandle(NamedTuple):
     num_tokens: int
     layout: KvLayout
     worker_id: str = ""     # the context worker holding the KV; optional, named in errors
+    curve_key: str = ""     # the source's CURVE public key (Z85) when its channel runs CURVE
 
 
 def make_handle(backend: str, endpoint: str, transfer_id: str, block_ids: list,
-                num_tokens: int, layout: KvLayout, worker_id: str = "") -> dict:
+                num_tokens: int, layout: KvLayout, worker_id: str = "", curve_key: str = "") -> dict:
     handle = {"backend": backend, "endpoint": endpoint, "transfer_id": transfer_id,
               "block_ids": [int(b) for b in block_ids], "num_tokens": int(num_tokens),
               "layout": layout.to_dict()}
     if worker_id:
         handle["worker_id"] = worker_id
+    if curve_key:
+        handle["curve_key"] = curve_key
     return handle
 
 
@@ -223,11 +226,14 @@ def parse_handle(handle: Any, backend: str) -> KvHandle:
     worker_id = handle.get("worker_id", "")
     if not isinstance(worker_id, str) or len(worker_id) > MAX_ID_CHARS:
         raise TransferError(f"malformed KV handle: worker_id={worker_id!r:.80}")
+    curve_key = handle.get("curve_key", "")
+    if not isinstance(curve_key, str) or len(curve_key) not in (0, 40):
+        raise TransferError(f"malformed KV handle: curve_key={curve_key!r:.80} (expected 40 Z85 characters)")
     layout = KvLayout.from_dict(handle["layout"])
     block_ids = check_block_ids(handle["block_ids"], handle["num_tokens"], layout,
                                 2**62, "KV handle block_ids")
     return KvHandle(backend, handle["endpoint"], handle["transfer_id"], block_ids,
-                    handle["num_tokens"], layout, worker_id)
+                    handle["num_tokens"], layout, worker_id, curve_key)
 
 
 def check_pull(pull_id: str, handle: Any, dest_block_ids: Any, backend: str, layout: KvLayout,

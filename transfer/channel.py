@@ -31,10 +31,10 @@ def channel_backend(backend: str, source_plane: Callable[[torch.Tensor], SourceP
     ``devices``."""
 
     def make_source(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout, *,
-                    host: str = "127.0.0.1") -> KvSource:
-        return ChannelSource(cfg, pool, layout, backend, source_plane, devices, host=host)
+                    host: str = "127.0.0.1", curve=None) -> KvSource:
+        return ChannelSource(cfg, pool, layout, backend, source_plane, devices, host=host, curve=curve)
 
-    def make_sink(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout) -> KvSink:
-        return ChannelSink(cfg, pool, layout, backend, sink_plane, devices)
+    def make_sink(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout, curve=None) -> KvSink:
+        return ChannelSink(cfg, pool, layout, backend, sink_plane, devices, curve=curve)
 
     return make_source, make_sink

@@ -68,8 +68,11 @@ def _discard_rest(sock: zmq.Socket) -> None:
 class ChannelSink(KvSink):
     def __init__(self, cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout,
                  backend: str, plane: Callable[[torch.Tensor], SinkPlane],
-                 devices: tuple = ("cpu",)) -> None:
+                 devices: tuple = ("cpu",), curve: Any = None) -> None:
+        """``curve``: this worker's ``broker.auth.KeyPair``, for sources that run CURVE (their
+        public key comes in the KV handle, through the broker)."""
         self.backend = backend
+        self._curve = curve
         self._cfg, self._layout = cfg, layout
         self._pool = pool_bytes(pool, layout, backend, devices)
         self._flat = self._pool.reshape(-1)
@@ -135,12 +138,22 @@ class ChannelSink(KvSink):
 
     # -- control channel -----------------------------------------------------------------------
 
-    def _peer(self, endpoint: str) -> _Peer:
+    def _peer(self, endpoint: str, server_key: str = "") -> _Peer:
         peer = self._peers.get(endpoint)
         if peer is None:
+            if server_key and self._curve is None:
+                raise TransferError(f"the context worker at {endpoint} runs CURVE on its KV channel "
+                                    "but this generation worker has no key pair (--curve-key)")
             sock = tune(self._ctx.socket(zmq.DEALER))
+            if server_key:
+                try:
+                    sock.curve_secretkey, sock.curve_publickey = self._curve.secret, self._curve.public
+                    sock.curve_serverkey = server_key.encode()
+                except (zmq.ZMQError, UnicodeEncodeError) as exc:
+                    sock.close(linger=0)
+                    raise TransferError(f"malformed KV handle: curve_key={server_key!r}: {exc}") from None
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             sock.connect(endpoint)
             peer = self._peers[endpoint] = _Peer(endpoint, sock, monitor)
             self._monitors[monitor] = peer
@@ -234,14 +247,19 @@ class ChannelSink(KvSink):
 
     def _on_monitor(self, monitor: zmq.Socket) -> None:
         peer = self._monitors[monitor]
-        lost = False
+        lost = refused = False
         while monitor.poll(0):
-            lost |= recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
-        if not lost:
+            event = recv_monitor_message(monitor)["event"]
+            lost |= event == zmq.EVENT_DISCONNECTED
+            refused |= event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        if not (lost or refused):
             return
         for pull in self._pulls.values():
             if pull.handle.endpoint == peer.endpoint and pull.error is None:
                 pull.error = TransferError(
+                    f"the context worker at {peer.endpoint} refused this worker's CURVE key "
+                    f"(not among its --curve-peers) for KV transfer {pull.handle.transfer_id!r}"
+                    if refused else
                     f"lost the connection to the context worker at {peer.endpoint} during the "
                     f"KV transfer {pull.handle.transfer_id!r} (it died or stalled)")
         self._forget(peer)
@@ -269,7 +287,7 @@ class ChannelSink(KvSink):
     def _advance(self, pull: _Pull) -> None:
         h = pull.handle
         if pull.state in ("hello", "start"):
-            peer = self._peer(h.endpoint)
+            peer = self._peer(h.endpoint, h.curve_key)
             if peer.error is not None:
                 error = peer.error
                 self._forget(peer)                # the next pull asks again

@@ -4,7 +4,8 @@ Owns the source's registrations and one ROUTER served by one background thread, 
 the sinks' requests (``messages.py``), starts each transfer's clock, refuses what it no longer
 holds, and drives the backend's data plane (``planes.SourcePlane``). It never trusts a request:
 malformed ones are logged and dropped, byte ranges outside the transfer's blocks are refused,
-and nothing a peer sends can stop the thread.
+and nothing a peer sends can stop the thread. With CURVE (a ``broker.auth.CurveServer``), only
+the generation workers whose public keys it admits can connect at all (docs/architecture.md §9).
 """
 from __future__ import annotations
 
@@ -70,17 +71,21 @@ class _Registration(Registration):
 class ChannelSource(KvSource, SourceLink):
     def __init__(self, cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout,
                  backend: str, plane: Callable[[torch.Tensor], SourcePlane],
-                 devices: tuple = ("cpu",), *, host: str = "127.0.0.1") -> None:
+                 devices: tuple = ("cpu",), *, host: str = "127.0.0.1", curve: Any = None) -> None:
+        """``curve``: a ``broker.auth.CurveServer`` (this worker's pair, and the public keys of
+        the generation workers it admits under the ``kv-peers`` ZAP domain)."""
         self.backend = backend
         self._layout = layout
         self._timeout_s = cfg.timeout_s
         self._pool = pool_bytes(pool, layout, backend, devices)
         self._plane = plane(self._pool)
         self._ctx = zmq.Context(io_threads=1)
+        self._curve = curve.start(self._ctx) if curve is not None else None
         self._router = self._make_router()
         self._router.bind(f"tcp://{host}:*")
         self._bound = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.endpoint = advertised(self._bound, host)
+        self.curve_key = curve.pair.public.decode() if curve is not None else ""
         self._regs = Registrations(layout, self._pool.shape[0], self._timeout_s, _Registration)
         self._lock = self._regs.lock
         self._waker = _Waker(self._ctx)
@@ -96,7 +101,7 @@ class ChannelSource(KvSource, SourceLink):
     def register(self, transfer_id: str, block_ids: list, num_tokens: int) -> dict:
         reg = self._regs.add(transfer_id, block_ids, num_tokens)
         handle = make_handle(self.backend, self.endpoint, transfer_id, reg.block_ids, num_tokens,
-                             self._layout, self.worker_id)
+                             self._layout, self.worker_id, self.curve_key)
         handle.update(self._plane.handle_extra())
         return handle
 
@@ -130,6 +135,8 @@ class ChannelSource(KvSource, SourceLink):
             log.error("KV source %s: channel thread did not stop; leaving its ZeroMQ context "
                       "open", self.endpoint)
         else:
+            if self._curve is not None:
+                self._curve.stop()
             self._ctx.term()
         self._thread = None
 
@@ -173,6 +180,8 @@ class ChannelSource(KvSource, SourceLink):
 
     def _make_router(self) -> zmq.Socket:
         sock = tune(self._ctx.socket(zmq.ROUTER))
+        if self._curve is not None:
+            self._curve.apply(sock, "kv-peers")     # broker.auth.PEERS
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unroutable answer is an error, not a drop
         sock.setsockopt(zmq.SNDHWM, 0)             # KV frames reference the pool: queueing is free
         return sock

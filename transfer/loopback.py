@@ -74,10 +74,11 @@ def _serve(spec: dict) -> None:
 
 def launcher(backend: str) -> list:
     """The command prefix a worker of this backend needs: MPI workers each run under their own
-    ``mpiexec -n 1`` (MPICH's, next to this python)."""
+    ``mpiexec.gforker -n 1`` (MPICH's, next to this python; Hydra's ``mpiexec`` would also work
+    but listens on 0.0.0.0 for its PMI proxies)."""
     if backend != "MPI":
         return []
-    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec.gforker")
     return [mpiexec if os.path.exists(mpiexec) else "mpiexec", "-n", "1"]
 
 

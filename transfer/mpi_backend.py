@@ -1,7 +1,9 @@
 """The MPI transfer backend: mpi4py over MPICH, between independently started workers.
 
-How to start workers: each worker runs under its own ``mpiexec -n 1`` (MPICH's, installed by
-the ``mpich`` wheel next to ``python``), e.g. ``mpiexec -n 1 worker start --role context ...``.
+How to start workers: each worker runs under its own ``mpiexec.gforker -n 1`` (MPICH's, installed
+by the ``mpich`` wheel next to ``python``), e.g. ``mpiexec.gforker -n 1 worker start --role context ...``
+(Hydra's ``mpiexec`` works too, but it listens on 0.0.0.0 for its PMI proxies). MPICH runs over
+UCX here, so the worker's ``--host`` confines it like the UCX backend (``sockets.confine_ucx``).
 Two processes started without ``mpiexec`` ("singletons") cannot join each other; a pair where
 at most one side is a singleton can (the tests start the context side under ``mpiexec`` and keep
 the generation side in the test process). No shared ``mpiexec``, hostfile or name server is
@@ -206,7 +208,7 @@ class MpiSinkPlane(SinkPlane):
                 detail = exc.Get_error_string() if isinstance(exc, MPI.Exception) else exc
                 conn.error = TransferError(
                     f"cannot connect to the MPI port of the context worker at {endpoint}: "
-                    f"{detail}; every MPI worker must run under its own `mpiexec -n 1`")
+                    f"{detail}; every MPI worker must run under its own `mpiexec.gforker -n 1`")
 
         threading.Thread(target=run, name="kv-mpi-connect", daemon=True).start()
         return conn

@@ -5,11 +5,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from .base import BackendUnavailable, KvLayout, KvSink, KvSource
 from .config import CacheTransceiverConfig
+from .sockets import confine_ucx
+
+if TYPE_CHECKING:
+    from broker.auth import CurveServer, KeyPair
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +68,34 @@ def resolve_backend(name: str) -> str:
     return key
 
 
-def _module(cfg: CacheTransceiverConfig):
-    return importlib.import_module(_BACKENDS[resolve_backend(cfg.backend)][0])
+def _module(cfg: CacheTransceiverConfig, host: str):
+    """The backend's module; a UCX-based one (NIXL, UCX, and MPI: MPICH here runs over UCX) is
+    confined to ``host``'s interface before its library starts."""
+    name = resolve_backend(cfg.backend)
+    if name in ("NIXL", "UCX", "MPI"):
+        confine_ucx(host)
+    return importlib.import_module(_BACKENDS[name][0])
 
 
 def create_source(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout, *,
-                  host: str = "127.0.0.1", worker_id: str = "") -> KvSource:
+                  host: str = "127.0.0.1", worker_id: str = "", curve: Optional[CurveServer] = None) -> KvSource:
     """``worker_id``: the context worker it serves; its handles carry it, so that a generation
-    worker's error names the worker the KV came from."""
+    worker's error names the worker the KV came from. ``host``: where its channel and data
+    plane listen; ``curve``: CURVE on its channel (its pair and the peers' keys it admits)."""
     cfg.check_block_size(layout.block_size)
-    source = _module(cfg).make_source(cfg, pool, layout, host=host)
+    kw = {"curve": curve} if curve is not None else {}
+    source = _module(cfg, host).make_source(cfg, pool, layout, host=host, **kw)
     source.worker_id = worker_id
     return source
 
 
 def create_sink(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout, *,
-                worker_id: str = "") -> KvSink:
-    """``worker_id``: the generation worker it serves, named in its errors."""
+                worker_id: str = "", host: str = "127.0.0.1", curve: Optional[KeyPair] = None) -> KvSink:
+    """``worker_id``: the generation worker it serves, named in its errors; ``host``: the address
+    the worker advertises (its UCX listens there only); ``curve``: its key pair, for sources
+    that run CURVE."""
     cfg.check_block_size(layout.block_size)
-    sink = _module(cfg).make_sink(cfg, pool, layout)
+    kw = {"curve": curve} if curve is not None else {}
+    sink = _module(cfg, host).make_sink(cfg, pool, layout, **kw)
     sink.worker_id = worker_id
     return sink

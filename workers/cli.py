@@ -35,17 +35,27 @@ def cli() -> None:
                    "(auto|none|fp16|int8), device, ...")
 @click.option("--worker-id", default=None, help="name shown in the broker's logs (default: ROLE-HOST-PID)")
 @click.option("--host", default="127.0.0.1",
-              help="address the KV transfer endpoint binds to, on context workers (default: 127.0.0.1)")
+              help="address the KV transfer endpoints listen on and advertise: the control channel, "
+                   "and NIXL/UCX/MPI through $UCX_NET_DEVICES (default: 127.0.0.1)")
+@click.option("--curve-key", default=None, metavar="KEY_SECRET_FILE",
+              help="this worker's CURVE key pair (`broker keygen`), for the broker and the KV channel")
+@click.option("--curve-server-key", default=None, metavar="KEY_FILE", help="the broker's CURVE public key")
+@click.option("--curve-peers", default=None, metavar="DIR",
+              help="context workers with --curve-key: directory of the generation workers' public "
+                   "keys (*.key) its KV channel admits")
 @click.option("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
               help="where the model, KV cache and sampling run (default: the options file's device, "
                    "else auto: cuda:0 where CUDA is present, else cpu)")
 @click.option("--exit-with-parent", is_flag=True,
               help="stop when the parent process exits (used by `broker launch`)")
 @log_level_option
-def start(role, broker, model, options, worker_id, host, device, exit_with_parent, log_level) -> None:
+def start(role, broker, model, options, worker_id, host, curve_key, curve_server_key, curve_peers, device,
+          exit_with_parent, log_level) -> None:
     """Start a worker. It loads the model, connects to the broker's backend address, registers
     its role and capacity, and serves until SIGINT/SIGTERM."""
     setup_logging(log_level)
+    from broker.auth import curve_client, load_public_dir
+    from broker.config import ConfigError
     from transfer.base import TransferError
     from workers.options import load_options
     from workers.worker import Worker
@@ -53,7 +63,12 @@ def start(role, broker, model, options, worker_id, host, device, exit_with_paren
         opts = load_options(options)
         if device is not None:
             opts = dataclasses.replace(opts, device=device)
-        worker = Worker(role, broker, model, opts, worker_id, host, exit_with_parent=exit_with_parent)
+        curve = curve_client(curve_key, curve_server_key)
+        peers = load_public_dir(curve_peers, "--curve-peers") if curve_peers else None
+        if peers and curve is None:
+            raise ConfigError(f"--curve-peers={curve_peers!r} is set but --curve-key is not")
+        worker = Worker(role, broker, model, opts, worker_id, host, exit_with_parent=exit_with_parent,
+                        curve=curve, peers=peers)
     except (TransferError, ValueError, FileNotFoundError) as e:   # ConfigError is a ValueError
         raise CommandError("worker", str(e)) from None
 

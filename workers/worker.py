@@ -25,6 +25,7 @@ import torch
 import zmq
 
 from broker import protocol as p
+from broker.auth import PEERS, CurveClient, CurveServer, warn_exposed
 from broker.protocol import Code
 from transfer.base import KvLayout, TransferError, TransferTimeout
 from transfer.registry import create_sink, create_source, resolve_backend
@@ -43,9 +44,17 @@ ROLES = ("context", "generation", "both")
 class Worker:
     def __init__(self, role: str, broker: str, model: str = "smollm2-135m",
                  options: WorkerOptions = WorkerOptions(), worker_id: Optional[str] = None,
-                 host: str = "127.0.0.1", exit_with_parent: bool = False):
+                 host: str = "127.0.0.1", exit_with_parent: bool = False,
+                 curve: Optional[CurveClient] = None, peers: Optional[frozenset] = None):
+        """``host``: the address its KV transfer endpoints listen on and advertise. ``curve``:
+        its key pair and the broker's public key; ``peers``: the public keys of the generation
+        workers its KV channel admits (context workers with ``curve``)."""
         if role not in ROLES:
             raise ValueError(f"invalid role {role!r}: expected one of {', '.join(ROLES)}")
+        if curve is not None and role == "context" and not peers:
+            raise ValueError("a context worker with --curve-key needs --curve-peers: the public keys "
+                             "of the generation workers its KV channel admits")
+        self.curve = curve
         self.role, self.broker_addr, self.opts = role, broker, options
         self.model_name = model
         self.worker_id = worker_id or f"{role}-{pysocket.gethostname()}-{os.getpid()}"
@@ -76,11 +85,17 @@ class Worker:
             backend = resolve_backend(options.cache_transceiver.backend)   # logs a DEFAULT fallback once
             ctc = dataclasses.replace(options.cache_transceiver, backend=backend)
             if role == "context":
-                self.source = create_source(ctc, self.kv.pool, layout, host=host, worker_id=self.worker_id)
+                server = CurveServer(curve.pair, {PEERS: peers}) if curve is not None else None
+                self.source = create_source(ctc, self.kv.pool, layout, host=host, worker_id=self.worker_id,
+                                            curve=server)
+                if curve is None:
+                    warn_exposed([self.source.endpoint], "CURVE on the KV transfer channel",
+                                 "give workers --curve-key, --curve-server-key and --curve-peers")
                 self.transfer_info = {"backend": backend, "endpoint": self.source.endpoint}
                 transfer_calls = dict(register=self.source.register, release=self.source.release)
             else:
-                self.sink = create_sink(ctc, self.kv.pool, layout, worker_id=self.worker_id)
+                self.sink = create_sink(ctc, self.kv.pool, layout, worker_id=self.worker_id, host=host,
+                                        curve=curve.pair if curve is not None else None)
                 self.transfer_info = {"backend": backend}
                 transfer_calls = dict(cancel_pull=self.sink.cancel)
         self.sched = Scheduler(role, self.worker_id, self.kv.allocator, self.kv.block_size, self.tok,
@@ -89,18 +104,29 @@ class Worker:
                                clock=time.monotonic, **transfer_calls)
         self.ctx = zmq.Context()
         self.sock: Optional[zmq.Socket] = None
+        self.refusals = None        # broker.auth.Refusals of the socket, with CURVE
         self.stop_event = threading.Event()
 
     # -----------------------------------------------------------------------------------------
     # connection
 
     def _connect(self) -> None:
+        if self.refusals is not None:         # why the broker stayed silent, if it refused us
+            why = self.refusals.explain(self.broker_addr)
+            if why:
+                log.error("%s", why)
+            self.refusals.close()
+            self.refusals = None
         if self.sock is not None:
             self.sock.close(0)
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        if self.curve is not None:
+            self.curve.apply(self.sock)
         self.sock.connect(self.broker_addr)
+        if self.curve is not None:
+            self.refusals = self.curve.refusals(self.sock)
         self.sched.heard_from_broker()
         self.sched.outbox.clear()    # nothing queued for the old connection is valid on the new one
         self.sched.outbox.append(p.Ready(self.worker_id, self.role, self.model_name,
@@ -148,6 +174,8 @@ class Worker:
             for t in (self.source, self.sink):
                 if t is not None:
                     t.close()
+            if self.refusals is not None:
+                self.refusals.close()
             self.sock.close(0)
             self.ctx.term()
 
