@@ -117,6 +117,10 @@ class ChannelSource(KvSource, SourceLink):
     def num_registered(self) -> int:
         return len(self._regs)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def close(self) -> None:
         if self._thread is None:
             return

@@ -64,6 +64,8 @@ def start(role, broker, model, options, worker_id, host, device, exit_with_paren
     print(f"worker {worker.worker_id} role={role} model={model} ({worker.precision.describe()}) "
           f"transfer={worker.transfer_info or 'none'}", flush=True)
     worker.run()
+    if worker.failure:
+        raise CommandError("worker", f"left service: {worker.failure}")
 
 
 def main(argv=None) -> int:

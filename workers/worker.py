@@ -90,6 +90,7 @@ class Worker:
         self.ctx = zmq.Context()
         self.sock: Optional[zmq.Socket] = None
         self.stop_event = threading.Event()
+        self.failure: Optional[str] = None    # why the worker left service, if it had to
 
     # -----------------------------------------------------------------------------------------
     # connection
@@ -138,9 +139,15 @@ class Worker:
         try:
             while not self.stop_event.is_set():
                 self._step()
+                if self.source is not None and not self.source.alive:
+                    # it can no longer serve its KV: leave service rather than heartbeat on
+                    # while every request routed here fails or waits for its timeout
+                    self.failure = "its KV source thread died"
+                    log.error("worker %s: %s; leaving service", self.worker_id, self.failure)
+                    break
         finally:
             try:
-                self.sched.outbox.append(p.Disconnect("shutting down"))
+                self.sched.outbox.append(p.Disconnect(self.failure or "shutting down"))
                 self._flush()
             except Exception:
                 pass

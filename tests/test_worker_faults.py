@@ -1,0 +1,133 @@
+"""A worker under bad input from its peers: a KV source that survives malformed requests, a
+worker that leaves service when one of its threads dies anyway, one reconnect per storm of
+Reconnects, and long prompts that neither starve the heartbeat nor cost seconds to refuse.
+
+The worker runs in this process (tiny model, ZMQ transfer) against a bare ROUTER standing in for
+the broker, so the test sees every message it sends."""
+from __future__ import annotations
+
+import threading
+import time
+
+import msgspec
+import pytest
+import zmq
+
+from broker import protocol as p
+from transfer import messages
+from transfer.config import CacheTransceiverConfig
+from workers.options import WorkerOptions
+from workers.worker import Worker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class FakeBroker:
+    """A ROUTER on a free port; ``recv()`` gives (identity, message) pairs with a deadline."""
+
+    def __init__(self):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def recv(self, timeout: float = 10.0) -> list:
+        """Every message that arrives within ``timeout`` seconds (at least one, or [])."""
+        out, deadline = [], time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and self.sock.poll(int(left * 1000) + 1):
+            ident, *frames = self.sock.recv_multipart()
+            out.extend((ident, m) for m in p.decode_all(frames))
+            if not self.sock.poll(0):
+                break
+        return out
+
+    def collect(self, seconds: float) -> list:
+        """Everything that arrives in the next ``seconds`` seconds."""
+        out, deadline = [], time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self.sock.poll(int(left * 1000) + 1):
+                ident, *frames = self.sock.recv_multipart()
+                out.extend((ident, m) for m in p.decode_all(frames))
+        return out
+
+    def wait_for(self, kind, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ident, m in self.recv(deadline - time.monotonic()):
+                if isinstance(m, kind):
+                    return ident, m
+        pytest.fail(f"no {kind.__name__} from the worker within {timeout} s")
+
+    def send(self, ident: bytes, *msgs) -> None:
+        self.sock.send_multipart([ident, *p.encode_many(list(msgs))])
+
+    def close(self):
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def broker():
+    b = FakeBroker()
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def run_worker(broker):
+    """run_worker(role, **options) -> a Worker running in a thread, stopped at the end."""
+    started = []
+
+    def start(role: str, **over) -> Worker:
+        opts = WorkerOptions(num_threads=1, device="cpu", heartbeat_ms=100,
+                             cache_transceiver=CacheTransceiverConfig(backend="ZMQ"), **over)
+        w = Worker(role, broker.address, "tiny", opts, worker_id=f"{role}-under-test")
+        t = threading.Thread(target=w.run, daemon=True)
+        t.start()
+        started.append((w, t))
+        return w
+
+    yield start
+    for w, t in started:
+        w.stop()
+        t.join(30)
+        assert not t.is_alive(), "the worker did not stop"
+
+
+def test_malformed_kv_requests_leave_the_source_serving(run_worker, broker):
+    w = run_worker("context")
+    broker.wait_for(p.Ready)
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(w.source.endpoint)
+        deep = b"\x91" * 100_000 + b"\xc0"
+        for body in [b"\x93\xa4done\x01\x91\xa1t",                  # a transfer id that is an array
+                     b"\x94\xa4done\x01\xa1t" + deep,                 # a trailing element nested deep
+                     b"\x93\xa5start\x01" + deep, b"\xc1", b""]:
+            s.send_multipart([messages.MAGIC, body])
+        s.send_multipart(messages.encode(messages.Start(7, "never-registered")))
+        assert s.poll(10_000), "the KV source stopped answering"
+        answer = messages.decode_answer(s.recv_multipart()[1])
+        assert isinstance(answer, messages.Refused) and answer.seq == 7
+        assert w.source.alive
+    finally:
+        ctx.destroy(0)
+
+
+def test_a_worker_whose_kv_thread_dies_leaves_service(run_worker, broker):
+    w = run_worker("context")
+    broker.wait_for(p.Ready)
+
+    def crash():
+        raise RuntimeError("a bug in the data plane")
+    w.source._plane.progress = crash           # the channel thread's next turn raises
+    ident, msg = broker.wait_for(p.Disconnect, 20)
+    assert "KV source thread died" in msg.reason
+    deadline = time.monotonic() + 10
+    while w.sock is not None and not w.sock.closed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert w.failure and "KV source" in w.failure
+    assert not [m for _, m in broker.collect(0.5) if isinstance(m, p.Heartbeat)], "still heartbeating"
