@@ -131,3 +131,16 @@ def test_a_worker_whose_kv_thread_dies_leaves_service(run_worker, broker):
         time.sleep(0.05)
     assert w.failure and "KV source" in w.failure
     assert not [m for _, m in broker.collect(0.5) if isinstance(m, p.Heartbeat)], "still heartbeating"
+
+
+def test_a_batch_of_reconnects_registers_once(run_worker, broker):
+    run_worker("generation")
+    ident, _ = broker.wait_for(p.Ready)
+    broker.send(ident, *[p.Reconnect("unknown worker; send Ready")] * 20)
+    readies = [(i, m) for i, m in broker.collect(1.5) if isinstance(m, p.Ready)]
+    assert len(readies) == 1, f"{len(readies)} registrations for one batch of Reconnects"
+    # Reconnects in batches of their own, one after the other, are not a storm either
+    ident = readies[0][0]
+    for _ in range(5):
+        broker.send(ident, p.Reconnect("again"))
+    assert len([m for _, m in broker.collect(1.0) if isinstance(m, p.Ready)]) <= 1
