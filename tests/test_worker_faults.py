@@ -79,10 +79,11 @@ def run_worker(broker):
     """run_worker(role, **options) -> a Worker running in a thread, stopped at the end."""
     started = []
 
-    def start(role: str, **over) -> Worker:
-        opts = WorkerOptions(num_threads=1, device="cpu", heartbeat_ms=100,
-                             cache_transceiver=CacheTransceiverConfig(backend="ZMQ"), **over)
-        w = Worker(role, broker.address, "tiny", opts, worker_id=f"{role}-under-test")
+    def start(role: str, model: str = "tiny", **over) -> Worker:
+        kw = dict(num_threads=1, device="cpu", heartbeat_ms=100,
+                  cache_transceiver=CacheTransceiverConfig(backend="ZMQ"))
+        opts = WorkerOptions(**{**kw, **over})
+        w = Worker(role, broker.address, model, opts, worker_id=f"{role}-under-test")
         t = threading.Thread(target=w.run, daemon=True)
         t.start()
         started.append((w, t))
@@ -144,3 +145,29 @@ def test_a_batch_of_reconnects_registers_once(run_worker, broker):
     for _ in range(5):
         broker.send(ident, p.Reconnect("again"))
     assert len([m for _, m in broker.collect(1.0) if isinstance(m, p.Ready)]) <= 1
+
+
+@pytest.mark.slow
+def test_a_4mb_prompt_is_refused_without_stalling_the_heartbeat(run_worker, broker):
+    w = run_worker("context", model="smollm2-135m", heartbeat_ms=200)
+    ident, _ = broker.wait_for(p.Ready, 60)
+    encoded = []
+    real = w.tok.encode
+    w.tok.encode = lambda t: encoded.append(len(t)) or real(t)
+    text = ("The quick brown fox jumps over the lazy dog. " * 100_000)[:4_000_000]
+    broker.send(ident, p.Prefill("big", 1, prompt=text), p.Prefill("big2", 1, prompt=text))
+    beats, failed, deadline = [], {}, time.monotonic() + 30
+    while len(failed) < 2 and time.monotonic() < deadline:
+        for _, m in broker.recv(1.0):
+            if isinstance(m, p.Heartbeat):
+                beats.append(time.monotonic())
+            elif isinstance(m, p.Failed):
+                failed[m.request_id] = m
+    assert set(failed) == {"big", "big2"}
+    assert all(f.code == p.Code.INVALID_REQUEST and "4000000 characters" in f.message
+               and f"max_seq_len {w.max_seq_len}" in f.message for f in failed.values())
+    assert encoded == [], "a prompt that cannot fit was tokenised"
+    # the worker stayed in touch: a silence as long as the broker's default liveness window
+    # (3 s) would have expired it
+    gaps = [b - a for a, b in zip(beats, beats[1:])]
+    assert beats and max(gaps, default=0) < 3.0, gaps

@@ -215,6 +215,7 @@ class Worker:
                     break
                 else:
                     self.sched.on_message(msg)
+                    self._heartbeat_if_due()     # tokenising a batch of long prompts takes a while
             # One reconnect per batch, and at most one per heartbeat interval: a restarted broker
             # answers every message of the old connection with a Reconnect, and each one obeyed
             # was a registration (14-30 within 40 ms) that requests were dispatched to and lost.
