@@ -24,6 +24,7 @@ from typing import Callable, Optional
 from broker import protocol as p
 from broker.config import BrokerConfig
 from broker.metrics import Metrics, state_gauges
+from broker.ratelog import RateLimitedLog
 
 log = logging.getLogger("broker.state")
 
@@ -115,6 +116,7 @@ class BrokerState:
         self.next_heartbeat = 0.0
         self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0}
         self.metrics = Metrics(lambda: state_gauges(self))
+        self._refused_log = RateLimitedLog(log, "workers refused", clock=clock)
         self._worker_handlers = {
             p.Heartbeat: self._on_heartbeat, p.Disconnect: self._on_disconnect,
             p.ContextDone: self._on_context_done, p.KvPulled: self._on_kv_pulled,
@@ -192,6 +194,10 @@ class BrokerState:
         if isinstance(msg, p.Ready):
             if w is not None:   # a restarted worker with the same identity: its old work is lost
                 self._expire(w, out, "re-registered")
+            elif len(self.workers) >= self.cfg.max_workers:   # bounded state (and metric series)
+                self._refused_log(logging.WARNING, "refusing worker %s: %d workers are registered "
+                                  "(max_workers)", msg.worker_id, len(self.workers))
+                return out
             self._roles = None
             self.workers[identity] = Worker(identity, msg.worker_id, msg.role, msg.model, msg.slots,
                                             msg.kv_blocks,
