@@ -44,6 +44,7 @@ def ping(address: str, timeout: float = 2.0, ctx: Optional[zmq.Context] = None) 
     ctx = ctx or zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
     try:
         s.connect(address)
         nonce = int.from_bytes(os.urandom(4), "little")

@@ -103,6 +103,7 @@ class Worker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)   # a larger one drops the broker
         self.sock.connect(self.broker_addr)
         self.sched.heard_from_broker()
         self.sched.outbox.clear()    # nothing queued for the old connection is valid on the new one
