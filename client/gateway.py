@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from broker.protocol import Code
 
 from .aio import AsyncClient
+from .httpguard import GuardedRunner, read_body
 from .errors import BrokerUnavailable, ClientError, RequestFailed, RequestTimeout
 from .openai_models import (AssistantMessage, ChatCompletionRequest, Choice, Completion, CompletionRequest,
                             Delta, HttpError, ModelCard, ModelList, Usage, parse_request)
@@ -36,6 +37,8 @@ from .openai_models import (AssistantMessage, ChatCompletionRequest, Choice, Com
 log = logging.getLogger("gateway")
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
+DEFAULT_READ_TIMEOUT = 30.0        # seconds for a request's head, and for its body
+DEFAULT_MAX_CONNECTIONS = 1024     # open HTTP connections; more are answered 503
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -75,7 +78,8 @@ class Gateway:
     def __init__(self, broker: str, *, host: str = "127.0.0.1", port: int = 8000,
                  models: tuple = (), min_workers: Optional[dict] = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY, request_timeout: float = 600.0,
-                 chat_max_tokens: int = 256):
+                 chat_max_tokens: int = 256, read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS):
         self.broker, self.host, self.port = broker, host, port
         self.models = [m for m in models if m]
         self.known_models = set(self.models)
@@ -83,6 +87,7 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
         self.chat_max_tokens = chat_max_tokens
+        self.read_timeout, self.max_connections = read_timeout, max_connections
         self.client: Optional[AsyncClient] = None
         self.runner: Optional[web.AppRunner] = None
         self.created = int(time.time())
@@ -104,7 +109,8 @@ class Gateway:
     async def start(self) -> None:
         """Bind (port 0 picks a free port; ``self.port`` then holds the chosen one)."""
         self.client = AsyncClient(self.broker, timeout=self.request_timeout)
-        self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        self.runner = GuardedRunner(self.app(), handler_cancellation=True, access_log=None,
+                                    read_timeout=self.read_timeout, max_connections=self.max_connections)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
         try:
@@ -138,6 +144,8 @@ class Gateway:
             elif e.status == 404:
                 err = HttpError(404, f"no route {request.path}; routes: /v1/completions, /v1/chat/completions, "
                                      "/v1/models, /health, /metrics", None, "not_found")
+            elif e.status == 408:
+                err = HttpError(408, e.text or "request timeout", None, "request_timeout")
             elif e.status == 405:
                 err = HttpError(405, f"method {request.method} is not allowed on {request.path}",
                                 None, "method_not_allowed")
@@ -151,7 +159,7 @@ class Gateway:
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise HttpError(413, f"request body of {request.content_length} bytes is larger than the "
                                  f"limit of {self.max_body_bytes} bytes", None, "request_too_large")
-        raw = await request.read()      # raises HTTPRequestEntityTooLarge past client_max_size
+        raw = await read_body(request, self.read_timeout)   # 413 past client_max_size, 408 if slow
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:   # also: 4,300-digit integers, deep nesting
