@@ -19,8 +19,6 @@ from typing import Any, Literal, Optional
 
 import pydantic
 import yaml
-
-from broker.protocol import MAX_MESSAGE_BYTES
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
 from pydantic_core import ArgsKwargs
 
@@ -132,7 +130,9 @@ class BrokerConfig:
     request_timeout_s: float = Field(600.0, gt=0)     # deadline of a request that gives none
     kv_lease_s: float = Field(30.0, gt=0)             # how long a context worker holds KV waiting for the pull
     max_attempts: int = Field(3, ge=1, le=MAX_INT)                # prefill attempts (worker deaths, retryable failures)
-    max_message_bytes: int = Field(MAX_MESSAGE_BYTES, ge=1 << 16, le=1 << 30)   # ZMQ_MAXMSGSIZE of both sockets
+    # ZMQ_MAXMSGSIZE of both sockets; the default is broker.protocol.MAX_MESSAGE_BYTES (this module
+    # imports only pydantic and PyYAML: test_protocol checks that the two agree)
+    max_message_bytes: int = Field(8 << 20, ge=1 << 16, le=1 << 30)
     max_workers: int = Field(1024, ge=1, le=MAX_INT)              # registered workers at most
 
 

@@ -354,12 +354,17 @@ def main(argv=None) -> int:
                     "the models of registered workers are served too)")
     ap.add_argument("--min-context", type=int, default=1, help="context workers /health needs (default: 1)")
     ap.add_argument("--min-generation", type=int, default=1, help="generation workers /health needs (default: 1)")
+    ap.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+                    help=f"seconds a client has to send a request's head, and its body (default: {DEFAULT_READ_TIMEOUT:g})")
+    ap.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                    help=f"open connections at most; more get 503 (default: {DEFAULT_MAX_CONNECTIONS})")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     gw = Gateway(args.broker, host=args.host, port=args.port, models=tuple(args.model),
-                 min_workers={"context": args.min_context, "generation": args.min_generation})
+                 min_workers={"context": args.min_context, "generation": args.min_generation},
+                 read_timeout=args.read_timeout, max_connections=args.max_connections)
 
     async def run() -> None:
         await gw.start()

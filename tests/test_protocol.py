@@ -408,3 +408,8 @@ def test_malformed_messages_leave_no_reference_cycles():
         assert gc.collect() == 0, "decoding junk left garbage only the cycle collector can free"
     finally:
         gc.enable()
+
+
+def test_the_brokers_default_message_limit_is_the_protocols():
+    from broker.config import BrokerConfig
+    assert BrokerConfig().max_message_bytes == p.MAX_MESSAGE_BYTES
