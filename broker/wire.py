@@ -344,10 +344,12 @@ def _blob(b: bytes, start: int, n: int, kind: str) -> tuple:
 
 
 def _field_error(cls: type, text: str, body: Any) -> str:
-    if not isinstance(body, dict):
-        return f"body of {cls.__name__} is not a map"
     m = _AT.match(text)
     what, path = (m.group(1), m.group(2)) if m else (text, "")
+    if body is None and path:      # too deep to read back: the decoder's words, with the path
+        return f"{cls.__name__}.{path}: {what[:1].lower()}{what[1:]} (too deeply nested to show)"
+    if not isinstance(body, dict):
+        return f"body of {cls.__name__} is not a map"
     missing = re.match(r"Object missing required field `(\w+)`", what)
     if missing:
         return f"{cls.__name__}{'.' + path if path else ''}: missing field {missing.group(1)!r}"

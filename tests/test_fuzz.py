@@ -69,3 +69,16 @@ def test_an_oversized_message_is_dropped_and_its_sender_disconnected(dep):
         assert not s.poll(1500), "an oversized Submit was answered"
     assert dep.broker.poll() is None and dep.stats()["requests"] == 0
     canary(dep)
+
+
+def test_a_submit_nested_1000_deep_is_answered_with_an_error_naming_it(dep):
+    body = msgpack.packb({"request_id": "deep-1", "prompt": "hi"})
+    frame = p.header(p.Submit.CMD) + bytes([body[0] + 1]) + body[1:] + msgpack.packb("sampling") \
+        + b"\x81\xa4stop" + b"\x91" * 1000 + b"\xc0"
+    with raw_client(dep.frontend) as s:
+        s.send(frame)
+        assert s.poll(10_000), "no answer"
+        (err,) = p.decode_all(s.recv_multipart())
+    assert isinstance(err, p.Error) and err.request_id == "deep-1" and err.code == p.Code.INVALID_REQUEST
+    assert "sampling" in err.message
+    canary(dep)

@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional
 import torch
 import zmq
 
+from broker.ratelog import RateLimitedLog
+
 from .base import (KvLayout, KvSource, Registration, Registrations, TransferError, make_handle,
                    pool_bytes)
 from .config import CacheTransceiverConfig
@@ -84,6 +86,7 @@ class ChannelSource(KvSource, SourceLink):
         self._regs = Registrations(layout, self._pool.shape[0], self._timeout_s, _Registration)
         self._lock = self._regs.lock
         self._waker = _Waker(self._ctx)
+        self._bad_log = RateLimitedLog(log, "malformed KV requests")
         self._poller = zmq.Poller()
         self._plane.attach(self)
         self._thread: Optional[threading.Thread] = threading.Thread(
@@ -230,7 +233,8 @@ class ChannelSource(KvSource, SourceLink):
         try:
             msg = decode_request(frames[1:])
         except Malformed as exc:
-            log.warning("KV source %s: dropped a malformed request (%s)", self.endpoint, exc)
+            self._bad_log(logging.WARNING, "KV source %s: dropped a malformed request (%.500s)",
+                          self.endpoint, exc)
             return
         try:
             answer = self._answer(ident, msg)

@@ -26,6 +26,7 @@ import zmq
 
 from broker import protocol as p
 from broker.protocol import Code
+from broker.ratelog import RateLimitedLog
 from transfer.base import KvLayout, TransferError, TransferTimeout
 from transfer.registry import create_sink, create_source, resolve_backend
 from workers.engine.kv_cache import KVCache, pool_blocks
@@ -91,6 +92,7 @@ class Worker:
         self.sock: Optional[zmq.Socket] = None
         self.stop_event = threading.Event()
         self.failure: Optional[str] = None    # why the worker left service, if it had to
+        self._bad_log = RateLimitedLog(log, "malformed messages from the broker")
         self._reconnected_at = -float("inf")
         self._reconnect_gap = options.heartbeat_ms / 1000   # at most one reconnect per interval
 
@@ -210,7 +212,7 @@ class Worker:
             reconnect = None
             for msg in msgs:
                 if isinstance(msg, p.ProtocolError):
-                    log.warning("dropping malformed message from the broker: %s", msg)
+                    self._bad_log(logging.WARNING, "dropping malformed message from the broker: %.500s", msg)
                 elif isinstance(msg, p.Reconnect):
                     reconnect = msg      # the rest of the batch was for the old registration
                     break
