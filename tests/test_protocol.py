@@ -410,6 +410,8 @@ def test_malformed_messages_leave_no_reference_cycles():
         gc.enable()
 
 
-def test_the_brokers_default_message_limit_is_the_protocols():
-    from broker.config import BrokerConfig
-    assert BrokerConfig().max_message_bytes == p.MAX_MESSAGE_BYTES
+def test_the_configs_bounds_are_the_protocols():
+    from broker import config
+    assert config.BrokerConfig().max_message_bytes == p.MAX_MESSAGE_BYTES
+    assert (config.MAX_SLOTS, config.MIN_HEARTBEAT_MS, config.MAX_HEARTBEAT_MS) == \
+        (p.MAX_SLOTS, p.MIN_HEARTBEAT_MS, p.MAX_HEARTBEAT_MS)
