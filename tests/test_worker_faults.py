@@ -171,3 +171,30 @@ def test_a_4mb_prompt_is_refused_without_stalling_the_heartbeat(run_worker, brok
     # (3 s) would have expired it
     gaps = [b - a for a, b in zip(beats, beats[1:])]
     assert beats and max(gaps, default=0) < 3.0, gaps
+
+
+def test_a_long_tokenisation_runs_off_the_loop_and_the_heartbeat_goes_on(run_worker, broker, monkeypatch):
+    import workers.worker as worker_module
+    monkeypatch.setattr(worker_module, "OFF_LOOP_CHARS", 100, raising=False)
+    w = run_worker("context")
+    ident, _ = broker.wait_for(p.Ready)
+    real = w.tok.encode
+    threads = []
+
+    def slow_encode(text):          # a tokenizer that takes 2 s (and releases the GIL, as HF's does)
+        threads.append(threading.current_thread().name)
+        time.sleep(2.0)
+        return real(text)
+    w.tok.encode = slow_encode
+    broker.send(ident, p.Prefill("slow", 1, prompt="x" * 200, sampling={"max_tokens": 1}))
+    beats, done, deadline = [], None, time.monotonic() + 30
+    while done is None and time.monotonic() < deadline:
+        for _, m in broker.recv(1.0):
+            if isinstance(m, p.Heartbeat):
+                beats.append(time.monotonic())
+            elif isinstance(m, p.ContextDone) and m.request_id == "slow":
+                done = m
+    assert done is not None and len(done.prompt_token_ids) == 200
+    assert threads and threads[0] != "MainThread" and not threads[0].startswith("Thread-")
+    gaps = [b - a for a, b in zip(beats, beats[1:])]
+    assert len(beats) >= 5 and max(gaps) < 1.0, gaps    # heartbeat_ms is 100: no 2 s silence

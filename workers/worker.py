@@ -19,6 +19,8 @@ import os
 import socket as pysocket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Optional
 
 import torch
@@ -39,6 +41,35 @@ from workers.scheduler import Scheduler
 log = logging.getLogger("worker")
 
 ROLES = ("context", "generation", "both")
+
+
+OFF_LOOP_CHARS = 16_384     # texts at least this long are encoded off the loop thread
+
+
+class HeartbeatingTokenizer:
+    """The model's tokenizer, encoding a long text in a helper thread while the loop thread goes
+    on heartbeating (``heartbeat()`` every few milliseconds), so tokenising megabytes never
+    silences the worker past its liveness window. The ``tokenizers`` library releases the GIL
+    while it encodes (``HFTokenizer.encode`` makes sure of it for long texts)."""
+
+    def __init__(self, tok, heartbeat) -> None:
+        self._tok, self._heartbeat = tok, heartbeat
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def encode(self, text: str) -> list:
+        if len(text) < OFF_LOOP_CHARS:
+            return self._tok.encode(text)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        job = self._pool.submit(self._tok.encode, text)
+        while True:
+            try:
+                return job.result(timeout=0.05)
+            except FuturesTimeout:
+                self._heartbeat()
+
+    def __getattr__(self, name: str):
+        return getattr(self._tok, name)
 
 
 class Worker:
@@ -84,7 +115,8 @@ class Worker:
                 self.sink = create_sink(ctc, self.kv.pool, layout, worker_id=self.worker_id)
                 self.transfer_info = {"backend": backend}
                 transfer_calls = dict(cancel_pull=self.sink.cancel)
-        self.sched = Scheduler(role, self.worker_id, self.kv.allocator, self.kv.block_size, self.tok,
+        self.sched = Scheduler(role, self.worker_id, self.kv.allocator, self.kv.block_size,
+                               HeartbeatingTokenizer(self.tok, lambda: self._heartbeat_if_due()),
                                cfg.vocab_size, self.max_seq_len, options.max_batch_size,
                                options.max_num_tokens, options.heartbeat_ms, options.broker_timeout_ms,
                                clock=time.monotonic, **transfer_calls)

@@ -81,7 +81,10 @@ class HFTokenizer(Tokenizer):
         self._template = None
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if len(text) >= 16_384:   # encode_batch releases the GIL (same ids): other threads run
+            ids = self.tok.encode_batch([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
         # A chat template often writes the BOS text itself: never add a second one.
         if self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)
