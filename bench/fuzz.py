@@ -16,7 +16,7 @@ import json
 import os
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import click
 import msgpack

@@ -16,7 +16,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Sequence as SequenceABC
-from typing import Annotated, Any, ClassVar, Iterable, Iterator, Optional, Sequence, Union
+from typing import Annotated, Any, ClassVar, Iterable, Iterator, Sequence, Union
 
 import msgspec
 from msgspec import Meta

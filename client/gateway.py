@@ -355,7 +355,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-context", type=int, default=1, help="context workers /health needs (default: 1)")
     ap.add_argument("--min-generation", type=int, default=1, help="generation workers /health needs (default: 1)")
     ap.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
-                    help=f"seconds a client has to send a request's head, and its body (default: {DEFAULT_READ_TIMEOUT:g})")
+                    help="seconds a client has to send a request's head, and its body "
+                         f"(default: {DEFAULT_READ_TIMEOUT:g})")
     ap.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                     help=f"open connections at most; more get 503 (default: {DEFAULT_MAX_CONNECTIONS})")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

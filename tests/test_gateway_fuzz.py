@@ -5,7 +5,6 @@ import asyncio
 import json
 import select
 import socket
-import time
 
 import aiohttp
 import pytest
