@@ -150,7 +150,7 @@ def test_a_batch_of_reconnects_registers_once(run_worker, broker):
 
 
 @pytest.mark.slow
-def test_a_4mb_prompt_is_refused_without_stalling_the_heartbeat(run_worker, broker):
+def test_a_4mb_prompt_is_refused_before_it_is_tokenised(run_worker, broker):
     w = run_worker("context", model="smollm2-135m", heartbeat_ms=200)
     ident, _ = broker.wait_for(p.Ready, 60)
     encoded = []
@@ -158,18 +158,15 @@ def test_a_4mb_prompt_is_refused_without_stalling_the_heartbeat(run_worker, brok
     w.tok.encode = lambda t: encoded.append(len(t)) or real(t)
     text = ("The quick brown fox jumps over the lazy dog. " * 100_000)[:4_000_000]
     broker.send(ident, p.Prefill("big", 1, prompt=text), p.Prefill("big2", 1, prompt=text))
-    beats, failed, deadline = [], {}, time.monotonic() + 30
+    failed, deadline = {}, time.monotonic() + 30
     while len(failed) < 2 and time.monotonic() < deadline:
         for _, m in broker.recv(1.0):
-            if isinstance(m, p.Heartbeat):
-                beats.append(time.monotonic())
-            elif isinstance(m, p.Failed):
+            if isinstance(m, p.Failed):
                 failed[m.request_id] = m
     assert set(failed) == {"big", "big2"}
     assert all(f.code == p.Code.INVALID_REQUEST and "4000000 characters" in f.message
                and f"max_seq_len {w.max_seq_len}" in f.message for f in failed.values())
     assert encoded == [], "a prompt that cannot fit was tokenised"
-    assert beats, "no heartbeat around the refusals"
 
 
 def test_a_long_tokenisation_runs_off_the_loop_and_the_heartbeat_goes_on(run_worker, broker, monkeypatch):
