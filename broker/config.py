@@ -131,6 +131,10 @@ class BrokerConfig:
     request_timeout_s: float = Field(600.0, gt=0)     # deadline of a request that gives none
     kv_lease_s: float = Field(30.0, gt=0)             # how long a context worker holds KV waiting for the pull
     max_attempts: int = Field(3, ge=1, le=MAX_INT)                # prefill attempts (worker deaths, retryable failures)
+    # ZMQ_MAXMSGSIZE of both sockets; the default is broker.protocol.MAX_MESSAGE_BYTES (this module
+    # imports only pydantic and PyYAML: test_protocol checks that the two agree)
+    max_message_bytes: int = Field(8 << 20, ge=1 << 16, le=1 << 30)
+    max_workers: int = Field(1024, ge=1, le=MAX_INT)              # registered workers at most
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +243,13 @@ KvCacheSchema = create_model("KvCacheSchema", __base__=_KvKeys,
                              **{k: (Any, None) for k in KV_NOT_SUPPORTED})
 
 
+# the ranges a worker's Ready must respect (broker.protocol.MAX_SLOTS, MIN_/MAX_HEARTBEAT_MS;
+# test_protocol checks that they agree): a worker option outside them is an error at start-up
+MAX_SLOTS, MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS = 1 << 20, 10, 60_000
+
+
 class _EngineKeys(Schema):
-    max_batch_size: PositiveInt = None
+    max_batch_size: Optional[typing.Annotated[int, Field(ge=1, le=MAX_SLOTS)]] = None
     max_num_tokens: PositiveInt = None
     max_seq_len: PositiveInt = None
     tokens_per_block: PositiveInt = None
@@ -252,7 +261,7 @@ class _EngineKeys(Schema):
     quantization: Optional[Literal["auto", "none", "int8", "fp16"]] = None
     device: Optional[str] = None
     num_threads: PositiveInt = None                                   # ours
-    heartbeat_ms: Optional[typing.Annotated[int, Field(ge=10, le=MAX_INT)]] = None  # ours
+    heartbeat_ms: Optional[typing.Annotated[int, Field(ge=MIN_HEARTBEAT_MS, le=MAX_HEARTBEAT_MS)]] = None  # ours
     broker_timeout_ms: Optional[typing.Annotated[int, Field(ge=10, le=MAX_INT)]] = None  # ours
 
 

@@ -46,6 +46,7 @@ def ping(address: str, timeout: float = 2.0, ctx: Optional[zmq.Context] = None,
     ctx = ctx or zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
     if curve is not None:
         curve.apply(s)
     try:

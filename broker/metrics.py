@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Iterator, Optional
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from broker.protocol import Code
+
 # bucket upper bounds (the +Inf bucket is implicit)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -88,6 +90,11 @@ FAMILIES = {
 }
 
 OUTCOMES = ("finished", "failed", "cancelled", "rejected")
+# Label values a peer's message names are bounded to these, so junk cannot add series: worker
+# and role labels come only from registered workers (at most max_workers, roles checked when a
+# Ready is decoded), and an expired worker's series go with it.
+ERROR_CODES = frozenset(v for k, v in vars(Code).items() if not k.startswith("_"))
+BACKENDS = frozenset({"NIXL", "UCX", "MPI", "SHM", "ZMQ", "FAKE", "DEFAULT"})
 ROLES = ("context", "generation", "both")
 WORKER_STATES = ("idle", "busy", "full")
 _KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
@@ -118,14 +125,17 @@ class Metrics:
 
     def outcome(self, outcome: str, code: Optional[str] = None) -> None:
         self.outcomes.inc((("outcome", outcome),))
-        if code:
-            self.errors.inc((("code", code),))
+        if code:   # a worker's Failed names the code: one it made up is "other", not a new series
+            self.errors.inc((("code", code if code in ERROR_CODES else "other"),))
 
     def kv_pulled(self, seconds: float, nbytes: int, backend: Optional[str]) -> None:
         """A generation worker pulled a request's KV cache over ``backend`` (a transfer backend name)."""
         label = self._backend_labels.get(backend)
-        if label is None:   # once per backend name: the few a deployment uses
-            label = self._backend_labels[backend] = (("backend", str(backend or "unknown")),)
+        if label is None:   # once per backend name: the few there are (a worker's Ready names it)
+            name = backend if backend in BACKENDS else "unknown" if not backend else "other"
+            label = (("backend", name),)
+            if len(self._backend_labels) < 64:   # the cache of names seen is bounded too
+                self._backend_labels[backend] = label
         self.kv_seconds.observe(seconds, label)
         self.kv_bytes.observe(nbytes, label)
 

@@ -26,13 +26,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from msgspec import field
+from msgspec import Meta, field
 
-from broker.wire import (BATCH, BATCH_MAX, HEADER_LEN, MAX_TOKEN_IDS, VERSION, Message,  # noqa: F401
-                         ProtocolError, TokenIds, decode, decode_all, encode_many, encode_batches,
-                         header, message, token_fields)
+from broker.wire import (BATCH, BATCH_MAX, HEADER_LEN, MAX_DEPTH, MAX_ID_CHARS, MAX_ITEMS,  # noqa: F401
+                         MAX_KEYS, MAX_MESSAGE_BYTES, MAX_TOKEN_IDS, U32, U63, U64, VERSION, Map,
+                         Maps, Message, Name, ProtocolError, RequestId, Text, TokenIds, TokenList,
+                         _short, decode, decode_all, encode_many, encode_batches, header, message,
+                         request_id_of, token_fields)
 
 # ---------------------------------------------------------------------------------------------
 # error codes and finish reasons (shared vocabulary)
@@ -61,7 +63,7 @@ class Finish:
 # sampling parameters: validated at the client, at the broker and at the worker alike
 
 def _bad_param(name: str, value: Any, expected: str) -> ProtocolError:
-    return ProtocolError(f"invalid sampling parameter {name}={value!r}: expected {expected}")
+    return ProtocolError(f"invalid sampling parameter {name}={_short(value)}: expected {expected}")
 
 
 def _is_int(v: Any) -> bool:
@@ -138,7 +140,7 @@ class SamplingParams:
         if d is None:
             return cls()
         if not isinstance(d, dict):
-            raise ProtocolError(f"invalid sampling parameters {d!r}: expected a map")
+            raise ProtocolError(f"invalid sampling parameters {_short(d)}: expected a map")
         names = _SAMPLING_NAMES
         if not names.issuperset(d):
             unknown = sorted(set(d) - names)
@@ -208,17 +210,17 @@ def check_sampling(d: Optional[dict]) -> None:
 
 @message(1)
 class Submit(Message):
-    request_id: str
+    request_id: RequestId
     prompt: Optional[str] = None
     token_ids: Optional[TokenIds] = None
-    messages: Optional[list[dict]] = None
-    sampling: dict = field(default_factory=dict)
-    timeout_ms: Optional[int] = None        # deadline, relative to the broker's receipt
+    messages: Optional[Maps] = None
+    sampling: Map = field(default_factory=dict)
+    timeout_ms: Optional[U63] = None        # deadline, relative to the broker's receipt
 
     def __post_init__(self) -> None:
         token_fields(self, "token_ids")
         if not self.request_id or len(self.request_id) > 256:
-            raise ProtocolError(f"invalid request_id {self.request_id!r}: expected 1-256 characters")
+            raise ProtocolError(f"invalid request_id {_short(self.request_id)}: expected 1-256 characters")
         given = [n for n in ("prompt", "token_ids", "messages") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ProtocolError(f"request {self.request_id}: give exactly one of prompt, token_ids, "
@@ -227,7 +229,7 @@ class Submit(Message):
             for i, m in enumerate(self.messages):
                 if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
                         or not isinstance(m.get("content"), str):
-                    raise ProtocolError(f"invalid messages[{i}]={m!r}: expected "
+                    raise ProtocolError(f"invalid messages[{i}]={_short(m)}: expected "
                                         "{'role': str, 'content': str}")
         if self.token_ids is not None and not self.token_ids:
             raise ProtocolError("invalid token_ids=[]: expected at least one token")
@@ -240,87 +242,92 @@ class Submit(Message):
 
 @message(2)
 class Cancel(Message):
-    request_id: str
+    request_id: RequestId
 
 
 @message(3)
 class Ping(Message):
-    nonce: int = 0
+    nonce: U64 = 0
     metrics: bool = False     # ask for the Prometheus text in Pong.stats["prometheus"]
 
 
 @message(10)
 class Accepted(Message):
-    request_id: str
+    request_id: RequestId
 
 
 @message(11)
 class Tokens(Message):
     """Output tokens, in order; ``index`` is the position of the first one in the output."""
-    request_id: str
-    index: int
-    token_ids: list[int]
+    request_id: RequestId
+    index: U32
+    token_ids: TokenList
     text: str = ""
-    attempt: int = 0
+    attempt: U32 = 0
 
 
 @message(12)
 class Final(Message):
     """The end of a request. It may carry the last output tokens (``token_ids`` from ``index``,
     as a ``Tokens`` message would): a request's last step then costs one message, not two."""
-    request_id: str
-    finish_reason: str
-    usage: dict = field(default_factory=dict)     # prompt_tokens, completion_tokens
-    timings: dict = field(default_factory=dict)   # seconds: queue, prefill, kv_transfer, ttft, total
-    index: int = 0
-    token_ids: list[int] = field(default_factory=list)
+    request_id: RequestId
+    finish_reason: Annotated[str, Meta(max_length=32)]
+    usage: Map = field(default_factory=dict)     # prompt_tokens, completion_tokens
+    timings: Map = field(default_factory=dict)   # seconds: queue, prefill, kv_transfer, ttft, total
+    index: U32 = 0
+    token_ids: TokenList = field(default_factory=list)
     text: str = ""
 
 
 @message(13)
 class Error(Message):
-    request_id: str
-    code: str
-    message: str
+    request_id: RequestId
+    code: Annotated[str, Meta(max_length=64)]
+    message: Text
     retryable: bool = False
 
 
 @message(14)
 class Pong(Message):
-    nonce: int = 0
-    stats: dict = field(default_factory=dict)
+    nonce: U64 = 0
+    stats: Map = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
 # worker -> broker
 
+MAX_SLOTS = 1 << 20                        # Ready.slots at most
+MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS = 10, 60_000   # Ready.heartbeat_ms: a worker silent for
+                                          # liveness x this long is expired, so it is bounded
+
+
 @message(20)
 class Ready(Message):
-    worker_id: str
-    role: str                          # context | generation | both
-    model: str
-    slots: int                         # max concurrent requests
-    kv_blocks: int                     # KV blocks in the pool
-    transfer: dict = field(default_factory=dict)   # backend, endpoint
-    pid: int = 0
-    heartbeat_ms: int = 1000
+    worker_id: Name
+    role: Literal["context", "generation", "both"]
+    model: Name
+    slots: Annotated[int, Meta(ge=1, le=MAX_SLOTS)]            # max concurrent requests
+    kv_blocks: Annotated[int, Meta(ge=0, lt=1 << 31)]          # KV blocks in the pool
+    transfer: Map = field(default_factory=dict)   # backend, endpoint
+    pid: Annotated[int, Meta(ge=0, lt=1 << 31)] = 0
+    heartbeat_ms: Annotated[int, Meta(ge=MIN_HEARTBEAT_MS, le=MAX_HEARTBEAT_MS)] = 1000
 
 
 @message(21)
 class Heartbeat(Message):
-    free_blocks: int = 0
-    leases: int = 0
-    max_decode_batch: int = 0     # largest decode batch since the previous heartbeat
+    free_blocks: U32 = 0
+    leases: U32 = 0
+    max_decode_batch: U32 = 0     # largest decode batch since the previous heartbeat
 
 
 @message(22)
 class ContextDone(Message):
-    request_id: str
-    attempt: int
-    first_token: int
+    request_id: RequestId
+    attempt: U32
+    first_token: U32
     first_text: str
     prompt_token_ids: TokenIds
-    kv_handle: dict = field(default_factory=dict)
+    kv_handle: Map = field(default_factory=dict)
     finish_reason: Optional[str] = None   # set when the first token already ends the request
     prefill_s: float = 0.0
     cached_tokens: int = 0                # prompt tokens whose KV came from the prefix cache
@@ -331,38 +338,38 @@ class ContextDone(Message):
 
 @message(23)
 class KvPulled(Message):
-    request_id: str
-    attempt: int
+    request_id: RequestId
+    attempt: U32
     kv_transfer_s: float = 0.0
-    nbytes: int = 0
+    nbytes: U63 = 0
 
 
 @message(24)
 class Finished(Message):
     """The generation side is done. Like ``Final``, it may carry the last tokens."""
-    request_id: str
-    attempt: int
-    finish_reason: str
-    prompt_tokens: int = 0
+    request_id: RequestId
+    attempt: U32
+    finish_reason: Annotated[str, Meta(max_length=32)]
+    prompt_tokens: U32 = 0
     prefill_s: float = 0.0
-    index: int = 0
-    token_ids: list[int] = field(default_factory=list)
+    index: U32 = 0
+    token_ids: TokenList = field(default_factory=list)
     text: str = ""
     cached_tokens: int = 0
 
 
 @message(25)
 class Failed(Message):
-    request_id: str
-    attempt: int
-    code: str
-    message: str
+    request_id: RequestId
+    attempt: U32
+    code: Annotated[str, Meta(max_length=64)]
+    message: Text
     retryable: bool = False
 
 
 @message(26)
 class Disconnect(Message):
-    reason: str = ""
+    reason: Text = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,13 +378,13 @@ class Disconnect(Message):
 @message(30)
 class Prefill(Message):
     """Context phase: prefill, sample the first token, hold the KV blocks for ``lease_ms``."""
-    request_id: str
-    attempt: int
+    request_id: RequestId
+    attempt: U32
     prompt: Optional[str] = None
     token_ids: Optional[TokenIds] = None
-    messages: Optional[list[dict]] = None
-    sampling: dict = field(default_factory=dict)
-    lease_ms: int = 30000
+    messages: Optional[Maps] = None
+    sampling: Map = field(default_factory=dict)
+    lease_ms: U63 = 30000
 
     def __post_init__(self) -> None:
         token_fields(self, "token_ids")
@@ -386,13 +393,13 @@ class Prefill(Message):
 @message(31)
 class Decode(Message):
     """Generation phase: pull the KV through ``kv_handle``, then decode after ``first_token``."""
-    request_id: str
-    attempt: int
+    request_id: RequestId
+    attempt: U32
     prompt_token_ids: TokenIds
-    first_token: int
+    first_token: U32
     first_text: str
-    kv_handle: dict
-    sampling: dict = field(default_factory=dict)
+    kv_handle: Map
+    sampling: Map = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         token_fields(self, "prompt_token_ids")
@@ -401,12 +408,12 @@ class Decode(Message):
 @message(32)
 class Generate(Message):
     """The whole request on one worker (role ``both``)."""
-    request_id: str
-    attempt: int
+    request_id: RequestId
+    attempt: U32
     prompt: Optional[str] = None
     token_ids: Optional[TokenIds] = None
-    messages: Optional[list[dict]] = None
-    sampling: dict = field(default_factory=dict)
+    messages: Optional[Maps] = None
+    sampling: Map = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         token_fields(self, "token_ids")
@@ -414,14 +421,14 @@ class Generate(Message):
 
 @message(33)
 class KvRelease(Message):
-    request_id: str
-    attempt: int
+    request_id: RequestId
+    attempt: U32
 
 
 @message(34)
 class CancelWork(Message):
-    request_id: str
-    attempt: int
+    request_id: RequestId
+    attempt: U32
 
 
 @message(35)
@@ -432,4 +439,4 @@ class BrokerHeartbeat(Message):
 @message(36)
 class Reconnect(Message):
     """The broker does not know this worker (it expired it, or restarted): send Ready again."""
-    reason: str = ""
+    reason: Text = ""

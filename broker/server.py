@@ -16,6 +16,7 @@ import zmq
 from broker import protocol as p
 from broker.auth import CLIENTS, WORKERS, CurveServer, warn_exposed
 from broker.config import BrokerConfig
+from broker.ratelog import RateLimitedLog
 from broker.state import FRONT, BrokerState, Out
 
 log = logging.getLogger("broker")
@@ -95,6 +96,8 @@ class BrokerServer:
         self.ctx = ctx or (zmq.Context() if curve is not None else zmq.Context.instance())
         self.curve = curve.start(self.ctx) if curve is not None else None
         self.state = BrokerState(config)
+        self.max_message_bytes = config.max_message_bytes
+        self._bad_log = RateLimitedLog(log, "malformed messages")
         self.front: Optional[zmq.Socket] = None
         self.front = self._bind(normalize_endpoint(frontend), CLIENTS)
         try:
@@ -119,6 +122,7 @@ class BrokerServer:
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
         s.setsockopt(zmq.SNDTIMEO, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)   # a larger one drops its sender
         try:
             s.bind(addr)
         except zmq.ZMQError as e:
@@ -182,6 +186,9 @@ class BrokerServer:
             except bad as e:
                 self._malformed(sock, identity, e, out)
                 continue
+            except Exception as e:   # a decoder bug: no peer may stop the loop with it
+                self._malformed(sock, identity, p.ProtocolError(f"{type(e).__name__}: {e}"), out)
+                continue
             for msg in msgs:
                 if type(msg) is bad:
                     self._malformed(sock, identity, msg, out)
@@ -197,7 +204,8 @@ class BrokerServer:
 
     def _malformed(self, sock: zmq.Socket, identity: bytes, e: p.ProtocolError, out: list) -> None:
         side = "client" if sock is self.front else "worker"
-        log.warning("dropping malformed message from %s %s: %s", side, identity.hex(), e)
+        self._bad_log(logging.WARNING, "dropping malformed message from %s %s: %.500s", side,
+                      identity.hex(), e)
         if sock is self.front:
             rid = e.request_id
             out.append(Out(FRONT, identity, p.Error(rid, p.Code.INVALID_REQUEST if rid else p.Code.PROTOCOL,
@@ -225,6 +233,8 @@ class BrokerServer:
             except zmq.ZMQError as e:
                 (gone_clients if side == FRONT else gone_workers).append(ident)
                 log.debug("cannot send %d message(s) to %s: %s", len(msgs), ident.hex(), e)
+            except Exception:    # an unencodable message is a bug; the loop goes on
+                log.exception("cannot encode %d message(s) to %s", len(msgs), ident.hex())
         for ident in gone_clients:
             self._send(self.state.client_gone(ident))
         for ident in gone_workers:

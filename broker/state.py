@@ -24,6 +24,7 @@ from broker import protocol as p
 from broker.client_ids import ClientIds, shown_to_client
 from broker.config import BrokerConfig
 from broker.metrics import Metrics, state_gauges
+from broker.ratelog import RateLimitedLog
 from broker.records import (BACK, DECODING, FRONT, GENERATING, KV_READY, PREFILLING,  # noqa: F401
                             QUEUED, STREAMING, Out, Request, Worker)
 
@@ -54,6 +55,7 @@ class BrokerState:
                          # every prefill's prompt tokens, and those its worker's prefix cache held
                          "prefill_prompt_tokens": 0, "prefill_cached_tokens": 0}
         self.metrics = Metrics(lambda: state_gauges(self))
+        self._refused_log = RateLimitedLog(log, "workers refused", clock=clock)
         self._worker_handlers = {
             p.Heartbeat: self._on_heartbeat, p.Disconnect: self._on_disconnect,
             p.ContextDone: self._on_context_done, p.KvPulled: self._on_kv_pulled,
@@ -132,6 +134,10 @@ class BrokerState:
         if isinstance(msg, p.Ready):
             if w is not None:   # a restarted worker with the same identity: its old work is lost
                 self._expire(w, out, "re-registered")
+            elif len(self.workers) >= self.cfg.max_workers:   # bounded state (and metric series)
+                self._refused_log(logging.WARNING, "refusing worker %s: %d workers are registered "
+                                  "(max_workers)", msg.worker_id, len(self.workers))
+                return out
             self._roles = None
             self.workers[identity] = Worker(identity, msg.worker_id, msg.role, msg.model, msg.slots,
                                             msg.kv_blocks,

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import operator
 import re
+import reprlib
 import struct
 import sys
 from array import array
 from collections.abc import Sequence as SequenceABC
-from typing import Any, ClassVar, Iterable, Iterator, Sequence
+from typing import Annotated, Any, ClassVar, Iterable, Iterator, Sequence, Union
 
 import msgspec
+from msgspec import Meta
 from msgspec.structs import force_setattr
 
 VERSION = b"DSRV3"      # DSRV3: msgspec maps, prompt token ids packed (TokenIds)
@@ -38,6 +40,43 @@ class ProtocolError(ValueError):
     def __init__(self, message: str, request_id: str = ""):
         super().__init__(message)
         self.request_id = request_id
+
+
+# ---------------------------------------------------------------------------------------------
+# bounds on what a peer may send (docs/architecture.md, "Bounded input")
+
+MAX_MESSAGE_BYTES = 8 << 20   # ZMQ_MAXMSGSIZE default: twice the largest legitimate message (4 MiB
+                              # of packed prompt ids, or a 4 MB prompt from the HTTP gateway)
+MAX_DEPTH = 6                 # nesting of free-form values (sampling, messages, kv handles, stats)
+MAX_ITEMS = 1 << 20           # elements of one array
+MAX_KEYS = 256                # entries of one free-form map
+MAX_ID_CHARS = 256            # request ids, worker ids
+MAX_TEXT_CHARS = 1 << 16      # error messages, reasons
+
+
+def _bounded_value(depth: int) -> Any:
+    """A msgpack value nested at most ``depth`` arrays or maps deep, with bounded arrays and
+    maps: what a free-form field decodes to. The typed decoder refuses anything deeper in C,
+    before the value exists, so nothing downstream (a repr, an encode, a log line) recurses
+    on a peer's nesting."""
+    t: Any = Union[None, bool, int, float, str]
+    for _ in range(depth):
+        t = Union[None, bool, int, float, str, Annotated[list[t], Meta(max_length=MAX_ITEMS)],
+                  Annotated[dict[str, t], Meta(max_length=MAX_KEYS)]]
+    return t
+
+
+Value = _bounded_value(MAX_DEPTH - 1)     # a map field's values (the map is one level)
+Map = Annotated[dict[str, Value], Meta(max_length=MAX_KEYS)]
+Maps = Annotated[list[Annotated[dict[str, _bounded_value(MAX_DEPTH - 2)], Meta(max_length=MAX_KEYS)]],
+                 Meta(max_length=MAX_ITEMS)]
+RequestId = Annotated[str, Meta(max_length=MAX_ID_CHARS)]
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
+Text = Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
+U32 = Annotated[int, Meta(ge=0, lt=1 << 32)]
+U63 = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
+U64 = Annotated[int, Meta(ge=0)]    # msgpack bounds it to 64 bits
+TokenList = Annotated[list[U32], Meta(max_length=MAX_ITEMS)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +186,7 @@ def token_fields(msg: "Message", *names: str) -> None:
             try:
                 force_setattr(msg, name, TokenIds(v))
             except (TypeError, OverflowError) as e:
-                raise ProtocolError(f"{type(msg).__name__}.{name}: invalid token ids {v!r:.200}: "
+                raise ProtocolError(f"{type(msg).__name__}.{name}: invalid token ids {_short(v)}: "
                                     f"expected integers in [0, 2**32) ({e})") from None
 
 
@@ -189,23 +228,44 @@ def message(cmd: int):
 
 
 _AT = re.compile(r"^(.*) - at `\$\.?([^`]*)`$", re.S)
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 120, 120
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = 8
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for error messages: never recurses past a few levels, never copies a
+    whole multi-megabyte string."""
+    return _REPR.repr(value)
 
 
 def _decode_body(cls: type[Message], data: Any) -> Message:
     """A msgpack body to a message of ``cls``; ProtocolError naming the request, the field and
     the value. A body nested too deeply to decode is a ProtocolError too (never RecursionError)."""
+    cause = None
     try:
         return cls._decoder.decode(data)
     except msgspec.ValidationError as e:
-        err = e.__cause__ if isinstance(e.__cause__, ProtocolError) else None   # from __post_init__
+        cause = e.__cause__ if isinstance(e.__cause__, ProtocolError) else None   # from __post_init__
         body = _plain(data)
-        if err is None:
-            err = ProtocolError(_field_error(cls, str(e), body))
+        err = (ProtocolError(str(cause), cause.request_id) if cause is not None
+               else ProtocolError(_field_error(cls, str(e), body)))
     except (ValueError, RecursionError) as e:   # msgspec.DecodeError, or a string not UTF-8
-        raise ProtocolError(f"undecodable body for {cls.__name__}: {e}") from None
-    if not err.request_id and isinstance(body, dict) and type(body.get("request_id")) is str:
-        err.request_id = body["request_id"]
-    raise err
+        body = None
+        err = ProtocolError(f"undecodable body for {cls.__name__}: {e}")
+    if err.request_id:
+        pass
+    elif isinstance(body, dict) and type(body.get("request_id")) is str:
+        err.request_id = body["request_id"][:MAX_ID_CHARS]
+    else:
+        err.request_id = request_id_of(data)
+    # raised from here, with no context: an exception kept in a frame it references is a
+    # reference cycle, which the broker's rare cycle collection leaves in memory for long
+    err.__suppress_context__ = True
+    try:
+        raise err
+    finally:
+        err = body = cause = None
 
 
 def _plain(data: Any) -> Any:
@@ -216,16 +276,85 @@ def _plain(data: Any) -> Any:
         return None
 
 
+def request_id_of(data: Any, budget: int = 10_000) -> str:
+    """The ``request_id`` string of a msgpack map body that cannot be decoded (nested too deeply,
+    truncated after the id...), read without recursion and within ``budget`` items; "" if
+    there is none. So a bad message that names its request is answered with an error for it."""
+    try:
+        b = bytes(data)
+        pos, n = _head(b, 0)
+        if n[0] != "map":
+            return ""
+        for _ in range(n[1]):
+            pos, k = _head(b, pos)
+            is_rid = k[0] == "str" and b[k[1]:k[1] + k[2]] == b"request_id"
+            if is_rid:
+                pos2, v = _head(b, pos)
+                if v[0] == "str" and v[2] <= MAX_ID_CHARS:
+                    return b[v[1]:v[1] + v[2]].decode("utf-8")
+                return ""
+            pending = 1                  # the value after this key
+            while pending:
+                budget -= 1
+                if budget < 0:
+                    return ""
+                pos, v = _head(b, pos)
+                pending += -1 + (v[1] if v[0] == "array" else 2 * v[1] if v[0] == "map" else 0)
+    except (IndexError, ValueError, struct.error):
+        pass
+    return ""
+
+
+def _head(b: bytes, pos: int) -> tuple:
+    """One msgpack item header at ``pos``: (position after it, (kind, count or start, length)).
+    Containers report their element count; strings, binaries and extensions are skipped whole."""
+    c = b[pos]
+    if c <= 0x7f or c >= 0xe0 or c in (0xc0, 0xc2, 0xc3):
+        return pos + 1, ("scalar", 0)
+    if 0x80 <= c <= 0x8f:
+        return pos + 1, ("map", c & 0x0f)
+    if 0x90 <= c <= 0x9f:
+        return pos + 1, ("array", c & 0x0f)
+    if 0xa0 <= c <= 0xbf:
+        return _blob(b, pos + 1, c & 0x1f, "str")
+    fixed = {0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8, 0xd0: 1, 0xd1: 2, 0xd2: 4,
+             0xd3: 8, 0xd4: 2, 0xd5: 3, 0xd6: 5, 0xd7: 9, 0xd8: 17}
+    if c in fixed:
+        if pos + 1 + fixed[c] > len(b):
+            raise ValueError("truncated")
+        return pos + 1 + fixed[c], ("scalar", 0)
+    sized = {0xd9: (1, "str"), 0xda: (2, "str"), 0xdb: (4, "str"), 0xc4: (1, "bin"),
+             0xc5: (2, "bin"), 0xc6: (4, "bin"), 0xc7: (1, "ext"), 0xc8: (2, "ext"),
+             0xc9: (4, "ext"), 0xdc: (2, "array"), 0xdd: (4, "array"), 0xde: (2, "map"),
+             0xdf: (4, "map")}
+    if c not in sized:
+        raise ValueError(f"no msgpack type 0x{c:02x}")
+    width, kind = sized[c]
+    n = int.from_bytes(b[pos + 1:pos + 1 + width], "big")
+    pos += 1 + width
+    if kind in ("array", "map"):
+        return pos, (kind, n)
+    return _blob(b, pos + (kind == "ext"), n, kind)
+
+
+def _blob(b: bytes, start: int, n: int, kind: str) -> tuple:
+    if start + n > len(b):
+        raise ValueError("truncated")
+    return start + n, (kind, start, n)
+
+
 def _field_error(cls: type, text: str, body: Any) -> str:
-    if not isinstance(body, dict):
-        return f"body of {cls.__name__} is not a map"
     m = _AT.match(text)
     what, path = (m.group(1), m.group(2)) if m else (text, "")
+    if body is None and path:      # too deep to read back: the decoder's words, with the path
+        return f"{cls.__name__}.{path}: {what[:1].lower()}{what[1:]} (too deeply nested to show)"
+    if not isinstance(body, dict):
+        return f"body of {cls.__name__} is not a map"
     missing = re.match(r"Object missing required field `(\w+)`", what)
     if missing:
         return f"{cls.__name__}{'.' + path if path else ''}: missing field {missing.group(1)!r}"
     name = re.match(r"\w*", path).group(0)
-    return f"{cls.__name__}.{path}: bad value {body.get(name)!r:.200} ({what[:1].lower()}{what[1:]})"
+    return f"{cls.__name__}.{path}: bad value {_short(body.get(name))} ({what[:1].lower()}{what[1:]})"
 
 
 def _first(frames: Sequence) -> bytes:
@@ -293,9 +422,9 @@ def decode_all(frames: Sequence) -> list:
     data = memoryview(first)[HEADER_LEN:]
     try:
         pairs = _PAIRS.decode(data)
-    except msgspec.ValidationError:
+    except (msgspec.ValidationError, RecursionError):
         pairs = _pairs_one_by_one(data)
-    except (ValueError, RecursionError) as e:
+    except ValueError as e:
         raise ProtocolError(f"undecodable batch: {e}") from None
     out: list = []
     registry = _REGISTRY
@@ -307,29 +436,64 @@ def decode_all(frames: Sequence) -> list:
         cls = registry.get(cmd)
         try:
             if cls is None:
-                body = _plain(raw)
-                rid = body.get("request_id") if isinstance(body, dict) else None
-                raise ProtocolError(f"batch item {i}: unknown command {cmd!r}",
-                                    rid if type(rid) is str else "")
+                raise ProtocolError(f"batch item {i}: unknown command {cmd!r}", request_id_of(raw))
             out.append(_decode_body(cls, raw))
         except ProtocolError as e:
-            out.append(e)
+            out.append(e.with_traceback(None))   # no cycle through this frame and ``out``
     return out
 
 
 def _pairs_one_by_one(data: Any) -> list:
-    """A batch with an item that is not a [command, map] pair: each item read on its own, a bad
-    one becoming a ProtocolError in its place."""
+    """A batch with an item that is not a [command, map] pair, or one nested too deeply to skip:
+    each item read on its own, a bad one becoming a ProtocolError (naming its request where it
+    can) in its place."""
     try:
         items = _ITEMS.decode(data)
     except msgspec.ValidationError:
         raise ProtocolError("batch body is not an array") from None
-    except (ValueError, RecursionError) as e:   # past the item that was not a pair
-        raise ProtocolError(f"undecodable batch: {e}") from None
+    except (ValueError, RecursionError):
+        items = _split_items(bytes(data))
     out: list = []
     for i, raw in enumerate(items):
         try:
             out.append(_PAIR.decode(raw))
         except (ValueError, RecursionError):
-            out.append(ProtocolError(f"batch item {i} is not a [command, map] pair"))
+            out.append(ProtocolError(f"batch item {i} is not a [command, map] pair, or is nested "
+                                     f"deeper than {MAX_DEPTH} levels", _pair_request_id(raw)))
     return out
+
+
+def _split_items(b: bytes, budget: int = 10_000) -> list:
+    """The items of a msgpack array as byte slices, found without recursion (for an array whose
+    items msgspec cannot skip); ProtocolError if it is no array, is truncated, or holds more
+    than ``budget`` headers in all."""
+    try:
+        pos, head = _head(b, 0)
+        if head[0] != "array":
+            raise ProtocolError("batch body is not an array")
+        out = []
+        for _ in range(head[1]):
+            start, pending = pos, 1
+            while pending:
+                budget -= 1
+                if budget < 0:
+                    raise ProtocolError("undecodable batch: too many nested values")
+                pos, v = _head(b, pos)
+                pending += -1 + (v[1] if v[0] == "array" else 2 * v[1] if v[0] == "map" else 0)
+            out.append(b[start:pos])
+        return out
+    except (IndexError, ValueError, struct.error) as e:
+        raise ProtocolError(f"undecodable batch: {e}") from None
+
+
+def _pair_request_id(raw: Any) -> str:
+    """The request id in the map of a [command, map] batch item, read without recursion."""
+    try:
+        b = bytes(raw)
+        pos, head = _head(b, 0)
+        if head[0] != "array" or head[1] != 2:
+            return ""
+        pos, _ = _head(b, pos)
+        return request_id_of(b[pos:])
+    except (IndexError, ValueError, struct.error):
+        return ""

@@ -34,6 +34,7 @@ from broker.config import ConfigError
 from broker.protocol import Code
 
 from .aio import AsyncClient
+from .httpguard import GuardedRunner, read_body
 from .errors import BrokerUnavailable, ClientError, RequestFailed, RequestTimeout
 from .openai_models import (AssistantMessage, ChatCompletionRequest, Choice, Completion, CompletionRequest,
                             Delta, HttpError, ModelCard, ModelList, Usage, parse_request)
@@ -42,6 +43,8 @@ from .triton_metrics import render as trtllm_metrics
 log = logging.getLogger("gateway")
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
+DEFAULT_READ_TIMEOUT = 30.0        # seconds for a request's head, and for its body
+DEFAULT_MAX_CONNECTIONS = 1024     # open HTTP connections; more are answered 503
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -93,7 +96,8 @@ class Gateway:
                  models: tuple = (), min_workers: Optional[dict] = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY, request_timeout: float = 600.0,
                  chat_max_tokens: int = 256, api_key: Optional[str] = None,
-                 metrics_need_key: bool = False, curve=None):
+                 metrics_need_key: bool = False, curve=None, read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS):
         """``api_key``: every route but /health (and /metrics unless ``metrics_need_key``) needs
         ``Authorization: Bearer KEY``; ``curve``: the ``CurveClient`` for a CURVE broker."""
         self.broker, self.host, self.port = broker, host, port
@@ -107,6 +111,7 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
         self.chat_max_tokens = chat_max_tokens
+        self.read_timeout, self.max_connections = read_timeout, max_connections
         self.client: Optional[AsyncClient] = None
         self.runner: Optional[web.AppRunner] = None
         self.created = int(time.time())
@@ -131,7 +136,8 @@ class Gateway:
     async def start(self) -> None:
         """Bind (port 0 picks a free port; ``self.port`` then holds the chosen one)."""
         self.client = AsyncClient(self.broker, timeout=self.request_timeout, curve=self.curve)
-        self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        self.runner = GuardedRunner(self.app(), handler_cancellation=True, access_log=None,
+                                    read_timeout=self.read_timeout, max_connections=self.max_connections)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
         try:
@@ -179,6 +185,8 @@ class Gateway:
             elif e.status == 404:
                 err = HttpError(404, f"no route {request.path}; routes: /v1/completions, /v1/chat/completions, "
                                      "/v1/models, /health, /metrics", None, "not_found")
+            elif e.status == 408:
+                err = HttpError(408, e.text or "request timeout", None, "request_timeout")
             elif e.status == 405:
                 err = HttpError(405, f"method {request.method} is not allowed on {request.path}",
                                 None, "method_not_allowed")
@@ -192,7 +200,7 @@ class Gateway:
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise HttpError(413, f"request body of {request.content_length} bytes is larger than the "
                                  f"limit of {self.max_body_bytes} bytes", None, "request_too_large")
-        raw = await request.read()      # raises HTTPRequestEntityTooLarge past client_max_size
+        raw = await read_body(request, self.read_timeout)   # 413 past client_max_size, 408 if slow
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:   # also: 4,300-digit integers, deep nesting
@@ -389,6 +397,11 @@ def main(argv=None) -> int:
     ap.add_argument("--curve-key", default=None, metavar="KEY_SECRET_FILE",
                     help="this gateway's CURVE key pair (a NAME.key_secret of `broker keygen`)")
     ap.add_argument("--curve-server-key", default=None, metavar="KEY_FILE", help="the broker's CURVE public key")
+    ap.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+                    help="seconds a client has to send a request's head, and its body "
+                         f"(default: {DEFAULT_READ_TIMEOUT:g})")
+    ap.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                    help=f"open connections at most; more get 503 (default: {DEFAULT_MAX_CONNECTIONS})")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -401,7 +414,8 @@ def main(argv=None) -> int:
         return 2
     gw = Gateway(args.broker, host=args.host, port=args.port, models=tuple(args.model),
                  min_workers={"context": args.min_context, "generation": args.min_generation},
-                 api_key=api_key, metrics_need_key=args.metrics_need_key, curve=curve)
+                 api_key=api_key, metrics_need_key=args.metrics_need_key, curve=curve,
+                 read_timeout=args.read_timeout, max_connections=args.max_connections)
 
     async def run() -> None:
         await gw.start()

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import zmq
 
-from broker.protocol import Cancel, Message, Ping, Pong, ProtocolError, decode_all
+from broker.protocol import MAX_MESSAGE_BYTES, Cancel, Message, Ping, Pong, ProtocolError, decode_all
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
 from .request import Chunk, Completion, RequestState, StreamBase, check_timeout, prepare_submit
@@ -39,6 +39,7 @@ class Client:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)   # a larger one drops the peer
         if curve is not None:
             curve.apply(self._sock)
         try:

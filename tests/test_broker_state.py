@@ -339,3 +339,46 @@ def test_prompt_token_ids_pass_through_as_they_came(st):
     [dec] = of(st.on_worker(b"ctx", done), p.Decode, BACK, b"gen")
     assert dec.prompt_token_ids is done.prompt_token_ids and dec.prompt_token_ids == list(range(1000))
     assert st.requests["r1"].prompt_tokens == 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# bounded state per peer (issue 13): workers, metric series
+
+def test_workers_past_max_workers_are_refused_and_metric_series_stay_bounded(clock):
+    from broker.metrics import Metrics
+    s = BrokerState(BrokerConfig(heartbeat_interval_s=1.0, liveness=3, max_workers=3), clock)
+    for i in range(10):
+        ready(s, f"w{i}".encode(), "context")
+    assert sorted(w.worker_id for w in s.workers.values()) == ["w0", "w1", "w2"]
+    # workers coming and going under new ids, as junk Readys would: series of live workers only
+    for i in range(200):
+        s.on_worker(b"w0", p.Ready(f"junk-{i}", ("context", "generation", "both")[i % 3], "m", 1, 10))
+        s.on_worker(b"w0", p.Failed("nope", 1, f"MADE_UP_{i}", "x"))
+    text = s.metrics.render()
+    assert "junk-199" in text and "junk-198" not in text, "an expired worker's series stayed"
+    assert "MADE_UP" not in text
+    s.metrics.outcome("failed", "MADE_UP_CODE")
+    s.metrics.kv_pulled(0.1, 100, "NOT_A_BACKEND")
+    s.metrics.kv_pulled(0.1, 100, "ZMQ")
+    text = s.metrics.render()
+    assert 'code="other"' in text and 'backend="other"' in text and 'backend="ZMQ"' in text
+    clock.t += 10                      # every worker expires: their series go with them
+    s.tick()
+    assert "junk-199" not in s.metrics.render() and not s.workers
+    assert isinstance(Metrics().render(), str)
+
+
+def test_rate_limited_log_counts_what_it_drops(caplog):
+    import logging
+
+    from broker.ratelog import RateLimitedLog
+    t = [0.0]
+    rl = RateLimitedLog(logging.getLogger("test.ratelog"), "bad things", period=10, burst=2,
+                        clock=lambda: t[0])
+    with caplog.at_level(logging.WARNING, "test.ratelog"):
+        logged = [rl(logging.WARNING, "bad %d", i) for i in range(100)]
+        t[0] = 11
+        rl(logging.WARNING, "bad again")
+    assert logged.count(True) == 2
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["bad 0", "bad 1", "98 more bad things in the last 11 s (not logged one by one)", "bad again"]

@@ -278,3 +278,140 @@ def test_truncated_or_corrupted_frames_raise_only_protocol_error():
             except p.ProtocolError:
                 continue
             assert all(isinstance(m, (p.Message, p.ProtocolError)) for m in out)
+
+
+# ---------------------------------------------------------------------------------------------
+# bounded decoding (issue 13): depth, sizes, ranges; the request named even when undecodable
+
+def _with_field(cmd: int, body: dict, key: str, raw_value: bytes) -> list:
+    """One message whose ``key`` holds ``raw_value`` (raw msgpack bytes), after ``body``."""
+    packed = msgpack.packb(body)
+    assert 0x80 <= packed[0] < 0x8f
+    return [p.header(cmd) + bytes([packed[0] + 1]) + packed[1:] + msgpack.packb(key) + raw_value]
+
+
+def _deep(levels: int) -> bytes:
+    return b"\x91" * levels + b"\xc0"
+
+
+@pytest.mark.parametrize("levels", [p.MAX_DEPTH + 1, 990, 1000, 5000])
+@pytest.mark.parametrize("where", ["sampling", "messages", "unknown_key", "batch"])
+def test_nesting_past_the_bound_is_refused_naming_the_request(levels, where):
+    base = {"request_id": "deep-1", "prompt": "hi"}
+    if where == "sampling":
+        msg = _with_field(p.Submit.CMD, base, "sampling", b"\x81\xa4stop" + _deep(levels))
+    elif where == "messages":
+        msg = _with_field(p.Submit.CMD, {"request_id": "deep-1"}, "messages",
+                          b"\x91\x83\xa4role\xa4user\xa7content\xa2hi\xa5extra" + _deep(levels))
+    else:
+        msg = _with_field(p.Submit.CMD, base, "zz_unknown", _deep(levels))
+        if levels < 100:       # an unknown key is skipped, never kept: shallow, it does no harm
+            assert p.decode(msg).request_id == "deep-1"
+            return
+    if where == "batch":
+        frames_ = [p.header(p.BATCH) + b"\x92\x92\x03\x80\x92\x01" + msg[0][p.HEADER_LEN:]]
+        ping, err = p.decode_all(frames_)
+        assert ping == p.Ping()
+    else:
+        with pytest.raises(p.ProtocolError) as e:
+            p.decode(msg)
+        err = e.value
+    assert isinstance(err, p.ProtocolError) and err.request_id == "deep-1", err
+    assert len(str(err)) < 1000
+
+
+@pytest.mark.parametrize("cls, body, key", [
+    (p.Ready, {"worker_id": "w", "role": "context", "model": "m", "slots": 1, "kv_blocks": 1}, "transfer"),
+    (p.ContextDone, {"request_id": "deep-2", "attempt": 1, "first_token": 1, "first_text": "x",
+                     "prompt_token_ids": b"\x01\x00\x00\x00"}, "kv_handle"),
+])
+def test_worker_messages_bound_nesting_too(cls, body, key):
+    ok = p.decode(_with_field(cls.CMD, body, key, b"\x81\xa1k" + _deep(p.MAX_DEPTH - 2)))
+    assert isinstance(ok, cls)
+    with pytest.raises(p.ProtocolError, match=f"{cls.__name__}.{key}") as e:
+        p.decode(_with_field(cls.CMD, body, key, b"\x81\xa1k" + _deep(p.MAX_DEPTH)))
+    assert e.value.request_id == body.get("request_id", "")
+
+
+READY = {"worker_id": "w", "role": "context", "model": "m", "slots": 4, "kv_blocks": 100, "heartbeat_ms": 500}
+
+
+@pytest.mark.parametrize("over, what", [
+    ({"slots": 0}, "slots"), ({"slots": 2**40}, "slots"), ({"slots": -1}, "slots"),
+    ({"kv_blocks": 2**40}, "kv_blocks"), ({"heartbeat_ms": 3_600_000}, "heartbeat_ms"),
+    ({"heartbeat_ms": 0}, "heartbeat_ms"), ({"role": "junk-role-1"}, "role"),
+    ({"worker_id": ""}, "worker_id"), ({"worker_id": "w" * 10_000}, "worker_id"),
+    ({"pid": -5}, "pid"),
+])
+def test_ready_values_are_range_checked(over, what):
+    assert p.decode(frames(p.Ready.CMD, READY)).slots == 4
+    with pytest.raises(p.ProtocolError, match=f"Ready.{what}"):
+        p.decode(frames(p.Ready.CMD, {**READY, **over}))
+
+
+@pytest.mark.parametrize("cls, body, what", [
+    (p.Heartbeat, {"free_blocks": -1}, "free_blocks"),
+    (p.Tokens, {"request_id": "r", "index": -1, "token_ids": [1]}, "index"),
+    (p.Tokens, {"request_id": "r", "index": 0, "token_ids": [2**40]}, "token_ids"),
+    (p.Failed, {"request_id": "r", "attempt": 1, "code": "X" * 100, "message": "m"}, "code"),
+    (p.Submit, {"request_id": "r" * 300, "prompt": "x"}, "request_id"),
+    (p.Submit, {"request_id": "r", "prompt": "x", "timeout_ms": -1}, "timeout_ms"),
+    (p.Submit, {"request_id": "r", "prompt": "x", "sampling": {str(i): 1 for i in range(p.MAX_KEYS + 1)}},
+     "sampling"),
+])
+def test_integers_strings_and_maps_are_bounded(cls, body, what):
+    with pytest.raises(p.ProtocolError, match=what):
+        p.decode(frames(cls.CMD, body))
+
+
+def test_errors_show_a_bounded_value_not_the_whole_input():
+    huge = {"request_id": "r", "prompt": "x", "sampling": {"stop": ["y" * 1_000_000, 5]}}
+    with pytest.raises(p.ProtocolError) as e:
+        p.decode(frames(p.Submit.CMD, huge))
+    assert "stop" in str(e.value) and len(str(e.value)) < 1000
+
+
+@pytest.mark.parametrize("body, rid", [
+    ({"request_id": "a-1"}, "a-1"),
+    ({"x": [[1, {"y": b"\x00" * 300}], "s" * 70000], "request_id": "b-2"}, "b-2"),
+    ({"request_id": 5}, ""), ([1, 2], ""), ({"x": 1}, ""),
+])
+def test_request_id_of_reads_the_id_without_decoding_the_rest(body, rid):
+    data = msgpack.packb(body, use_bin_type=True)
+    assert p.request_id_of(data) == rid
+    assert p.request_id_of(data + _deep(100_000)) == rid     # trailing junk is never reached
+    assert p.request_id_of(data[:len(data) // 2]) in (rid, "")   # truncated: never raises
+
+
+def test_request_id_of_reads_past_a_deep_value_iteratively():
+    data = b"\x82\xa1x" + _deep(5000) + msgpack.packb("request_id") + msgpack.packb("c-3")
+    assert p.request_id_of(data) == "c-3"
+    assert p.request_id_of(data, budget=1000) == ""
+
+
+def test_malformed_messages_leave_no_reference_cycles():
+    import gc
+    bad = [frames(p.Submit.CMD, submit_body(sampling={"top_p": 7})),
+           frames(p.Tokens.CMD, {"request_id": "r", "index": "x", "token_ids": [1]}),
+           _with_field(p.Submit.CMD, {"request_id": "d"}, "sampling", _deep(2000)),
+           [p.header(p.BATCH) + msgpack.packb([[p.Submit.CMD, submit_body(request_id="b", sampling=[1])],
+                                              [p.Accepted.CMD, {"request_id": 3}], [99, {}], "x"])]]
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(50):
+            for f in bad:
+                try:
+                    p.decode_all(f)
+                except p.ProtocolError:
+                    pass
+        assert gc.collect() == 0, "decoding junk left garbage only the cycle collector can free"
+    finally:
+        gc.enable()
+
+
+def test_the_configs_bounds_are_the_protocols():
+    from broker import config
+    assert config.BrokerConfig().max_message_bytes == p.MAX_MESSAGE_BYTES
+    assert (config.MAX_SLOTS, config.MIN_HEARTBEAT_MS, config.MAX_HEARTBEAT_MS) == \
+        (p.MAX_SLOTS, p.MIN_HEARTBEAT_MS, p.MAX_HEARTBEAT_MS)

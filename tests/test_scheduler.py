@@ -360,3 +360,29 @@ def test_the_scheduler_imports_no_torch_no_sockets_and_no_transfer():
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not names & {"torch", "zmq", "socket", "transfer"}
+
+
+class CountingTokenizer(ByteTokenizer):
+    """The byte tokenizer, counting the characters it was asked to encode."""
+    max_token_chars = 4
+    encoded = 0
+
+    def encode(self, text):
+        self.encoded += len(text)
+        return super().encode(text)
+
+
+@pytest.mark.parametrize("over", [
+    {"prompt": "x" * 4001},
+    {"messages": [{"role": "user", "content": "x" * 2000}, {"role": "user", "content": "y" * 2001}]},
+])
+def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_encoded(over):
+    rig = Rig(role="context", max_seq_len=1000)
+    tok = rig.sched.tok = CountingTokenizer()
+    rig.send(p.Prefill("r", 1, **over))
+    failed = rig.take(p.Failed)
+    assert [f.code for f in failed] == [Code.INVALID_REQUEST]
+    assert "4001 characters" in failed[0].message and "max_seq_len 1000" in failed[0].message
+    assert tok.encoded == 0, "the prompt was encoded before it was refused"
+    rig.send(p.Prefill("ok", 1, prompt="x" * 4000))     # at the bound: encoded, then judged by tokens
+    assert tok.encoded == 4000

@@ -353,6 +353,11 @@ class KvSource(ABC):
     @abstractmethod
     def num_registered(self) -> int: ...
 
+    @property
+    def alive(self) -> bool:
+        """False once a thread this source needs has died: the worker must leave service."""
+        return True
+
     @abstractmethod
     def close(self) -> None: ...
 

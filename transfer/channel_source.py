@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 import torch
 import zmq
 
+from broker.ratelog import RateLimitedLog
+
 from .base import (KvLayout, KvSource, Registration, Registrations, TransferError, make_handle,
                    pool_bytes)
 from .config import CacheTransceiverConfig
@@ -89,6 +91,7 @@ class ChannelSource(KvSource, SourceLink):
         self._regs = Registrations(layout, self._pool.shape[0], self._timeout_s, _Registration)
         self._lock = self._regs.lock
         self._waker = _Waker(self._ctx)
+        self._bad_log = RateLimitedLog(log, "malformed KV requests")
         self._poller = zmq.Poller()
         self._plane.attach(self)
         self._thread: Optional[threading.Thread] = threading.Thread(
@@ -121,6 +124,10 @@ class ChannelSource(KvSource, SourceLink):
     @property
     def num_registered(self) -> int:
         return len(self._regs)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def close(self) -> None:
         if self._thread is None:
@@ -235,7 +242,8 @@ class ChannelSource(KvSource, SourceLink):
         try:
             msg = decode_request(frames[1:])
         except Malformed as exc:
-            log.warning("KV source %s: dropped a malformed request (%s)", self.endpoint, exc)
+            self._bad_log(logging.WARNING, "KV source %s: dropped a malformed request (%.500s)",
+                          self.endpoint, exc)
             return
         try:
             answer = self._answer(ident, msg)

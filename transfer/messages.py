@@ -161,6 +161,8 @@ def _decode(decoder: msgspec.msgpack.Decoder, body: bytes) -> _Wire:
         return decoder.decode(body)
     except msgspec.MsgspecError as exc:
         raise Malformed(str(exc)) from None
+    except RecursionError:           # trailing elements nested too deeply to skip
+        raise Malformed("a message nested too deeply") from None
 
 
 def decode_request(frames: list) -> Request:

@@ -80,6 +80,8 @@ def start(role, broker, model, options, worker_id, host, curve_key, curve_server
     print(f"worker {worker.worker_id} role={role} model={model} ({worker.precision.describe()}) "
           f"transfer={worker.transfer_info or 'none'}", flush=True)
     worker.run()
+    if worker.failure:
+        raise CommandError("worker", f"left service: {worker.failure}")
 
 
 @cli.command("export-tokenizer", short_help="write a model's tokenizer as a Hugging Face folder")

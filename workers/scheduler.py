@@ -225,13 +225,29 @@ class Scheduler:
             if bad:
                 raise RequestRejected(f"invalid token_ids: {bad[0]} is outside the vocabulary "
                                       f"[0, {self.vocab_size})")
-        elif msg.messages is not None:
-            ids = self.tok.encode(self.tok.apply_chat_template(msg.messages))
         else:
-            ids = self.tok.encode(msg.prompt)
+            self._check_prompt_chars(msg)
+            if msg.messages is not None:
+                ids = self.tok.encode(self.tok.apply_chat_template(msg.messages))
+            else:
+                ids = self.tok.encode(msg.prompt)
         if not ids:
             raise RequestRejected("the prompt encodes to no tokens")
         return Sequence(msg.request_id, msg.attempt, kind, ids, params, self._max_new(ids, params))
+
+    def _check_prompt_chars(self, msg) -> None:
+        """Refuse a text prompt too long to fit the context before encoding it: tokenising a few
+        MB costs seconds on the worker's loop (its heartbeat with it). A token stands for at most
+        ``max_token_chars`` characters, so more than ``max_seq_len`` times that cannot fit."""
+        limit = self.max_seq_len * max(1, getattr(self.tok, "max_token_chars", 1))
+        if msg.prompt is not None:
+            n, what = len(msg.prompt), "prompt"
+        else:
+            n, what = sum(len(m.get("content") or "") for m in msg.messages), "messages' content"
+        if n > limit:
+            raise RequestRejected(f"{what} of {n} characters cannot fit the model's context "
+                                  f"(max_seq_len {self.max_seq_len} tokens, at most {limit} "
+                                  f"characters)")
 
     def _decode_sequence(self, msg: p.Decode) -> Sequence:
         params = self._params(msg.sampling)

@@ -19,6 +19,8 @@ import os
 import socket as pysocket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Optional
 
 import torch
@@ -27,6 +29,7 @@ import zmq
 from broker import protocol as p
 from broker.auth import PEERS, CurveClient, CurveServer, warn_exposed
 from broker.protocol import Code
+from broker.ratelog import RateLimitedLog
 from transfer.base import KvLayout, TransferError, TransferTimeout
 from transfer.registry import create_sink, create_source, resolve_backend
 from workers.engine.kv_cache import KVCache, pool_blocks
@@ -39,6 +42,35 @@ from workers.scheduler import Scheduler
 log = logging.getLogger("worker")
 
 ROLES = ("context", "generation", "both")
+
+
+OFF_LOOP_CHARS = 16_384     # texts at least this long are encoded off the loop thread
+
+
+class HeartbeatingTokenizer:
+    """The model's tokenizer, encoding a long text in a helper thread while the loop thread goes
+    on heartbeating (``heartbeat()`` every few milliseconds), so tokenising megabytes never
+    silences the worker past its liveness window. The ``tokenizers`` library releases the GIL
+    while it encodes (``HFTokenizer.encode`` makes sure of it for long texts)."""
+
+    def __init__(self, tok, heartbeat) -> None:
+        self._tok, self._heartbeat = tok, heartbeat
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def encode(self, text: str) -> list:
+        if len(text) < OFF_LOOP_CHARS:
+            return self._tok.encode(text)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        job = self._pool.submit(self._tok.encode, text)
+        while True:
+            try:
+                return job.result(timeout=0.05)
+            except FuturesTimeout:
+                self._heartbeat()
+
+    def __getattr__(self, name: str):
+        return getattr(self._tok, name)
 
 
 class Worker:
@@ -98,7 +130,8 @@ class Worker:
                                         curve=curve.pair if curve is not None else None)
                 self.transfer_info = {"backend": backend}
                 transfer_calls = dict(cancel_pull=self.sink.cancel)
-        self.sched = Scheduler(role, self.worker_id, self.kv.allocator, self.kv.block_size, self.tok,
+        self.sched = Scheduler(role, self.worker_id, self.kv.allocator, self.kv.block_size,
+                               HeartbeatingTokenizer(self.tok, lambda: self._heartbeat_if_due()),
                                cfg.vocab_size, self.max_seq_len, options.max_batch_size,
                                options.max_num_tokens, options.heartbeat_ms, options.broker_timeout_ms,
                                clock=time.monotonic, **transfer_calls)
@@ -106,6 +139,10 @@ class Worker:
         self.sock: Optional[zmq.Socket] = None
         self.refusals = None        # broker.auth.Refusals of the socket, with CURVE
         self.stop_event = threading.Event()
+        self.failure: Optional[str] = None    # why the worker left service, if it had to
+        self._bad_log = RateLimitedLog(log, "malformed messages from the broker")
+        self._reconnected_at = -float("inf")
+        self._reconnect_gap = options.heartbeat_ms / 1000   # at most one reconnect per interval
 
     # -----------------------------------------------------------------------------------------
     # connection
@@ -122,6 +159,7 @@ class Worker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)   # a larger one drops the broker
         if self.curve is not None:
             self.curve.apply(self.sock)
         self.sock.connect(self.broker_addr)
@@ -137,6 +175,7 @@ class Worker:
                  self.model_name, self.broker_addr)
 
     def _reconnect(self) -> None:
+        self._reconnected_at = time.monotonic()
         self.sched.drop_all()
         self._connect()
 
@@ -164,9 +203,15 @@ class Worker:
         try:
             while not self.stop_event.is_set():
                 self._step()
+                if self.source is not None and not self.source.alive:
+                    # it can no longer serve its KV: leave service rather than heartbeat on
+                    # while every request routed here fails or waits for its timeout
+                    self.failure = "its KV source thread died"
+                    log.error("worker %s: %s; leaving service", self.worker_id, self.failure)
+                    break
         finally:
             try:
-                self.sched.outbox.append(p.Disconnect("shutting down"))
+                self.sched.outbox.append(p.Disconnect(self.failure or "shutting down"))
                 self._flush()
             except Exception:
                 pass
@@ -226,14 +271,24 @@ class Worker:
                 msgs = p.decode_all(frames)
             except p.ProtocolError as e:
                 msgs = [e]
+            reconnect = None
             for msg in msgs:
                 if isinstance(msg, p.ProtocolError):
-                    log.warning("dropping malformed message from the broker: %s", msg)
+                    self._bad_log(logging.WARNING, "dropping malformed message from the broker: %.500s", msg)
                 elif isinstance(msg, p.Reconnect):
-                    log.warning("broker asks to reconnect (%s); dropping all work", msg.reason)
-                    self._reconnect()
+                    reconnect = msg      # the rest of the batch was for the old registration
+                    break
                 else:
                     self.sched.on_message(msg)
+                    self._heartbeat_if_due()     # tokenising a batch of long prompts takes a while
+            # One reconnect per batch, and at most one per heartbeat interval: a restarted broker
+            # answers every message of the old connection with a Reconnect, and each one obeyed
+            # was a registration (14-30 within 40 ms) that requests were dispatched to and lost.
+            # One ignored here is sent again in answer to the next heartbeat, if still meant.
+            if reconnect is not None and time.monotonic() - self._reconnected_at >= self._reconnect_gap:
+                log.warning("broker asks to reconnect (%s); dropping all work", reconnect.reason)
+                self._reconnect()
+                break            # the old socket's remaining messages are moot
 
     def _heartbeat_if_due(self, _layer: int = 0) -> None:
         if self.sched.heartbeat_if_due():

@@ -18,6 +18,9 @@ class Tokenizer:
     vocab_size: int
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # The most characters one token stands for: a text longer than n * max_token_chars encodes
+    # to more than n tokens, so a prompt that cannot fit is refused without encoding it.
+    max_token_chars: int = 1
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -70,11 +73,18 @@ class HFTokenizer(Tokenizer):
         self.bos_token_id = bos_token_id
         self.eos_token_ids = tuple(eos_token_ids)
         self.chat_template = chat_template
+        # a byte-level BPE token's string has one character per byte, and a character is at
+        # least one byte; a sentencepiece token's has one per character (byte tokens <0x0A>:
+        # more): its length bounds the characters it stands for either way
+        self.max_token_chars = max(map(len, tok.get_vocab(with_added_tokens=True)), default=1)
         self.add_bos = add_bos and bos_token_id is not None
         self._template = None
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if len(text) >= 16_384:   # encode_batch releases the GIL (same ids): other threads run
+            ids = self.tok.encode_batch([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
         # A chat template often writes the BOS text itself: never add a second one.
         if self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)
