@@ -83,16 +83,19 @@ _D = BrokerConfig()
               help=f"seconds a context worker holds KV waiting for a pull (default {_D.kv_lease_s})")
 @click.option("--request-timeout", type=float, default=None,
               help=f"deadline of requests that set none, seconds (default {_D.request_timeout_s})")
+@click.option("--max-migrations", type=int, default=None,
+              help="times a stream whose generation worker died may continue on another "
+                   f"(0 turns migration off; default {_D.max_migrations})")
 @_http_options
 @log_level_option
 def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv_lease,
-          request_timeout, http_port, no_http, log_level) -> None:
+          request_timeout, max_migrations, http_port, no_http, log_level) -> None:
     """Run the broker: clients connect to --frontend, workers to --backend. A port of 0 (or *)
     picks a free port; the chosen addresses are printed on the first line of stdout."""
     setup_logging(log_level)
     from broker.server import BrokerServer
     over = {"heartbeat_interval_s": heartbeat_interval, "liveness": liveness, "max_queue": max_queue,
-            "kv_lease_s": kv_lease, "request_timeout_s": request_timeout}
+            "kv_lease_s": kv_lease, "request_timeout_s": request_timeout, "max_migrations": max_migrations}
     try:
         cfg = load_disagg_config(config) if config else DisaggConfig()
         settings = dataclasses.replace(cfg.broker, **{k: v for k, v in over.items() if v is not None})

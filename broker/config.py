@@ -130,6 +130,7 @@ class BrokerConfig:
     request_timeout_s: float = Field(600.0, gt=0)     # deadline of a request that gives none
     kv_lease_s: float = Field(30.0, gt=0)             # how long a context worker holds KV waiting for the pull
     max_attempts: int = Field(3, ge=1, le=MAX_INT)                # prefill attempts (worker deaths, retryable failures)
+    max_migrations: int = Field(3, ge=0, le=MAX_INT)              # moves of a stream whose generating worker died (0: off)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -170,9 +170,12 @@ class Submit(Message):
     messages: Optional[list[dict]] = None
     sampling: dict = field(default_factory=dict)
     timeout_ms: Optional[int] = None        # deadline, relative to the broker's receipt
+    # resume: the output tokens the client already has from an earlier run of this request (its
+    # broker restarted); generation continues after them, and they count in max_tokens and usage
+    output_ids: Optional[TokenIds] = None
 
     def __post_init__(self) -> None:
-        token_fields(self, "token_ids")
+        token_fields(self, "token_ids", "output_ids")
         if not self.request_id or len(self.request_id) > 256:
             raise ProtocolError(f"invalid request_id {self.request_id!r}: expected 1-256 characters")
         given = [n for n in ("prompt", "token_ids", "messages") if getattr(self, n) is not None]
@@ -354,16 +357,19 @@ class Decode(Message):
 
 @message(32)
 class Generate(Message):
-    """The whole request on one worker (role ``both``)."""
+    """The whole request on one worker (role ``both``), or a continuation (role ``both`` or
+    ``generation``): with ``output_ids``, the worker prefills the prompt and those tokens itself
+    and samples what follows them, as if it had generated them (a migrated stream, a resume)."""
     request_id: str
     attempt: int
     prompt: Optional[str] = None
     token_ids: Optional[TokenIds] = None
     messages: Optional[list[dict]] = None
     sampling: dict = field(default_factory=dict)
+    output_ids: Optional[TokenIds] = None
 
     def __post_init__(self) -> None:
-        token_fields(self, "token_ids")
+        token_fields(self, "token_ids", "output_ids")
 
 
 @message(33)

@@ -9,6 +9,11 @@ Invariants kept here: every accepted request gets exactly one final message (``F
 context worker holds is released once nobody needs it: by the context worker itself when the
 generation worker has pulled it (the transfer tells both sides; ``KvPulled`` tells the broker),
 and by ``KvRelease`` from here in every other case (cancel, failure, re-run, lease expiry).
+
+Stream migration: a request whose generating worker dies after tokens reached the client is
+continued on another worker (``Generate`` with ``output_ids``: the tokens the client has), at
+most ``max_migrations`` times; the continuation samples exactly what the lost worker would have
+(greedy, or seeded by (seed, step)), and only tokens past ``next_index`` are forwarded.
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ FRONT, BACK = "front", "back"     # which socket an outgoing message goes to
 
 # request states (docs/architecture.md §2)
 QUEUED, PREFILLING, KV_READY, DECODING, STREAMING = "QUEUED", "PREFILLING", "KV_READY", "DECODING", "STREAMING"
-GENERATING = "GENERATING"          # the whole request on a `both` worker
+GENERATING = "GENERATING"          # the whole request on a `both` worker, or a continuation
+RESUMING = "RESUMING"              # waiting for a worker to continue it after its tokens so far
 
 
 @dataclass
@@ -85,6 +91,8 @@ class Request:
     lease_deadline: Optional[float] = None
     context: Optional[p.ContextDone] = None
     next_index: int = 0               # tokens already sent to the client
+    output_ids: list = field(default_factory=list)   # those tokens (a continuation starts after them)
+    migrations: int = 0               # times its generation moved to another worker
     prompt_tokens: int = 0
     t_dispatch: Optional[float] = None
     t_first: Optional[float] = None
@@ -113,7 +121,8 @@ class BrokerState:
         self._leases: list = []        # KV lease deadlines of requests waiting in KV_READY
         self._seq = itertools.count()  # tie-breaker: Requests themselves are not comparable
         self.next_heartbeat = 0.0
-        self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0}
+        self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0,
+                         "migrated": 0}
         self.metrics = Metrics(lambda: state_gauges(self))
         self._worker_handlers = {
             p.Heartbeat: self._on_heartbeat, p.Disconnect: self._on_disconnect,
@@ -169,7 +178,13 @@ class BrokerState:
         timeout = msg.timeout_ms / 1000 if msg.timeout_ms else self.cfg.request_timeout_s
         req = self.requests[rid] = Request(rid, identity, msg, sampling, now, now + timeout)
         heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
-        self.prefill_queue.append(rid)
+        if msg.output_ids:     # a resume: continue after the tokens the client already has
+            req.output_ids = list(msg.output_ids)
+            req.next_index = len(req.output_ids)
+            req.state = RESUMING
+            self.decode_queue.append(rid)
+        else:
+            self.prefill_queue.append(rid)
         self.counters["submitted"] += 1
         out.append(Out(FRONT, identity, p.Accepted(rid)))
 
@@ -299,6 +314,7 @@ class BrokerState:
             req.t_first = self.clock()
             self.metrics.ttft.observe(req.t_first - req.received)
         req.next_index += len(ids)
+        req.output_ids.extend(ids)
         return True
 
     def _finish_with_tokens(self, req: Request, out: list[Out], reason: str, index: int, ids: list,
@@ -414,12 +430,40 @@ class BrokerState:
                 req.state = KV_READY        # died before the pull: another generation worker
                 self._watch_lease(req)
                 self.decode_queue.appendleft(rid)
-            else:
+            elif not self._migrate(req, w, why, out):
+                text = (f"{w.role} worker {w.worker_id} (pid {w.pid}) stopped answering ({why}) "
+                        f"while running request {rid} in state {req.state}")
+                if req.next_index and req.migrations >= self.cfg.max_migrations:
+                    text += (f"; its stream may move to another worker at most "
+                             f"broker.max_migrations={self.cfg.max_migrations} times and has "
+                             f"moved {req.migrations}")
                 self._outcome("failed", p.Code.WORKER_DIED)
-                self._finish(req, out, p.Error(
-                    rid, p.Code.WORKER_DIED,
-                    f"{w.role} worker {w.worker_id} (pid {w.pid}) stopped answering ({why}) "
-                    f"while running request {rid} in state {req.state}", False))
+                self._finish(req, out, p.Error(rid, p.Code.WORKER_DIED, text, False))
+
+    def _migrate(self, req: Request, w: Worker, why: str, out: list[Out]) -> bool:
+        """Continue a request whose generating worker was lost on another worker, after the
+        tokens the client already has; False when it cannot (not generating, or moved
+        ``max_migrations`` times already)."""
+        if req.state not in (DECODING, STREAMING, GENERATING):
+            return False
+        note = f"{w.role} worker {w.worker_id} (pid {w.pid}) stopped answering ({why}); "
+        if req.next_index == 0:      # a `both` worker lost it before its first token: run it again
+            if req.prefill_attempts >= self.cfg.max_attempts:
+                return False
+            req.note = note
+            self._requeue(req)
+            return True
+        if req.migrations >= self.cfg.max_migrations or not self._worker_roles() & {"generation", "both"}:
+            return False
+        req.migrations += 1
+        self.counters["migrated"] += 1
+        log.info("request %s: %s continuing it after token %d elsewhere (migration %d)",
+                 req.request_id, note, req.next_index, req.migrations)
+        req.note = note
+        self._release_lease(req, out)      # DECODING: a lease not pulled is of no use any more
+        req.state = RESUMING
+        self.decode_queue.appendleft(req.request_id)
+        return True
 
     # -----------------------------------------------------------------------------------------
     # dispatch
@@ -472,6 +516,10 @@ class BrokerState:
         while self.decode_queue:
             rid = self.decode_queue[0]
             req = self.requests.get(rid)
+            if req is not None and req.state == RESUMING:
+                if not self._resume(req, out):
+                    break
+                continue
             if req is None or req.state != KV_READY:
                 self.decode_queue.popleft()
                 continue
@@ -496,6 +544,37 @@ class BrokerState:
 
     def _pick_any(self, role: str) -> bool:
         return role in self._worker_roles()
+
+    def _resume(self, req: Request, out: list[Out]) -> bool:
+        """Dispatch a RESUMING request at the head of the decode queue to a worker that prefills
+        its prompt and output so far itself and goes on decoding; False to wait for a slot."""
+        roles = self._worker_roles()
+        role = "generation" if "generation" in roles else "both" if "both" in roles else None
+        rid = req.request_id
+        if role is None:
+            self.decode_queue.popleft()
+            self._outcome("failed", p.Code.NO_WORKERS)
+            self._finish(req, out, p.Error(rid, p.Code.NO_WORKERS, req.note + "no generation or "
+                                           "'both' worker is up to continue this request", True))
+            return True
+        w = self._pick(role)
+        if w is None:
+            return False
+        self.decode_queue.popleft()
+        req.attempt += 1
+        req.state, req.worker = GENERATING, w.identity
+        if req.t_dispatch is None:
+            req.t_dispatch = self.clock()
+            self.metrics.queue.observe(req.t_dispatch - req.received)
+        w.inflight.add(rid)
+        s, c = req.submit, req.context
+        if c is not None:      # the context phase tokenised the prompt: no need to do it again
+            prompt, token_ids, messages = None, c.prompt_token_ids, None
+        else:
+            prompt, token_ids, messages = s.prompt, s.token_ids, s.messages
+        out.append(Out(BACK, w.identity, p.Generate(rid, req.attempt, prompt, token_ids, messages,
+                                                    req.sampling, req.output_ids)))
+        return True
 
     def _send_prefill(self, req: Request, w: Worker, disagg: bool, out: list[Out]) -> None:
         s = req.submit

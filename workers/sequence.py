@@ -24,7 +24,7 @@ class Sequence:
     max_new: int                      # max_tokens clipped to the context and the KV reservation
     output_ids: list = field(default_factory=list)
     blocks: list = field(default_factory=list)
-    num_cached: int = 0               # prompt tokens whose KV is in the blocks
+    num_cached: int = 0               # tokens of prefill_ids whose KV is in the blocks
     emitted_chars: int = 0
     text: str = ""                    # text emitted so far (after stop-string cuts)
     finish_reason: Optional[str] = None
@@ -37,6 +37,21 @@ class Sequence:
     def key(self) -> str:
         """Unique per dispatch: used as the transfer and pull id."""
         return f"{self.request_id}#{self.attempt}"
+
+    @property
+    def prefill_ids(self) -> list:
+        """What prefill runs through the model: the prompt, and for a continuation (output tokens
+        given up front) every output token but the last, which the first decode step reads."""
+        return self.prompt_ids + self.output_ids[:-1] if self.output_ids else self.prompt_ids
+
+    def replay(self, output_ids: list, tok: Tokenizer, eos_ids) -> None:
+        """Take tokens generated elsewhere (a continuation) as if sampled here: the emitted text,
+        the held-back text and the stop state become exactly what they were where they were
+        sampled, so what follows is emitted with no gap and no repeat."""
+        for token in output_ids:
+            self.accept(token, tok, eos_ids)
+            if self.finish_reason:
+                break
 
     @property
     def reserve_tokens(self) -> int:
