@@ -2,7 +2,10 @@
 
 Safe for many concurrent requests from one event loop (``asyncio.gather`` of many ``generate``
 calls). The reader task routes each broker message to its request's queue and drops messages for
-requests this client no longer tracks; every wait is bounded by the call's timeout. Use an
+requests this client no longer tracks; every wait is bounded by the call's timeout. A watchdog
+task pings a silent broker while requests are in flight and fails them all with
+``BrokerUnavailable`` once the broker has been silent for the liveness window
+(``client/liveness.py``). Use an
 ``AsyncClient`` from the event loop that first used it only.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ import zmq.asyncio
 from broker.protocol import Cancel, Message, Ping, Pong, ProtocolError, decode_all
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
+from .liveness import Liveness
 from .request import Chunk, Completion, RequestState, StreamBase, check_timeout, prepare_submit
 
 log = logging.getLogger(__name__)
@@ -34,9 +38,13 @@ class _Stop:
 class AsyncClient:
     """Asyncio client. ``async with AsyncClient(addr) as c: await c.generate("Hi")``."""
 
-    def __init__(self, address: str, *, timeout: float = 120.0) -> None:
+    def __init__(self, address: str, *, timeout: float = 120.0, liveness: float = 5.0) -> None:
+        """``timeout``: each call's default, in seconds. ``liveness``: seconds of silence from the
+        broker (pinged meanwhile) after which every request in flight fails with the retryable
+        ``BrokerUnavailable``."""
         self.address = address
         self.timeout = check_timeout(timeout, timeout)
+        self._live = Liveness(liveness, time.monotonic())
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -49,6 +57,8 @@ class AsyncClient:
         self._queues: dict[str, asyncio.Queue] = {}      # in-flight request id -> its messages
         self._pings: dict[int, asyncio.Future] = {}
         self._reader: Optional[asyncio.Task] = None
+        self._watchdog: Optional[asyncio.Task] = None
+        self._lost: set[str] = set()                     # requests already failed as broker-lost
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.closed = False
 
@@ -102,11 +112,12 @@ class AsyncClient:
         if self.closed:
             return
         if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+            for task in (self._watchdog, self._reader):
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         else:
             await asyncio.sleep(0)   # let cancels scheduled by finalizers go out first
         self.closed = True
@@ -128,11 +139,14 @@ class AsyncClient:
         if self._reader is None:
             self._loop = asyncio.get_running_loop()
             self._reader = self._loop.create_task(self._read_loop())
+            self._watchdog = self._loop.create_task(self._watch_loop())
 
     def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling) -> "AsyncStream":
         self._start()
         rid, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
                                               request_id, sampling, self._queues)
+        if not self._queues:
+            self._live.start_waiting(time.monotonic())
         self._queues[rid] = asyncio.Queue()
         return AsyncStream(self, RequestState(rid), time.monotonic() + timeout, timeout,
                            self._send(frames))
@@ -161,6 +175,7 @@ class AsyncClient:
     def _release(self, state: RequestState, deferred: bool = False) -> None:
         """Forget a request; cancel it at the broker unless the broker already finished it.
         ``deferred``: called from a finalizer, which may run anywhere (even inside a send)."""
+        self._lost.discard(state.request_id)
         if self._queues.pop(state.request_id, None) is None or self.closed or state.finished:
             return
         frames = Cancel(state.request_id).encode()
@@ -195,6 +210,7 @@ class AsyncClient:
         try:
             while True:
                 frames = await self._sock.recv_multipart()
+                self._live.on_message(time.monotonic())
                 try:
                     msgs = decode_all(frames)
                 except ProtocolError as e:
@@ -216,6 +232,26 @@ class AsyncClient:
             log.error("reader for the broker at %s stopped: %s", self.address, e)
             self._stop_all(ClientError(f"connection to the broker at {self.address} failed: {e}"))
             self.closed = True
+
+    async def _watch_loop(self) -> None:
+        """Ping a silent broker while requests are in flight; past the liveness window, fail them."""
+        live = self._live
+        while True:
+            now = time.monotonic()
+            waiting = [rid for rid in self._queues if rid not in self._lost]
+            if not waiting:
+                await asyncio.sleep(live.every)
+                continue
+            if live.lost(now):
+                log.warning("the broker at %s stopped answering (%g s); failing %d requests",
+                            self.address, live.window, len(waiting))
+                for rid in waiting:
+                    self._queues[rid].put_nowait(_Stop(live.error(self.address, rid)))
+                self._lost.update(waiting)
+                live.start_waiting(now)       # a fresh window for what comes next
+            elif live.ping_due(now):
+                self._send(Ping().encode())
+            await asyncio.sleep(live.next_check(now))
 
     def _stop_all(self, error: ClientError) -> None:
         for queue in self._queues.values():

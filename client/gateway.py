@@ -7,7 +7,8 @@ context and generation workers is registered), ``GET /metrics`` (the broker's Pr
 Request and response bodies are the pydantic models of ``client/openai_models.py``. Every error
 is OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names the bad field
 (its path, in ``param``) and value, 404 an unknown model or route, 413 an oversized body, 503 (with
-``Retry-After``) an overloaded broker or no worker up. A client that disconnects cancels its request
+``Retry-After``) an overloaded broker, no worker up or a broker silent for its liveness window
+(an open stream gets that error as its last event instead). A client that disconnects cancels its request
 at the broker. From the project it imports only ``broker.protocol`` and, through its
 request models, ``broker.config``: never torch, workers/ or transfer/.
 """
@@ -75,7 +76,7 @@ class Gateway:
     def __init__(self, broker: str, *, host: str = "127.0.0.1", port: int = 8000,
                  models: tuple = (), min_workers: Optional[dict] = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY, request_timeout: float = 600.0,
-                 chat_max_tokens: int = 256):
+                 chat_max_tokens: int = 256, broker_liveness: float = 5.0):
         self.broker, self.host, self.port = broker, host, port
         self.models = [m for m in models if m]
         self.known_models = set(self.models)
@@ -83,6 +84,7 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
         self.chat_max_tokens = chat_max_tokens
+        self.broker_liveness = broker_liveness   # a silent broker fails calls (503) after this
         self.client: Optional[AsyncClient] = None
         self.runner: Optional[web.AppRunner] = None
         self.created = int(time.time())
@@ -103,7 +105,7 @@ class Gateway:
 
     async def start(self) -> None:
         """Bind (port 0 picks a free port; ``self.port`` then holds the chosen one)."""
-        self.client = AsyncClient(self.broker, timeout=self.request_timeout)
+        self.client = AsyncClient(self.broker, timeout=self.request_timeout, liveness=self.broker_liveness)
         self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)

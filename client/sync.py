@@ -1,7 +1,9 @@
 """The synchronous client: one ZeroMQ DEALER socket to the broker's frontend, many requests.
 
 Not thread-safe: use one ``Client`` per thread (or ``AsyncClient``). Every receive polls with the
-time left of the call, so nothing waits forever. Messages for other in-flight requests (a stream
+time left of the call, so nothing waits forever; while it waits for a request it pings a silent
+broker and fails every request in flight with ``BrokerUnavailable`` once the broker has been
+silent for the liveness window (``client/liveness.py``). Messages for other in-flight requests (a stream
 the caller has not finished reading) are buffered per request until read; messages for requests
 this client no longer tracks are dropped.
 """
@@ -19,17 +21,24 @@ import zmq
 from broker.protocol import Cancel, Message, Ping, Pong, ProtocolError, decode_all
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
+from .liveness import Liveness
 from .request import Chunk, Completion, RequestState, StreamBase, check_timeout, prepare_submit
 
 log = logging.getLogger(__name__)
+
+_LOST = object()     # what _receive returns when the broker's liveness window passed
 
 
 class Client:
     """Synchronous client. ``with Client("tcp://127.0.0.1:5555") as c: c.generate("Hi")``."""
 
-    def __init__(self, address: str, *, timeout: float = 120.0) -> None:
+    def __init__(self, address: str, *, timeout: float = 120.0, liveness: float = 5.0) -> None:
+        """``timeout``: each call's default, in seconds. ``liveness``: seconds of silence from the
+        broker (pinged meanwhile) after which every request in flight fails with the retryable
+        ``BrokerUnavailable``."""
         self.address = address
         self.timeout = check_timeout(timeout, timeout)
+        self._live = Liveness(liveness, time.monotonic())
         self._inbox: dict[str, collections.deque] = {}   # in-flight request id -> unread messages
         self._sending = False
         self._deferred: list[list] = []                  # frames to send once a send finishes
@@ -105,6 +114,8 @@ class Client:
         rid, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
                                               request_id, sampling, self._inbox)
         deadline = time.monotonic() + timeout
+        if not self._inbox:
+            self._live.start_waiting(time.monotonic())
         self._inbox[rid] = collections.deque()
         try:
             self._send(frames, timeout)
@@ -118,8 +129,18 @@ class Client:
         rid = state.request_id
         queued = self._inbox.get(rid)
         if queued:
-            return queued.popleft()
-        msg = self._receive(lambda m: getattr(m, "request_id", None) == rid, deadline)
+            msg = queued.popleft()
+            if isinstance(msg, BrokerUnavailable):
+                raise msg
+            return msg
+        msg = self._receive(lambda m: getattr(m, "request_id", None) == rid, deadline, live=True)
+        if msg is _LOST:     # every request in flight fails, each when its caller reads it
+            for other, queue in self._inbox.items():
+                if other != rid:
+                    queue.append(self._live.error(self.address, other))
+            error = self._live.error(self.address, rid)
+            self._live.start_waiting(time.monotonic())     # a fresh window for what comes next
+            raise error
         if msg is not None:
             return msg
         if not state.heard:
@@ -166,19 +187,29 @@ class Client:
         while self._deferred:
             self._send(self._deferred.pop(0), timeout, quiet=True)
 
-    def _receive(self, wanted: Callable[[Message], bool], deadline: float) -> Optional[Message]:
-        """Read until a message satisfies ``wanted`` (returned) or the deadline passes (None).
+    def _receive(self, wanted: Callable[[Message], bool], deadline: float,
+                 live: bool = False) -> Any:
+        """Read until a message satisfies ``wanted`` (returned) or the deadline passes (None);
+        with ``live``, ping a silent broker and return ``_LOST`` once its liveness window passed.
         Messages for other in-flight requests are buffered; anything else is dropped."""
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(_ms(left), zmq.POLLIN):
-                if time.monotonic() >= deadline:
-                    return None
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            wait = deadline - now
+            if live:
+                if self._live.ping_due(now):
+                    self._send(Ping().encode(), self._live.every, quiet=True)
+                wait = min(wait, self._live.next_check(now))
+            if not self._sock.poll(_ms(wait), zmq.POLLIN):
+                if live and self._live.lost(time.monotonic()):
+                    return _LOST
                 continue
             try:
                 frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 continue
+            self._live.on_message(time.monotonic())
             try:
                 msgs = decode_all(frames)
             except ProtocolError as e:

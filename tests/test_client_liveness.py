@@ -1,0 +1,127 @@
+"""Broker liveness from the clients' side: a SIGKILLed broker fails every request in flight with
+the retryable BrokerUnavailable within the clients' liveness window, not at their timeouts; the
+HTTP gateway turns that into 503 for a waiting call and an error event for an open stream."""
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+
+import aiohttp
+import pytest
+
+from client import AsyncClient, BrokerUnavailable, Client
+from client.gateway import Gateway, GatewayThread
+from client.liveness import Liveness
+from tests.harness import Deployment
+
+pytestmark = pytest.mark.timeout(180)
+
+WINDOW = 2.0          # the clients' liveness window in this test
+TIMEOUT = 120.0       # the requests' own timeout, far beyond it
+LONG = {"max_tokens": 100000, "ignore_eos": True}
+
+
+def test_liveness_pings_a_silent_broker_and_gives_it_up_after_the_window():
+    live = Liveness(5.0, now=100.0)
+    assert not live.ping_due(100.5) and live.next_check(100.5) == pytest.approx(0.5)
+    assert live.ping_due(101.0) and not live.ping_due(101.5)    # one ping per fifth of the window
+    assert live.ping_due(102.0)
+    live.on_message(102.5)                                       # any message is a sign of life
+    assert not live.lost(106.0) and live.lost(107.5)
+    live.start_waiting(200.0)                                    # idle time before a wait is not silence
+    assert not live.lost(204.0)
+    with pytest.raises(Exception, match="liveness=0"):
+        Liveness(0, now=0.0)
+
+
+def _sync_streams(frontend: str, ready: threading.Event, go: threading.Event) -> list:
+    """Two streams on one Client, each past its first token; then read to the end."""
+    with Client(frontend, timeout=TIMEOUT, liveness=WINDOW) as c:
+        streams = [c.stream(token_ids=[i + 1] * 10, **LONG) for i in range(2)]
+        for s in streams:
+            next(s)
+        ready.set()
+        go.wait(60)
+        ends = []
+        for s in streams:
+            try:
+                list(s)
+                ends.append(("finished", time.monotonic()))
+            except Exception as e:
+                ends.append((e, time.monotonic()))
+        return ends
+
+
+async def _async_stream(c: AsyncClient, first: asyncio.Event, i: int):
+    stream = c.stream(token_ids=[i + 3] * 10, **LONG)
+    try:
+        async for _ in stream:
+            first.set()
+        return "finished", time.monotonic()
+    except Exception as e:
+        return e, time.monotonic()
+
+
+async def _http(url: str, stream: bool, first: asyncio.Event):
+    body = {"model": "tiny", "prompt": [9] * 10, "max_tokens": 4000, "stream": stream,
+            "ignore_eos": True}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as s:
+        async with s.post(url + "/v1/completions", json=body) as r:
+            if not stream:
+                return r.status, await r.json(), time.monotonic()
+            events = []
+            async for line in r.content:
+                if line.startswith(b"data: "):
+                    events.append(line[6:].strip().decode())
+                    first.set()
+            return r.status, events, time.monotonic()
+
+
+def test_broker_killed_mid_request_fails_every_request_within_the_liveness_window():
+    with Deployment() as d:
+        d.add_worker("context", "ctx")
+        d.add_worker("generation", "gen", options={"max_batch_size": 64})
+        gw = GatewayThread(Gateway(d.frontend, port=0, request_timeout=TIMEOUT, broker_liveness=WINDOW))
+        url = gw.start()
+        try:
+            ready, go = threading.Event(), threading.Event()
+
+            async def scenario():
+                loop = asyncio.get_running_loop()
+                sync_part = loop.run_in_executor(None, _sync_streams, d.frontend, ready, go)
+                firsts = [asyncio.Event() for _ in range(3)]
+                async with AsyncClient(d.frontend, timeout=TIMEOUT, liveness=WINDOW) as c:
+                    tasks = [asyncio.ensure_future(_async_stream(c, firsts[i], i)) for i in range(2)]
+                    tasks.append(asyncio.ensure_future(_http(url, True, firsts[2])))
+                    tasks.append(asyncio.ensure_future(_http(url, False, asyncio.Event())))
+                    for ev in firsts:
+                        await asyncio.wait_for(ev.wait(), 60)
+                    await loop.run_in_executor(None, ready.wait, 60)
+                    await loop.run_in_executor(None, lambda: d.wait_for(
+                        lambda s: s["requests"] == 6, 30, "six requests in flight"))
+                    # the workers stop too, so nothing can finish: only the broker's death ends them
+                    for name in ("ctx", "gen"):
+                        d.kill(name, signal.SIGSTOP)
+                    os.kill(d.broker.pid, signal.SIGKILL)
+                    killed = time.monotonic()
+                    go.set()
+                    results = await asyncio.gather(*tasks)
+                return killed, results, await sync_part
+
+            killed, results, sync_ends = asyncio.run(scenario())
+        finally:
+            gw.stop()
+        ends = sync_ends + results[:2]
+        for error, t in ends:
+            assert isinstance(error, BrokerUnavailable), error
+            assert error.retryable and "liveness window" in str(error)
+            assert t - killed < TIMEOUT / 4, f"ended {t - killed:.1f} s after the kill"
+        status, events, t = results[2]
+        assert status == 200 and events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert err["code"] == "broker_unavailable" and t - killed < TIMEOUT / 4
+        status, body, t = results[3]
+        assert status == 503 and body["error"]["code"] == "broker_unavailable"
+        assert t - killed < TIMEOUT / 4
