@@ -413,10 +413,13 @@ class BrokerState:
             if req is None or req.ctx_worker != w.identity:
                 continue
             req.ctx_worker, req.lease_deadline = None, None
-            if req.state == KV_READY:      # the KV is gone with the worker: prefill again
+            if req.state in (KV_READY, DECODING):   # the KV is gone with the worker: prefill again
                 req.note = f"context worker {w.worker_id} holding its KV stopped answering; "
+                gen = self.workers.get(req.worker) if req.worker is not None else None
+                if gen is not None:   # a pull from a dead worker can only fail, at its timeout
+                    gen.inflight.discard(rid)
+                    out.append(Out(BACK, gen.identity, p.CancelWork(rid, req.attempt)))
                 self._requeue(req)
-            # DECODING: the generation worker's pull fails and reports it
         for rid in sorted(w.inflight):
             req = self.requests.get(rid)
             if req is None or req.worker != w.identity:

@@ -242,6 +242,22 @@ def test_generation_death_after_pull_fails(st):
     assert_empty(st)
 
 
+def test_context_death_during_the_pull_stops_it_and_prefills_again(st):
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation")
+    [pre] = of(submit(st), p.Prefill)
+    [dec] = of(context_done(st, b"ctx", pre), p.Decode, BACK, b"gen")
+    ready(st, b"ctx2", "context")
+    out = st.on_worker(b"ctx", p.Disconnect())
+    [cw] = of(out, p.CancelWork, BACK, b"gen")
+    assert cw.attempt == dec.attempt and not of(out, p.Error)
+    [pre2] = of(out, p.Prefill, BACK, b"ctx2")
+    out = context_done(st, b"ctx2", pre2)
+    assert not of(out, p.Tokens, FRONT)               # the first token is not sent twice
+    [dec2] = of(out, p.Decode, BACK, b"gen")
+    assert st.workers[b"gen"].inflight == {"r1"} and dec2.attempt > dec.attempt
+
+
 def test_generation_death_after_pull_migrates_the_stream_with_no_gap_or_duplicate(st):
     dec = pulled(st)
     ready(st, b"gen2", "generation")
