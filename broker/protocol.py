@@ -211,6 +211,8 @@ class Ping(Message):
 @message(10)
 class Accepted(Message):
     request_id: str
+    broker: str = ""      # this broker's instance id (random per start; ``Pong.stats["instance"]``
+                          # too): a client that meets another has met a restart that lost its requests
 
 
 @message(11)

@@ -121,6 +121,7 @@ class BrokerState:
         self._leases: list = []        # KV lease deadlines of requests waiting in KV_READY
         self._seq = itertools.count()  # tie-breaker: Requests themselves are not comparable
         self.next_heartbeat = 0.0
+        self.instance = f"{self.rng.getrandbits(64):016x}"   # tells clients a restart from a slow spell
         self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0,
                          "migrated": 0}
         self.metrics = Metrics(lambda: state_gauges(self))
@@ -186,7 +187,7 @@ class BrokerState:
         else:
             self.prefill_queue.append(rid)
         self.counters["submitted"] += 1
-        out.append(Out(FRONT, identity, p.Accepted(rid)))
+        out.append(Out(FRONT, identity, p.Accepted(rid, self.instance)))
 
     def client_gone(self, identity: bytes) -> list[Out]:
         """The frontend could not deliver to this client: drop its requests and free their work."""
@@ -662,6 +663,7 @@ class BrokerState:
 
     def stats(self) -> dict:
         return {
+            "instance": self.instance,
             "requests": len(self.requests),
             "queued": len(self.prefill_queue),
             "waiting_decode": len(self.decode_queue),

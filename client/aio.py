@@ -19,7 +19,7 @@ from typing import Any, Optional
 import zmq
 import zmq.asyncio
 
-from broker.protocol import Cancel, Message, Ping, Pong, ProtocolError, decode_all
+from broker.protocol import Accepted, Cancel, Message, Ping, Pong, ProtocolError, decode_all
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
 from .liveness import Liveness
@@ -38,11 +38,15 @@ class _Stop:
 class AsyncClient:
     """Asyncio client. ``async with AsyncClient(addr) as c: await c.generate("Hi")``."""
 
-    def __init__(self, address: str, *, timeout: float = 120.0, liveness: float = 5.0) -> None:
+    def __init__(self, address: str, *, timeout: float = 120.0, liveness: float = 5.0,
+                 resume: bool = False) -> None:
         """``timeout``: each call's default, in seconds. ``liveness``: seconds of silence from the
         broker (pinged meanwhile) after which every request in flight fails with the retryable
-        ``BrokerUnavailable``."""
+        ``BrokerUnavailable``. ``resume``: instead, wait (within each request's timeout) for the
+        broker to answer again, e.g. after a restart, and continue the request after the tokens
+        already received; the stream goes on with no gap and no repeat."""
         self.address = address
+        self.resume = resume
         self.timeout = check_timeout(timeout, timeout)
         self._live = Liveness(liveness, time.monotonic())
         self._ctx = zmq.asyncio.Context()
@@ -59,6 +63,7 @@ class AsyncClient:
         self._reader: Optional[asyncio.Task] = None
         self._watchdog: Optional[asyncio.Task] = None
         self._lost: set[str] = set()                     # requests already failed as broker-lost
+        self._accepted_by: dict[str, str] = {}           # in-flight request id -> broker instance
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.closed = False
 
@@ -143,13 +148,14 @@ class AsyncClient:
 
     def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling) -> "AsyncStream":
         self._start()
-        rid, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
-                                              request_id, sampling, self._queues)
+        submit, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
+                                                 request_id, sampling, self._queues, self.resume)
+        rid = submit.request_id
         if not self._queues:
             self._live.start_waiting(time.monotonic())
         self._queues[rid] = asyncio.Queue()
-        return AsyncStream(self, RequestState(rid), time.monotonic() + timeout, timeout,
-                           self._send(frames))
+        return AsyncStream(self, RequestState(rid, submit if self.resume else None),
+                           time.monotonic() + timeout, timeout, self._send(frames))
 
     async def _next_message(self, state: RequestState, deadline: float, timeout: float) -> Message:
         """The next broker message for this request, or a timeout error."""
@@ -172,10 +178,33 @@ class AsyncClient:
             raise item.error
         return item
 
+    async def _resume(self, state: RequestState, deadline: float, error: ClientError) -> None:
+        """Send the request again as a continuation once the broker answers; re-raises ``error``
+        when the request's deadline passes first."""
+        rid = state.request_id
+        log.warning("request %s: %s; resuming it after %d tokens", rid, error, len(state.token_ids))
+        if state.resumes:       # a refusal of the last resume (no worker yet): give it a moment
+            await asyncio.sleep(max(0.0, min(self._live.every, deadline - time.monotonic())))
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or rid not in self._queues:
+                raise error
+            try:
+                await self.ping(timeout=min(self._live.window, left))
+                break
+            except BrokerUnavailable:
+                continue
+        self._queues[rid] = asyncio.Queue()          # nothing of the lost run is wanted
+        self._lost.discard(rid)
+        self._accepted_by.pop(rid, None)
+        left = max(0.001, deadline - time.monotonic())
+        await self._await_send(self._send(state.resume_frames(left)), left)
+
     def _release(self, state: RequestState, deferred: bool = False) -> None:
         """Forget a request; cancel it at the broker unless the broker already finished it.
         ``deferred``: called from a finalizer, which may run anywhere (even inside a send)."""
         self._lost.discard(state.request_id)
+        self._accepted_by.pop(state.request_id, None)
         if self._queues.pop(state.request_id, None) is None or self.closed or state.finished:
             return
         frames = Cancel(state.request_id).encode()
@@ -219,10 +248,14 @@ class AsyncClient:
                     if isinstance(msg, ProtocolError):
                         log.warning("dropped an undecodable message from the broker: %s", msg)
                     elif isinstance(msg, Pong):
+                        self._lose(self._live.restarted(self._accepted_by, msg.stats.get("instance")),
+                                   self._live.restart_error)
                         pong = self._pings.get(msg.nonce)
                         if pong is not None and not pong.done():
                             pong.set_result(msg.stats)
                     else:
+                        if isinstance(msg, Accepted) and msg.request_id in self._queues:
+                            self._accepted_by[msg.request_id] = msg.broker
                         queue = self._queues.get(getattr(msg, "request_id", None))
                         if queue is not None:
                             queue.put_nowait(msg)
@@ -245,13 +278,20 @@ class AsyncClient:
             if live.lost(now):
                 log.warning("the broker at %s stopped answering (%g s); failing %d requests",
                             self.address, live.window, len(waiting))
-                for rid in waiting:
-                    self._queues[rid].put_nowait(_Stop(live.error(self.address, rid)))
-                self._lost.update(waiting)
+                self._lose(waiting, live.error)
                 live.start_waiting(now)       # a fresh window for what comes next
             elif live.ping_due(now):
                 self._send(Ping().encode())
             await asyncio.sleep(live.next_check(now))
+
+    def _lose(self, rids: list, error) -> None:
+        """These requests are lost with their broker: each fails when its caller reads it."""
+        for rid in rids:
+            queue = self._queues.get(rid)
+            if queue is not None and rid not in self._lost:
+                queue.put_nowait(_Stop(error(self.address, rid)))
+                self._lost.add(rid)
+            self._accepted_by.pop(rid, None)
 
     def _stop_all(self, error: ClientError) -> None:
         for queue in self._queues.values():
@@ -280,8 +320,14 @@ class AsyncStream(StreamBase):
                 sent, self._sent = self._sent, None
                 await self._client._await_send(sent, max(0.0, self._deadline - time.monotonic()))
             while not self._closed and not state.done:
-                msg = await self._client._next_message(state, self._deadline, self._timeout)
-                chunk = state.feed(msg)
+                try:
+                    chunk = state.feed(await self._client._next_message(state, self._deadline,
+                                                                        self._timeout))
+                except ClientError as e:
+                    if not state.resumable(e):
+                        raise
+                    await self._client._resume(state, self._deadline, e)
+                    continue
                 if chunk is not None:
                     return chunk
         except BaseException:

@@ -6,6 +6,10 @@ nothing for ``window / 5`` seconds sends a ``Ping`` (again every ``window / 5`` 
 ``window`` seconds of silence the broker is lost and every request in flight fails with the
 retryable ``BrokerUnavailable``, however long its own timeout (the Paranoid Pirate's liveness,
 from the client's side: a SIGKILLed broker costs seconds, not the requests' timeouts).
+
+A broker restarted within the window answers the pings, but it never heard of the requests in
+flight: each broker start has its own instance id (in ``Accepted`` and ``Pong``), and a request
+accepted by another instance than the one now answering fails the same way.
 """
 from __future__ import annotations
 
@@ -46,6 +50,17 @@ class Liveness:
             self.pinged = now
             return True
         return False
+
+    def restarted(self, accepted_by: dict, instance: object) -> list:
+        """The requests (ids, from ``accepted_by``: request id -> instance) that a broker answering
+        as ``instance`` cannot have: they were accepted by another broker process."""
+        if not isinstance(instance, str) or not instance:
+            return []
+        return [rid for rid, by in accepted_by.items() if by and by != instance]
+
+    def restart_error(self, address: str, request_id: str) -> BrokerUnavailable:
+        return BrokerUnavailable(f"the broker at {address} restarted and lost request {request_id}; "
+                                 "retry it", request_id)
 
     def lost(self, now: float) -> bool:
         return now - self.heard >= self.window

@@ -5,6 +5,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,6 +16,7 @@ import pytest
 from client import AsyncClient, BrokerUnavailable, Client
 from client.gateway import Gateway, GatewayThread
 from client.liveness import Liveness
+from broker.launch import read_line
 from tests.harness import Deployment
 
 pytestmark = pytest.mark.timeout(180)
@@ -34,6 +37,9 @@ def test_liveness_pings_a_silent_broker_and_gives_it_up_after_the_window():
     assert not live.lost(204.0)
     with pytest.raises(Exception, match="liveness=0"):
         Liveness(0, now=0.0)
+    # a broker answering as another instance than the one that accepted a request lost it
+    assert live.restarted({"a": "old", "b": "new", "c": ""}, "new") == ["a"]
+    assert live.restarted({"a": "old"}, None) == []
 
 
 def _sync_streams(frontend: str, ready: threading.Event, go: threading.Event) -> list:
@@ -125,3 +131,68 @@ def test_broker_killed_mid_request_fails_every_request_within_the_liveness_windo
         status, body, t = results[3]
         assert status == 503 and body["error"]["code"] == "broker_unavailable"
         assert t - killed < TIMEOUT / 4
+
+
+def _restart_broker(d: Deployment) -> None:
+    """A new broker process on the killed one's addresses (workers and clients reconnect)."""
+    cmd = [sys.executable, "-m", "broker.cli", "start", "--frontend", d.frontend, "--backend", d.backend,
+           "--no-http", "--heartbeat-interval", "0.2", "--liveness", "10"]
+    proc = d.children.start("broker-2", cmd, stdout=subprocess.PIPE)
+    assert read_line(proc, 30.0, "ready line").startswith("broker ready")
+
+
+def test_a_resuming_client_continues_its_streams_across_a_broker_restart():
+    prompt, n = [5, 9, 14, 3, 77, 31, 2, 8], 300
+    seeded = {"temperature": 0.8, "top_k": 50, "seed": 99}
+    with Deployment() as d:
+        d.add_worker("context", "ctx")
+        d.add_worker("generation", "gen")
+        with Client(d.frontend, timeout=60) as c:
+            want = [c.generate(token_ids=prompt, max_tokens=n, ignore_eos=True).token_ids,
+                    c.generate(token_ids=prompt, max_tokens=n, ignore_eos=True, **seeded).token_ids]
+        with Client(d.frontend, timeout=TIMEOUT, liveness=WINDOW, resume=True) as c:
+            streams = [c.stream(token_ids=prompt, max_tokens=n, ignore_eos=True),
+                       c.stream(token_ids=prompt, max_tokens=n, ignore_eos=True, **seeded)]
+            chunks = [[next(s)] for s in streams]
+            d.kill("gen", signal.SIGSTOP)          # nothing finishes before the broker dies
+            os.kill(d.broker.pid, signal.SIGKILL)
+            d.broker.wait(10)
+            _restart_broker(d)
+            d.kill("gen", signal.SIGCONT)
+            for s, got in zip(streams, chunks):
+                got.extend(s)
+                assert s._state.resumes >= 1
+        for got, ref in zip(chunks, want):
+            indices = [ch.index + i for ch in got for i in range(len(ch.token_ids))]
+            assert indices == list(range(n))      # no gap, no repeat across the restart
+            assert [t for ch in got for t in ch.token_ids] == ref
+        s = d.wait_idle()
+        assert s["counters"]["finished"] == 2
+
+
+def test_a_resuming_async_client_continues_its_stream_across_a_broker_restart():
+    prompt, n = [4, 8, 15, 16, 23, 42], 300
+    with Deployment() as d:
+        d.add_worker("context", "ctx")
+        d.add_worker("generation", "gen")
+        with Client(d.frontend, timeout=60) as c:
+            want = c.generate(token_ids=prompt, max_tokens=n, ignore_eos=True).token_ids
+
+        async def scenario():
+            loop = asyncio.get_running_loop()
+            async with AsyncClient(d.frontend, timeout=TIMEOUT, liveness=WINDOW, resume=True) as c:
+                stream = c.stream(token_ids=prompt, max_tokens=n, ignore_eos=True)
+                got = [await stream.__anext__()]
+                d.kill("gen", signal.SIGSTOP)
+                os.kill(d.broker.pid, signal.SIGKILL)
+                await loop.run_in_executor(None, d.broker.wait, 10)
+                await loop.run_in_executor(None, _restart_broker, d)
+                d.kill("gen", signal.SIGCONT)
+                got.extend([ch async for ch in stream])
+                return got, stream._state.resumes
+
+        got, resumes = asyncio.run(scenario())
+        assert resumes >= 1
+        assert [ch.index + i for ch in got for i in range(len(ch.token_ids))] == list(range(n))
+        assert [t for ch in got for t in ch.token_ids] == want
+        d.wait_idle()
