@@ -23,83 +23,15 @@ import logging
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from broker import protocol as p
 from broker.config import BrokerConfig
 from broker.metrics import Metrics, state_gauges
+from broker.records import (BACK, DECODING, FRONT, GENERATING, KV_READY, PREFILLING,  # noqa: F401
+                            QUEUED, RESUMING, STREAMING, Out, Request, Worker)
 
 log = logging.getLogger("broker.state")
-
-FRONT, BACK = "front", "back"     # which socket an outgoing message goes to
-
-# request states (docs/architecture.md §2)
-QUEUED, PREFILLING, KV_READY, DECODING, STREAMING = "QUEUED", "PREFILLING", "KV_READY", "DECODING", "STREAMING"
-GENERATING = "GENERATING"          # the whole request on a `both` worker, or a continuation
-RESUMING = "RESUMING"              # waiting for a worker to continue it after its tokens so far
-
-
-@dataclass
-class Out:
-    socket: str          # FRONT or BACK
-    identity: bytes
-    msg: p.Message
-
-
-@dataclass
-class Worker:
-    identity: bytes
-    worker_id: str
-    role: str
-    model: str
-    slots: int
-    kv_blocks: int
-    transfer: dict
-    pid: int
-    heartbeat_s: float
-    last_seen: float
-    free_blocks: int = 0
-    leases_reported: int = 0
-    max_decode_batch: int = 0
-    inflight: set = field(default_factory=set)    # request ids whose current phase runs here
-    leases: set = field(default_factory=set)      # request ids whose KV this worker holds
-
-    @property
-    def credits(self) -> int:
-        return self.slots - len(self.inflight)
-
-    def does(self, phase: str) -> bool:
-        return self.role == phase or self.role == "both"
-
-
-@dataclass
-class Request:
-    request_id: str
-    client: bytes
-    submit: p.Submit
-    sampling: dict
-    received: float
-    deadline: float
-    state: str = QUEUED
-    attempt: int = 0                  # bumped on every dispatch; stale worker messages are dropped
-    prefill_attempts: int = 0
-    mode: str = ""                    # "disagg" or "agg", fixed at first dispatch
-    worker: Optional[bytes] = None    # the worker running the current phase
-    ctx_worker: Optional[bytes] = None  # the context worker holding the KV lease
-    lease_attempt: int = 0
-    lease_deadline: Optional[float] = None
-    context: Optional[p.ContextDone] = None
-    next_index: int = 0               # tokens already sent to the client
-    output_ids: list = field(default_factory=list)   # those tokens (a continuation starts after them)
-    migrations: int = 0               # times its generation moved to another worker
-    prompt_tokens: int = 0
-    t_dispatch: Optional[float] = None
-    t_first: Optional[float] = None
-    prefill_s: float = 0.0
-    kv_transfer_s: float = 0.0
-    decode_tries: int = 0
-    note: str = ""                    # why the request was re-run, for its final error
 
 
 class BrokerState:
@@ -438,32 +370,28 @@ class BrokerState:
                 text = (f"{w.role} worker {w.worker_id} (pid {w.pid}) stopped answering ({why}) "
                         f"while running request {rid} in state {req.state}")
                 if req.next_index and req.migrations >= self.cfg.max_migrations:
-                    text += (f"; its stream may move to another worker at most "
-                             f"broker.max_migrations={self.cfg.max_migrations} times and has "
-                             f"moved {req.migrations}")
+                    text += (f"; a stream moves at most broker.max_migrations="
+                             f"{self.cfg.max_migrations} times and this one moved {req.migrations}")
                 self._outcome("failed", p.Code.WORKER_DIED)
                 self._finish(req, out, p.Error(rid, p.Code.WORKER_DIED, text, False))
 
     def _migrate(self, req: Request, w: Worker, why: str, out: list[Out]) -> bool:
         """Continue a request whose generating worker was lost on another worker, after the
-        tokens the client already has; False when it cannot (not generating, or moved
-        ``max_migrations`` times already)."""
+        tokens the client has (a `both` worker's before its first token: from scratch); False
+        when it cannot (not generating, no worker to take it, limits reached)."""
         if req.state not in (DECODING, STREAMING, GENERATING):
             return False
-        note = f"{w.role} worker {w.worker_id} (pid {w.pid}) stopped answering ({why}); "
-        if req.next_index == 0:      # a `both` worker lost it before its first token: run it again
-            if req.prefill_attempts >= self.cfg.max_attempts:
-                return False
-            req.note = note
-            self._requeue(req)
-            return True
+        req.note = f"{w.role} worker {w.worker_id} (pid {w.pid}) stopped answering ({why}); "
+        if req.next_index == 0:
+            if req.prefill_attempts < self.cfg.max_attempts:
+                self._requeue(req)
+            return req.state == QUEUED
         if req.migrations >= self.cfg.max_migrations or not self._worker_roles() & {"generation", "both"}:
             return False
         req.migrations += 1
         self.counters["migrated"] += 1
-        log.info("request %s: %s continuing it after token %d elsewhere (migration %d)",
-                 req.request_id, note, req.next_index, req.migrations)
-        req.note = note
+        log.info("request %s: %scontinuing it after token %d (move %d)", req.request_id, req.note,
+                 req.next_index, req.migrations)
         self._release_lease(req, out)      # DECODING: a lease not pulled is of no use any more
         req.state = RESUMING
         self.decode_queue.appendleft(req.request_id)
@@ -538,10 +466,8 @@ class BrokerState:
                 break
             self.decode_queue.popleft()
             c = req.context
-            req.attempt += 1
             req.decode_tries += 1
-            req.state, req.worker = DECODING, w.identity
-            w.inflight.add(rid)
+            self._dispatched(req, w, DECODING)
             out.append(Out(BACK, w.identity, p.Decode(rid, req.attempt, c.prompt_token_ids, c.first_token,
                                                       c.first_text, c.kv_handle, req.sampling)))
         return out
@@ -554,48 +480,39 @@ class BrokerState:
         its prompt and output so far itself and goes on decoding; False to wait for a slot."""
         roles = self._worker_roles()
         role = "generation" if "generation" in roles else "both" if "both" in roles else None
-        rid = req.request_id
-        if role is None:
-            self.decode_queue.popleft()
-            self._outcome("failed", p.Code.NO_WORKERS)
-            self._finish(req, out, p.Error(rid, p.Code.NO_WORKERS, req.note + "no generation or "
-                                           "'both' worker is up to continue this request", True))
-            return True
-        w = self._pick(role)
-        if w is None:
+        w = self._pick(role) if role else None
+        if w is None and role:
             return False
         self.decode_queue.popleft()
-        req.attempt += 1
-        req.state, req.worker = GENERATING, w.identity
-        if req.t_dispatch is None:
-            req.t_dispatch = self.clock()
-            self.metrics.queue.observe(req.t_dispatch - req.received)
-        w.inflight.add(rid)
-        s, c = req.submit, req.context
-        if c is not None:      # the context phase tokenised the prompt: no need to do it again
-            prompt, token_ids, messages = None, c.prompt_token_ids, None
-        else:
-            prompt, token_ids, messages = s.prompt, s.token_ids, s.messages
-        out.append(Out(BACK, w.identity, p.Generate(rid, req.attempt, prompt, token_ids, messages,
+        if w is None:
+            self._outcome("failed", p.Code.NO_WORKERS)
+            self._finish(req, out, p.Error(req.request_id, p.Code.NO_WORKERS, req.note + "no "
+                                           "generation or 'both' worker is up to continue it", True))
+            return True
+        self._dispatched(req, w, GENERATING)
+        s, c = req.submit, req.context     # the context phase tokenised the prompt: use its ids
+        prompt, ids, messages = (None, c.prompt_token_ids, None) if c else (s.prompt, s.token_ids, s.messages)
+        out.append(Out(BACK, w.identity, p.Generate(req.request_id, req.attempt, prompt, ids, messages,
                                                     req.sampling, req.output_ids)))
         return True
 
-    def _send_prefill(self, req: Request, w: Worker, disagg: bool, out: list[Out]) -> None:
-        s = req.submit
+    def _dispatched(self, req: Request, w: Worker, state: str) -> None:
         req.attempt += 1
-        req.prefill_attempts += 1
-        req.worker = w.identity
-        req.mode = "disagg" if disagg else "agg"
+        req.state, req.worker = state, w.identity
+        w.inflight.add(req.request_id)
         if req.t_dispatch is None:
             req.t_dispatch = self.clock()
             self.metrics.queue.observe(req.t_dispatch - req.received)
-        w.inflight.add(req.request_id)
+
+    def _send_prefill(self, req: Request, w: Worker, disagg: bool, out: list[Out]) -> None:
+        s = req.submit
+        req.prefill_attempts += 1
+        req.mode = "disagg" if disagg else "agg"
+        self._dispatched(req, w, PREFILLING if disagg else GENERATING)
         if disagg:
-            req.state = PREFILLING
             lease_ms = int(self.cfg.kv_lease_s * 1000)
             msg = p.Prefill(req.request_id, req.attempt, s.prompt, s.token_ids, s.messages, req.sampling, lease_ms)
         else:
-            req.state = GENERATING
             msg = p.Generate(req.request_id, req.attempt, s.prompt, s.token_ids, s.messages, req.sampling)
         out.append(Out(BACK, w.identity, msg))
 

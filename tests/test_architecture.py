@@ -58,7 +58,7 @@ def test_arrows_point_one_way(package, forbidden):
     assert offenders(package, forbidden) == []
 
 
-@pytest.mark.parametrize("module", ["broker/state.py", "workers/scheduler.py", "workers/sequence.py",
+@pytest.mark.parametrize("module", ["broker/state.py", "broker/records.py", "workers/scheduler.py", "workers/sequence.py",
                                     "workers/engine/block_allocator.py", "transfer/plan.py",
                                     "broker/protocol.py", "broker/wire.py", "transfer/messages.py"])
 def test_pure_modules_do_no_io(module):

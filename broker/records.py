@@ -1,0 +1,79 @@
+"""The broker's records: a worker as the broker knows it, a request and its lifecycle state, and
+an outgoing message with the socket it goes to. Plain data, no behaviour: ``broker/state.py`` owns
+every decision about them (docs/architecture.md §2). No I/O, no clock.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from broker import protocol as p
+
+FRONT, BACK = "front", "back"     # which socket an outgoing message goes to
+
+# request states (docs/architecture.md §2)
+QUEUED, PREFILLING, KV_READY, DECODING, STREAMING = "QUEUED", "PREFILLING", "KV_READY", "DECODING", "STREAMING"
+GENERATING = "GENERATING"          # the whole request on a `both` worker, or a continuation
+RESUMING = "RESUMING"              # waiting for a worker to continue it after its tokens so far
+
+
+@dataclass
+class Out:
+    socket: str          # FRONT or BACK
+    identity: bytes
+    msg: p.Message
+
+
+@dataclass
+class Worker:
+    identity: bytes
+    worker_id: str
+    role: str
+    model: str
+    slots: int
+    kv_blocks: int
+    transfer: dict
+    pid: int
+    heartbeat_s: float
+    last_seen: float
+    free_blocks: int = 0
+    leases_reported: int = 0
+    max_decode_batch: int = 0
+    inflight: set = field(default_factory=set)    # request ids whose current phase runs here
+    leases: set = field(default_factory=set)      # request ids whose KV this worker holds
+
+    @property
+    def credits(self) -> int:
+        return self.slots - len(self.inflight)
+
+    def does(self, phase: str) -> bool:
+        return self.role == phase or self.role == "both"
+
+
+@dataclass
+class Request:
+    request_id: str
+    client: bytes
+    submit: p.Submit
+    sampling: dict
+    received: float
+    deadline: float
+    state: str = QUEUED
+    attempt: int = 0                  # bumped on every dispatch; stale worker messages are dropped
+    prefill_attempts: int = 0
+    mode: str = ""                    # "disagg" or "agg", fixed at first dispatch
+    worker: Optional[bytes] = None    # the worker running the current phase
+    ctx_worker: Optional[bytes] = None  # the context worker holding the KV lease
+    lease_attempt: int = 0
+    lease_deadline: Optional[float] = None
+    context: Optional[p.ContextDone] = None
+    next_index: int = 0               # tokens already sent to the client
+    output_ids: list = field(default_factory=list)   # those tokens (a continuation starts after them)
+    migrations: int = 0               # times its generation moved to another worker
+    prompt_tokens: int = 0
+    t_dispatch: Optional[float] = None
+    t_first: Optional[float] = None
+    prefill_s: float = 0.0
+    kv_transfer_s: float = 0.0
+    decode_tries: int = 0
+    note: str = ""                    # why the request was re-run, for its final error
