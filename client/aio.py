@@ -194,8 +194,7 @@ class AsyncClient:
                 break
             except BrokerUnavailable:
                 continue
-        self._queues[rid] = asyncio.Queue()          # nothing of the lost run is wanted
-        self._lost.discard(rid)
+        self._lost.discard(rid)      # its queue keeps what came after the loss (a slow broker goes on)
         self._accepted_by.pop(rid, None)
         left = max(0.001, deadline - time.monotonic())
         await self._await_send(self._send(state.resume_frames(left)), left)

@@ -170,8 +170,11 @@ class Client:
                 break
             except BrokerUnavailable:
                 continue
-        self._inbox[state.request_id] = collections.deque()      # nothing of the lost run is wanted
-        self._accepted_by.pop(state.request_id, None)
+        # keep what came after the loss (a broker that was only slow goes on streaming), not the loss
+        rid = state.request_id
+        self._inbox[rid] = collections.deque(m for m in self._inbox.get(rid, ())
+                                             if not isinstance(m, BrokerUnavailable))
+        self._accepted_by.pop(rid, None)
         left = max(0.001, deadline - time.monotonic())
         self._send(state.resume_frames(left), left)
 
