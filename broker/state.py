@@ -390,6 +390,7 @@ class BrokerState:
             return False
         req.migrations += 1
         self.counters["migrated"] += 1
+        self.metrics.migrations += 1
         log.info("request %s: %scontinuing it after token %d (move %d)", req.request_id, req.note,
                  req.next_index, req.migrations)
         self._release_lease(req, out)      # DECODING: a lease not pulled is of no use any more

@@ -270,6 +270,7 @@ def test_generation_death_after_pull_migrates_the_stream_with_no_gap_or_duplicat
     assert list(gen.token_ids) == [1, 2, 3] and gen.prompt is None
     assert list(gen.output_ids) == [7, 5, 6] and gen.sampling == dec.sampling
     assert gen.attempt > dec.attempt and st.counters["migrated"] == 1
+    assert "disagg_stream_migrations_total 1.0" in st.metrics.render()
     # tokens the client has are not sent again; the stream goes on at index 3
     out = st.on_worker(b"gen2", p.Tokens("r1", 2, [6], "b", gen.attempt))
     assert not of(out, p.Tokens, FRONT)
