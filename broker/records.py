@@ -4,6 +4,7 @@ every decision about them (docs/architecture.md §2). No I/O, no clock.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -68,7 +69,8 @@ class Request:
     lease_deadline: Optional[float] = None
     context: Optional[p.ContextDone] = None
     next_index: int = 0               # tokens already sent to the client
-    output_ids: list = field(default_factory=list)   # those tokens (a continuation starts after them)
+    # those tokens (a continuation starts after them), 4 bytes each
+    output_ids: array = field(default_factory=lambda: array("I"))
     migrations: int = 0               # times its generation moved to another worker
     prompt_tokens: int = 0
     t_dispatch: Optional[float] = None

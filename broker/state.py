@@ -22,6 +22,7 @@ import itertools
 import logging
 import random
 import time
+from array import array
 from collections import deque
 from typing import Callable, Optional
 
@@ -112,9 +113,7 @@ class BrokerState:
         req = self.requests[rid] = Request(rid, identity, msg, sampling, now, now + timeout)
         heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
         if msg.output_ids:     # a resume: continue after the tokens the client already has
-            req.output_ids = list(msg.output_ids)
-            req.next_index = len(req.output_ids)
-            req.state = RESUMING
+            req.output_ids, req.next_index, req.state = array("I", msg.output_ids), len(msg.output_ids), RESUMING
             self.decode_queue.append(rid)
         else:
             self.prefill_queue.append(rid)
@@ -243,11 +242,15 @@ class BrokerState:
             log.error("request %s: token index %d, expected %d; dropping the batch",
                       req.request_id, index, req.next_index)
             return False
+        try:
+            req.output_ids.extend(array("I", ids))
+        except (OverflowError, TypeError):
+            log.error("request %s: token ids %.80r outside [0, 2**32); dropping the batch", req.request_id, ids)
+            return False
         if req.t_first is None:
             req.t_first = self.clock()
             self.metrics.ttft.observe(req.t_first - req.received)
         req.next_index += len(ids)
-        req.output_ids.extend(ids)
         return True
 
     def _finish_with_tokens(self, req: Request, out: list[Out], reason: str, index: int, ids: list,

@@ -262,6 +262,7 @@ def test_generation_death_after_pull_migrates_the_stream_with_no_gap_or_duplicat
     dec = pulled(st)
     ready(st, b"gen2", "generation")
     st.on_worker(b"gen", p.Tokens("r1", 1, [5], "a", dec.attempt))
+    assert not of(st.on_worker(b"gen", p.Tokens("r1", 2, [-6], "b", dec.attempt)), p.Tokens)  # dropped
     st.on_worker(b"gen", p.Tokens("r1", 2, [6], "b", dec.attempt))
     out = st.on_worker(b"gen", p.Disconnect())
     assert not of(out, p.Error)
