@@ -134,7 +134,10 @@ def test_broker_killed_mid_request_fails_every_request_within_the_liveness_windo
 
 
 def _restart_broker(d: Deployment) -> None:
-    """A new broker process on the killed one's addresses (workers and clients reconnect)."""
+    """A new broker process on the killed one's addresses (workers and clients reconnect). The
+    tests start a fresh generation worker after it: one that decoded for the old broker meanwhile
+    re-registers once per Reconnect its queued messages draw (issue 13, finding 8), and every
+    re-registration would move the resumed stream again."""
     cmd = [sys.executable, "-m", "broker.cli", "start", "--frontend", d.frontend, "--backend", d.backend,
            "--no-http", "--heartbeat-interval", "0.2", "--liveness", "10"]
     proc = d.children.start("broker-2", cmd, stdout=subprocess.PIPE)
@@ -154,11 +157,11 @@ def test_a_resuming_client_continues_its_streams_across_a_broker_restart():
             streams = [c.stream(token_ids=prompt, max_tokens=n, ignore_eos=True),
                        c.stream(token_ids=prompt, max_tokens=n, ignore_eos=True, **seeded)]
             chunks = [[next(s)] for s in streams]
-            d.kill("gen", signal.SIGSTOP)          # nothing finishes before the broker dies
+            d.kill("gen")          # nothing finishes before the broker dies (a fresh worker serves after)
             os.kill(d.broker.pid, signal.SIGKILL)
             d.broker.wait(10)
             _restart_broker(d)
-            d.kill("gen", signal.SIGCONT)
+            d.add_worker("generation", "gen-2", wait=False)
             for s, got in zip(streams, chunks):
                 got.extend(s)
                 assert s._state.resumes >= 1
@@ -183,11 +186,11 @@ def test_a_resuming_async_client_continues_its_stream_across_a_broker_restart():
             async with AsyncClient(d.frontend, timeout=TIMEOUT, liveness=WINDOW, resume=True) as c:
                 stream = c.stream(token_ids=prompt, max_tokens=n, ignore_eos=True)
                 got = [await stream.__anext__()]
-                d.kill("gen", signal.SIGSTOP)
+                d.kill("gen")
                 os.kill(d.broker.pid, signal.SIGKILL)
                 await loop.run_in_executor(None, d.broker.wait, 10)
                 await loop.run_in_executor(None, _restart_broker, d)
-                d.kill("gen", signal.SIGCONT)
+                d.add_worker("generation", "gen-2", wait=False)
                 got.extend([ch async for ch in stream])
                 return got, stream._state.resumes
 
