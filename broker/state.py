@@ -243,7 +243,7 @@ class BrokerState:
                       req.request_id, index, req.next_index)
             return False
         try:
-            req.output_ids.extend(array("I", ids))
+            req.output_ids.fromlist(ids)      # all or nothing
         except (OverflowError, TypeError):
             log.error("request %s: token ids %.80r outside [0, 2**32); dropping the batch", req.request_id, ids)
             return False
