@@ -171,8 +171,10 @@ class Submit(Message):
     sampling: dict = field(default_factory=dict)
     timeout_ms: Optional[int] = None        # deadline, relative to the broker's receipt
     # resume: the output tokens the client already has from an earlier run of this request (its
-    # broker restarted); generation continues after them, and they count in max_tokens and usage
+    # broker restarted) and the length of the text received with them; generation continues
+    # after them, and they count in max_tokens and usage
     output_ids: Optional[TokenIds] = None
+    output_chars: Optional[int] = None
 
     def __post_init__(self) -> None:
         token_fields(self, "token_ids", "output_ids")
@@ -194,6 +196,9 @@ class Submit(Message):
             raise ProtocolError("invalid prompt='': expected a non-empty string")
         if self.timeout_ms is not None and self.timeout_ms <= 0:
             raise ProtocolError(f"invalid timeout_ms={self.timeout_ms!r}: expected > 0")
+        if self.output_ids and (self.output_chars is None or self.output_chars < 0):
+            raise ProtocolError(f"invalid output_chars={self.output_chars!r}: with output_ids, expected "
+                                "the number (>= 0) of text characters received with them")
         check_sampling(self.sampling)   # validates, naming the field and value
 
 
@@ -361,7 +366,9 @@ class Decode(Message):
 class Generate(Message):
     """The whole request on one worker (role ``both``), or a continuation (role ``both`` or
     ``generation``): with ``output_ids``, the worker prefills the prompt and those tokens itself
-    and samples what follows them, as if it had generated them (a migrated stream, a resume)."""
+    and samples what follows them, as if it had generated them (a migrated stream, a resume);
+    ``output_chars`` is the length of the text the client has for them (text held back for a
+    possible stop string is not in it)."""
     request_id: str
     attempt: int
     prompt: Optional[str] = None
@@ -369,6 +376,7 @@ class Generate(Message):
     messages: Optional[list[dict]] = None
     sampling: dict = field(default_factory=dict)
     output_ids: Optional[TokenIds] = None
+    output_chars: int = 0
 
     def __post_init__(self) -> None:
         token_fields(self, "token_ids", "output_ids")

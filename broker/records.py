@@ -71,6 +71,7 @@ class Request:
     next_index: int = 0               # tokens already sent to the client
     # those tokens (a continuation starts after them), 4 bytes each
     output_ids: array = field(default_factory=lambda: array("I"))
+    output_chars: int = 0             # the length of the text sent with them
     migrations: int = 0               # times its generation moved to another worker
     prompt_tokens: int = 0
     t_dispatch: Optional[float] = None

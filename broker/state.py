@@ -113,10 +113,9 @@ class BrokerState:
         req = self.requests[rid] = Request(rid, identity, msg, sampling, now, now + timeout)
         heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
         if msg.output_ids:     # a resume: continue after the tokens the client already has
-            req.output_ids, req.next_index, req.state = array("I", msg.output_ids), len(msg.output_ids), RESUMING
-            self.decode_queue.append(rid)
-        else:
-            self.prefill_queue.append(rid)
+            req.output_ids, req.output_chars = array("I", msg.output_ids), msg.output_chars
+            req.next_index, req.state = len(msg.output_ids), RESUMING
+        (self.decode_queue if msg.output_ids else self.prefill_queue).append(rid)
         self.counters["submitted"] += 1
         out.append(Out(FRONT, identity, p.Accepted(rid, self.instance)))
 
@@ -231,6 +230,7 @@ class BrokerState:
 
     def _relay_tokens(self, req: Request, index: int, ids: list, text: str, out: list[Out]) -> None:
         if self._take_tokens(req, index, ids):
+            req.output_chars += len(text)
             out.append(Out(FRONT, req.client, p.Tokens(req.request_id, index, ids, text)))
 
     def _take_tokens(self, req: Request, index: int, ids: list) -> bool:
@@ -245,7 +245,7 @@ class BrokerState:
         try:
             req.output_ids.fromlist(ids)      # all or nothing
         except (OverflowError, TypeError):
-            log.error("request %s: token ids %.80r outside [0, 2**32); dropping the batch", req.request_id, ids)
+            log.error("request %s: token ids %.80r outside [0, 2**32); dropped", req.request_id, ids)
             return False
         if req.t_first is None:
             req.t_first = self.clock()
@@ -497,7 +497,7 @@ class BrokerState:
         s, c = req.submit, req.context     # the context phase tokenised the prompt: use its ids
         prompt, ids, messages = (None, c.prompt_token_ids, None) if c else (s.prompt, s.token_ids, s.messages)
         out.append(Out(BACK, w.identity, p.Generate(req.request_id, req.attempt, prompt, ids, messages,
-                                                    req.sampling, req.output_ids)))
+                                                    req.sampling, req.output_ids, req.output_chars)))
         return True
 
     def _dispatched(self, req: Request, w: Worker, state: str) -> None:

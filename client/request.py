@@ -198,6 +198,7 @@ class RequestState:
         self.finished = self.failed = False
         self.resumes += 1
         out = msgspec.structs.replace(self.submit, output_ids=list(self.token_ids) or None,
+                                      output_chars=sum(map(len, self._texts)) if self.token_ids else None,
                                       timeout_ms=max(1, math.ceil(timeout * 1000)))
         return out.encode()
 

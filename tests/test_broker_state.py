@@ -270,6 +270,7 @@ def test_generation_death_after_pull_migrates_the_stream_with_no_gap_or_duplicat
     # the prompt as the context worker tokenised it, and every token the client has
     assert list(gen.token_ids) == [1, 2, 3] and gen.prompt is None
     assert list(gen.output_ids) == [7, 5, 6] and gen.sampling == dec.sampling
+    assert gen.output_chars == len("x" "a" "b")     # the text the client has for them
     assert gen.attempt > dec.attempt and st.counters["migrated"] == 1
     assert "disagg_stream_migrations_total 1.0" in st.metrics.render()
     # tokens the client has are not sent again; the stream goes on at index 3
@@ -319,10 +320,12 @@ def test_a_both_worker_lost_mid_stream_moves_and_before_its_first_token_runs_aga
 def test_a_resumed_submit_continues_after_the_tokens_the_client_has(st):
     ready(st, b"ctx", "context")
     ready(st, b"gen", "generation")
-    out = submit(st, output_ids=[5, 6])
+    with pytest.raises(p.ProtocolError, match="output_chars"):
+        p.Submit("r1", prompt="hello", output_ids=[5, 6])
+    out = submit(st, output_ids=[5, 6], output_chars=2)
     assert of(out, p.Accepted) and not of(out, p.Prefill)
     [g] = of(out, p.Generate, BACK, b"gen")
-    assert list(g.output_ids) == [5, 6] and g.prompt == "hello"
+    assert list(g.output_ids) == [5, 6] and g.output_chars == 2 and g.prompt == "hello"
     out = st.on_worker(b"gen", p.Finished("r1", g.attempt, "stop", 1, 0.0, 2, [7], "c"))
     [fin] = of(out, p.Final, FRONT)
     assert fin.index == 2 and fin.usage["completion_tokens"] == 3

@@ -315,9 +315,10 @@ def test_reconnect_drops_everything_frees_every_block_and_releases_every_lease()
     gen.assert_clean()
 
 
-def continuation(rid, prompt_ids, output, attempt=2, **sampling):
-    return p.Generate(request_id=rid, attempt=attempt, token_ids=prompt_ids,
-                      output_ids=list(output), sampling=sampling)
+def continuation(rid, prompt_ids, output, chars=None, attempt=2, **sampling):
+    """``chars``: of the output's text, what the client has (all of it unless given)."""
+    return p.Generate(request_id=rid, attempt=attempt, token_ids=prompt_ids, output_ids=list(output),
+                      output_chars=len(output) if chars is None else chars, sampling=sampling)
 
 
 @pytest.mark.parametrize("role", ["generation", "both"])
@@ -349,7 +350,7 @@ def test_a_continuation_gives_back_the_text_held_for_a_stop_string():
     r = Rig(role="generation")
     r.script["a"] = iter(b"zxy")
     # "x" was held back where the tokens were sampled (it may start the stop string "xy")
-    r.send(continuation("a", [1, 2], b"abx", max_tokens=10, stop=["xy"]))
+    r.send(continuation("a", [1, 2], b"abx", chars=2, max_tokens=10, stop=["xy"]))
     r.run_until_idle()
     msgs = r.take()
     assert [m.text for m in msgs] == ["xz", "", ""] and msgs[-1].finish_reason == "stop"
@@ -361,9 +362,12 @@ def test_a_continuation_checks_its_output_ids_and_a_plain_generate_needs_role_bo
     r.send(continuation("a", [1, 2], [97, 999]))
     [f] = r.take(p.Failed)
     assert f.code == Code.INVALID_REQUEST and "output_ids" in f.message and "999" in f.message
-    r.send(continuation("b", [1, 2], [97, EOS, 98]))
+    r.send(continuation("b", [1, 2], [97, EOS, 98], chars=2))
     [f] = r.take(p.Failed)
     assert f.code == Code.INVALID_REQUEST and "already ended" in f.message
+    r.send(continuation("d", [1, 2], b"ab", chars=5))
+    [f] = r.take(p.Failed)
+    assert f.code == Code.INVALID_REQUEST and "output_chars=5" in f.message
     r.send(generate("c", "abc"))
     [f] = r.take(p.Failed)
     assert f.code == Code.INTERNAL and "not both" in f.message

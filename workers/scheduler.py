@@ -234,11 +234,13 @@ class Scheduler:
         out = getattr(msg, "output_ids", None)
         if out:
             self._check_vocab("output_ids", out)
-            seq.replay(list(out), self.tok, self.eos_ids)
+            try:
+                seq.continue_after(list(out), msg.output_chars, self.tok, self.eos_ids)
+            except ValueError as e:
+                raise RequestRejected(str(e)) from None
             if seq.finish_reason:
                 raise RequestRejected(f"invalid output_ids: the request had already ended "
-                                      f"({seq.finish_reason}) at token {len(seq.output_ids) - 1} "
-                                      f"of {len(out)}")
+                                      f"({seq.finish_reason}) within its {len(out)} output tokens")
         return seq
 
     def _check_vocab(self, name: str, ids) -> None:
