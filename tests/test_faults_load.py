@@ -4,7 +4,6 @@ a worker of its role is alive (streams move to the other generation worker), gre
 an undisturbed run's, and blocks, leases and requests go back to zero with the broker alive."""
 import asyncio
 import random
-import signal
 import time
 
 import pytest
