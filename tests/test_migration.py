@@ -52,7 +52,9 @@ def _stop_at(d: Deployment, name: str, n: int):
 @pytest.mark.parametrize("sampling", [
     {"temperature": 0.0},
     {"temperature": 0.9, "top_k": 40, "seed": 1234},
-], ids=["greedy", "seeded"])
+    # text that may start the stop string is held back, and moves with the stream untold
+    {"temperature": 0.0, "stop": ["e\x00\x00", "t\x00\x00", " \x00\x00"]},
+], ids=["greedy", "seeded", "greedy-held-back-text"])
 def test_killed_generation_worker_stream_moves_and_matches_an_uninterrupted_run(sampling):
     sampling = dict(sampling, max_tokens=MAX_TOKENS, ignore_eos=True)
     with Deployment() as d:
