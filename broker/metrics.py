@@ -74,6 +74,8 @@ FAMILIES = {
     "disagg_workers": ("gauge", ("role", "state"), "Registered workers by role and state (idle: nothing running; "
                                                    "busy: some slots used; full: no free slot)."),
     "disagg_worker_expirations_total": ("counter", ("role",), "Workers expired or disconnected, by role."),
+    "disagg_stream_migrations_total": ("counter", (), "Requests continued on another worker after the "
+                                                      "one generating them died (stream migration)."),
     "disagg_kv_blocks_used": ("gauge", ("worker", "role"),
                               "KV cache blocks in use per worker, from its last heartbeat."),
     "disagg_kv_blocks_free": ("gauge", ("worker", "role"), "Free KV cache blocks per worker, from its last heartbeat."),
@@ -113,6 +115,7 @@ class Metrics:
         self.outcomes = Counter()
         self.errors = Counter()
         self.expirations = Counter()
+        self.migrations = 0
         self.queue = Histogram(LATENCY_BUCKETS)
         self.ttft = Histogram(LATENCY_BUCKETS)
         self.tpot = Histogram(TOKEN_BUCKETS)
@@ -157,6 +160,7 @@ class Metrics:
             "disagg_requests_total": {**{(("outcome", o),): 0 for o in OUTCOMES}, **self.outcomes.series},
             "disagg_request_errors_total": self.errors.series,
             "disagg_worker_expirations_total": {**{(("role", r),): 0 for r in ROLES}, **self.expirations.series},
+            "disagg_stream_migrations_total": {(): self.migrations},
             **self.gauges(),
         }
         histograms = {

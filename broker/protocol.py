@@ -216,9 +216,14 @@ class Submit(Message):
     messages: Optional[Maps] = None
     sampling: Map = field(default_factory=dict)
     timeout_ms: Optional[U63] = None        # deadline, relative to the broker's receipt
+    # resume: the output tokens the client already has from an earlier run of this request (its
+    # broker restarted) and the length of the text received with them; generation continues
+    # after them, and they count in max_tokens and usage
+    output_ids: Optional[TokenIds] = None
+    output_chars: Optional[U63] = None
 
     def __post_init__(self) -> None:
-        token_fields(self, "token_ids")
+        token_fields(self, "token_ids", "output_ids")
         if not self.request_id or len(self.request_id) > 256:
             raise ProtocolError(f"invalid request_id {_short(self.request_id)}: expected 1-256 characters")
         given = [n for n in ("prompt", "token_ids", "messages") if getattr(self, n) is not None]
@@ -237,6 +242,9 @@ class Submit(Message):
             raise ProtocolError("invalid prompt='': expected a non-empty string")
         if self.timeout_ms is not None and self.timeout_ms <= 0:
             raise ProtocolError(f"invalid timeout_ms={self.timeout_ms!r}: expected > 0")
+        if self.output_ids and (self.output_chars is None or self.output_chars < 0):
+            raise ProtocolError(f"invalid output_chars={self.output_chars!r}: with output_ids, expected "
+                                "the number (>= 0) of text characters received with them")
         check_sampling(self.sampling)   # validates, naming the field and value
 
 
@@ -254,6 +262,8 @@ class Ping(Message):
 @message(10)
 class Accepted(Message):
     request_id: RequestId
+    broker: RequestId = ""   # this broker's instance id (random per start; ``Pong.stats["instance"]``
+                            # too): a client that meets another has met a restart that lost its requests
 
 
 @message(11)
@@ -407,16 +417,22 @@ class Decode(Message):
 
 @message(32)
 class Generate(Message):
-    """The whole request on one worker (role ``both``)."""
+    """The whole request on one worker (role ``both``), or a continuation (role ``both`` or
+    ``generation``): with ``output_ids``, the worker prefills the prompt and those tokens itself
+    and samples what follows them, as if it had generated them (a migrated stream, a resume);
+    ``output_chars`` is the length of the text the client has for them (text held back for a
+    possible stop string is not in it)."""
     request_id: RequestId
     attempt: U32
     prompt: Optional[str] = None
     token_ids: Optional[TokenIds] = None
     messages: Optional[Maps] = None
     sampling: Map = field(default_factory=dict)
+    output_ids: Optional[TokenIds] = None
+    output_chars: U63 = 0
 
     def __post_init__(self) -> None:
-        token_fields(self, "token_ids")
+        token_fields(self, "token_ids", "output_ids")
 
 
 @message(33)

@@ -1,10 +1,10 @@
-"""The broker's records: what it knows of each worker and each request, and the request states.
-
-Plain data with no logic beyond small derived properties; ``broker/state.py`` owns every change
-to them (docs/architecture.md §2).
+"""The broker's records: a worker as the broker knows it, a request and its lifecycle state, and
+an outgoing message with the socket it goes to. Plain data, no behaviour: ``broker/state.py`` owns
+every decision about them (docs/architecture.md §2). No I/O, no clock.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,7 +14,8 @@ FRONT, BACK = "front", "back"     # which socket an outgoing message goes to
 
 # request states (docs/architecture.md §2)
 QUEUED, PREFILLING, KV_READY, DECODING, STREAMING = "QUEUED", "PREFILLING", "KV_READY", "DECODING", "STREAMING"
-GENERATING = "GENERATING"          # the whole request on a `both` worker
+GENERATING = "GENERATING"          # the whole request on a `both` worker, or a continuation
+RESUMING = "RESUMING"              # waiting for a worker to continue it after its tokens so far
 
 
 @dataclass
@@ -49,6 +50,13 @@ class Worker:
     def does(self, phase: str) -> bool:
         return self.role == phase or self.role == "both"
 
+    def summary(self) -> dict:
+        """What the broker's stats (a Pong) show of this worker."""
+        return {"worker_id": self.worker_id, "role": self.role, "model": self.model, "pid": self.pid,
+                "slots": self.slots, "inflight": len(self.inflight), "leases": len(self.leases),
+                "kv_blocks": self.kv_blocks, "free_blocks": self.free_blocks,
+                "leases_reported": self.leases_reported, "max_decode_batch": self.max_decode_batch}
+
 
 @dataclass
 class Request:
@@ -68,8 +76,12 @@ class Request:
     lease_deadline: Optional[float] = None
     context: Optional[p.ContextDone] = None
     next_index: int = 0               # tokens already sent to the client
+    # those tokens (a continuation starts after them), 4 bytes each
+    output_ids: array = field(default_factory=lambda: array("I"))
+    output_chars: int = 0             # the length of the text sent with them
+    migrations: int = 0               # times its generation moved to another worker
     prompt_tokens: int = 0
-    cached_tokens: int = 0            # of those, served from the worker's prefix cache
+    cached_tokens: int = 0            # of the prompt's, served from the worker's prefix cache
     t_dispatch: Optional[float] = None
     t_first: Optional[float] = None
     prefill_s: float = 0.0
@@ -77,3 +89,17 @@ class Request:
     decode_tries: int = 0
     note: str = ""                    # why the request was re-run, for its final error
     client_rid: str = ""              # the id its client gave (request_id is the broker's key)
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.next_index,
+                "cached_tokens": self.cached_tokens}
+
+    def timings(self, now: float) -> dict:
+        """Seconds: queue, prefill, kv_transfer, ttft (None before the first token) and total."""
+        return {
+            "queue": (self.t_dispatch - self.received) if self.t_dispatch is not None else now - self.received,
+            "prefill": self.prefill_s,
+            "kv_transfer": self.kv_transfer_s,
+            "ttft": (self.t_first - self.received) if self.t_first is not None else None,
+            "total": now - self.received,
+        }

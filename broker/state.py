@@ -9,6 +9,11 @@ Invariants kept here: every accepted request gets exactly one final message (``F
 context worker holds is released once nobody needs it: by the context worker itself when the
 generation worker has pulled it (the transfer tells both sides; ``KvPulled`` tells the broker),
 and by ``KvRelease`` from here in every other case (cancel, failure, re-run, lease expiry).
+
+Stream migration: a request whose generating worker dies after tokens reached the client is
+continued on another worker (``Generate`` with ``output_ids``: the tokens the client has), at
+most ``max_migrations`` times; the continuation samples exactly what the lost worker would have
+(greedy, or seeded by (seed, step)), and only tokens past ``next_index`` are forwarded.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import itertools
 import logging
 import random
 import time
+from array import array
 from collections import deque
 from typing import Callable, Optional
 
@@ -26,7 +32,7 @@ from broker.config import BrokerConfig
 from broker.metrics import Metrics, state_gauges
 from broker.ratelog import RateLimitedLog
 from broker.records import (BACK, DECODING, FRONT, GENERATING, KV_READY, PREFILLING,  # noqa: F401
-                            QUEUED, STREAMING, Out, Request, Worker)
+                            QUEUED, RESUMING, STREAMING, Out, Request, Worker)
 
 log = logging.getLogger("broker.state")
 
@@ -51,7 +57,9 @@ class BrokerState:
         self._leases: list = []        # KV lease deadlines of requests waiting in KV_READY
         self._seq = itertools.count()  # tie-breaker: Requests themselves are not comparable
         self.next_heartbeat = 0.0
+        self.instance = f"{self.rng.getrandbits(64):016x}"   # tells clients a restart from a slow spell
         self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0,
+                         "migrated": 0,
                          # every prefill's prompt tokens, and those its worker's prefix cache held
                          "prefill_prompt_tokens": 0, "prefill_cached_tokens": 0}
         self.metrics = Metrics(lambda: state_gauges(self))
@@ -73,7 +81,7 @@ class BrokerState:
             req = self.requests.get(self.ids.key(identity, msg.request_id))
             if req is not None and req.client == identity:
                 self._finish(req, out, p.Final(req.request_id, p.Finish.CANCELLED,
-                                               self._usage(req), self._timings(req)))
+                                               req.usage(), req.timings(self.clock())))
                 self._outcome("cancelled")
         elif isinstance(msg, p.Ping):
             stats = self.stats()
@@ -111,9 +119,12 @@ class BrokerState:
         key = self.ids.add(identity, rid, self.requests)
         req = self.requests[key] = Request(key, identity, msg, sampling, now, now + timeout, client_rid=rid)
         heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
-        self.prefill_queue.append(key)
+        if msg.output_ids:     # a resume: continue after the tokens the client already has
+            req.output_ids, req.output_chars = array("I", msg.output_ids), msg.output_chars
+            req.next_index, req.state = len(msg.output_ids), RESUMING
+        (self.decode_queue if msg.output_ids else self.prefill_queue).append(key)
         self.counters["submitted"] += 1
-        out.append(Out(FRONT, identity, p.Accepted(rid)))
+        out.append(Out(FRONT, identity, p.Accepted(rid, self.instance)))
 
     def client_gone(self, identity: bytes) -> list[Out]:
         """The frontend could not deliver to this client: drop its requests and free their work."""
@@ -236,6 +247,7 @@ class BrokerState:
 
     def _relay_tokens(self, req: Request, index: int, ids: list, text: str, out: list[Out]) -> None:
         if self._take_tokens(req, index, ids):
+            req.output_chars += len(text)
             out.append(Out(FRONT, req.client, p.Tokens(req.client_rid, index, ids, text)))
 
     def _take_tokens(self, req: Request, index: int, ids: list) -> bool:
@@ -247,6 +259,11 @@ class BrokerState:
             log.error("request %s: token index %d, expected %d; dropping the batch",
                       req.request_id, index, req.next_index)
             return False
+        try:
+            req.output_ids.fromlist(ids)      # all or nothing
+        except (OverflowError, TypeError):
+            log.error("request %s: token ids %.80r outside [0, 2**32); dropped", req.request_id, ids)
+            return False
         if req.t_first is None:
             req.t_first = self.clock()
             self.metrics.ttft.observe(req.t_first - req.received)
@@ -256,11 +273,8 @@ class BrokerState:
     def _finish_with_tokens(self, req: Request, out: list[Out], reason: str, index: int, ids: list,
                             text: str) -> None:
         """Finish a request whose last tokens (if any are new) ride in its Final."""
-        if self._take_tokens(req, index, ids):
-            final = p.Final(req.request_id, reason, self._usage(req), self._timings(req), index, ids, text)
-        else:
-            final = p.Final(req.request_id, reason, self._usage(req), self._timings(req))
-        self._finish(req, out, final)
+        last = (index, ids, text) if self._take_tokens(req, index, ids) else ()
+        self._finish(req, out, p.Final(req.request_id, reason, req.usage(), req.timings(self.clock()), *last))
 
     def _failed(self, req: Request, w: Worker, msg: p.Failed, out: list[Out]) -> None:
         w.inflight.discard(req.request_id)
@@ -349,10 +363,13 @@ class BrokerState:
             if req is None or req.ctx_worker != w.identity:
                 continue
             req.ctx_worker, req.lease_deadline = None, None
-            if req.state == KV_READY:      # the KV is gone with the worker: prefill again
+            if req.state in (KV_READY, DECODING):   # the KV is gone with the worker: prefill again
                 req.note = f"context worker {w.worker_id} holding its KV stopped answering; "
+                gen = self.workers.get(req.worker) if req.worker is not None else None
+                if gen is not None:   # a pull from a dead worker can only fail, at its timeout
+                    gen.inflight.discard(rid)
+                    out.append(Out(BACK, gen.identity, p.CancelWork(rid, req.attempt)))
                 self._requeue(req)
-            # DECODING: the generation worker's pull fails and reports it
         for rid in sorted(w.inflight):
             req = self.requests.get(rid)
             if req is None or req.worker != w.identity:
@@ -366,12 +383,37 @@ class BrokerState:
                 req.state = KV_READY        # died before the pull: another generation worker
                 self._watch_lease(req)
                 self.decode_queue.appendleft(rid)
-            else:
+            elif not self._migrate(req, w, why, out):
+                text = (f"{w.role} worker {w.worker_id} (pid {w.pid}) stopped answering ({why}) "
+                        f"while running request {rid} in state {req.state}")
+                if req.next_index and req.migrations >= self.cfg.max_migrations:
+                    text += (f"; a stream moves at most broker.max_migrations="
+                             f"{self.cfg.max_migrations} times and this one moved {req.migrations}")
                 self._outcome("failed", p.Code.WORKER_DIED)
-                self._finish(req, out, p.Error(
-                    rid, p.Code.WORKER_DIED,
-                    f"{w.role} worker {w.worker_id} (pid {w.pid}) stopped answering ({why}) "
-                    f"while running request {rid} in state {req.state}", False))
+                self._finish(req, out, p.Error(rid, p.Code.WORKER_DIED, text, False))
+
+    def _migrate(self, req: Request, w: Worker, why: str, out: list[Out]) -> bool:
+        """Continue a request whose generating worker was lost on another worker, after the
+        tokens the client has (a `both` worker's before its first token: from scratch); False
+        when it cannot (not generating, no worker to take it, limits reached)."""
+        if req.state not in (DECODING, STREAMING, GENERATING):
+            return False
+        req.note = f"{w.role} worker {w.worker_id} (pid {w.pid}) stopped answering ({why}); "
+        if req.next_index == 0:
+            if req.prefill_attempts < self.cfg.max_attempts:
+                self._requeue(req)
+            return req.state == QUEUED
+        if req.migrations >= self.cfg.max_migrations or not self._worker_roles() & {"generation", "both"}:
+            return False
+        req.migrations += 1
+        self.counters["migrated"] += 1
+        self.metrics.migrations += 1
+        log.info("request %s: %scontinuing it after token %d (move %d)", req.request_id, req.note,
+                 req.next_index, req.migrations)
+        self._release_lease(req, out)      # DECODING: a lease not pulled is of no use any more
+        req.state = RESUMING
+        self.decode_queue.appendleft(req.request_id)
+        return True
 
     # -----------------------------------------------------------------------------------------
     # dispatch
@@ -424,6 +466,10 @@ class BrokerState:
         while self.decode_queue:
             rid = self.decode_queue[0]
             req = self.requests.get(rid)
+            if req is not None and req.state == RESUMING:
+                if not self._resume(req, out):
+                    break
+                continue
             if req is None or req.state != KV_READY:
                 self.decode_queue.popleft()
                 continue
@@ -438,10 +484,8 @@ class BrokerState:
                 break
             self.decode_queue.popleft()
             c = req.context
-            req.attempt += 1
             req.decode_tries += 1
-            req.state, req.worker = DECODING, w.identity
-            w.inflight.add(rid)
+            self._dispatched(req, w, DECODING)
             out.append(Out(BACK, w.identity, p.Decode(rid, req.attempt, c.prompt_token_ids, c.first_token,
                                                       c.first_text, c.kv_handle, req.sampling)))
         return out
@@ -449,22 +493,44 @@ class BrokerState:
     def _pick_any(self, role: str) -> bool:
         return role in self._worker_roles()
 
-    def _send_prefill(self, req: Request, w: Worker, disagg: bool, out: list[Out]) -> None:
-        s = req.submit
+    def _resume(self, req: Request, out: list[Out]) -> bool:
+        """Dispatch a RESUMING request at the head of the decode queue to a worker that prefills
+        its prompt and output so far itself and goes on decoding; False to wait for a slot."""
+        roles = self._worker_roles()
+        role = "generation" if "generation" in roles else "both" if "both" in roles else None
+        w = self._pick(role) if role else None
+        if w is None and role:
+            return False
+        self.decode_queue.popleft()
+        if w is None:
+            self._outcome("failed", p.Code.NO_WORKERS)
+            self._finish(req, out, p.Error(req.request_id, p.Code.NO_WORKERS, req.note + "no "
+                                           "generation or 'both' worker is up to continue it", True))
+            return True
+        self._dispatched(req, w, GENERATING)
+        s, c = req.submit, req.context     # the context phase tokenised the prompt: use its ids
+        prompt, ids, messages = (None, c.prompt_token_ids, None) if c else (s.prompt, s.token_ids, s.messages)
+        out.append(Out(BACK, w.identity, p.Generate(req.request_id, req.attempt, prompt, ids, messages,
+                                                    req.sampling, req.output_ids, req.output_chars)))
+        return True
+
+    def _dispatched(self, req: Request, w: Worker, state: str) -> None:
         req.attempt += 1
-        req.prefill_attempts += 1
-        req.worker = w.identity
-        req.mode = "disagg" if disagg else "agg"
+        req.state, req.worker = state, w.identity
+        w.inflight.add(req.request_id)
         if req.t_dispatch is None:
             req.t_dispatch = self.clock()
             self.metrics.queue.observe(req.t_dispatch - req.received)
-        w.inflight.add(req.request_id)
+
+    def _send_prefill(self, req: Request, w: Worker, disagg: bool, out: list[Out]) -> None:
+        s = req.submit
+        req.prefill_attempts += 1
+        req.mode = "disagg" if disagg else "agg"
+        self._dispatched(req, w, PREFILLING if disagg else GENERATING)
         if disagg:
-            req.state = PREFILLING
             lease_ms = int(self.cfg.kv_lease_s * 1000)
             msg = p.Prefill(req.request_id, req.attempt, s.prompt, s.token_ids, s.messages, req.sampling, lease_ms)
         else:
-            req.state = GENERATING
             msg = p.Generate(req.request_id, req.attempt, s.prompt, s.token_ids, s.messages, req.sampling)
         out.append(Out(BACK, w.identity, msg))
 
@@ -512,23 +578,9 @@ class BrokerState:
         if isinstance(final, p.Final) and final.finish_reason != p.Finish.CANCELLED:
             self.metrics.finished(self.clock(), req.received, req.t_first, req.next_index)
 
-    def _usage(self, req: Request) -> dict:
-        return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.next_index,
-                "cached_tokens": req.cached_tokens}
-
     def _count_prefill(self, prompt_tokens: int, cached_tokens: int) -> None:
         self.counters["prefill_prompt_tokens"] += prompt_tokens
         self.counters["prefill_cached_tokens"] += cached_tokens
-
-    def _timings(self, req: Request) -> dict:
-        now = self.clock()
-        return {
-            "queue": (req.t_dispatch - req.received) if req.t_dispatch is not None else now - req.received,
-            "prefill": req.prefill_s,
-            "kv_transfer": req.kv_transfer_s,
-            "ttft": (req.t_first - req.received) if req.t_first is not None else None,
-            "total": now - req.received,
-        }
 
     # -----------------------------------------------------------------------------------------
 
@@ -538,15 +590,10 @@ class BrokerState:
 
     def stats(self) -> dict:
         return {
+            "instance": self.instance,
             "requests": len(self.requests),
             "queued": len(self.prefill_queue),
             "waiting_decode": len(self.decode_queue),
             "counters": dict(self.counters),
-            "workers": [
-                {"worker_id": w.worker_id, "role": w.role, "model": w.model, "pid": w.pid, "slots": w.slots,
-                 "inflight": len(w.inflight), "leases": len(w.leases), "kv_blocks": w.kv_blocks,
-                 "free_blocks": w.free_blocks, "leases_reported": w.leases_reported,
-                 "max_decode_batch": w.max_decode_batch}
-                for w in self.workers.values()
-            ],
+            "workers": [w.summary() for w in self.workers.values()],
         }

@@ -2,7 +2,10 @@
 
 Safe for many concurrent requests from one event loop (``asyncio.gather`` of many ``generate``
 calls). The reader task routes each broker message to its request's queue and drops messages for
-requests this client no longer tracks; every wait is bounded by the call's timeout. Use an
+requests this client no longer tracks; every wait is bounded by the call's timeout. A watchdog
+task pings a silent broker while requests are in flight and fails them all with
+``BrokerUnavailable`` once the broker has been silent for the liveness window
+(``client/liveness.py``). Use an
 ``AsyncClient`` from the event loop that first used it only.
 """
 from __future__ import annotations
@@ -16,9 +19,10 @@ from typing import Any, Optional
 import zmq
 import zmq.asyncio
 
-from broker.protocol import MAX_MESSAGE_BYTES, Cancel, Message, Ping, Pong, ProtocolError, decode_all
+from broker.protocol import MAX_MESSAGE_BYTES, Accepted, Cancel, Message, Ping, Pong, ProtocolError, decode_all
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
+from .liveness import Liveness
 from .request import Chunk, Completion, RequestState, StreamBase, check_timeout, prepare_submit
 
 log = logging.getLogger(__name__)
@@ -34,11 +38,19 @@ class _Stop:
 class AsyncClient:
     """Asyncio client. ``async with AsyncClient(addr) as c: await c.generate("Hi")``."""
 
-    def __init__(self, address: str, *, timeout: float = 120.0, curve: Any = None) -> None:
-        """``curve``: a ``broker.auth.CurveClient`` (this client's key pair and the broker's
-        public key) when the broker runs CURVE; ``broker.auth.curve_client(KEY, SERVER_KEY)``."""
+    def __init__(self, address: str, *, timeout: float = 120.0, liveness: float = 5.0,
+                 resume: bool = False, curve: Any = None) -> None:
+        """``timeout``: each call's default, in seconds. ``liveness``: seconds of silence from the
+        broker (pinged meanwhile) after which every request in flight fails with the retryable
+        ``BrokerUnavailable``. ``resume``: instead, wait (within each request's timeout) for the
+        broker to answer again, e.g. after a restart, and continue the request after the tokens
+        already received; the stream goes on with no gap and no repeat. ``curve``: a
+        ``broker.auth.CurveClient`` (this client's key pair and the broker's public key) when the
+        broker runs CURVE; ``broker.auth.curve_client(KEY, SERVER_KEY)``."""
         self.address = address
+        self.resume = resume
         self.timeout = check_timeout(timeout, timeout)
+        self._live = Liveness(liveness, time.monotonic())
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -54,6 +66,9 @@ class AsyncClient:
         self._queues: dict[str, asyncio.Queue] = {}      # in-flight request id -> its messages
         self._pings: dict[int, asyncio.Future] = {}
         self._reader: Optional[asyncio.Task] = None
+        self._watchdog: Optional[asyncio.Task] = None
+        self._lost: set[str] = set()                     # requests already failed as broker-lost
+        self._accepted_by: dict[str, str] = {}           # in-flight request id -> broker instance
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.closed = False
 
@@ -107,11 +122,12 @@ class AsyncClient:
         if self.closed:
             return
         if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+            for task in (self._watchdog, self._reader):
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         else:
             await asyncio.sleep(0)   # let cancels scheduled by finalizers go out first
         self.closed = True
@@ -133,14 +149,18 @@ class AsyncClient:
         if self._reader is None:
             self._loop = asyncio.get_running_loop()
             self._reader = self._loop.create_task(self._read_loop())
+            self._watchdog = self._loop.create_task(self._watch_loop())
 
     def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling) -> "AsyncStream":
         self._start()
-        rid, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
-                                              request_id, sampling, self._queues)
+        submit, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
+                                                 request_id, sampling, self._queues, self.resume)
+        rid = submit.request_id
+        if not self._queues:
+            self._live.start_waiting(time.monotonic())
         self._queues[rid] = asyncio.Queue()
-        return AsyncStream(self, RequestState(rid), time.monotonic() + timeout, timeout,
-                           self._send(frames))
+        return AsyncStream(self, RequestState(rid, submit if self.resume else None),
+                           time.monotonic() + timeout, timeout, self._send(frames))
 
     async def _next_message(self, state: RequestState, deadline: float, timeout: float) -> Message:
         """The next broker message for this request, or a timeout error."""
@@ -163,9 +183,32 @@ class AsyncClient:
             raise item.error
         return item
 
+    async def _resume(self, state: RequestState, deadline: float, error: ClientError) -> None:
+        """Send the request again as a continuation once the broker answers; re-raises ``error``
+        when the request's deadline passes first."""
+        rid = state.request_id
+        log.warning("request %s: %s; resuming it after %d tokens", rid, error, len(state.token_ids))
+        if state.resumes:       # a refusal of the last resume (no worker yet): give it a moment
+            await asyncio.sleep(max(0.0, min(self._live.every, deadline - time.monotonic())))
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or rid not in self._queues:
+                raise error
+            try:
+                await self.ping(timeout=min(self._live.window, left))
+                break
+            except BrokerUnavailable:
+                continue
+        self._lost.discard(rid)      # its queue keeps what came after the loss (a slow broker goes on)
+        self._accepted_by.pop(rid, None)
+        left = max(0.001, deadline - time.monotonic())
+        await self._await_send(self._send(state.resume_frames(left)), left)
+
     def _release(self, state: RequestState, deferred: bool = False) -> None:
         """Forget a request; cancel it at the broker unless the broker already finished it.
         ``deferred``: called from a finalizer, which may run anywhere (even inside a send)."""
+        self._lost.discard(state.request_id)
+        self._accepted_by.pop(state.request_id, None)
         if self._queues.pop(state.request_id, None) is None or self.closed or state.finished:
             return
         frames = Cancel(state.request_id).encode()
@@ -200,6 +243,7 @@ class AsyncClient:
         try:
             while True:
                 frames = await self._sock.recv_multipart()
+                self._live.on_message(time.monotonic())
                 try:
                     msgs = decode_all(frames)
                 except ProtocolError as e:
@@ -208,10 +252,14 @@ class AsyncClient:
                     if isinstance(msg, ProtocolError):
                         log.warning("dropped an undecodable message from the broker: %s", msg)
                     elif isinstance(msg, Pong):
+                        self._lose(self._live.restarted(self._accepted_by, msg.stats.get("instance")),
+                                   self._live.restart_error)
                         pong = self._pings.get(msg.nonce)
                         if pong is not None and not pong.done():
                             pong.set_result(msg.stats)
                     else:
+                        if isinstance(msg, Accepted) and msg.request_id in self._queues:
+                            self._accepted_by[msg.request_id] = msg.broker
                         queue = self._queues.get(getattr(msg, "request_id", None))
                         if queue is not None:
                             queue.put_nowait(msg)
@@ -221,6 +269,33 @@ class AsyncClient:
             log.error("reader for the broker at %s stopped: %s", self.address, e)
             self._stop_all(ClientError(f"connection to the broker at {self.address} failed: {e}"))
             self.closed = True
+
+    async def _watch_loop(self) -> None:
+        """Ping a silent broker while requests are in flight; past the liveness window, fail them."""
+        live = self._live
+        while True:
+            now = time.monotonic()
+            waiting = [rid for rid in self._queues if rid not in self._lost]
+            if not waiting:
+                await asyncio.sleep(live.every)
+                continue
+            if live.lost(now):
+                log.warning("the broker at %s stopped answering (%g s); failing %d requests",
+                            self.address, live.window, len(waiting))
+                self._lose(waiting, live.error)
+                live.start_waiting(now)       # a fresh window for what comes next
+            elif live.ping_due(now):
+                self._send(Ping().encode())
+            await asyncio.sleep(live.next_check(now))
+
+    def _lose(self, rids: list, error) -> None:
+        """These requests are lost with their broker: each fails when its caller reads it."""
+        for rid in rids:
+            queue = self._queues.get(rid)
+            if queue is not None and rid not in self._lost:
+                queue.put_nowait(_Stop(error(self.address, rid)))
+                self._lost.add(rid)
+            self._accepted_by.pop(rid, None)
 
     def _stop_all(self, error: ClientError) -> None:
         for queue in self._queues.values():
@@ -249,8 +324,14 @@ class AsyncStream(StreamBase):
                 sent, self._sent = self._sent, None
                 await self._client._await_send(sent, max(0.0, self._deadline - time.monotonic()))
             while not self._closed and not state.done:
-                msg = await self._client._next_message(state, self._deadline, self._timeout)
-                chunk = state.feed(msg)
+                try:
+                    chunk = state.feed(await self._client._next_message(state, self._deadline,
+                                                                        self._timeout))
+                except ClientError as e:
+                    if not state.resumable(e):
+                        raise
+                    await self._client._resume(state, self._deadline, e)
+                    continue
                 if chunk is not None:
                     return chunk
         except BaseException:

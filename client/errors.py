@@ -44,7 +44,11 @@ class RequestTimeout(ClientError):
 
 
 class BrokerUnavailable(ClientError):
-    """The broker did not answer at all (ping, or a submitted request) within the timeout."""
+    """The broker did not answer: a ping or a submitted request within the timeout, or nothing at
+    all (not even a ``Pong``) within the client's liveness window while requests were in flight.
+    Retryable: the broker may be back (a restart) by the time the caller tries again."""
+
+    retryable = True
 
     def __init__(self, message: str, request_id: Optional[str] = None) -> None:
         self.request_id = request_id

@@ -7,10 +7,11 @@ context and generation workers is registered), ``GET /metrics`` (the broker's Pr
 Request and response bodies are the pydantic models of ``client/openai_models.py``. Every error
 is OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names the bad field
 (its path, in ``param``) and value, 404 an unknown model or route, 413 an oversized body, 503 (with
-``Retry-After``) an overloaded broker or no worker up. A client that disconnects cancels its request
-at the broker. With an API key set, every route but ``/health`` (and ``/metrics`` unless asked)
-needs ``Authorization: Bearer KEY``; 401 otherwise (docs/architecture.md §9). Triton's
-``/v2/health/*`` probes are open like ``/health``. From the project it
+``Retry-After``) an overloaded broker, no worker up or a broker silent for its liveness window
+(an open stream gets that error as its last event instead). A client that disconnects cancels
+its request at the broker. With an API key set, every route but ``/health`` (and ``/metrics``
+unless asked) needs ``Authorization: Bearer KEY``; 401 otherwise (docs/architecture.md §9).
+Triton's ``/v2/health/*`` probes are open like ``/health``. From the project it
 imports only ``broker.protocol``, ``broker.auth`` and, through its request models,
 ``broker.config``: never torch, workers/ or transfer/.
 """
@@ -97,9 +98,10 @@ class Gateway:
                  max_body_bytes: int = DEFAULT_MAX_BODY, request_timeout: float = 600.0,
                  chat_max_tokens: int = 256, api_key: Optional[str] = None,
                  metrics_need_key: bool = False, curve=None, read_timeout: float = DEFAULT_READ_TIMEOUT,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS):
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, broker_liveness: float = 5.0):
         """``api_key``: every route but /health (and /metrics unless ``metrics_need_key``) needs
-        ``Authorization: Bearer KEY``; ``curve``: the ``CurveClient`` for a CURVE broker."""
+        ``Authorization: Bearer KEY``; ``curve``: the ``CurveClient`` for a CURVE broker;
+        ``broker_liveness``: a silent broker fails calls (503) after this many seconds."""
         self.broker, self.host, self.port = broker, host, port
         self.api_key, self.curve = api_key, curve
         # health probes never need the key (Triton's too); /metrics only when asked
@@ -112,6 +114,7 @@ class Gateway:
         self.request_timeout = request_timeout
         self.chat_max_tokens = chat_max_tokens
         self.read_timeout, self.max_connections = read_timeout, max_connections
+        self.broker_liveness = broker_liveness
         self.client: Optional[AsyncClient] = None
         self.runner: Optional[web.AppRunner] = None
         self.created = int(time.time())
@@ -135,7 +138,8 @@ class Gateway:
 
     async def start(self) -> None:
         """Bind (port 0 picks a free port; ``self.port`` then holds the chosen one)."""
-        self.client = AsyncClient(self.broker, timeout=self.request_timeout, curve=self.curve)
+        self.client = AsyncClient(self.broker, timeout=self.request_timeout, curve=self.curve,
+                                  liveness=self.broker_liveness)
         self.runner = GuardedRunner(self.app(), handler_cancellation=True, access_log=None,
                                     read_timeout=self.read_timeout, max_connections=self.max_connections)
         await self.runner.setup()

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import math
 import operator
+import random
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+import msgspec
+
 from broker.protocol import (Accepted, Code, Error, Final, Message, ProtocolError,
                              SamplingParams, Submit, Tokens)
 
-from .errors import InvalidRequest, RequestFailed, failure
+from .errors import BrokerUnavailable, ClientError, InvalidRequest, RequestFailed, failure
 
 
 @dataclass
@@ -79,19 +82,23 @@ def build_submit(prompt: Optional[str] = None, *, token_ids: Any = None, message
 
 
 def prepare_submit(prompt, token_ids, messages, timeout, default_timeout: float, request_id,
-                   sampling, in_flight) -> tuple[str, float, list]:
+                   sampling, in_flight, resume: bool = False) -> tuple[Submit, float, list]:
     """What both clients do before sending: check the timeout, validate, refuse a duplicate id.
+    A request that may be resumed gets a seed of its own (unless it has one), so that a resumed
+    run samples what the lost one would have.
 
-    Returns the request id, the call's timeout in seconds and the encoded frames.
+    Returns the Submit, the call's timeout in seconds and the encoded frames.
     """
     timeout = check_timeout(timeout, default_timeout)
+    if resume and sampling.get("seed") is None:
+        sampling = dict(sampling, seed=random.getrandbits(63))
     submit, frames = build_submit(prompt, token_ids=token_ids, messages=messages, sampling=sampling,
                                   timeout=timeout, request_id=request_id)
     rid = submit.request_id
     if rid in in_flight:
         raise failure(Code.DUPLICATE_REQUEST, f"request id {rid!r} is already in flight on this client",
                       False, rid)
-    return rid, timeout, frames
+    return submit, timeout, frames
 
 
 def _token_list(token_ids: Any) -> list[int]:
@@ -125,8 +132,10 @@ class RequestState:
     Error; a request left unfinished must be cancelled at the broker by the caller.
     """
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, submit: Optional[Submit] = None) -> None:
         self.request_id = request_id
+        self.submit = submit        # kept only when the caller opted in to resuming
+        self.resumes = 0
         self.heard = False          # any message from the broker for this request
         self.finished = False       # the broker sent its one final message
         self.failed = False         # finished, or given up on locally (protocol violation)
@@ -152,6 +161,8 @@ class RequestState:
                                          msg.finish_reason, dict(msg.usage), dict(msg.timings))
             return chunk
         if isinstance(msg, Error):
+            if self.resumes and msg.code == Code.DUPLICATE_REQUEST:
+                return None     # the broker never lost it (a slow spell, not a restart): carry on
             self.finished = True
             raise failure(msg.code, msg.message, msg.retryable, self.request_id)
         if not isinstance(msg, Accepted):
@@ -172,6 +183,24 @@ class RequestState:
         self.token_ids.extend(msg.token_ids)
         self._texts.append(msg.text)
         return Chunk(self.request_id, msg.index, list(msg.token_ids), msg.text)
+
+    def resumable(self, error: ClientError) -> bool:
+        """Whether to resume after ``error``: the caller opted in, the broker went silent (or a
+        resume met a retryable refusal, e.g. no worker registered yet), and no protocol broke."""
+        if self.submit is None or (self.failed and not self.finished):
+            return False
+        return isinstance(error, BrokerUnavailable) or (
+            self.resumes > 0 and isinstance(error, RequestFailed) and error.retryable)
+
+    def resume_frames(self, timeout: float) -> list:
+        """The Submit that continues this request after the tokens received so far (the broker
+        and the worker treat them as generated: max_tokens, stops and usage count them)."""
+        self.finished = self.failed = False
+        self.resumes += 1
+        out = msgspec.structs.replace(self.submit, output_ids=list(self.token_ids) or None,
+                                      output_chars=sum(map(len, self._texts)) if self.token_ids else None,
+                                      timeout_ms=max(1, math.ceil(timeout * 1000)))
+        return out.encode()
 
     def _violation(self, what: str) -> None:
         self.failed = True

@@ -1,7 +1,9 @@
 """The synchronous client: one ZeroMQ DEALER socket to the broker's frontend, many requests.
 
 Not thread-safe: use one ``Client`` per thread (or ``AsyncClient``). Every receive polls with the
-time left of the call, so nothing waits forever. Messages for other in-flight requests (a stream
+time left of the call, so nothing waits forever; while it waits for a request it pings a silent
+broker and fails every request in flight with ``BrokerUnavailable`` once the broker has been
+silent for the liveness window (``client/liveness.py``). Messages for other in-flight requests (a stream
 the caller has not finished reading) are buffered per request until read; messages for requests
 this client no longer tracks are dropped.
 """
@@ -16,23 +18,36 @@ from typing import Any, Callable, Iterator, Optional
 
 import zmq
 
-from broker.protocol import MAX_MESSAGE_BYTES, Cancel, Message, Ping, Pong, ProtocolError, decode_all
+from broker.protocol import MAX_MESSAGE_BYTES, Accepted, Cancel, Message, Ping, Pong, ProtocolError, decode_all
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
+from .liveness import Liveness
 from .request import Chunk, Completion, RequestState, StreamBase, check_timeout, prepare_submit
 
 log = logging.getLogger(__name__)
+
+_LOST = object()     # what _receive returns when the broker's liveness window passed
+_QUEUED = object()   # ... when the request waited for has a message in its inbox (a loss)
 
 
 class Client:
     """Synchronous client. ``with Client("tcp://127.0.0.1:5555") as c: c.generate("Hi")``."""
 
-    def __init__(self, address: str, *, timeout: float = 120.0, curve: Any = None) -> None:
-        """``curve``: a ``broker.auth.CurveClient`` (this client's key pair and the broker's
-        public key) when the broker runs CURVE; ``broker.auth.curve_client(KEY, SERVER_KEY)``."""
+    def __init__(self, address: str, *, timeout: float = 120.0, liveness: float = 5.0,
+                 resume: bool = False, curve: Any = None) -> None:
+        """``timeout``: each call's default, in seconds. ``liveness``: seconds of silence from the
+        broker (pinged meanwhile) after which every request in flight fails with the retryable
+        ``BrokerUnavailable``. ``resume``: instead, wait (within each request's timeout) for the
+        broker to answer again, e.g. after a restart, and continue the request after the tokens
+        already received; the stream goes on with no gap and no repeat. ``curve``: a
+        ``broker.auth.CurveClient`` (this client's key pair and the broker's public key) when the
+        broker runs CURVE; ``broker.auth.curve_client(KEY, SERVER_KEY)``."""
         self.address = address
+        self.resume = resume
         self.timeout = check_timeout(timeout, timeout)
+        self._live = Liveness(liveness, time.monotonic())
         self._inbox: dict[str, collections.deque] = {}   # in-flight request id -> unread messages
+        self._accepted_by: dict[str, str] = {}           # in-flight request id -> broker instance
         self._sending = False
         self._deferred: list[list] = []                  # frames to send once a send finishes
         self.closed = False
@@ -107,24 +122,36 @@ class Client:
 
     def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling) -> "Stream":
         self._check_open()
-        rid, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
-                                              request_id, sampling, self._inbox)
+        submit, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
+                                                 request_id, sampling, self._inbox, self.resume)
+        rid = submit.request_id
         deadline = time.monotonic() + timeout
+        if not self._inbox:
+            self._live.start_waiting(time.monotonic())
         self._inbox[rid] = collections.deque()
         try:
             self._send(frames, timeout)
         except BaseException:
             del self._inbox[rid]
             raise
-        return Stream(self, RequestState(rid), deadline, timeout)
+        return Stream(self, RequestState(rid, submit if self.resume else None), deadline, timeout)
 
     def _next_message(self, state: RequestState, deadline: float, timeout: float) -> Message:
         """The next broker message for this request, or a timeout error."""
         rid = state.request_id
-        queued = self._inbox.get(rid)
-        if queued:
-            return queued.popleft()
-        msg = self._receive(lambda m: getattr(m, "request_id", None) == rid, deadline)
+        while True:
+            queued = self._inbox.get(rid)
+            if queued:
+                msg = queued.popleft()
+                if isinstance(msg, BrokerUnavailable):
+                    raise msg
+                return msg
+            msg = self._receive(lambda m: getattr(m, "request_id", None) == rid, deadline, live=rid)
+            if msg is _LOST:     # every request in flight fails, each when its caller reads it
+                self._lose(list(self._inbox), self._live.error)
+                self._live.start_waiting(time.monotonic())     # a fresh window for what comes next
+            elif msg is not _QUEUED:
+                break
         if msg is not None:
             return msg
         if not state.heard:
@@ -132,8 +159,33 @@ class Client:
                                     f"{rid} within {timeout:g} s", rid)
         raise RequestTimeout(f"request {rid} did not finish within {timeout:g} s; cancelled", rid)
 
+    def _resume(self, state: RequestState, deadline: float, error: ClientError) -> None:
+        """Send the request again as a continuation once the broker answers; re-raises ``error``
+        when the request's deadline passes first."""
+        log.warning("request %s: %s; resuming it after %d tokens", state.request_id, error,
+                    len(state.token_ids))
+        if state.resumes:       # a refusal of the last resume (no worker yet): give it a moment
+            time.sleep(max(0.0, min(self._live.every, deadline - time.monotonic())))
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise error
+            try:
+                self.ping(timeout=min(self._live.window, left))
+                break
+            except BrokerUnavailable:
+                continue
+        # keep what came after the loss (a broker that was only slow goes on streaming), not the loss
+        rid = state.request_id
+        self._inbox[rid] = collections.deque(m for m in self._inbox.get(rid, ())
+                                             if not isinstance(m, BrokerUnavailable))
+        self._accepted_by.pop(rid, None)
+        left = max(0.001, deadline - time.monotonic())
+        self._send(state.resume_frames(left), left)
+
     def _release(self, state: RequestState) -> None:
         """Forget a request; cancel it at the broker unless the broker already finished it."""
+        self._accepted_by.pop(state.request_id, None)
         if self._inbox.pop(state.request_id, None) is None or self.closed:
             return
         if not state.finished:
@@ -171,19 +223,38 @@ class Client:
         while self._deferred:
             self._send(self._deferred.pop(0), timeout, quiet=True)
 
-    def _receive(self, wanted: Callable[[Message], bool], deadline: float) -> Optional[Message]:
+    def _lose(self, rids: list, error: Callable[[str, str], BrokerUnavailable]) -> None:
+        """These requests are lost with their broker: each fails when its caller reads it."""
+        for rid in rids:
+            queue = self._inbox.get(rid)
+            if queue is not None:
+                queue.append(error(self.address, rid))
+            self._accepted_by.pop(rid, None)
+
+    def _receive(self, wanted: Callable[[Message], bool], deadline: float,
+                 live: Optional[str] = None) -> Any:
         """Read until a message satisfies ``wanted`` (returned) or the deadline passes (None).
+        With ``live`` (the request waited for), ping a silent broker; return ``_LOST`` once its
+        liveness window passed, ``_QUEUED`` once that request has a message in its inbox.
         Messages for other in-flight requests are buffered; anything else is dropped."""
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(_ms(left), zmq.POLLIN):
-                if time.monotonic() >= deadline:
-                    return None
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            wait = deadline - now
+            if live is not None:
+                if self._live.ping_due(now):
+                    self._send(Ping().encode(), self._live.every, quiet=True)
+                wait = min(wait, self._live.next_check(now))
+            if not self._sock.poll(_ms(wait), zmq.POLLIN):
+                if live is not None and self._live.lost(time.monotonic()):
+                    return _LOST
                 continue
             try:
                 frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 continue
+            self._live.on_message(time.monotonic())
             try:
                 msgs = decode_all(frames)
             except ProtocolError as e:
@@ -192,7 +263,13 @@ class Client:
             for msg in msgs:     # one message, or a batch: every one is kept, in order
                 if isinstance(msg, ProtocolError):
                     log.warning("dropped an undecodable message from the broker: %s", msg)
-                elif found is None and wanted(msg):
+                    continue
+                if isinstance(msg, Accepted) and msg.request_id in self._inbox:
+                    self._accepted_by[msg.request_id] = msg.broker
+                elif isinstance(msg, Pong):
+                    self._lose(self._live.restarted(self._accepted_by, msg.stats.get("instance")),
+                               self._live.restart_error)
+                if found is None and wanted(msg):
                     found = msg
                 else:
                     queued = self._inbox.get(getattr(msg, "request_id", None))
@@ -200,6 +277,8 @@ class Client:
                         queued.append(msg)
             if found is not None:
                 return found
+            if live is not None and self._inbox.get(live):
+                return _QUEUED
 
 
 class Stream(StreamBase):
@@ -213,7 +292,13 @@ class Stream(StreamBase):
         state = self._state
         try:
             while not self._closed and not state.done:
-                chunk = state.feed(self._client._next_message(state, self._deadline, self._timeout))
+                try:
+                    chunk = state.feed(self._client._next_message(state, self._deadline, self._timeout))
+                except ClientError as e:
+                    if not state.resumable(e):
+                        raise
+                    self._client._resume(state, self._deadline, e)
+                    continue
                 if chunk is not None:
                     return chunk
         except BaseException:

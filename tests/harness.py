@@ -48,13 +48,15 @@ class Deployment:
 
     def __init__(self, heartbeat_s: float = 0.2, liveness: int = 10, kv_lease_s: float = 30.0,
                  max_queue: int = 1024, http: bool = False,
-                 config: Optional[str] = None):
+                 config: Optional[str] = None, max_migrations: Optional[int] = None):
         self.children = Children(prefix="dsrv-test-", env=_env())
         self.tmp = self.children.tmp
         self.procs: list[subprocess.Popen] = self.children.procs
         self.workers: dict[str, subprocess.Popen] = {}
         flags = ["--heartbeat-interval", str(heartbeat_s), "--liveness", str(liveness),
                  "--kv-lease", str(kv_lease_s), "--max-queue", str(max_queue)]
+        if max_migrations is not None:
+            flags += ["--max-migrations", str(max_migrations)]
         try:
             words = start_broker(self.children, http=http,
                                  extra=[*flags, *self.broker_args, *(["--config", config] if config else [])])

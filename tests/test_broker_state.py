@@ -243,6 +243,96 @@ def test_generation_death_after_pull_fails(st):
     assert_empty(st)
 
 
+def test_context_death_during_the_pull_stops_it_and_prefills_again(st):
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation")
+    [pre] = of(submit(st), p.Prefill)
+    [dec] = of(context_done(st, b"ctx", pre), p.Decode, BACK, b"gen")
+    ready(st, b"ctx2", "context")
+    out = st.on_worker(b"ctx", p.Disconnect())
+    [cw] = of(out, p.CancelWork, BACK, b"gen")
+    assert cw.attempt == dec.attempt and not of(out, p.Error)
+    [pre2] = of(out, p.Prefill, BACK, b"ctx2")
+    out = context_done(st, b"ctx2", pre2)
+    assert not of(out, p.Tokens, FRONT)               # the first token is not sent twice
+    [dec2] = of(out, p.Decode, BACK, b"gen")
+    assert st.workers[b"gen"].inflight == {"r1"} and dec2.attempt > dec.attempt
+
+
+def test_generation_death_after_pull_migrates_the_stream_with_no_gap_or_duplicate(st):
+    dec = pulled(st)
+    ready(st, b"gen2", "generation")
+    st.on_worker(b"gen", p.Tokens("r1", 1, [5], "a", dec.attempt))
+    assert not of(st.on_worker(b"gen", p.Tokens("r1", 2, [-6], "b", dec.attempt)), p.Tokens)  # dropped
+    st.on_worker(b"gen", p.Tokens("r1", 2, [6], "b", dec.attempt))
+    out = st.on_worker(b"gen", p.Disconnect())
+    assert not of(out, p.Error)
+    [gen] = of(out, p.Generate, BACK, b"gen2")
+    # the prompt as the context worker tokenised it, and every token the client has
+    assert list(gen.token_ids) == [1, 2, 3] and gen.prompt is None
+    assert list(gen.output_ids) == [7, 5, 6] and gen.sampling == dec.sampling
+    assert gen.output_chars == len("x" "a" "b")     # the text the client has for them
+    assert gen.attempt > dec.attempt and st.counters["migrated"] == 1
+    assert "disagg_stream_migrations_total 1.0" in st.metrics.render()
+    # tokens the client has are not sent again; the stream goes on at index 3
+    out = st.on_worker(b"gen2", p.Tokens("r1", 2, [6], "b", gen.attempt))
+    assert not of(out, p.Tokens, FRONT)
+    out = st.on_worker(b"gen2", p.Tokens("r1", 3, [8], "c", gen.attempt))
+    assert [(t.index, t.token_ids) for t in of(out, p.Tokens, FRONT)] == [(3, [8])]
+    out = st.on_worker(b"gen2", p.Finished("r1", gen.attempt, "length", 3, 0.0, 4, [9], "d"))
+    [fin] = of(out, p.Final, FRONT)
+    assert (fin.index, fin.token_ids) == (4, [9])
+    assert fin.usage == {"prompt_tokens": 3, "completion_tokens": 5}
+    assert_empty(st)
+
+
+def test_migrations_stop_at_max_migrations_with_a_clear_error(clock):
+    st = BrokerState(BrokerConfig(max_migrations=2), clock)
+    dec = pulled(st)
+    st.on_worker(b"gen", p.Tokens("r1", 1, [5], "a", dec.attempt))
+    holder = b"gen"
+    for i in range(2):
+        ready(st, f"spare{i}".encode(), "generation")
+        [move] = [o for o in st.on_worker(holder, p.Disconnect()) if isinstance(o.msg, p.Generate)]
+        holder = move.identity
+        st.on_worker(holder, p.Tokens("r1", 2 + i, [6], "b", move.msg.attempt))
+    ready(st, b"spare2", "generation")
+    out = st.on_worker(holder, p.Disconnect())
+    [err] = of(out, p.Error, FRONT)
+    assert err.code == p.Code.WORKER_DIED and "broker.max_migrations=2" in err.message
+    assert "moved 2" in err.message and st.counters["migrated"] == 2
+    assert_empty(st)
+
+
+def test_a_both_worker_lost_mid_stream_moves_and_before_its_first_token_runs_again(st):
+    ready(st, b"b1", "both")
+    [g] = of(submit(st), p.Generate)
+    ready(st, b"b2", "both")
+    out = st.on_worker(b"b1", p.Disconnect())
+    [g2] = of(out, p.Generate, BACK, b"b2")          # nothing sent yet: a plain re-run
+    assert g2.output_ids is None and g2.prompt == "hello"
+    st.on_worker(b"b2", p.Tokens("r1", 0, [5], "a", g2.attempt))
+    ready(st, b"b3", "both")
+    out = st.on_worker(b"b2", p.Disconnect())
+    [g3] = of(out, p.Generate, BACK, b"b3")
+    assert list(g3.output_ids) == [5] and g3.prompt == "hello"
+
+
+def test_a_resumed_submit_continues_after_the_tokens_the_client_has(st):
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation")
+    with pytest.raises(p.ProtocolError, match="output_chars"):
+        p.Submit("r1", prompt="hello", output_ids=[5, 6])
+    out = submit(st, output_ids=[5, 6], output_chars=2)
+    assert of(out, p.Accepted) and not of(out, p.Prefill)
+    [g] = of(out, p.Generate, BACK, b"gen")
+    assert list(g.output_ids) == [5, 6] and g.output_chars == 2 and g.prompt == "hello"
+    out = st.on_worker(b"gen", p.Finished("r1", g.attempt, "stop", 1, 0.0, 2, [7], "c"))
+    [fin] = of(out, p.Final, FRONT)
+    assert fin.index == 2 and fin.usage["completion_tokens"] == 3
+    assert_empty(st)
+
+
 def test_lease_expiry_prefills_again_without_duplicating_the_first_token(st, clock):
     ready(st, b"ctx", "context")
     ready(st, b"gen", "generation", slots=1)

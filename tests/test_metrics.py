@@ -120,7 +120,8 @@ def test_state_records_a_disaggregated_request(st):
 def test_state_records_outcomes_queue_depth_and_expiry(st):
     submit(st, "r0")                                               # no worker: rejected
     ready(st, b"both", "both", slots=1)
-    submit(st, "r1")
+    [gen] = of(submit(st, "r1"), p.Generate)
+    st.on_worker(b"both", p.Tokens("r1", 0, [5], "a", gen.attempt))   # streaming: no re-run from scratch
     submit(st, "r2")                                               # waits: the one slot is taken
     s = metrics(st)
     assert s[("disagg_requests_total", (("outcome", "rejected"),))] == 1

@@ -60,7 +60,7 @@ class Rig:
         if chunk is not None:
             self.steps.append(("prefill", chunk.seq.request_id, chunk.start, chunk.end))
             s.prefilled(chunk)
-            if chunk.last:
+            if chunk.samples:
                 s.first_token(chunk.seq, next(self.script[chunk.seq.request_id]))
         batch = s.next_decode()
         if batch is not None:
@@ -326,6 +326,65 @@ def test_reconnect_drops_everything_frees_every_block_and_releases_every_lease()
     gen.sched.drop_all()
     assert gen.calls == [("cancel", "b#1")]
     gen.assert_clean()
+
+
+def continuation(rid, prompt_ids, output, chars=None, attempt=2, **sampling):
+    """``chars``: of the output's text, what the client has (all of it unless given)."""
+    return p.Generate(request_id=rid, attempt=attempt, token_ids=prompt_ids, output_ids=list(output),
+                      output_chars=len(output) if chars is None else chars, sampling=sampling)
+
+
+@pytest.mark.parametrize("role", ["generation", "both"])
+def test_a_continuation_prefills_prompt_and_output_then_decodes_from_the_same_step(role):
+    r = Rig(role=role)
+    r.script["a"] = iter(b"de")
+    r.send(continuation("a", [1, 2, 3, 4, 5], b"abc", max_tokens=5))
+    s = r.sched
+    list(s.admit())
+    # the prompt and every output token but the last go through prefill; no token is sampled
+    chunk = s.next_prefill()
+    assert (chunk.start, chunk.end, chunk.token_ids) == (0, 7, [1, 2, 3, 4, 5, 97, 98])
+    assert chunk.last and not chunk.samples
+    s.prefilled(chunk)
+    assert r.take() == [] and s.seqs["a"].text == "abc" and s.seqs["a"].max_new == 5
+    # the first decode step reads the last output token at its own position, as step 3
+    batch = s.next_decode()
+    assert (batch.tokens, batch.positions, batch.steps) == ([99], [7], [3])
+    s.decoded(batch, [next(r.script["a"])])
+    r.run_until_idle()
+    msgs = r.take()
+    assert [(m.index, list(m.token_ids), m.text) for m in msgs] == [(3, [100], "d"), (4, [101], "e")]
+    fin = msgs[-1]
+    assert isinstance(fin, p.Finished) and fin.finish_reason == "length" and fin.prompt_tokens == 5
+    r.assert_clean()
+
+
+def test_a_continuation_gives_back_the_text_held_for_a_stop_string():
+    r = Rig(role="generation")
+    r.script["a"] = iter(b"zxy")
+    # "x" was held back where the tokens were sampled (it may start the stop string "xy")
+    r.send(continuation("a", [1, 2], b"abx", chars=2, max_tokens=10, stop=["xy"]))
+    r.run_until_idle()
+    msgs = r.take()
+    assert [m.text for m in msgs] == ["xz", "", ""] and msgs[-1].finish_reason == "stop"
+    r.assert_clean()
+
+
+def test_a_continuation_checks_its_output_ids_and_a_plain_generate_needs_role_both():
+    r = Rig(role="generation")
+    r.send(continuation("a", [1, 2], [97, 999]))
+    [f] = r.take(p.Failed)
+    assert f.code == Code.INVALID_REQUEST and "output_ids" in f.message and "999" in f.message
+    r.send(continuation("b", [1, 2], [97, EOS, 98], chars=2))
+    [f] = r.take(p.Failed)
+    assert f.code == Code.INVALID_REQUEST and "already ended" in f.message
+    r.send(continuation("d", [1, 2], b"ab", chars=5))
+    [f] = r.take(p.Failed)
+    assert f.code == Code.INVALID_REQUEST and "output_chars=5" in f.message
+    r.send(generate("c", "abc"))
+    [f] = r.take(p.Failed)
+    assert f.code == Code.INTERNAL and "not both" in f.message
+    r.assert_clean()
 
 
 def test_heartbeats_liveness_and_poll_timeout_follow_the_injected_clock():

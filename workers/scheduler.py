@@ -46,12 +46,18 @@ class PrefillChunk:
 
     @property
     def token_ids(self) -> list:
-        return self.seq.prompt_ids[self.start:self.end]
+        return self.seq.prefill_ids[self.start:self.end]
 
     @property
     def last(self) -> bool:
-        """The prompt's last chunk: its logits give the first output token."""
-        return self.end == len(self.seq.prompt_ids)
+        """The prefill's last chunk."""
+        return self.end == len(self.seq.prefill_ids)
+
+    @property
+    def samples(self) -> bool:
+        """The last chunk of a fresh prompt: its logits give the first output token (a
+        continuation's next token comes from its first decode step)."""
+        return self.last and not self.seq.output_ids
 
 
 @dataclass
@@ -167,7 +173,9 @@ class Scheduler:
     def on_message(self, msg: p.Message) -> None:
         if isinstance(msg, (p.Prefill, p.Generate)):
             kind = CONTEXT if isinstance(msg, p.Prefill) else FULL
-            if not self._role_is("context" if kind == CONTEXT else "both", msg):
+            # a continuation (Generate with output_ids) also runs on a generation worker
+            roles = ("context",) if kind == CONTEXT else ("both", "generation") if msg.output_ids else ("both",)
+            if not self._role_is(roles, msg):
                 return
             try:
                 seq = self._new_sequence(msg, kind)
@@ -177,7 +185,7 @@ class Scheduler:
                 seq.lease_ms = msg.lease_ms
             self._enqueue(seq)
         elif isinstance(msg, p.Decode):
-            if not self._role_is("generation", msg):
+            if not self._role_is(("generation",), msg):
                 return
             try:
                 seq = self._decode_sequence(msg)
@@ -192,11 +200,11 @@ class Scheduler:
                 self._drop(seq)
             self.release_lease(f"{msg.request_id}#{msg.attempt}")
 
-    def _role_is(self, expected: str, msg) -> bool:
-        if self.role == expected:
+    def _role_is(self, expected: tuple, msg) -> bool:
+        if self.role in expected:
             return True
         self.fail(msg.request_id, msg.attempt, Code.INTERNAL,
-                  f"worker {self.worker_id} has role {self.role}, not {expected}")
+                  f"worker {self.worker_id} has role {self.role}, not {' or '.join(expected)}")
         return False
 
     def _enqueue(self, seq: Sequence) -> None:
@@ -221,10 +229,7 @@ class Scheduler:
         params = self._params(msg.sampling)
         if msg.token_ids is not None:
             ids = list(msg.token_ids)
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise RequestRejected(f"invalid token_ids: {bad[0]} is outside the vocabulary "
-                                      f"[0, {self.vocab_size})")
+            self._check_vocab("token_ids", ids)
         else:
             self._check_prompt_chars(msg)
             if msg.messages is not None:
@@ -233,7 +238,24 @@ class Scheduler:
                 ids = self.tok.encode(msg.prompt)
         if not ids:
             raise RequestRejected("the prompt encodes to no tokens")
-        return Sequence(msg.request_id, msg.attempt, kind, ids, params, self._max_new(ids, params))
+        seq = Sequence(msg.request_id, msg.attempt, kind, ids, params, self._max_new(ids, params))
+        out = getattr(msg, "output_ids", None)
+        if out:
+            self._check_vocab("output_ids", out)
+            try:
+                seq.continue_after(list(out), msg.output_chars, self.tok, self.eos_ids)
+            except ValueError as e:
+                raise RequestRejected(str(e)) from None
+            if seq.finish_reason:
+                raise RequestRejected(f"invalid output_ids: the request had already ended "
+                                      f"({seq.finish_reason}) within its {len(out)} output tokens")
+        return seq
+
+    def _check_vocab(self, name: str, ids) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestRejected(f"invalid {name}: {bad[0]} is outside the vocabulary "
+                                  f"[0, {self.vocab_size})")
 
     def _check_prompt_chars(self, msg) -> None:
         """Refuse a text prompt too long to fit the context before encoding it: tokenising a few
@@ -348,11 +370,12 @@ class Scheduler:
         if not self.prefilling:
             return None
         seq = self.prefilling[0]
-        end = min(len(seq.prompt_ids), seq.num_cached + self.max_num_tokens)
+        end = min(len(seq.prefill_ids), seq.num_cached + self.max_num_tokens)
         return PrefillChunk(seq, seq.num_cached, end)
 
     def prefilled(self, chunk: PrefillChunk) -> None:
-        """The chunk's KV is in the blocks; after the last, ``first_token`` must follow."""
+        """The chunk's KV is in the blocks; after the last, ``first_token`` must follow (a
+        continuation goes straight to decoding instead)."""
         seq = chunk.seq
         seq.num_cached = chunk.end
         if chunk.last:
@@ -360,6 +383,8 @@ class Scheduler:
             seq.prefill_s = self.clock() - seq.t_prefill_start
             if self.reuse:
                 self.allocator.store(seq.blocks, seq.prompt_ids)
+            if not chunk.samples:
+                self.running.append(seq)
 
     def first_token(self, seq: Sequence, token: int) -> None:
         text = seq.accept(token, self.tok, self.eos_ids)

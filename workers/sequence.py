@@ -24,7 +24,7 @@ class Sequence:
     max_new: int                      # max_tokens clipped to the context and the KV reservation
     output_ids: list = field(default_factory=list)
     blocks: list = field(default_factory=list)
-    num_cached: int = 0               # prompt tokens whose KV is in the blocks
+    num_cached: int = 0               # tokens of prefill_ids whose KV is in the blocks
     cached_tokens: int = 0            # of those, the ones the prefix cache supplied
     emitted_chars: int = 0
     text: str = ""                    # text emitted so far (after stop-string cuts)
@@ -38,6 +38,30 @@ class Sequence:
     def key(self) -> str:
         """Unique per dispatch: used as the transfer and pull id."""
         return f"{self.request_id}#{self.attempt}"
+
+    @property
+    def prefill_ids(self) -> list:
+        """What prefill runs through the model: the prompt, and for a continuation (output tokens
+        given up front) every output token but the last, which the first decode step reads."""
+        return self.prompt_ids + self.output_ids[:-1] if self.output_ids else self.prompt_ids
+
+    def continue_after(self, output_ids: list, emitted_chars: int, tok: Tokenizer, eos_ids) -> None:
+        """Take tokens generated elsewhere (a continuation) as if sampled here, ``emitted_chars``
+        of their text already emitted (what was held back, for a possible stop string or an
+        incomplete character, is emitted with what follows): one decode, so a long stream moves
+        in one step of the loop. Sets ``finish_reason`` if the tokens had ended the request
+        already (a stop token, or ``max_new``); a stop string inside them is not looked for."""
+        text = tok.decode(output_ids)
+        if not 0 <= emitted_chars <= len(text):
+            raise ValueError(f"invalid output_chars={emitted_chars}: the {len(output_ids)} output "
+                             f"tokens decode to {len(text)} characters")
+        self.output_ids = list(output_ids)
+        self.text, self.emitted_chars = text[:emitted_chars], emitted_chars
+        stops = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else set(eos_ids))
+        if any(t in stops for t in output_ids):
+            self.finish_reason = Finish.STOP
+        elif len(output_ids) >= self.max_new:
+            self.finish_reason = Finish.LENGTH
 
     @property
     def reserve_tokens(self) -> int:

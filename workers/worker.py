@@ -247,7 +247,7 @@ class Worker:
             logits = self.runner.prefill(chunk.token_ids, chunk.seq.blocks, start_pos=chunk.start,
                                          on_layer=self._heartbeat_if_due)
             self.sched.prefilled(chunk)
-            if chunk.last:
+            if chunk.samples:
                 seq = chunk.seq
                 token = sample(logits[None], [seq.params], [seq.prompt_ids], [0], self.tok.eos_token_ids)[0]
                 self.sched.first_token(seq, token)
