@@ -282,7 +282,7 @@ def test_generation_death_after_pull_migrates_the_stream_with_no_gap_or_duplicat
     out = st.on_worker(b"gen2", p.Finished("r1", gen.attempt, "length", 3, 0.0, 4, [9], "d"))
     [fin] = of(out, p.Final, FRONT)
     assert (fin.index, fin.token_ids) == (4, [9])
-    assert fin.usage == {"prompt_tokens": 3, "completion_tokens": 5}
+    assert fin.usage == {"prompt_tokens": 3, "completion_tokens": 5, "cached_tokens": 0}
     assert_empty(st)
 
 

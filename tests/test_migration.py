@@ -73,7 +73,7 @@ def test_killed_generation_worker_stream_moves_and_matches_an_uninterrupted_run(
         assert idx == list(range(MAX_TOKENS))          # no gap, no duplicate
         assert ids == ref_ids and text == ref_text     # exactly the uninterrupted run
         assert final.finish_reason == "length"
-        assert final.usage == {"prompt_tokens": len(PROMPT), "completion_tokens": MAX_TOKENS}
+        assert (final.usage["prompt_tokens"], final.usage["completion_tokens"]) == (len(PROMPT), MAX_TOKENS)
         s = d.wait_idle()
         assert s["counters"]["migrated"] == 1
         assert {w["worker_id"] for w in s["workers"]} == {"ctx", "gen2"}
