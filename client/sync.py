@@ -35,13 +35,7 @@ class Client:
 
     def __init__(self, address: str, *, timeout: float = 120.0, liveness: float = 5.0,
                  resume: bool = False, curve: Any = None) -> None:
-        """``timeout``: each call's default, in seconds. ``liveness``: seconds of silence from the
-        broker (pinged meanwhile) after which every request in flight fails with the retryable
-        ``BrokerUnavailable``. ``resume``: instead, wait (within each request's timeout) for the
-        broker to answer again, e.g. after a restart, and continue the request after the tokens
-        already received; the stream goes on with no gap and no repeat. ``curve``: a
-        ``broker.auth.CurveClient`` (this client's key pair and the broker's public key) when the
-        broker runs CURVE; ``broker.auth.curve_client(KEY, SERVER_KEY)``."""
+        """The arguments mean what they mean for ``AsyncClient`` (client/aio.py)."""
         self.address = address
         self.resume = resume
         self.timeout = check_timeout(timeout, timeout)

@@ -15,20 +15,12 @@ from client.kserve import Tensor, TensorError, encode_infer_response, parse_infe
 from client.triton_bls import bls_request, json_values
 from client.openai_models import HttpError
 from tests.harness import Deployment
-from tests.test_gateway import get, post, sse_events
+from tests.test_gateway import dep, get, post, sse_events  # noqa: F401  (dep: the same deployment fixture)
 from tests.test_metrics import parse
 
 pytestmark = pytest.mark.timeout(180)
 
 PROMPT = "abc"
-
-
-@pytest.fixture(scope="module")
-def dep():
-    with Deployment(http=True) as d:
-        d.add_worker("context", "ctx0")
-        d.add_worker("generation", "gen0")
-        yield d
 
 
 @pytest.fixture(scope="module")
