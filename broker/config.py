@@ -136,6 +136,8 @@ class BrokerConfig:
     max_message_bytes: int = Field(8 << 20, ge=1 << 16, le=1 << 30)
     max_workers: int = Field(1024, ge=1, le=MAX_INT)              # registered workers at most
     max_migrations: int = Field(3, ge=0, le=MAX_INT)              # moves of a stream whose generating worker died (0: off)
+    # the model a request naming none runs on when several are up ("": the first registered; broker/pool.py)
+    default_model: str = Field("", max_length=256)
 
 
 # ---------------------------------------------------------------------------------------------

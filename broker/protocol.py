@@ -49,6 +49,7 @@ class Code:
     KV_TRANSFER_FAILED = "KV_TRANSFER_FAILED"
     KV_LEASE_EXPIRED = "KV_LEASE_EXPIRED"
     DUPLICATE_REQUEST = "DUPLICATE_REQUEST"
+    UNKNOWN_MODEL = "UNKNOWN_MODEL"          # no registered worker serves the model it names
     PROTOCOL = "PROTOCOL"
     INTERNAL = "INTERNAL"
 
@@ -221,6 +222,8 @@ class Submit(Message):
     # after them, and they count in max_tokens and usage
     output_ids: Optional[TokenIds] = None
     output_chars: Optional[U63] = None
+    # the model to run on (a worker's Ready.model); None: the broker's default (broker/pool.py)
+    model: Optional[Name] = None
 
     def __post_init__(self) -> None:
         token_fields(self, "token_ids", "output_ids")

@@ -89,6 +89,7 @@ class Request:
     decode_tries: int = 0
     note: str = ""                    # why the request was re-run, for its final error
     client_rid: str = ""              # the id its client gave (request_id is the broker's key)
+    model: str = ""                   # the model it runs on: every phase goes to workers of it
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.next_index,

@@ -30,6 +30,7 @@ from broker import protocol as p
 from broker.client_ids import ClientIds, shown_to_client
 from broker.config import BrokerConfig
 from broker.metrics import Metrics, state_gauges
+from broker.pool import Pool, Queues
 from broker.ratelog import RateLimitedLog
 from broker.records import (BACK, DECODING, FRONT, GENERATING, KV_READY, PREFILLING,  # noqa: F401
                             QUEUED, RESUMING, STREAMING, Out, Request, Worker)
@@ -45,10 +46,10 @@ class BrokerState:
         self.rng = rng or random.Random()
         self.requests: dict[str, Request] = {}
         self.ids = ClientIds()     # request ids scoped per client: keys of self.requests
-        self.prefill_queue: deque[str] = deque()   # QUEUED requests, in arrival order
-        self.decode_queue: deque[str] = deque()    # KV_READY requests waiting for a generation worker
+        self.prefill_queue = Queues()   # QUEUED requests, per model, in arrival order
+        self.decode_queue = Queues()    # KV_READY and RESUMING requests waiting for a generation worker
         self.workers: dict[bytes, Worker] = {}
-        self._roles: Optional[frozenset] = None   # roles of the registered workers (cached)
+        self.pool = Pool(self.workers)   # the workers by model: selection (broker/pool.py)
         # Timers as heaps of (time, seq, Request), so that tick() and next_timer(), which run on
         # every turn of the server loop, cost nothing per request in flight. Entries are deleted
         # lazily: one whose request has ended (or whose lease was released or renewed) is skipped
@@ -104,8 +105,11 @@ class BrokerState:
 
         if self.ids.key(identity, rid) is not None:
             return reject(p.Code.DUPLICATE_REQUEST, f"request id {rid!r} is already in flight")
-        if not self._can_serve():
-            return reject(p.Code.NO_WORKERS, self._no_worker_text(), True)
+        model = self.pool.resolve(msg.model, self.cfg.default_model)
+        if model is None and self.workers and msg.model:
+            return reject(p.Code.UNKNOWN_MODEL, self.pool.unknown_model_text(msg.model))
+        if model is None or not self.pool.can_serve(model):
+            return reject(p.Code.NO_WORKERS, self.pool.no_worker_text(model or msg.model), True)
         if len(self.prefill_queue) >= self.cfg.max_queue:
             return reject(p.Code.OVERLOADED, f"the broker's queue is full ({self.cfg.max_queue} "
                                              "requests waiting); retry later", True)
@@ -117,12 +121,12 @@ class BrokerState:
         now = self.clock()
         timeout = msg.timeout_ms / 1000 if msg.timeout_ms else self.cfg.request_timeout_s
         key = self.ids.add(identity, rid, self.requests)
-        req = self.requests[key] = Request(key, identity, msg, sampling, now, now + timeout, client_rid=rid)
+        req = self.requests[key] = Request(key, identity, msg, sampling, now, now + timeout, client_rid=rid, model=model)
         heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
         if msg.output_ids:     # a resume: continue after the tokens the client already has
             req.output_ids, req.output_chars = array("I", msg.output_ids), msg.output_chars
             req.next_index, req.state = len(msg.output_ids), RESUMING
-        (self.decode_queue if msg.output_ids else self.prefill_queue).append(key)
+        (self.decode_queue if msg.output_ids else self.prefill_queue).append(model, key)
         self.counters["submitted"] += 1
         out.append(Out(FRONT, identity, p.Accepted(rid, self.instance)))
 
@@ -149,7 +153,7 @@ class BrokerState:
                 self._refused_log(logging.WARNING, "refusing worker %s: %d workers are registered "
                                   "(max_workers)", msg.worker_id, len(self.workers))
                 return out
-            self._roles = None
+            self.pool.changed()
             self.workers[identity] = Worker(identity, msg.worker_id, msg.role, msg.model, msg.slots,
                                             msg.kv_blocks,
                                             dict(msg.transfer), msg.pid, msg.heartbeat_ms / 1000,
@@ -243,7 +247,7 @@ class BrokerState:
         self._relay_tokens(req, 0, [msg.first_token], msg.first_text, out)
         req.state = KV_READY
         self._watch_lease(req)
-        self.decode_queue.append(req.request_id)
+        self.decode_queue.append(req.model, req.request_id)
 
     def _relay_tokens(self, req: Request, index: int, ids: list, text: str, out: list[Out]) -> None:
         if self._take_tokens(req, index, ids):
@@ -356,7 +360,7 @@ class BrokerState:
         graceful = why.startswith("disconnected") and not w.inflight
         (log.info if graceful else log.warning)("worker %s (%s, pid %d) expired: %s", w.worker_id, w.role, w.pid, why)
         del self.workers[w.identity]
-        self._roles = None
+        self.pool.changed()
         self.metrics.expirations.inc((("role", w.role),))
         for rid in sorted(w.leases):
             req = self.requests.get(rid)
@@ -382,7 +386,7 @@ class BrokerState:
                     and req.decode_tries < self.cfg.max_attempts:
                 req.state = KV_READY        # died before the pull: another generation worker
                 self._watch_lease(req)
-                self.decode_queue.appendleft(rid)
+                self.decode_queue.appendleft(req.model, rid)
             elif not self._migrate(req, w, why, out):
                 text = (f"{w.role} worker {w.worker_id} (pid {w.pid}) stopped answering ({why}) "
                         f"while running request {rid} in state {req.state}")
@@ -403,7 +407,7 @@ class BrokerState:
             if req.prefill_attempts < self.cfg.max_attempts:
                 self._requeue(req)
             return req.state == QUEUED
-        if req.migrations >= self.cfg.max_migrations or not self._worker_roles() & {"generation", "both"}:
+        if req.migrations >= self.cfg.max_migrations or not self.pool.roles(req.model) & {"generation", "both"}:
             return False
         req.migrations += 1
         self.counters["migrated"] += 1
@@ -412,100 +416,81 @@ class BrokerState:
                  req.next_index, req.migrations)
         self._release_lease(req, out)      # DECODING: a lease not pulled is of no use any more
         req.state = RESUMING
-        self.decode_queue.appendleft(req.request_id)
+        self.decode_queue.appendleft(req.model, req.request_id)
         return True
 
     # -----------------------------------------------------------------------------------------
     # dispatch
 
-    def _worker_roles(self) -> frozenset:
-        # asked for every request dispatched, changed only when a worker comes or goes
-        if self._roles is None:
-            self._roles = frozenset(w.role for w in self.workers.values())
-        return self._roles
-
-    def _can_serve(self) -> bool:
-        roles = self._worker_roles()
-        return "both" in roles or ("context" in roles and "generation" in roles)
-
-    def _no_worker_text(self) -> str:
-        roles = sorted({w.role for w in self.workers.values()}) or ["none"]
-        return ("no worker can serve this request: need a 'both' worker, or a 'context' and a "
-                f"'generation' worker; registered roles: {', '.join(roles)}")
-
-    def _pick(self, role: str) -> Optional[Worker]:
-        """The worker of this role with a free slot, preferring free KV blocks, then most credits."""
-        best, best_rank = None, None
-        for w in self.workers.values():
-            if w.role == role and w.credits > 0:
-                rank = (w.free_blocks > 0, w.credits, w.free_blocks)
-                if best is None or rank > best_rank:
-                    best, best_rank = w, rank
-        return best
-
     def _dispatch(self) -> list[Out]:
+        """Each model's queues in order, until that model has no free worker (broker/pool.py)."""
         out: list[Out] = []
-        while self.prefill_queue:
-            rid = self.prefill_queue[0]
-            req = self.requests.get(rid)
+        for model, q in self.prefill_queue.each():
+            self._dispatch_prefills(model, q, out)
+        for model, q in self.decode_queue.each():
+            self._dispatch_decodes(model, q, out)
+        return out
+
+    def _dispatch_prefills(self, model: str, q: deque, out: list[Out]) -> None:
+        pool = self.pool
+        while q:
+            req = self.requests.get(q[0])
             if req is None or req.state != QUEUED:
-                self.prefill_queue.popleft()
+                q.popleft()
                 continue
-            if not self._can_serve():
-                self.prefill_queue.popleft()
+            if not pool.can_serve(model):
+                q.popleft()
                 self._outcome("failed", p.Code.NO_WORKERS)
-                self._finish(req, out, p.Error(rid, p.Code.NO_WORKERS,
-                                               req.note + self._no_worker_text(), True))
+                self._finish(req, out, p.Error(req.request_id, p.Code.NO_WORKERS,
+                                               req.note + pool.no_worker_text(model), True))
                 continue
-            disagg = self._pick_any("context") and self._pick_any("generation")
-            w = self._pick("context") if disagg else self._pick("both")
+            disagg = pool.disaggregated(model)
+            w = pool.pick("context" if disagg else "both", model)
             if w is None:
-                break
-            self.prefill_queue.popleft()
+                return
+            q.popleft()
             self._send_prefill(req, w, disagg, out)
-        while self.decode_queue:
-            rid = self.decode_queue[0]
+
+    def _dispatch_decodes(self, model: str, q: deque, out: list[Out]) -> None:
+        while q:
+            rid = q[0]
             req = self.requests.get(rid)
             if req is not None and req.state == RESUMING:
-                if not self._resume(req, out):
-                    break
+                if not self._resume(req, q, out):
+                    return
                 continue
             if req is None or req.state != KV_READY:
-                self.decode_queue.popleft()
+                q.popleft()
                 continue
-            if not self._pick_any("generation"):
-                self.decode_queue.popleft()
+            if "generation" not in self.pool.roles(model):
+                q.popleft()
                 self._outcome("failed", p.Code.NO_WORKERS)
-                self._finish(req, out, p.Error(rid, p.Code.NO_WORKERS,
-                                               "no generation worker is up to decode this request", True))
+                self._finish(req, out, p.Error(rid, p.Code.NO_WORKERS, f"no generation worker of model "
+                                               f"{model!r} is up to decode this request", True))
                 continue
-            w = self._pick("generation")
+            w = self.pool.pick("generation", model)
             if w is None:
-                break
-            self.decode_queue.popleft()
+                return
+            q.popleft()
             c = req.context
             req.decode_tries += 1
             self._dispatched(req, w, DECODING)
             out.append(Out(BACK, w.identity, p.Decode(rid, req.attempt, c.prompt_token_ids, c.first_token,
                                                       c.first_text, c.kv_handle, req.sampling)))
-        return out
 
-    def _pick_any(self, role: str) -> bool:
-        return role in self._worker_roles()
-
-    def _resume(self, req: Request, out: list[Out]) -> bool:
-        """Dispatch a RESUMING request at the head of the decode queue to a worker that prefills
-        its prompt and output so far itself and goes on decoding; False to wait for a slot."""
-        roles = self._worker_roles()
+    def _resume(self, req: Request, q: deque, out: list[Out]) -> bool:
+        """Dispatch a RESUMING request at the head of its decode queue to a worker of its model
+        that prefills its prompt and output so far itself and goes on decoding; False to wait."""
+        roles = self.pool.roles(req.model)
         role = "generation" if "generation" in roles else "both" if "both" in roles else None
-        w = self._pick(role) if role else None
+        w = self.pool.pick(role, req.model) if role else None
         if w is None and role:
             return False
-        self.decode_queue.popleft()
+        q.popleft()
         if w is None:
             self._outcome("failed", p.Code.NO_WORKERS)
-            self._finish(req, out, p.Error(req.request_id, p.Code.NO_WORKERS, req.note + "no "
-                                           "generation or 'both' worker is up to continue it", True))
+            self._finish(req, out, p.Error(req.request_id, p.Code.NO_WORKERS, req.note + "no generation "
+                                           f"or 'both' worker of model {req.model!r} is up to continue it", True))
             return True
         self._dispatched(req, w, GENERATING)
         s, c = req.submit, req.context     # the context phase tokenised the prompt: use its ids
@@ -537,7 +522,7 @@ class BrokerState:
     def _requeue(self, req: Request) -> None:
         req.state, req.worker, req.context = QUEUED, None, None
         req.decode_tries = 0
-        self.prefill_queue.appendleft(req.request_id)
+        self.prefill_queue.appendleft(req.model, req.request_id)
 
     # -----------------------------------------------------------------------------------------
     # endings

@@ -58,7 +58,7 @@ def test_arrows_point_one_way(package, forbidden):
     assert offenders(package, forbidden) == []
 
 
-@pytest.mark.parametrize("module", ["broker/state.py", "broker/records.py", "workers/scheduler.py",
+@pytest.mark.parametrize("module", ["broker/state.py", "broker/records.py", "broker/pool.py", "workers/scheduler.py",
                                     "workers/sequence.py", "workers/engine/block_allocator.py",
                                     "workers/engine/prefix_cache.py", "transfer/plan.py",
                                     "broker/protocol.py", "broker/wire.py", "transfer/messages.py"])

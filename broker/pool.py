@@ -1,0 +1,118 @@
+"""Worker selection by model: which registered workers can serve a model, which one takes a
+request's next phase, and which model a request runs on. Plus the per-model request queues.
+
+Pure: it reads the broker's worker records (``broker/records.py``) and nothing else; no I/O, no
+clock. ``broker/state.py`` owns every decision about requests and calls these.
+
+Models (docs/architecture.md §2): every worker serves the one model it announced in
+``Ready.model`` (its ``--model`` spec, or its ``--served-model-name``). A request naming a model
+runs only on workers of that model, in every phase: its prefill, its decode (the KV of a context
+worker goes only to a generation worker of the same model) and any continuation. A request
+naming none runs on the only model up or, with several up, on ``broker.default_model`` when that
+one is up, else on the model of the earliest registered worker still up.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterator, Optional
+
+from broker.records import Worker
+
+
+class Pool:
+    """The registered workers (the broker's dict, shared, not copied) seen by model."""
+
+    def __init__(self, workers: dict[bytes, Worker]):
+        self.workers = workers
+        self._roles: Optional[dict[str, frozenset]] = None   # model -> roles up (cached)
+
+    def changed(self) -> None:
+        """A worker came or went: forget the cached roles."""
+        self._roles = None
+
+    def _by_model(self) -> dict[str, frozenset]:
+        # asked for every request dispatched, changed only when a worker comes or goes
+        if self._roles is None:
+            roles: dict[str, set] = {}
+            for w in self.workers.values():          # registration order
+                roles.setdefault(w.model, set()).add(w.role)
+            self._roles = {m: frozenset(r) for m, r in roles.items()}
+        return self._roles
+
+    def models(self) -> list[str]:
+        """The models of the registered workers, in the order they first registered."""
+        return list(self._by_model())
+
+    def roles(self, model: str) -> frozenset:
+        return self._by_model().get(model, frozenset())
+
+    def can_serve(self, model: str) -> bool:
+        roles = self.roles(model)
+        return "both" in roles or ("context" in roles and "generation" in roles)
+
+    def disaggregated(self, model: str) -> bool:
+        """Whether this model's requests take the context -> generation path."""
+        roles = self.roles(model)
+        return "context" in roles and "generation" in roles
+
+    def resolve(self, name: Optional[str], default: str = "") -> Optional[str]:
+        """The model a request runs on (module docstring), or None: no worker is up, or none
+        serves the model it names."""
+        models = self._by_model()
+        if name:
+            return name if name in models else None
+        if not models:
+            return None
+        return default if default in models else next(iter(models))
+
+    def unknown_model_text(self, name: str) -> str:
+        return (f"model {name!r} is not served here; available models: "
+                f"{', '.join(self.models()) or 'none (no worker registered)'}")
+
+    def no_worker_text(self, model: Optional[str]) -> str:
+        roles = sorted(self.roles(model)) if model else []
+        return ("no worker can serve this request: need a 'both' worker, or a 'context' and a "
+                f"'generation' worker; registered roles: {', '.join(roles) or 'none'}"
+                + (f" (model {model!r})" if model else ""))
+
+    def pick(self, role: str, model: str) -> Optional[Worker]:
+        """The worker of this role and model with a free slot, preferring free KV blocks, then
+        most credits."""
+        best, best_rank = None, None
+        for w in self.workers.values():
+            if w.role == role and w.model == model and w.credits > 0:
+                rank = (w.free_blocks > 0, w.credits, w.free_blocks)
+                if best is None or rank > best_rank:
+                    best, best_rank = w, rank
+        return best
+
+
+class Queues:
+    """FIFO queues of request keys, one per model: a model whose workers are all busy keeps its
+    requests waiting without holding up another model's (no head-of-line blocking across
+    models). ``len`` is the total; empty queues are dropped, so there are at most as many queues
+    as models with requests waiting (each a model up when the request was accepted)."""
+
+    def __init__(self) -> None:
+        self._q: dict[str, deque] = {}
+
+    def append(self, model: str, key: str) -> None:
+        self._q.setdefault(model, deque()).append(key)
+
+    def appendleft(self, model: str, key: str) -> None:
+        self._q.setdefault(model, deque()).appendleft(key)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._q.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._q)
+
+    def each(self) -> Iterator[tuple[str, deque]]:
+        """(model, its queue) for every model with requests waiting; a queue emptied while
+        iterating is dropped."""
+        for model in list(self._q):
+            q = self._q[model]
+            yield model, q
+            if not q:
+                del self._q[model]
