@@ -229,6 +229,8 @@ class Submit(Message):
         token_fields(self, "token_ids", "output_ids")
         if not self.request_id or len(self.request_id) > 256:
             raise ProtocolError(f"invalid request_id {_short(self.request_id)}: expected 1-256 characters")
+        if self.model is not None and not (isinstance(self.model, str) and 0 < len(self.model) <= MAX_ID_CHARS):
+            raise ProtocolError(f"invalid model={_short(self.model)}: expected a name of 1-{MAX_ID_CHARS} characters")
         given = [n for n in ("prompt", "token_ids", "messages") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ProtocolError(f"request {self.request_id}: give exactly one of prompt, token_ids, "

@@ -76,9 +76,12 @@ class AsyncClient:
 
     async def generate(self, prompt: Optional[str] = None, *, token_ids: Any = None,
                        messages: Any = None, timeout: Optional[float] = None,
-                       request_id: Optional[str] = None, **sampling: Any) -> Completion:
-        """Run one request to the end and return its completion."""
-        stream = self._submit(prompt, token_ids, messages, timeout, request_id, sampling)
+                       request_id: Optional[str] = None, model: Optional[str] = None,
+                       **sampling: Any) -> Completion:
+        """Run one request to the end and return its completion. ``model``: the model to run on
+        (a name a worker announced, as ``/v1/models`` lists them); None: the broker's default
+        (the only model up, else ``broker.default_model``, else the first registered)."""
+        stream = self._submit(prompt, token_ids, messages, timeout, request_id, sampling, model)
         async with stream:
             async for _ in stream:
                 pass
@@ -87,10 +90,10 @@ class AsyncClient:
 
     def stream(self, prompt: Optional[str] = None, *, token_ids: Any = None, messages: Any = None,
                timeout: Optional[float] = None, request_id: Optional[str] = None,
-               **sampling: Any) -> "AsyncStream":
+               model: Optional[str] = None, **sampling: Any) -> "AsyncStream":
         """Submit now; ``async for chunk in client.stream(...)``. Leaving early (``break``,
         ``aclose()``, the end of ``async with``) cancels the request."""
-        return self._submit(prompt, token_ids, messages, timeout, request_id, sampling)
+        return self._submit(prompt, token_ids, messages, timeout, request_id, sampling, model)
 
     async def chat(self, messages: list[dict], **kw: Any) -> Completion:
         return await self.generate(messages=messages, **kw)
@@ -151,10 +154,10 @@ class AsyncClient:
             self._reader = self._loop.create_task(self._read_loop())
             self._watchdog = self._loop.create_task(self._watch_loop())
 
-    def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling) -> "AsyncStream":
+    def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling, model=None) -> "AsyncStream":
         self._start()
         submit, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
-                                                 request_id, sampling, self._queues, self.resume)
+                                                 request_id, sampling, self._queues, self.resume, model)
         rid = submit.request_id
         if not self._queues:
             self._live.start_waiting(time.monotonic())

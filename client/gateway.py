@@ -67,6 +67,8 @@ def failure_to_http(e: ClientError, input_field: Optional[str] = None) -> HttpEr
     if isinstance(e, RequestFailed):
         if e.code == Code.INVALID_REQUEST:
             return HttpError(400, e.message, input_field, "invalid_value")
+        if e.code == Code.UNKNOWN_MODEL:      # its workers left since the gateway last looked
+            return HttpError(404, e.message, "model", "model_not_found")
         if e.code in (Code.OVERLOADED, Code.NO_WORKERS):
             return HttpError(503, e.message, code=e.code.lower(), type_="service_unavailable_error",
                              retry_after=1)
@@ -74,6 +76,11 @@ def failure_to_http(e: ClientError, input_field: Optional[str] = None) -> HttpEr
             return HttpError(504, e.message, code="timeout", type_="timeout_error")
         return HttpError(500, e.message, code=e.code.lower(), retry_after=1 if e.retryable else None)
     return HttpError(500, str(e), code="internal")
+
+
+def model_not_found(name: str, available: list) -> HttpError:
+    return HttpError(404, f"the model {name!r} does not exist here; available: "
+                          f"{', '.join(available) or 'none yet (no worker registered)'}", "model", "model_not_found")
 
 
 async def first_chunk(stream, input_field: Optional[str] = None):
@@ -109,6 +116,7 @@ class Gateway:
                            *(() if metrics_need_key else ("/metrics",))}
         self.models = [m for m in models if m]
         self.known_models = set(self.models)
+        self.worker_models: set = set()     # names workers announced: sent to the broker as they are
         self.min_workers = dict(min_workers if min_workers is not None else {"context": 1, "generation": 1})
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
@@ -130,6 +138,7 @@ class Gateway:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model}", self.get_model)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         from .triton import TritonApi            # Triton's KServe v2 API, /v2/... (it imports this module)
@@ -221,17 +230,19 @@ class Gateway:
             raise HttpError(503, f"the broker is not answering: {e}", None, "broker_unavailable",
                             "service_unavailable_error", retry_after=2) from None
 
-    async def _model(self, name: Optional[str]) -> str:
+    async def _model(self, name: Optional[str]) -> tuple[str, Optional[str]]:
+        """The model a request names: (the name its answer shows, the name sent to the broker).
+        A model a worker announced is sent as it is; a configured name no worker announced, or
+        none, runs on the broker's default model (broker/pool.py); any other name is a 404."""
         if name is None:
-            return self.models[0] if self.models else "default"
-        if name in self.known_models:
-            return name
-        await self._served()
+            return (self.models[0] if self.models else "default"), None
         if name not in self.known_models:
-            raise HttpError(404, f"the model {name!r} does not exist here; available: "
-                                 f"{', '.join(sorted(self.known_models)) or 'none yet (no worker registered)'}",
-                            "model", "model_not_found")
-        return name
+            await self._served()
+        if name in self.worker_models:
+            return name, name
+        if name not in self.known_models:
+            raise model_not_found(name, sorted(self.known_models))
+        return name, None
 
     # -- routes -----------------------------------------------------------------------------------
 
@@ -241,12 +252,20 @@ class Gateway:
         for w in (await self._stats()).get("workers", []):
             if w.get("model") and w["model"] not in names:
                 names.append(w["model"])
+            if w.get("model"):
+                self.worker_models.add(w["model"])
         self.known_models.update(names)
         return names
 
     async def list_models(self, request: web.Request) -> web.Response:
         names = await self._served()
         return web.json_response(ModelList(data=[ModelCard(id=n, created=self.created) for n in names]).model_dump())
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        name, names = request.match_info["model"], await self._served()   # what is up now
+        if name not in names:
+            raise model_not_found(name, names)
+        return web.json_response(ModelCard(id=name, created=self.created).model_dump())
 
     async def health(self, request: web.Request) -> web.Response:
         try:
@@ -285,18 +304,22 @@ class Gateway:
         return await self._serve(request, "chatcmpl", "chat.completion", model, req,
                                  req.sampling(self.chat_max_tokens), chat=True)
 
-    async def _serve(self, request, prefix, obj, model, req, sampling, chat) -> web.StreamResponse:
+    async def _serve(self, request, prefix, obj, names, req, sampling, chat) -> web.StreamResponse:
+        """``names``: ``_model``'s (shown, sent to the broker)."""
+        model, route = names
         rid = f"{prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
         inputs, input_field = req.inputs(), "messages" if chat else "prompt"
         try:
             if not req.stream:
-                c = await self.client.generate(**inputs, request_id=rid, timeout=self.request_timeout, **sampling)
+                c = await self.client.generate(**inputs, request_id=rid, timeout=self.request_timeout, model=route,
+                                               **sampling)
                 choice = (Choice(message=AssistantMessage(content=c.text), finish_reason=c.finish_reason) if chat
                           else Choice(text=c.text, finish_reason=c.finish_reason))
                 return web.json_response(Completion(id=rid, object=obj, created=created, model=model,
                                                     choices=[choice], usage=Usage.of(c.usage)).model_dump())
-            stream = self.client.stream(**inputs, request_id=rid, timeout=self.request_timeout, **sampling)
+            stream = self.client.stream(**inputs, request_id=rid, timeout=self.request_timeout, model=route,
+                                        **sampling)
         except ClientError as e:
             raise failure_to_http(e, input_field) from None
         async with stream:

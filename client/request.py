@@ -53,7 +53,7 @@ def check_timeout(timeout: Any, default: float) -> float:
 
 def build_submit(prompt: Optional[str] = None, *, token_ids: Any = None, messages: Any = None,
                  sampling: Optional[dict] = None, timeout: float,
-                 request_id: Optional[str] = None) -> tuple[Submit, list]:
+                 request_id: Optional[str] = None, model: Optional[str] = None) -> tuple[Submit, list]:
     """Validate everything locally and return the ``Submit`` and its encoded frames.
 
     Raises ``InvalidRequest`` (code INVALID_REQUEST) naming the field and value.
@@ -71,7 +71,7 @@ def build_submit(prompt: Optional[str] = None, *, token_ids: Any = None, message
         if messages is not None:
             messages = _message_list(messages)
         submit = Submit(request_id=rid, prompt=prompt, token_ids=token_ids, messages=messages,
-                        sampling=wire_sampling,
+                        sampling=wire_sampling, model=model,
                         timeout_ms=max(1, math.ceil(timeout * 1000)))
         frames = submit.encode()
     except ProtocolError as e:
@@ -82,7 +82,7 @@ def build_submit(prompt: Optional[str] = None, *, token_ids: Any = None, message
 
 
 def prepare_submit(prompt, token_ids, messages, timeout, default_timeout: float, request_id,
-                   sampling, in_flight, resume: bool = False) -> tuple[Submit, float, list]:
+                   sampling, in_flight, resume: bool = False, model: Optional[str] = None) -> tuple[Submit, float, list]:
     """What both clients do before sending: check the timeout, validate, refuse a duplicate id.
     A request that may be resumed gets a seed of its own (unless it has one), so that a resumed
     run samples what the lost one would have.
@@ -93,7 +93,7 @@ def prepare_submit(prompt, token_ids, messages, timeout, default_timeout: float,
     if resume and sampling.get("seed") is None:
         sampling = dict(sampling, seed=random.getrandbits(63))
     submit, frames = build_submit(prompt, token_ids=token_ids, messages=messages, sampling=sampling,
-                                  timeout=timeout, request_id=request_id)
+                                  timeout=timeout, request_id=request_id, model=model)
     rid = submit.request_id
     if rid in in_flight:
         raise failure(Code.DUPLICATE_REQUEST, f"request id {rid!r} is already in flight on this client",

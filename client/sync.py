@@ -61,9 +61,9 @@ class Client:
 
     def generate(self, prompt: Optional[str] = None, *, token_ids: Any = None, messages: Any = None,
                  timeout: Optional[float] = None, request_id: Optional[str] = None,
-                 **sampling: Any) -> Completion:
+                 model: Optional[str] = None, **sampling: Any) -> Completion:
         """Run one request to the end and return its completion."""
-        stream = self._submit(prompt, token_ids, messages, timeout, request_id, sampling)
+        stream = self._submit(prompt, token_ids, messages, timeout, request_id, sampling, model)
         with stream:
             for _ in stream:
                 pass
@@ -72,10 +72,10 @@ class Client:
 
     def stream(self, prompt: Optional[str] = None, *, token_ids: Any = None, messages: Any = None,
                timeout: Optional[float] = None, request_id: Optional[str] = None,
-               **sampling: Any) -> "Stream":
+               model: Optional[str] = None, **sampling: Any) -> "Stream":
         """Submit now; iterate the returned ``Stream`` for chunks. Closing it early (``break`` out
         of a ``for`` over it, ``close()``, or leaving its ``with`` block) cancels the request."""
-        return self._submit(prompt, token_ids, messages, timeout, request_id, sampling)
+        return self._submit(prompt, token_ids, messages, timeout, request_id, sampling, model)
 
     def chat(self, messages: list[dict], **kw: Any) -> Completion:
         return self.generate(messages=messages, **kw)
@@ -114,10 +114,10 @@ class Client:
 
     # -- internals used by Stream -------------------------------------------------------------
 
-    def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling) -> "Stream":
+    def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling, model=None) -> "Stream":
         self._check_open()
         submit, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,
-                                                 request_id, sampling, self._inbox, self.resume)
+                                                 request_id, sampling, self._inbox, self.resume, model)
         rid = submit.request_id
         deadline = time.monotonic() + timeout
         if not self._inbox:

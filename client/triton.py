@@ -80,10 +80,16 @@ class TritonApi:
     # -- the model a route names ------------------------------------------------------------------
 
     async def _model(self, request: web.Request) -> str:
+        return (await self._route(request))[0]
+
+    async def _route(self, request: web.Request) -> tuple[str, Optional[str]]:
+        """The model a route names, and the name sent to the broker: the aliases (and a
+        configured name no worker announced) run on the broker's default model."""
         name, version = request.match_info["model"], request.match_info.get("version")
+        route = None
         if name not in ALIASES:
             try:
-                await self.gw._model(name)
+                route = (await self.gw._model(name))[1]
             except HttpError as e:
                 if e.status != 404:
                     raise
@@ -93,7 +99,7 @@ class TritonApi:
         if version not in (None, "", VERSION):
             raise HttpError(404, f"model {name!r} has no version {version!r}; versions: {VERSION}", "version",
                             "model_not_found")
-        return name
+        return name, route
 
     # -- health and metadata ----------------------------------------------------------------------
 
@@ -130,34 +136,35 @@ class TritonApi:
 
     # -- inference --------------------------------------------------------------------------------
 
-    async def _run(self, req: BlsRequest) -> tuple[str, int]:
-        """One request to its end through the gateway's client: (answer, output tokens)."""
+    async def _run(self, req: BlsRequest, route: Optional[str]) -> tuple[str, int]:
+        """One request to its end on model ``route`` through the gateway's client: (answer,
+        output tokens)."""
         try:
             c = await self.gw.client.generate(prompt=req.prompt, request_id=f"triton-{uuid.uuid4().hex}",
-                                              timeout=self.gw.request_timeout, **req.sampling)
+                                              timeout=self.gw.request_timeout, model=route, **req.sampling)
         except ClientError as e:
             raise _failure(e) from None
         return c.text, len(c.token_ids)
 
-    async def _request(self, request: web.Request) -> tuple[str, BlsRequest]:
-        name = await self._model(request)
-        return name, bls_request(json_values(await self.gw._json(request)))
+    async def _request(self, request: web.Request) -> tuple[str, Optional[str], BlsRequest]:
+        name, route = await self._route(request)
+        return name, route, bls_request(json_values(await self.gw._json(request)))
 
     @triton_errors
     async def generate(self, request: web.Request) -> web.Response:
-        name, req = await self._request(request)
+        name, route, req = await self._request(request)
         if req.stream:
             raise HttpError(400, "stream=true answers with several responses: use "
                                  f"/v2/models/{name}/generate_stream", "stream", "unsupported_value")
-        text, n = await self._run(req)
+        text, n = await self._run(req, route)
         return web.json_response({"model_name": name, "model_version": VERSION, **req.outputs(text, n)})
 
     @triton_errors
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
-        name, req = await self._request(request)
+        name, route, req = await self._request(request)
         head = {"model_name": name, "model_version": VERSION}
         if not req.stream:      # as the BLS without `stream`: one response with the whole answer
-            text, n = await self._run(req)
+            text, n = await self._run(req, route)
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
             await resp.write(_event({**head, **req.outputs(text, n)}))
@@ -165,7 +172,7 @@ class TritonApi:
             return resp
         rid = f"triton-{uuid.uuid4().hex}"
         stream = self.gw.client.stream(prompt=req.prompt, request_id=rid, timeout=self.gw.request_timeout,
-                                       **req.sampling)
+                                       model=route, **req.sampling)
         async with stream:
             first = await first_chunk(stream, "text_input")
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
@@ -185,7 +192,7 @@ class TritonApi:
 
     @triton_errors
     async def infer(self, request: web.Request) -> web.Response:
-        name = await self._model(request)
+        name, route = await self._route(request)
         if request.content_length is not None and request.content_length > self.gw.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.gw.max_body_bytes, actual_size=request.content_length)
         head, tensors = parse_infer_request(await request.read(), request.headers.get(HEADER))
@@ -194,7 +201,7 @@ class TritonApi:
             raise HttpError(400, f"stream=true answers with several responses: use /v2/models/{name}/generate_stream",
                             "stream", "unsupported_value")
         wanted, binary = _requested_outputs(head)
-        tasks = [asyncio.ensure_future(self._run(r)) for r in reqs]
+        tasks = [asyncio.ensure_future(self._run(r, route)) for r in reqs]
         try:
             answers = await asyncio.gather(*tasks)
         except BaseException:        # one row failed (or the client left): stop the others

@@ -27,12 +27,14 @@ def cli() -> None:
 @click.option("--broker", required=True, metavar="tcp://HOST:PORT",
               help="the broker's backend (worker-facing) address")
 @click.option("--model", default="smollm2-135m",
-              help="smollm2-135m (embedded default), tiny (seeded test model), a .gguf file, or a "
+              help="smollm2-135m (embedded default), tiny or tiny:SEED (seeded test model), a .gguf file, or a "
                    "Hugging Face directory with safetensors and tokenizer.json (default: smollm2-135m)")
 @click.option("--extra-llm-api-options", "--extra_llm_api_options", "options", metavar="YAML", default=None,
               help="TensorRT-LLM-style worker options: cache_transceiver_config, kv_cache_config, "
                    "max_batch_size, max_num_tokens, tokens_per_block, dtype, quantization "
                    "(auto|none|fp16|int8), device, ...")
+@click.option("--served-model-name", default=None, metavar="NAME",
+              help="the model name this worker announces and requests are routed by (default: --model)")
 @click.option("--worker-id", default=None, help="name shown in the broker's logs (default: ROLE-HOST-PID)")
 @click.option("--host", default="127.0.0.1",
               help="address the KV transfer endpoints listen on and advertise: the control channel, "
@@ -49,8 +51,8 @@ def cli() -> None:
 @click.option("--exit-with-parent", is_flag=True,
               help="stop when the parent process exits (used by `broker launch`)")
 @log_level_option
-def start(role, broker, model, options, worker_id, host, curve_key, curve_server_key, curve_peers, device,
-          exit_with_parent, log_level) -> None:
+def start(role, broker, model, options, served_model_name, worker_id, host, curve_key, curve_server_key,
+          curve_peers, device, exit_with_parent, log_level) -> None:
     """Start a worker. It loads the model, connects to the broker's backend address, registers
     its role and capacity, and serves until SIGINT/SIGTERM."""
     setup_logging(log_level)
@@ -68,7 +70,7 @@ def start(role, broker, model, options, worker_id, host, curve_key, curve_server
         if peers and curve is None:
             raise ConfigError(f"--curve-peers={curve_peers!r} is set but --curve-key is not")
         worker = Worker(role, broker, model, opts, worker_id, host, exit_with_parent=exit_with_parent,
-                        curve=curve, peers=peers)
+                        curve=curve, peers=peers, served_model_name=served_model_name)
     except (TransferError, ValueError, FileNotFoundError) as e:   # ConfigError is a ValueError
         raise CommandError("worker", str(e)) from None
 

@@ -77,18 +77,23 @@ class Worker:
     def __init__(self, role: str, broker: str, model: str = "smollm2-135m",
                  options: WorkerOptions = WorkerOptions(), worker_id: Optional[str] = None,
                  host: str = "127.0.0.1", exit_with_parent: bool = False,
-                 curve: Optional[CurveClient] = None, peers: Optional[frozenset] = None):
+                 curve: Optional[CurveClient] = None, peers: Optional[frozenset] = None,
+                 served_model_name: Optional[str] = None):
         """``host``: the address its KV transfer endpoints listen on and advertise. ``curve``:
         its key pair and the broker's public key; ``peers``: the public keys of the generation
-        workers its KV channel admits (context workers with ``curve``)."""
+        workers its KV channel admits (context workers with ``curve``). ``served_model_name``: the
+        model name it announces (requests are routed by it), instead of its ``model`` spec."""
         if role not in ROLES:
             raise ValueError(f"invalid role {role!r}: expected one of {', '.join(ROLES)}")
+        if served_model_name is not None and not 0 < len(served_model_name) <= p.MAX_ID_CHARS:
+            raise ValueError(f"invalid --served-model-name={served_model_name[:80]!r}: expected 1-"
+                             f"{p.MAX_ID_CHARS} characters")
         if curve is not None and role == "context" and not peers:
             raise ValueError("a context worker with --curve-key needs --curve-peers: the public keys "
                              "of the generation workers its KV channel admits")
         self.curve = curve
         self.role, self.broker_addr, self.opts = role, broker, options
-        self.model_name = model
+        self.model_name = served_model_name or model
         self.worker_id = worker_id or f"{role}-{pysocket.gethostname()}-{os.getpid()}"
         self.parent = os.getppid() if exit_with_parent else None
         torch.set_num_threads(options.num_threads)

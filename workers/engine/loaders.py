@@ -46,14 +46,16 @@ def _load(spec: str, seed: int) -> tuple[LlamaModel, Tokenizer]:
     if spec == DEFAULT_MODEL:
         from .gguf_loader import load_gguf
         return load_gguf(smollm2_path())
-    if spec == "tiny":
+    if spec == "tiny" or spec.startswith("tiny:"):   # tiny:SEED: the tiny model with other weights
         from .tiny import tiny_model
-        return tiny_model(seed)
+        if spec != "tiny" and not spec[5:].isdigit():
+            raise ValueError(f"invalid model {spec!r}: expected tiny:SEED, SEED a non-negative integer")
+        return tiny_model(int(spec[5:]) if spec != "tiny" else seed)
     if spec.endswith(".gguf") and os.path.isfile(spec):
         from .gguf_loader import load_gguf
         return load_gguf(spec)
     if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "config.json")):
         from .hf_loader import load_hf_dir
         return load_hf_dir(spec)
-    raise ValueError(f"unknown model {spec!r}: expected {DEFAULT_MODEL!r}, 'tiny', a .gguf file, "
+    raise ValueError(f"unknown model {spec!r}: expected {DEFAULT_MODEL!r}, 'tiny' (or tiny:SEED), a .gguf file, "
                      "or a directory with config.json, *.safetensors and tokenizer.json")
