@@ -129,3 +129,35 @@ def test_one_models_queue_does_not_hold_up_another_models_requests(dep, answers)
     assert stats["queued"] == 4 and done_meanwhile == 0
     assert [r.text for r in held] == [answers["tiny"]] * 6
     dep.wait_idle()
+
+
+def test_tiny_seed_spec_loads_other_weights_and_names_a_bad_one():
+    from workers.engine.loaders import load_model
+    a, b, a0 = load_model("tiny")[0], load_model("tiny:1")[0], load_model("tiny:0")[0]
+    first = [next(m.parameters()) for m in (a, b, a0)]
+    assert not first[0].equal(first[1]) and first[0].equal(first[2])
+    with pytest.raises(ValueError, match="'tiny:x'"):
+        load_model("tiny:x")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_smollm2_and_tiny_behind_one_broker_answer_by_model():
+    """The issue's case: 4 of 4 requests naming smollm2-135m were answered by the tiny model."""
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    opts = {"kv_cache_config": {"max_tokens": 2048}, "max_num_tokens": 256, "heartbeat_ms": 1000}
+    with Deployment(http=True, heartbeat_s=1.0, liveness=5) as d:
+        d.add_worker("both", "tiny0")
+        d.add_worker("both", "smol0", model="smollm2-135m", options=opts, timeout=300)
+        oa = openai.OpenAI(base_url=d.http + "/v1", api_key="x", max_retries=0, timeout=300)
+        try:
+            assert [m.id for m in oa.models.list().data] == ["tiny", "smollm2-135m"]
+            got = [(m, oa.chat.completions.create(model=m, messages=question, max_tokens=8, temperature=0))
+                   for _ in range(4) for m in ("smollm2-135m", "tiny")]
+        finally:
+            oa.close()
+        smol = [r.choices[0].message.content for m, r in got if m == "smollm2-135m"]
+        tiny = {r.choices[0].message.content for m, r in got if m == "tiny"}
+        assert all("Paris" in t for t in smol), smol
+        assert len(tiny) == 1 and "Paris" not in tiny.pop()
+        d.wait_idle()
