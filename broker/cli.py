@@ -107,19 +107,23 @@ _D = BrokerConfig()
 @click.option("--max-migrations", type=int, default=None,
               help="times a stream whose generation worker died may continue on another "
                    f"(0 turns migration off; default {_D.max_migrations})")
+@click.option("--default-model", default=None, metavar="NAME",
+              help="with workers of several models up, the one a request naming none runs on "
+                   "(default: the first registered)")
 @_http_options
 @_auth_options
 @log_level_option
 def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv_lease,
-          request_timeout, max_message_bytes, max_migrations, http_port, no_http, curve_key, client_keys,
-          worker_keys, api_key, log_level) -> None:
+          request_timeout, max_message_bytes, max_migrations, default_model, http_port, no_http, curve_key,
+          client_keys, worker_keys, api_key, log_level) -> None:
     """Run the broker: clients connect to --frontend, workers to --backend. A port of 0 (or *)
     picks a free port; the chosen addresses are printed on the first line of stdout."""
     setup_logging(log_level)
     from broker.server import BrokerServer
     over = {"heartbeat_interval_s": heartbeat_interval, "liveness": liveness, "max_queue": max_queue,
             "kv_lease_s": kv_lease, "request_timeout_s": request_timeout,
-            "max_message_bytes": max_message_bytes, "max_migrations": max_migrations}
+            "max_message_bytes": max_message_bytes, "max_migrations": max_migrations,
+            "default_model": default_model}
     try:
         cfg = load_disagg_config(config) if config else DisaggConfig()
         settings = dataclasses.replace(cfg.broker, **{k: v for k, v in over.items() if v is not None})

@@ -131,6 +131,17 @@ def test_one_models_queue_does_not_hold_up_another_models_requests(dep, answers)
     dep.wait_idle()
 
 
+def test_broker_default_model_flag_picks_the_model_of_requests_naming_none(answers):
+    class WithDefault(Deployment):
+        broker_args = ("--default-model", "tiny-b")
+    with WithDefault() as d:
+        d.add_worker("both", "both-a")          # registered first: the default without the flag
+        d.add_worker("both", "both-b", model="tiny:1", extra=("--served-model-name", "tiny-b"))
+        with Client(d.frontend, timeout=60) as c:
+            assert c.generate(PROMPT, **GREEDY).text == answers["tiny-b"]
+            assert c.generate(PROMPT, model="tiny", **GREEDY).text == answers["tiny"]
+
+
 def test_tiny_seed_spec_loads_other_weights_and_names_a_bad_one():
     from workers.engine.loaders import load_model
     a, b, a0 = load_model("tiny")[0], load_model("tiny:1")[0], load_model("tiny:0")[0]
