@@ -192,8 +192,8 @@ def state_gauges(state) -> dict:
         used[key], free[key] = w.kv_blocks - w.free_blocks, w.free_blocks
     return {
         "disagg_requests_in_flight": {(): len(state.requests)},
-        "disagg_queue_depth": {(("queue", "prefill"),): len(state.prefill_queue),
-                               (("queue", "decode"),): len(state.decode_queue)},
+        "disagg_queue_depth": {(("queue", "prefill"),): state.prefill_queue.waiting(),
+                               (("queue", "decode"),): state.decode_queue.waiting()},
         "disagg_workers": workers,
         "disagg_kv_blocks_used": used,
         "disagg_kv_blocks_free": free,

@@ -14,9 +14,12 @@ one is up, else on the model of the earliest registered worker still up.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator, Optional
+from typing import Optional
 
 from broker.records import Worker
+
+
+_NONE: frozenset = frozenset()
 
 
 class Pool:
@@ -44,16 +47,15 @@ class Pool:
         return list(self._by_model())
 
     def roles(self, model: str) -> frozenset:
-        return self._by_model().get(model, frozenset())
+        return (self._roles if self._roles is not None else self._by_model()).get(model, _NONE)
 
-    def can_serve(self, model: str) -> bool:
+    def prefill_role(self, model: str) -> Optional[str]:
+        """The role that takes this model's new requests: "context" (the disaggregated path,
+        when context and generation workers are up), else "both", or None: nobody can serve it."""
         roles = self.roles(model)
-        return "both" in roles or ("context" in roles and "generation" in roles)
-
-    def disaggregated(self, model: str) -> bool:
-        """Whether this model's requests take the context -> generation path."""
-        roles = self.roles(model)
-        return "context" in roles and "generation" in roles
+        if "context" in roles and "generation" in roles:
+            return "context"
+        return "both" if "both" in roles else None
 
     def resolve(self, name: Optional[str], default: str = "") -> Optional[str]:
         """The model a request runs on (module docstring), or None: no worker is up, or none
@@ -87,32 +89,25 @@ class Pool:
         return best
 
 
-class Queues:
-    """FIFO queues of request keys, one per model: a model whose workers are all busy keeps its
-    requests waiting without holding up another model's (no head-of-line blocking across
-    models). ``len`` is the total; empty queues are dropped, so there are at most as many queues
-    as models with requests waiting (each a model up when the request was accepted)."""
-
-    def __init__(self) -> None:
-        self._q: dict[str, deque] = {}
+class Queues(dict):
+    """FIFO queues of request keys, one per model (model -> deque): a model whose workers are
+    all busy keeps its requests waiting without holding up another model's (no head-of-line
+    blocking across models). Whoever empties a queue deletes it, so the dict is true exactly
+    while a request waits, and holds at most a queue per model with requests waiting (each a
+    model up when the request was accepted)."""
 
     def append(self, model: str, key: str) -> None:
-        self._q.setdefault(model, deque()).append(key)
+        q = self.get(model)
+        if q is None:
+            q = self[model] = deque()
+        q.append(key)
 
     def appendleft(self, model: str, key: str) -> None:
-        self._q.setdefault(model, deque()).appendleft(key)
+        q = self.get(model)
+        if q is None:
+            q = self[model] = deque()
+        q.appendleft(key)
 
-    def __len__(self) -> int:
-        return sum(len(q) for q in self._q.values())
-
-    def __bool__(self) -> bool:
-        return bool(self._q)
-
-    def each(self) -> Iterator[tuple[str, deque]]:
-        """(model, its queue) for every model with requests waiting; a queue emptied while
-        iterating is dropped."""
-        for model in list(self._q):
-            q = self._q[model]
-            yield model, q
-            if not q:
-                del self._q[model]
+    def waiting(self) -> int:
+        """The requests waiting, over every model."""
+        return sum(map(len, self.values()))

@@ -108,9 +108,9 @@ class BrokerState:
         model = self.pool.resolve(msg.model, self.cfg.default_model)
         if model is None and self.workers and msg.model:
             return reject(p.Code.UNKNOWN_MODEL, self.pool.unknown_model_text(msg.model))
-        if model is None or not self.pool.can_serve(model):
+        if model is None or self.pool.prefill_role(model) is None:
             return reject(p.Code.NO_WORKERS, self.pool.no_worker_text(model or msg.model), True)
-        if len(self.prefill_queue) >= self.cfg.max_queue:
+        if self.prefill_queue.waiting() >= self.cfg.max_queue:
             return reject(p.Code.OVERLOADED, f"the broker's queue is full ({self.cfg.max_queue} "
                                              "requests waiting); retry later", True)
         sampling = dict(msg.sampling)
@@ -121,7 +121,8 @@ class BrokerState:
         now = self.clock()
         timeout = msg.timeout_ms / 1000 if msg.timeout_ms else self.cfg.request_timeout_s
         key = self.ids.add(identity, rid, self.requests)
-        req = self.requests[key] = Request(key, identity, msg, sampling, now, now + timeout, client_rid=rid, model=model)
+        req = self.requests[key] = Request(key, identity, msg, sampling, now, now + timeout, client_rid=rid,
+                                           model=model)
         heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
         if msg.output_ids:     # a resume: continue after the tokens the client already has
             req.output_ids, req.output_chars = array("I", msg.output_ids), msg.output_chars
@@ -425,33 +426,42 @@ class BrokerState:
     def _dispatch(self) -> list[Out]:
         """Each model's queues in order, until that model has no free worker (broker/pool.py)."""
         out: list[Out] = []
-        for model, q in self.prefill_queue.each():
-            self._dispatch_prefills(model, q, out)
-        for model, q in self.decode_queue.each():
-            self._dispatch_decodes(model, q, out)
+        queues = self.prefill_queue
+        if queues:
+            for model, q in list(queues.items()):
+                self._dispatch_prefills(model, q, out)
+                if not q:
+                    del queues[model]
+        queues = self.decode_queue
+        if queues:
+            for model, q in list(queues.items()):
+                self._dispatch_decodes(model, q, out)
+                if not q:
+                    del queues[model]
         return out
 
     def _dispatch_prefills(self, model: str, q: deque, out: list[Out]) -> None:
-        pool = self.pool
+        pool = self.pool      # the workers stay as they are while this runs
+        role = pool.prefill_role(model)
         while q:
             req = self.requests.get(q[0])
             if req is None or req.state != QUEUED:
                 q.popleft()
                 continue
-            if not pool.can_serve(model):
+            if role is None:
                 q.popleft()
                 self._outcome("failed", p.Code.NO_WORKERS)
                 self._finish(req, out, p.Error(req.request_id, p.Code.NO_WORKERS,
                                                req.note + pool.no_worker_text(model), True))
                 continue
-            disagg = pool.disaggregated(model)
-            w = pool.pick("context" if disagg else "both", model)
+            w = pool.pick(role, model)
             if w is None:
                 return
             q.popleft()
-            self._send_prefill(req, w, disagg, out)
+            self._send_prefill(req, w, role == "context", out)
 
     def _dispatch_decodes(self, model: str, q: deque, out: list[Out]) -> None:
+        decodable = "generation" in self.pool.roles(model)
         while q:
             rid = q[0]
             req = self.requests.get(rid)
@@ -462,7 +472,7 @@ class BrokerState:
             if req is None or req.state != KV_READY:
                 q.popleft()
                 continue
-            if "generation" not in self.pool.roles(model):
+            if not decodable:
                 q.popleft()
                 self._outcome("failed", p.Code.NO_WORKERS)
                 self._finish(req, out, p.Error(rid, p.Code.NO_WORKERS, f"no generation worker of model "
@@ -577,8 +587,8 @@ class BrokerState:
         return {
             "instance": self.instance,
             "requests": len(self.requests),
-            "queued": len(self.prefill_queue),
-            "waiting_decode": len(self.decode_queue),
+            "queued": self.prefill_queue.waiting(),
+            "waiting_decode": self.decode_queue.waiting(),
             "counters": dict(self.counters),
             "workers": [w.summary() for w in self.workers.values()],
         }

@@ -82,7 +82,8 @@ def build_submit(prompt: Optional[str] = None, *, token_ids: Any = None, message
 
 
 def prepare_submit(prompt, token_ids, messages, timeout, default_timeout: float, request_id,
-                   sampling, in_flight, resume: bool = False, model: Optional[str] = None) -> tuple[Submit, float, list]:
+                   sampling, in_flight, resume: bool = False,
+                   model: Optional[str] = None) -> tuple[Submit, float, list]:
     """What both clients do before sending: check the timeout, validate, refuse a duplicate id.
     A request that may be resumed gets a seed of its own (unless it has one), so that a resumed
     run samples what the lost one would have.

@@ -51,7 +51,7 @@ def test_a_named_model_with_only_a_busy_generation_worker_waits_for_its_own():
     st.on_worker(b"gen-a", p.Heartbeat())
     st.workers[b"gen-a"].inflight.add("busy")        # model a's generation worker is full
     out = context_done(st, b"ctx-a", pre)
-    assert of(out, p.Decode) == [] and len(st.decode_queue) == 1
+    assert of(out, p.Decode) == [] and st.decode_queue.waiting() == 1
     st.workers[b"gen-a"].inflight.discard("busy")
     out = st.on_worker(b"gen-a", p.Heartbeat())
     assert [o.identity for o in out if isinstance(o.msg, p.Decode)] == [b"gen-a"]
@@ -98,14 +98,14 @@ def test_one_models_full_queue_does_not_block_another_models_requests():
     two_models(st)
     for i in range(10):                      # one slot each: r-a0 runs, nine wait
         submit(st, f"a{i}", "a")
-    assert len(st.prefill_queue) == 9
+    assert st.prefill_queue.waiting() == 9
     out = submit(st, "b0", "b")
     assert [o.identity for o in out if isinstance(o.msg, p.Generate)] == [b"both-b"]
     # model a's queue drains in arrival order as its context worker frees up
     first = st.requests[st.ids.key(C1, "a0")]
     st.on_worker(b"ctx-a", p.Failed(first.request_id, first.attempt, p.Code.INTERNAL, "boom", False))
     nxt = st.requests[st.ids.key(C1, "a1")]
-    assert nxt.worker == b"ctx-a" and len(st.prefill_queue) == 8
+    assert nxt.worker == b"ctx-a" and st.prefill_queue.waiting() == 8
 
 
 def test_queued_requests_of_a_model_whose_workers_left_fail_alone():
