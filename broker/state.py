@@ -110,7 +110,7 @@ class BrokerState:
             return reject(p.Code.UNKNOWN_MODEL, self.pool.unknown_model_text(msg.model))
         if model is None or self.pool.prefill_role(model) is None:
             return reject(p.Code.NO_WORKERS, self.pool.no_worker_text(model or msg.model), True)
-        if self.prefill_queue.waiting() >= self.cfg.max_queue:
+        if self.prefill_queue and self.prefill_queue.waiting() >= self.cfg.max_queue:
             return reject(p.Code.OVERLOADED, f"the broker's queue is full ({self.cfg.max_queue} "
                                              "requests waiting); retry later", True)
         sampling = dict(msg.sampling)
