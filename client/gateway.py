@@ -1,8 +1,12 @@
 """The OpenAI-compatible HTTP gateway: aiohttp in front of the broker, through ``AsyncClient``.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events with
-``stream: true``), ``GET /v1/models``, ``GET /health`` (200 only while the configured minimum of
-context and generation workers is registered), ``GET /metrics`` (the broker's Prometheus text).
+``stream: true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` (200 only while the
+configured minimum of context and generation workers is registered), ``GET /metrics`` (the
+broker's Prometheus text).
+A request's ``model`` picks the workers that run it: a name a worker announced goes to the broker
+as it is; a configured name (``--model``) no worker announced, or none, runs on the broker's
+default model.
 
 Request and response bodies are the pydantic models of ``client/openai_models.py``. Every error
 is OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 names the bad field
@@ -117,6 +121,7 @@ class Gateway:
         self.models = [m for m in models if m]
         self.known_models = set(self.models)
         self.worker_models: set = set()     # names workers announced: sent to the broker as they are
+        self._served_at = -1e9               # time.monotonic() of the last look at the workers
         self.min_workers = dict(min_workers if min_workers is not None else {"context": 1, "generation": 1})
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
@@ -236,8 +241,9 @@ class Gateway:
         none, runs on the broker's default model (broker/pool.py); any other name is a 404."""
         if name is None:
             return (self.models[0] if self.models else "default"), None
-        if name not in self.known_models:
-            await self._served()
+        if name not in self.known_models or (name not in self.worker_models
+                                             and time.monotonic() - self._served_at > 1.0):
+            await self._served()     # a new name, or a configured one a worker may announce by now
         if name in self.worker_models:
             return name, name
         if name not in self.known_models:
@@ -249,6 +255,7 @@ class Gateway:
     async def _served(self) -> list:
         """The configured models, then those of the registered workers, in order (remembered)."""
         names = list(self.models)
+        self._served_at = time.monotonic()
         for w in (await self._stats()).get("workers", []):
             if w.get("model") and w["model"] not in names:
                 names.append(w["model"])

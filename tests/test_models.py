@@ -89,6 +89,26 @@ def test_an_unknown_model_is_a_404_naming_the_available_ones(dep, answers):
     assert e.value.code == "UNKNOWN_MODEL" and "available models: tiny, tiny-b" in e.value.message
 
 
+def test_a_configured_name_no_worker_announced_runs_on_the_default_model(dep, answers):
+    from client.gateway import Gateway, GatewayThread
+    gw = GatewayThread(Gateway(dep.frontend, port=0, models=("label",)))
+    url = gw.start()
+    try:
+        oa = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        try:
+            r = oa.completions.create(model="label", prompt=PROMPT, max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+            b = oa.completions.create(model="tiny-b", prompt=PROMPT, max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+            listed = [m.id for m in oa.models.list().data]
+        finally:
+            oa.close()
+    finally:
+        gw.stop()
+    assert (r.model, r.choices[0].text) == ("label", answers["tiny"]) and b.choices[0].text == answers["tiny-b"]
+    assert listed == ["label", "tiny", "tiny-b"]
+
+
 def test_triton_routes_go_to_the_model_in_the_path(dep, answers):
     body = {"text_input": PROMPT, "max_tokens": 8, "temperature": 0.0, "exclude_input_in_output": True,
             "bad_words": "", "stop_words": ""}
