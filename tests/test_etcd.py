@@ -204,3 +204,25 @@ def test_worker_cluster_flags_are_checked_with_clear_errors(args, words, capsys)
     assert main(["start", "--server-role", "CONTEXT", "--model", "tiny", *args]) == 2
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
+
+
+def test_broker_launch_registers_in_etcd_and_a_worker_started_elsewhere_joins(children):
+    etcd = EtcdServer(children)
+    config = os.path.join(children.tmp.name, "disagg.yaml")
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    worker = {"num_threads": 1, "device": "cpu", "heartbeat_ms": 200}
+    with open(config, "w") as f:
+        yaml.safe_dump({"model": "tiny", "frontend": frontend, "context_servers": {"num_instances": 1, **worker},
+                        "generation_servers": {"num_instances": 0},
+                        "disagg_cluster": {"cluster_uri": etcd.uri, "cluster_name": "launched",
+                                           "heartbeat_interval_sec": INTERVAL, "inactive_timeout_sec": TTL,
+                                           "minimal_instances": {"generation_servers": 0}}}, f)
+    proc = children.start("launch", [sys.executable, "-m", "broker.cli", "launch", "-c", config, "--no-http",
+                                     "--ready-timeout", "60"])
+    start_worker(children, "remote-gen", "generation", etcd.uri, "--cluster-name", "launched", *LEASE_FLAGS)
+    wait(children, lambda: registered(children, frontend, {"context-0", "remote-gen"}), "the joined worker")
+    assert all(len(r.token_ids) == 5 for r in serve(frontend, 2))
+    assert etcd.api.get_json(broker_key("launched"))["frontend"] == frontend
+    proc.send_signal(signal.SIGTERM)     # stops its own workers; its lease is revoked on the way out
+    assert proc.wait(30) == 0, children.tail("launch")
+    assert broker_key("launched") not in etcd.keys("launched")
