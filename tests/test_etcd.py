@@ -17,7 +17,7 @@ import time
 import pytest
 import yaml
 
-from broker.discovery import Etcd, EtcdError, broker_key, worker_key
+from broker.discovery import Etcd, EtcdError, Registration, broker_key, worker_key
 from broker.launch import Children, read_line, ready_words, start_broker
 from client import Client
 from tests.harness import _env, free_port
@@ -120,8 +120,9 @@ def test_workers_and_broker_find_each_other_through_etcd_and_survive_restarts(ch
     etcd = EtcdServer(children)
     cluster = "t1"
     common = ["--cluster_name", cluster, *LEASE_FLAGS]
-    # a worker first, with no broker anywhere: it waits; one with a short deadline gives up
+    # a worker first, with no broker anywhere: it registers and waits; one with a short deadline gives up
     start_worker(children, "ctx", "context", etcd.uri, *common)
+    wait(children, lambda: worker_key(cluster, "ctx") in etcd.keys(cluster), "the waiting worker's key")
     impatient = start_worker(children, "late", "generation", etcd.uri, "--cluster-name", "nobody",
                              "--discovery-timeout", "1", *LEASE_FLAGS)
     broker = start_broker(children, extra=["--disagg-cluster-uri", etcd.uri, *common])
@@ -176,6 +177,21 @@ def test_workers_and_broker_find_each_other_through_etcd_and_survive_restarts(ch
     wait(children, lambda: worker_key(cluster, "gen") not in etcd.keys(cluster), "the killed worker's key gone",
          timeout=TTL + 5)
     assert worker_key(cluster, "ctx") in etcd.keys(cluster)
+
+
+def test_a_lost_lease_is_granted_anew_and_close_revokes_it(children):
+    etcd = EtcdServer(children)
+    key = worker_key("unit", "w")
+    reg = Registration(etcd.api, key, {"role": "context"}, TTL, INTERVAL).start()
+    try:
+        wait(children, lambda: reg.lease is not None and key in etcd.keys("unit"), "registered")
+        first = reg.lease
+        etcd.api.revoke(first)            # as if it expired while etcd was away: the key goes with it
+        wait(children, lambda: reg.lease not in (None, first) and key in etcd.keys("unit"), "registered again")
+        assert etcd.api.get_json(key) == {"role": "context"}
+    finally:
+        reg.close()
+    assert key not in etcd.keys("unit") and etcd.api.keepalive(reg.lease) == 0
 
 
 def test_cluster_uri_set_to_the_broker_address_needs_no_etcd(children):

@@ -96,11 +96,13 @@ def start(role, broker, cluster_uri, cluster_name, lease_interval, lease_ttl,
                                                       "model": model, "pid": os.getpid(),
                                                       "host": pysocket.gethostname(),
                                                       "transfer": worker.transfer_info})
+        link.start()            # registered (and visible in etcd) while it waits for a broker
         try:
             worker.broker_addr = link.wait_broker(discovery_timeout)
         except TimeoutError as e:
+            link.close()
             raise CommandError("worker", str(e)) from None
-        worker.discovery = link.start()
+        worker.discovery = link
 
     def on_signal(signum, frame):
         worker.stop()
