@@ -239,6 +239,7 @@ class WorkerLink:
             raise ValueError(f"--disagg-cluster-uri={settings.cluster_uri!r}: not an etcd:// URI")
         self.settings, self.etcd = settings, Etcd(target)
         self.address: Optional[str] = None
+        self.error: Optional[str] = None      # why the last read failed, if it did
         self._key = broker_key(settings.cluster_name)
         self._reg = Registration(self.etcd, worker_key(settings.cluster_name, worker_id), info,
                                  settings.inactive_timeout_sec, settings.heartbeat_interval_sec,
@@ -247,8 +248,10 @@ class WorkerLink:
     def _read(self) -> None:
         try:
             value = self.etcd.get_json(self._key)
-        except EtcdError:
+        except EtcdError as e:
+            self.error = str(e)
             return          # keep the address we have: the broker may well be fine
+        self.error = None
         backend = value.get("backend") if value else None
         if isinstance(backend, str) and backend.startswith("tcp://") and backend != self.address:
             log.info("broker of cluster %r in etcd: %s", self.settings.cluster_name, backend)
@@ -267,8 +270,8 @@ class WorkerLink:
                 raise TimeoutError(f"no broker registered in etcd {self.etcd.endpoint} under "
                                    f"{self._key} after {timeout:g} s (--discovery-timeout)")
             if now - said >= progress_every:
-                log.info("waiting for a broker in etcd %s under %s (%.0f s so far)",
-                         self.etcd.endpoint, self._key, now - start)
+                log.info("waiting for a broker in etcd %s under %s (%.0f s so far%s)", self.etcd.endpoint,
+                         self._key, now - start, f"; {self.error}" if self.error else "")
                 said = now
             time.sleep(min(0.5, self.settings.heartbeat_interval_sec))
 
