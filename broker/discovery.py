@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -118,7 +119,7 @@ class Etcd:
         return answer
 
     def grant(self, ttl: float) -> str:
-        return str(self.call("lease/grant", {"TTL": max(1, round(ttl))})["ID"])
+        return str(self.call("lease/grant", {"TTL": max(1, math.ceil(ttl))})["ID"])   # whole seconds
 
     def keepalive(self, lease: str) -> int:
         """The lease's renewed TTL; 0 when etcd no longer knows it."""
