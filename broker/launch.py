@@ -36,6 +36,7 @@ import zmq
 from broker import protocol as p
 from broker.auth import CONFIG_NAMES, CurveClient, api_key_from, broker_curve, public_file, self_client
 from broker.config import ConfigError, DisaggConfig, read_yaml, worker_options
+from broker.discovery import register_broker
 
 log = logging.getLogger("broker.launch")
 
@@ -328,7 +329,10 @@ class Launch:
         self.worker_auth = ([] if self.curve is None else
                             ["--curve-key", a.worker_key, "--curve-server-key", public_file(a.curve_key),
                              "--curve-peers", a.worker_keys])
-        self.server = BrokerServer(cfg.frontend, cfg.backend_address, cfg.broker, curve=self.curve)
+        uri = cfg.cluster.cluster_uri or ""      # tcp://: the broker's own backend address
+        self.server = BrokerServer(cfg.frontend, uri if uri.startswith("tcp://") else cfg.backend_address,
+                                   cfg.broker, curve=self.curve)
+        self.registration = None    # with an etcd:// cluster URI, for workers started elsewhere
         self.thread = threading.Thread(target=self.server.run, name="broker", daemon=True)
         self.http, self.http_port = http, http_port
         self.gateway = None
@@ -359,6 +363,7 @@ class Launch:
         if self.http:
             self.gateway = start_gateway(self.cfg, self.frontend, self.http_port, (self.cfg.model,),
                                          curve=self_client(self.curve))
+        self.registration = register_broker(self.cfg.cluster, self.frontend, self.server.backend, self.http_url)
         for name, role, group in (("context_servers", "context", self.cfg.context_servers),
                                   ("generation_servers", "generation", self.cfg.generation_servers)):
             opts, options = self._options_file(name)
@@ -380,6 +385,8 @@ class Launch:
         wait_for_workers(self.frontend, want, timeout, self.children, progress, curve=self_client(self.curve))
 
     def stop(self, grace: float = 10.0) -> None:
+        if self.registration is not None:
+            self.registration.close()
         self.children.close(grace)
         if self.gateway is not None:
             self.gateway.stop()

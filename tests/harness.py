@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 from typing import Optional
 
@@ -18,6 +19,13 @@ import zmq
 from broker.launch import Children, child_env, ping, start_broker, wait_until, worker_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for servers that cannot pick their own, e.g. Prometheus)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _env() -> dict:

@@ -112,7 +112,7 @@ def test_minimum_comes_from_minimal_instances_else_num_instances(tmp_path):
     cfg = load_disagg_config(write(tmp_path, "a.yaml", """\
         context_servers: {num_instances: 3}
         generation_servers: {num_instances: 2}
-        disagg_cluster: {cluster_uri: x, minimal_instances: {context_servers: 2}}
+        disagg_cluster: {cluster_uri: 'etcd://h:2379', minimal_instances: {context_servers: 2}}
         """))
     assert cfg.min_workers == {"context": 2, "generation": 1}
     cfg = load_disagg_config(write(tmp_path, "b.yaml", """\
@@ -360,7 +360,7 @@ def test_every_accepted_but_ignored_disagg_key_is_logged_once_with_its_reason(tm
           router: {type: kv_cache_aware}
           urls: ["h:1"]
         disagg_cluster:
-          cluster_uri: etcd://localhost:2379
+          cluster_uri: http://localhost:18000
           cluster_name: prod
           heartbeat_interval_sec: 1
           inactive_interval_sec: 5
@@ -369,14 +369,11 @@ def test_every_accepted_but_ignored_disagg_key_is_logged_once_with_its_reason(tm
     lines = _notices(caplog)
     for key, reason in [("context_servers.router", "routing policy is not configurable"),
                         ("context_servers.urls", "urls are not used"),
-                        ("disagg_cluster.cluster_uri", "no cluster discovery"),
-                        ("disagg_cluster.cluster_name", "no cluster discovery"),
-                        ("disagg_cluster.heartbeat_interval_sec", "broker.heartbeat_interval_s"),
-                        ("disagg_cluster.inactive_interval_sec", "broker.liveness"),
+                        ("disagg_cluster.cluster_uri='http://localhost:18000'", "never over HTTP"),
                         ("max_retries", "broker.max_attempts")]:
         hits = [m for m in lines if f"{path}: {key} is not supported" in m]
         assert len(hits) == 1 and reason in hits[0], (key, lines)
-    assert not any("minimal_instances" in m for m in lines)
+    assert not any("minimal_instances" in m or "cluster_name" in m for m in lines)
 
 
 def test_every_accepted_but_ignored_worker_key_is_logged_once_with_its_reason(tmp_path, caplog):
@@ -395,3 +392,24 @@ def test_every_accepted_but_ignored_worker_key_is_logged_once_with_its_reason(tm
         hits = [m for m in lines if f"{path}: {key} is not supported" in m]
         assert len(hits) == 1 and reason in hits[0], (key, lines)
     assert len(lines) == 3 and not any("max_tokens is" in m for m in lines)
+
+
+def test_disagg_cluster_settings_are_read_with_trtllm_defaults(tmp_path):
+    cfg = load_disagg_config(write(tmp_path, "a.yaml", """\
+        disagg_cluster: {cluster_uri: 'etcd://h:2379', cluster_name: prod, inactive_interval_sec: 12}
+        """))
+    assert (cfg.cluster.cluster_uri, cfg.cluster.cluster_name) == ("etcd://h:2379", "prod")
+    assert (cfg.cluster.heartbeat_interval_sec, cfg.cluster.inactive_timeout_sec) == (5.0, 12)
+    assert load_disagg_config(write(tmp_path, "b.yaml", "port: 1\n")).cluster.cluster_uri is None
+
+
+@pytest.mark.parametrize("text,words", [
+    ("disagg_cluster: {cluster_uri: 'etcd:/h'}\n", ["disagg_cluster.cluster_uri='etcd:/h'", "etcd://HOST:PORT"]),
+    ("disagg_cluster: {cluster_uri: 'etcd://h:2379', heartbeat_interval_sec: 3, inactive_timeout_sec: 2}\n",
+     ["heartbeat_interval_sec=3", "inactive_timeout_sec=2"]),
+])
+def test_bad_disagg_cluster_settings_name_the_key_and_the_value(tmp_path, text, words):
+    path = write(tmp_path, "c.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_disagg_config(path)
+    assert path in str(e.value) and all(w in str(e.value) for w in words), str(e.value)

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import time
 import urllib.parse
 import urllib.request
@@ -17,15 +16,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.launch import Children
 from client import Client
-from tests.harness import Deployment
+from tests.harness import Deployment, free_port
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(base: str, path: str, **params) -> dict:

@@ -7,12 +7,15 @@ really starts, so ``worker --help`` and ``worker start --help`` answer at once.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
+import socket as pysocket
 import sys
 
 import click
 
-from broker.cli import CONTEXT, CommandError, log_level_option, run, setup_logging
+from broker.cli import CONTEXT, CommandError, cluster_options, cluster_settings, log_level_option, run, setup_logging
+from broker.discovery import ClusterSettings
 
 
 @click.group(context_settings=CONTEXT)
@@ -21,11 +24,15 @@ def cli() -> None:
 
 
 @cli.command(short_help="start a worker and register it with the broker")
-@click.option("--role", required=True, type=click.Choice(["context", "generation", "both"]),
+@click.option("--role", "--server-role", "--server_role", "role", required=True,
+              type=click.Choice(["context", "generation", "both"], case_sensitive=False),
               help="context: prefill and hand the KV cache over; generation: pull the KV cache and "
                    "decode; both: serve whole requests (aggregated)")
-@click.option("--broker", required=True, metavar="tcp://HOST:PORT",
-              help="the broker's backend (worker-facing) address")
+@click.option("--broker", default=None, metavar="tcp://HOST:PORT",
+              help="the broker's backend (worker-facing) address (or give --disagg-cluster-uri)")
+@cluster_options
+@click.option("--discovery-timeout", type=float, default=600, show_default=True,
+              help="with etcd: seconds to wait for a broker to appear there")
 @click.option("--model", default="smollm2-135m",
               help="smollm2-135m (embedded default), tiny or tiny:SEED (seeded test model), a .gguf file, or a "
                    "Hugging Face directory with safetensors and tokenizer.json (default: smollm2-135m)")
@@ -51,11 +58,17 @@ def cli() -> None:
 @click.option("--exit-with-parent", is_flag=True,
               help="stop when the parent process exits (used by `broker launch`)")
 @log_level_option
-def start(role, broker, model, options, served_model_name, worker_id, host, curve_key, curve_server_key,
+def start(role, broker, cluster_uri, cluster_name, lease_interval, lease_ttl,
+          discovery_timeout, model, options, served_model_name, worker_id, host, curve_key, curve_server_key,
           curve_peers, device, exit_with_parent, log_level) -> None:
-    """Start a worker. It loads the model, connects to the broker's backend address, registers
-    its role and capacity, and serves until SIGINT/SIGTERM."""
+    """Start a worker. It loads the model, connects to the broker's backend address (--broker,
+    or found through --disagg-cluster-uri), registers its role and capacity, and serves until
+    SIGINT/SIGTERM."""
     setup_logging(log_level)
+    role = role.lower()
+    if (broker is None) == (cluster_uri is None):
+        raise click.UsageError("give exactly one of --broker tcp://HOST:PORT and --disagg-cluster-uri "
+                               f"(got --broker={broker!r}, --disagg-cluster-uri={cluster_uri!r})")
     from broker.auth import curve_client, load_public_dir
     from broker.config import ConfigError
     from transfer.base import TransferError
@@ -69,10 +82,29 @@ def start(role, broker, model, options, served_model_name, worker_id, host, curv
         peers = load_public_dir(curve_peers, "--curve-peers") if curve_peers else None
         if peers and curve is None:
             raise ConfigError(f"--curve-peers={curve_peers!r} is set but --curve-key is not")
-        worker = Worker(role, broker, model, opts, worker_id, host, exit_with_parent=exit_with_parent,
+        cluster = None
+        if cluster_uri is not None:
+            cluster = cluster_settings(ClusterSettings(), cluster_uri, cluster_name, lease_interval, lease_ttl)
+            if cluster_uri.startswith("tcp://"):     # the broker's own address: no etcd
+                broker, cluster = cluster_uri, None
+        worker = Worker(role, broker or "", model, opts, worker_id, host, exit_with_parent=exit_with_parent,
                         curve=curve, peers=peers, served_model_name=served_model_name)
     except (TransferError, ValueError, FileNotFoundError) as e:   # ConfigError is a ValueError
         raise CommandError("worker", str(e)) from None
+    link = None
+    if cluster is not None:
+        from broker.discovery import WorkerLink
+        link = WorkerLink(cluster, worker.worker_id, {"worker_id": worker.worker_id, "role": role,
+                                                      "model": worker.model_name, "pid": os.getpid(),
+                                                      "host": pysocket.gethostname(),
+                                                      "transfer": worker.transfer_info})
+        link.start()            # registered (and visible in etcd) while it waits for a broker
+        try:
+            worker.broker_addr = link.wait_broker(discovery_timeout)
+        except TimeoutError as e:
+            link.close()
+            raise CommandError("worker", str(e)) from None
+        worker.discovery = link
 
     def on_signal(signum, frame):
         worker.stop()
@@ -81,7 +113,11 @@ def start(role, broker, model, options, served_model_name, worker_id, host, curv
     signal.signal(signal.SIGINT, on_signal)
     print(f"worker {worker.worker_id} role={role} model={model} ({worker.precision.describe()}) "
           f"transfer={worker.transfer_info or 'none'}", flush=True)
-    worker.run()
+    try:
+        worker.run()
+    finally:
+        if link is not None:
+            link.close()        # revokes the lease: the worker's key goes at once
     if worker.failure:
         raise CommandError("worker", f"left service: {worker.failure}")
 

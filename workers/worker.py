@@ -148,6 +148,7 @@ class Worker:
         self._bad_log = RateLimitedLog(log, "malformed messages from the broker")
         self._reconnected_at = -float("inf")
         self._reconnect_gap = options.heartbeat_ms / 1000   # at most one reconnect per interval
+        self.discovery = None      # a broker.discovery.WorkerLink: where the broker is now (etcd)
 
     # -----------------------------------------------------------------------------------------
     # connection
@@ -237,7 +238,12 @@ class Worker:
             self.stop_event.set()
             return
         silent = self.sched.broker_silence()
-        if silent is not None:
+        moved = self.discovery.address if self.discovery is not None else None
+        if moved is not None and moved != self.broker_addr:
+            log.warning("etcd names a new broker at %s; dropping all work and reconnecting", moved)
+            self.broker_addr = moved
+            self._reconnect()
+        elif silent is not None:
             log.warning("no word from the broker for %.1f s; dropping all work and reconnecting", silent)
             self._reconnect()
         self._poll_transfers()

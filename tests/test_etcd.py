@@ -1,0 +1,244 @@
+"""Discovery through etcd (broker/discovery.py) against a real etcd server (Debian's
+``etcd-server`` package; install.sh installs it, as root), started by the test on free ports in a
+temporary data directory and killed by pid: broker and workers started independently with only the
+cluster URI serve requests, follow a broker restart on other ports and ride out an etcd outage; a
+killed worker's key goes with its lease. Also the one-host ``tcp://`` cluster URI, without etcd.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+
+from broker.discovery import Etcd, EtcdError, Registration, broker_key, worker_key
+from broker.launch import Children, read_line, ready_words, start_broker
+from client import Client
+from tests.harness import _env, free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+TTL, INTERVAL = 2.0, 0.5      # the leases' inactive_timeout_sec and heartbeat_interval_sec here
+LEASE_FLAGS = ["--heartbeat-interval-sec", str(INTERVAL), "--inactive-timeout-sec", str(TTL)]
+
+
+class EtcdServer:
+    """One etcd member on free 127.0.0.1 ports, its data in a temporary directory; ``kill()`` and
+    ``start()`` again restart it on the same data and ports."""
+
+    def __init__(self, children: Children):
+        self.binary = shutil.which("etcd")
+        if self.binary is None:
+            pytest.fail("no `etcd` on PATH: install Debian's package (apt-get install etcd-server; "
+                        "install.sh does, as root)")
+        self.children = children
+        self.client, peer = f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+        self.uri = f"etcd://{self.client}"
+        self.cmd = [self.binary, "--name", "test", "--data-dir", os.path.join(children.tmp.name, "etcd-data"),
+                    "--listen-client-urls", f"http://{self.client}", "--advertise-client-urls",
+                    f"http://{self.client}", "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                    "--initial-cluster", f"test={peer}"]
+        self.api = Etcd(self.client, timeout=1.0)
+        self.start()
+
+    def start(self) -> None:
+        self.proc = self.children.start("etcd", self.cmd)
+        deadline = time.monotonic() + 30
+        while True:
+            self.children.check_alive([self.proc], "etcd answering")
+            try:
+                self.api.range("/")
+                return
+            except EtcdError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"etcd did not answer in 30 s:\n{self.children.tail('etcd')}")
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def keys(self, cluster: str) -> set:
+        return set(self.api.range(f"/trtllm-disagg/{cluster}/", prefix=True))
+
+
+@pytest.fixture
+def children():
+    c = Children(prefix="dsrv-etcd-", env=_env())
+    try:
+        yield c
+    finally:
+        c.close(grace=0)
+
+
+def start_worker(children: Children, name: str, role: str, uri: str, *flags: str):
+    """``worker start`` with the cluster URI only (TensorRT-LLM's underscore spellings)."""
+    path = os.path.join(children.tmp.name, f"{name}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump({"heartbeat_ms": 200, "broker_timeout_ms": 5000, "num_threads": 1, "device": "cpu"}, f)
+    return children.start(name, [sys.executable, "-m", "workers.cli", "start", "--server_role", role,
+                                 "--disagg_cluster_uri", uri, "--model", "tiny", "--worker-id", name,
+                                 "--extra-llm-api-options", path, *flags])
+
+
+def wait(children: Children, pred, what: str, timeout: float = 60.0):
+    """Until ``pred()`` is truthy (its EtcdError retries); fails naming ``what`` with every log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = pred()
+            if value:
+                return value
+        except EtcdError:
+            pass
+        alive = [p for p in children.procs if p.poll() is None]
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {n}\n{children.tail(n, 15)}" for n in children.names)
+            raise TimeoutError(f"timed out waiting for {what} ({len(alive)} processes alive)\n{logs}")
+        time.sleep(0.1)
+
+
+def serve(frontend: str, n: int = 3) -> list:
+    with Client(frontend, timeout=30) as c:
+        return [c.generate(token_ids=[(i + j) % 200 + 1 for j in range(12)], max_tokens=5, ignore_eos=True)
+                for i in range(n)]
+
+
+def registered(children: Children, frontend: str, names: set) -> bool:
+    from broker.launch import ping
+    s = ping(frontend, 2.0)
+    return s is not None and names <= {w["worker_id"] for w in s["workers"]}
+
+
+def test_workers_and_broker_find_each_other_through_etcd_and_survive_restarts(children):
+    etcd = EtcdServer(children)
+    cluster = "t1"
+    common = ["--cluster_name", cluster, *LEASE_FLAGS]
+    # a worker first, with no broker anywhere: it registers and waits; one with a short deadline gives up
+    start_worker(children, "ctx", "context", etcd.uri, *common)
+    wait(children, lambda: worker_key(cluster, "ctx") in etcd.keys(cluster), "the waiting worker's key")
+    impatient = start_worker(children, "late", "generation", etcd.uri, "--cluster-name", "nobody",
+                             "--discovery-timeout", "1", *LEASE_FLAGS)
+    broker = start_broker(children, extra=["--disagg-cluster-uri", etcd.uri, *common])
+    start_worker(children, "gen", "generation", etcd.uri, *common)     # and one after the broker
+    wait(children, lambda: registered(children, broker["frontend"], {"ctx", "gen"}), "workers registered")
+    assert all(len(r.token_ids) == 5 for r in serve(broker["frontend"]))
+    assert etcd.keys(cluster) == {broker_key(cluster), worker_key(cluster, "ctx"), worker_key(cluster, "gen")}
+    assert etcd.api.get_json(broker_key(cluster))["backend"] == broker["backend"]
+    assert impatient.wait(60) != 0
+    assert "no broker registered in etcd" in children.tail("late") and "/trtllm-disagg/nobody/broker" \
+        in children.tail("late")
+
+    # etcd down for longer than the leases' TTL: requests go on; every key is back afterwards
+    done, failures, stop = [], [], threading.Event()
+
+    def load():
+        with Client(broker["frontend"], timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    done.append(c.generate(token_ids=[7] * 10, max_tokens=4, ignore_eos=True))
+                except Exception as e:      # noqa: BLE001 -- every failure is counted and reported
+                    failures.append(e)
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        etcd.kill()
+        wait(children, lambda: len(done) >= 3, "requests served while etcd is down")
+        time.sleep(TTL + 1)
+        etcd.start()
+        before = len(done)
+        wait(children, lambda: len(done) >= before + 3, "requests served after etcd returns")
+    finally:
+        stop.set()
+        t.join(60)
+    assert not failures, failures[:3]
+    time.sleep(TTL + 1)           # past a TTL after the return: the keys are renewed, not left over
+    wait(children, lambda: etcd.keys(cluster) == {broker_key(cluster), worker_key(cluster, "ctx"),
+                                                  worker_key(cluster, "gen")}, "registrations back")
+
+    # the broker killed and a new one started on other ports: the workers follow it
+    os.kill(broker["pid"], signal.SIGKILL)
+    children.names["broker"].wait(10)
+    broker2 = start_broker(children, extra=["--disagg-cluster-uri", etcd.uri, *common])
+    assert broker2["backend"] != broker["backend"]
+    wait(children, lambda: registered(children, broker2["frontend"], {"ctx", "gen"}), "workers at the new broker")
+    assert all(len(r.token_ids) == 5 for r in serve(broker2["frontend"]))
+    assert etcd.api.get_json(broker_key(cluster))["backend"] == broker2["backend"]
+
+    # a killed worker's key goes when its lease expires (TTL, plus etcd's expiry check and slack)
+    os.kill(children.names["gen"].pid, signal.SIGKILL)
+    children.names["gen"].wait(10)
+    wait(children, lambda: worker_key(cluster, "gen") not in etcd.keys(cluster), "the killed worker's key gone",
+         timeout=TTL + 5)
+    assert worker_key(cluster, "ctx") in etcd.keys(cluster)
+
+
+def test_a_lost_lease_is_granted_anew_and_close_revokes_it(children):
+    etcd = EtcdServer(children)
+    key = worker_key("unit", "w")
+    reg = Registration(etcd.api, key, {"role": "context"}, TTL, INTERVAL).start()
+    try:
+        wait(children, lambda: reg.lease is not None and key in etcd.keys("unit"), "registered")
+        first = reg.lease
+        etcd.api.revoke(first)            # as if it expired while etcd was away: the key goes with it
+        wait(children, lambda: reg.lease not in (None, first) and key in etcd.keys("unit"), "registered again")
+        assert etcd.api.get_json(key) == {"role": "context"}
+    finally:
+        reg.close()
+    assert key not in etcd.keys("unit") and etcd.api.keepalive(reg.lease) == 0
+
+
+def test_cluster_uri_set_to_the_broker_address_needs_no_etcd(children):
+    uri = f"tcp://127.0.0.1:{free_port()}"
+    config = os.path.join(children.tmp.name, "disagg.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump({"disagg_cluster": {"cluster_uri": uri}}, f)
+    proc = children.start("broker", [sys.executable, "-m", "broker.cli", "start", "--config", config,
+                                     "--frontend", "tcp://127.0.0.1:0", "--no-http"], stdout=subprocess.PIPE)
+    broker = ready_words(read_line(proc, 30.0, "ready line"))
+    assert broker["backend"] == uri       # the config's cluster URI is where the broker listens
+    start_worker(children, "agg", "both", uri)
+    wait(children, lambda: registered(children, broker["frontend"], {"agg"}), "worker registered")
+    assert all(len(r.token_ids) == 5 for r in serve(broker["frontend"], 2))
+
+
+@pytest.mark.parametrize("args,words", [
+    ([], ["exactly one of --broker", "--disagg-cluster-uri"]),
+    (["--broker", "tcp://127.0.0.1:1", "--disagg-cluster-uri", "etcd://h:1"], ["exactly one of --broker"]),
+    (["--disagg-cluster-uri", "etcd:/h"], ["--disagg-cluster-uri='etcd:/h'", "etcd://HOST:PORT"]),
+    (["--disagg-cluster-uri", "etcd://h:1", "--heartbeat-interval-sec", "3", "--inactive-timeout-sec", "2"],
+     ["heartbeat_interval_sec=3.0", "inactive_timeout_sec=2.0"]),
+])
+def test_worker_cluster_flags_are_checked_with_clear_errors(args, words, capsys):
+    from workers.cli import main
+    assert main(["start", "--server-role", "CONTEXT", "--model", "tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+
+
+def test_broker_launch_registers_in_etcd_and_a_worker_started_elsewhere_joins(children):
+    etcd = EtcdServer(children)
+    config = os.path.join(children.tmp.name, "disagg.yaml")
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    worker = {"num_threads": 1, "device": "cpu", "heartbeat_ms": 200}
+    with open(config, "w") as f:
+        yaml.safe_dump({"model": "tiny", "frontend": frontend, "context_servers": {"num_instances": 1, **worker},
+                        "generation_servers": {"num_instances": 0},
+                        "disagg_cluster": {"cluster_uri": etcd.uri, "cluster_name": "launched",
+                                           "heartbeat_interval_sec": INTERVAL, "inactive_timeout_sec": TTL,
+                                           "minimal_instances": {"generation_servers": 0}}}, f)
+    proc = children.start("launch", [sys.executable, "-m", "broker.cli", "launch", "-c", config, "--no-http",
+                                     "--ready-timeout", "60"])
+    start_worker(children, "remote-gen", "generation", etcd.uri, "--cluster-name", "launched", *LEASE_FLAGS)
+    wait(children, lambda: registered(children, frontend, {"context-0", "remote-gen"}), "the joined worker")
+    assert all(len(r.token_ids) == 5 for r in serve(frontend, 2))
+    assert etcd.api.get_json(broker_key("launched"))["frontend"] == frontend
+    proc.send_signal(signal.SIGTERM)     # stops its own workers; its lease is revoked on the way out
+    assert proc.wait(30) == 0, children.tail("launch")
+    assert broker_key("launched") not in etcd.keys("launched")
