@@ -59,6 +59,7 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _scratch = threading.local()
+_PINS = torch.tensor([[1.0, -1.0] + [0.0] * (_PIN - 2)])
 
 
 def _pinned_rows(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,14 +106,23 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
                                                            requires_grad=False)
         self.weight_bytes = n * k + 4 * n
+        self.handle = None   # set for torch.compile (compiled.py)
+
+    def kernel(self, pinned: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(pinned, self._packed, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         # abs().amax(), not vector_norm(inf): the same exact maximum, 24x faster at 64 rows.
         peak = rows.abs().amax(1, keepdim=True).clamp_min_(1e-30)
-        pinned, head = _pinned_rows(rows.shape[0], self.in_features)
-        torch.div(rows, peak, out=head)
-        y = torch.ops.quantized.linear_dynamic(pinned, self._packed, False).mul_(peak)
+        if torch.compiler.is_compiling():   # the same values; fbgemm's kernel stays opaque
+            pins = _PINS.to(rows.device).expand(rows.shape[0], _PIN)
+            pinned = torch.cat([rows / peak, pins], dim=1)
+            y = torch.ops.dsrv.packed_linear(pinned, self.handle) * peak
+        else:
+            pinned, head = _pinned_rows(rows.shape[0], self.in_features)
+            torch.div(rows, peak, out=head)
+            y = self.kernel(pinned).mul_(peak)
         if self.bias is not None:
             y += self.bias
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
@@ -134,9 +144,15 @@ class Fp16Linear(nn.Module):
             weight.detach().float(), None if bias is None else bias.detach().float())
         self.out_features, self.in_features = weight.shape
         self.weight_bytes = 2 * weight.numel()
+        self.handle = None   # set for torch.compile (compiled.py)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features), self._packed)
+        rows = x.reshape(-1, self.in_features)
+        y = (torch.ops.dsrv.packed_linear(rows, self.handle) if torch.compiler.is_compiling()
+             else self.kernel(rows))
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
