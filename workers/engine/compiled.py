@@ -9,15 +9,17 @@ and paged attention (``dsrv::paged_attend``, which calls the runner's ``attend``
 handed over in a thread-local: it writes the KV pool and reads block tables, neither of which
 the compiled graph needs to see).
 
-The cost is compile time: one graph for batch 1 and one with a dynamic batch for the rest, each
-tens of seconds on 2 cores the first time (inductor's on-disk cache makes later starts faster).
+Measured (``python -m bench.engine --compile both``, SmolLM2 int8, 1 thread, README): batch-1
+decode 34.9 tok/s against 26.1 eager, batch 16 and 64 8-10 % faster. The cost is compile time:
+one graph for batch 1 and one with a dynamic batch for the rest, together 30 s to over 3 minutes
+on 2 loaded cores the first time (inductor's on-disk cache makes later starts faster), which is
+why it is off by default and not yet a worker option (a worker would have to compile before it
+takes requests, or its first decode would stall its heartbeats).
 """
 from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable
-
 import torch
 
 from .model import Attend, LlamaModel

@@ -33,6 +33,8 @@ import warnings
 import torch
 from torch import nn
 
+from .model import compiling
+
 # Input columns appended to pin the quantization range (fbgemm likes K a multiple of 4).
 _PIN = 4
 
@@ -115,7 +117,7 @@ class Int8Linear(nn.Module):
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         # abs().amax(), not vector_norm(inf): the same exact maximum, 24x faster at 64 rows.
         peak = rows.abs().amax(1, keepdim=True).clamp_min_(1e-30)
-        if torch.compiler.is_compiling():   # the same values; fbgemm's kernel stays opaque
+        if compiling():   # the same values; fbgemm's kernel stays opaque
             pins = _PINS.to(rows.device).expand(rows.shape[0], _PIN)
             pinned = torch.cat([rows / peak, pins], dim=1)
             y = torch.ops.dsrv.packed_linear(pinned, self.handle) * peak
@@ -151,7 +153,7 @@ class Fp16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        y = (torch.ops.dsrv.packed_linear(rows, self.handle) if torch.compiler.is_compiling()
+        y = (torch.ops.dsrv.packed_linear(rows, self.handle) if compiling()
              else self.kernel(rows))
         return y.view(*x.shape[:-1], self.out_features)
 
