@@ -121,16 +121,20 @@ class Case:
 class Engine:
     """One configuration's model over a KV pool large enough for every case."""
 
-    def __init__(self, model, cases: list[Case], history: int, steps: int) -> None:
+    def __init__(self, model, cases: list[Case], history: int, steps: int, compile_decode: bool = False,
+                 kv: Optional[KVCache] = None) -> None:
+        """``kv``: another engine's pool to share (same model and cases)."""
         self.history, self.steps = history, steps
         kv_dtype = model.precision.torch_dtype      # the KV cache's "auto": the compute dtype
         blocks = -(-(history + steps) // BLOCK_SIZE)
         need = max([c.size * blocks for c in cases if c.kind == "decode"] +
                    [-(-c.size // BLOCK_SIZE) for c in cases if c.kind == "prefill"] + [1])
         self.device = model.precision.device
-        self.kv = KVCache(model.cfg, need, BLOCK_SIZE, dtype=kv_dtype, device=self.device)
-        self.kv.pool.normal_(0, 1)     # stands in for the prefill of every history
-        self.runner = ModelRunner(model, self.kv)
+        if kv is None:
+            kv = KVCache(model.cfg, need, BLOCK_SIZE, dtype=kv_dtype, device=self.device)
+            kv.pool.normal_(0, 1)     # stands in for the prefill of every history
+        self.kv = kv
+        self.runner = ModelRunner(model, self.kv, compile_decode)
         self.vocab = model.cfg.vocab_size
 
     def _tables(self, count: int, positions: int) -> list:
@@ -159,8 +163,12 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     def warm_up(self) -> None:
+        """Also compiles a compiled engine's two graphs: batch 1 and any batch (from batch 2)."""
         self.tokens_per_s(Case("prefill", min(16, self.kv.num_blocks * BLOCK_SIZE)))
-        self.tokens_per_s(Case("decode", 1))
+        blocks = -(-(self.history + self.steps) // BLOCK_SIZE)
+        for batch in (1, 2):
+            if batch * blocks <= self.kv.num_blocks:
+                self.tokens_per_s(Case("decode", batch))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +204,13 @@ def run(args) -> dict:
         loaded = try_load(args.model, config, args.device)
         if loaded is not None:
             name = config_name(config)
-            engines[name] = Engine(loaded[0], cases, args.history, args.steps)
-            weights[name] = weight_bytes(loaded[0])
+            if args.compile != "yes":
+                engines[name] = Engine(loaded[0], cases, args.history, args.steps)
+                weights[name] = weight_bytes(loaded[0])
+            if args.compile != "no":
+                shared = engines[name].kv if name in engines else None
+                engines[name + "+compile"] = Engine(loaded[0], cases, args.history, args.steps, True, shared)
+                weights.setdefault(name, weight_bytes(loaded[0]))
     if not engines:
         raise SystemExit(f"no configuration of {args.configs!r} loads")
     gguf = gguf_of(args.model, args.gguf)
@@ -281,6 +294,9 @@ def main(argv=None) -> None:
     ap.add_argument("--history", type=int, default=128, help="cached positions per sequence before decode")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per measurement")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (ours and llama.cpp alternate); medians reported")
+    ap.add_argument("--compile", default="no", choices=("no", "yes", "both"),
+                    help="decode through torch.compile (ModelRunner(compile_decode=True)); both: each "
+                         "configuration eager and compiled (+compile), compiling at its warm-up")
     ap.add_argument("--json", default=None, help="write the report here")
     llamacpp.add_arguments(ap)
     args = ap.parse_args(argv)

@@ -18,6 +18,9 @@ from torch import nn
 from .config import ModelConfig
 from .rope import inverse_frequencies
 
+# True while torch.compile traces (compiled.py); torch before 2.3 has no compiler.is_compiling.
+compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
 # attend(layer, q [T, heads, head_dim], k [T, kv_heads, head_dim], v) -> [T, heads * head_dim]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,10 +53,14 @@ class RotaryEmbedding(nn.Module):
         sin[:, : head_dim // 2].neg_()
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def check(self, positions: torch.Tensor) -> None:
         if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             raise ValueError(f"position {int(positions.max())} is beyond the model's "
                              f"max_position {self.cos.shape[0]}")
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not compiling():   # compiled, the caller checks (compiled.py)
+            self.check(positions)
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 

@@ -27,10 +27,13 @@ which lose nothing measurable. Its activations stay float32, so its rows are bat
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
 from torch import nn
+
+from .model import compiling
 
 # Input columns appended to pin the quantization range (fbgemm likes K a multiple of 4).
 _PIN = 4
@@ -57,6 +60,32 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+_scratch = threading.local()
+_PINS = torch.tensor([[1.0, -1.0] + [0.0] * (_PIN - 2)])
+
+
+def _pinned_rows(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reused [n, k + _PIN] float32 input buffer whose last columns hold the pins (+1, -1, 0,
+    0), and the view of its first k columns, where the caller writes the normalized rows. One
+    buffer per width and thread, grown to the most rows seen, with its views per row count kept:
+    no per-call allocation, no concatenation (which copied every row once more) and no slicing
+    ops. The kernel never keeps its input, so the next call may overwrite it."""
+    if not hasattr(_scratch, "views"):
+        _scratch.buffers, _scratch.views = {}, {}
+    got = _scratch.views.get((n, k))
+    if got is None:
+        buf = _scratch.buffers.get(k)
+        if buf is None or buf.shape[0] < n:
+            with torch.inference_mode(False):   # usable in and out of inference mode
+                buf = _scratch.buffers[k] = torch.zeros(max(n, 64), k + _PIN)
+                buf[:, k], buf[:, k + 1] = 1.0, -1.0
+            _scratch.views.clear()      # views of the smaller buffer
+        if len(_scratch.views) >= 256:
+            _scratch.views.clear()
+        got = _scratch.views[n, k] = (buf[:n], buf[:n, :k])
+    return got
+
+
 class Int8Linear(nn.Module):
     """``y = x @ W.T + b`` with W in int8 (per-channel scales, ``WEIGHT_MAX``) and x quantized
     per row to uint8."""
@@ -78,20 +107,27 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = k, n
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
                                                            requires_grad=False)
-        pin = torch.zeros(1, _PIN)
-        pin[0, 0], pin[0, 1] = 1.0, -1.0
-        self.register_buffer("_pin", pin, persistent=False)
         self.weight_bytes = n * k + 4 * n
+        self.handle = None   # set for torch.compile (compiled.py)
+
+    def kernel(self, pinned: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(pinned, self._packed, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, self.in_features)
-        peak = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)
-        pinned = torch.cat([rows / peak, self._pin.expand(rows.shape[0], _PIN)], dim=1)
-        y = torch.ops.quantized.linear_dynamic(pinned, self._packed, False).mul_(peak)
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        # abs().amax(), not vector_norm(inf): the same exact maximum, 24x faster at 64 rows.
+        peak = rows.abs().amax(1, keepdim=True).clamp_min_(1e-30)
+        if compiling():   # the same values; fbgemm's kernel stays opaque
+            pins = _PINS.to(rows.device).expand(rows.shape[0], _PIN)
+            pinned = torch.cat([rows / peak, pins], dim=1)
+            y = torch.ops.dsrv.packed_linear(pinned, self.handle) * peak
+        else:
+            pinned, head = _pinned_rows(rows.shape[0], self.in_features)
+            torch.div(rows, peak, out=head)
+            y = self.kernel(pinned).mul_(peak)
         if self.bias is not None:
             y += self.bias
-        return y.view(*shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -110,9 +146,15 @@ class Fp16Linear(nn.Module):
             weight.detach().float(), None if bias is None else bias.detach().float())
         self.out_features, self.in_features = weight.shape
         self.weight_bytes = 2 * weight.numel()
+        self.handle = None   # set for torch.compile (compiled.py)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features), self._packed)
+        rows = x.reshape(-1, self.in_features)
+        y = (torch.ops.dsrv.packed_linear(rows, self.handle) if compiling()
+             else self.kernel(rows))
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -38,7 +38,8 @@ DECODE_GROUP_BYTES = 1 << 20
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCache) -> None:
+    def __init__(self, model: LlamaModel, kv: KVCache, compile_decode: bool = False) -> None:
+        """``compile_decode``: run decode steps through ``torch.compile`` (``compiled.py``)."""
         cfg, kcfg = model.cfg, kv.cfg
         got = (kcfg.num_layers, kcfg.num_kv_heads, kcfg.head_dim)
         want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
@@ -58,6 +59,10 @@ class ModelRunner:
         if model.norm.weight.device != self.device:
             raise ValueError(f"model on {model.norm.weight.device} and KV cache on {self.device}: "
                              "they must share a device")
+        self._compiled = None
+        if compile_decode:
+            from .compiled import CompiledModel     # imports torch's compiler stack: only when asked
+            self._compiled = CompiledModel(model)
 
     def _check_table(self, block_table: Sequence[int], length: int) -> None:
         need = self.kv.blocks_for(length)
@@ -165,8 +170,10 @@ class ModelRunner:
                 out[lo:hi] = att.reshape(hi - lo, -1)
             return out
 
-        hidden = self.model(torch.tensor(list(tokens), dtype=torch.long, device=dev), pos, attend)
-        return self.model.logits(hidden).float()
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=dev)
+        if self._compiled is not None:
+            return self._compiled(ids, pos, attend)
+        return self.model.logits(self.model(ids, pos, attend)).float()
 
     def _decode_groups(self, lengths: Sequence[int]) -> list[tuple[int, int]]:
         """Consecutive [lo, hi) ranges of the batch whose gathered K/V (padded to the group's
