@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -41,6 +42,13 @@ CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DGGML_CUDA=
                  "-DGGML_VULKAN=OFF", "-DGGML_METAL=OFF", "-DLLAMA_OPENSSL=OFF",
                  "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                  "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF")
+# A CPU (a VM) can list AMX that its hypervisor does not enable: GGML_NATIVE then compiles AMX
+# code that dies with SIGILL. DSRV_LLAMACPP_NO_AMX=1 builds without it, in a directory of its own.
+NO_AMX = os.environ.get("DSRV_LLAMACPP_NO_AMX", "") not in ("", "0")
+if NO_AMX:
+    _NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    CMAKE_OPTIONS += (f"-DCMAKE_C_FLAGS={_NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={_NO_AMX_FLAGS}")
+_VARIANT = f"{VERSION}-noamx" if NO_AMX else VERSION
 # llama-server: the same options with the server (and the app it belongs to) on.
 SERVER = "llama-server"
 SERVER_CMAKE_OPTIONS = tuple(o.replace("=OFF", "=ON") if o.split("=")[0] in
@@ -98,11 +106,11 @@ def _find_or_build(root: str, built, build_dir, targets: Sequence[str], options:
 
 
 def _build_dir(root: str) -> str:
-    return os.path.join(root, f"build-{VERSION}")
+    return os.path.join(root, f"build-{_VARIANT}")
 
 
 def _server_dir(root: str) -> str:
-    return os.path.join(root, f"server-{VERSION}")
+    return os.path.join(root, f"server-{_VARIANT}")
 
 
 def _built_server(root: str) -> Optional[str]:
@@ -183,7 +191,11 @@ class LlamaCpp:
             raise LlamaCppError(f"{tool}: {e}") from None
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise LlamaCppError(f"{tool} exited {proc.returncode}: {' | '.join(tail)}")
+            hint = ""
+            if proc.returncode == -signal.SIGILL and not NO_AMX:
+                hint = (" (an illegal instruction: where the CPU lists AMX that the machine does not "
+                        "enable, build without it: DSRV_LLAMACPP_NO_AMX=1)")
+            raise LlamaCppError(f"{tool} exited {proc.returncode}{hint}: {' | '.join(tail)}")
         return proc.stdout + "\n" + proc.stderr
 
     def prefill(self, model: str, threads: int, lengths: Sequence[int], repetitions: int = 1) -> dict:
