@@ -160,8 +160,11 @@ def test_a_resuming_client_continues_its_streams_across_a_broker_restart():
             streams = [c.stream(token_ids=prompt, max_tokens=n, ignore_eos=True),
                        c.stream(token_ids=prompt, max_tokens=n, ignore_eos=True, **seeded)]
             chunks = [[next(s)] for s in streams]
-            d.kill("gen")          # nothing finishes before the broker dies (a fresh worker serves after)
+            # nothing finishes before the broker dies (a fresh worker serves after); the worker is
+            # frozen first, so the broker cannot see it go and fail the request before it dies itself
+            d.kill("gen", signal.SIGSTOP)
             os.kill(d.broker.pid, signal.SIGKILL)
+            d.kill("gen")
             d.broker.wait(10)
             _restart_broker(d)
             d.add_worker("generation", "gen-2", wait=False)
@@ -189,8 +192,9 @@ def test_a_resuming_async_client_continues_its_stream_across_a_broker_restart():
             async with AsyncClient(d.frontend, timeout=TIMEOUT, liveness=WINDOW, resume=True) as c:
                 stream = c.stream(token_ids=prompt, max_tokens=n, ignore_eos=True)
                 got = [await stream.__anext__()]
-                d.kill("gen")
+                d.kill("gen", signal.SIGSTOP)      # frozen, not gone: see the test above
                 os.kill(d.broker.pid, signal.SIGKILL)
+                d.kill("gen")
                 await loop.run_in_executor(None, d.broker.wait, 10)
                 await loop.run_in_executor(None, _restart_broker, d)
                 d.add_worker("generation", "gen-2", wait=False)
