@@ -426,16 +426,10 @@ class BrokerState:
     def _dispatch(self) -> list[Out]:
         """Each model's queues in order, until that model has no free worker (broker/pool.py)."""
         out: list[Out] = []
-        queues = self.prefill_queue
-        if queues:
-            for model, q in list(queues.items()):
-                self._dispatch_prefills(model, q, out)
-                if not q:
-                    del queues[model]
-        queues = self.decode_queue
-        if queues:
-            for model, q in list(queues.items()):
-                self._dispatch_decodes(model, q, out)
+        for queues, dispatch in ((self.prefill_queue, self._dispatch_prefills),
+                                 (self.decode_queue, self._dispatch_decodes)):
+            for model, q in list(queues.items()) if queues else ():
+                dispatch(model, q, out)
                 if not q:
                     del queues[model]
         return out
