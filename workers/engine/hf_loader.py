@@ -164,11 +164,16 @@ def _check_tie(path: str, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> N
                          "differs from embed_tokens.weight")
 
 
+def read_config(path: str) -> ModelConfig:
+    """The model config of an HF directory (config.json and generation_config.json)."""
+    return _config(path, _read_json(os.path.join(path, "config.json")),
+                   _read_json(os.path.join(path, "generation_config.json")))
+
+
 def load_hf_dir(path: str) -> tuple[LlamaModel, HFTokenizer]:
     from safetensors.torch import load_file
 
-    cfg = _config(path, _read_json(os.path.join(path, "config.json")),
-                  _read_json(os.path.join(path, "generation_config.json")))
+    cfg = read_config(path)
     state = {}
     for file in _weight_files(path):
         for name, w in load_file(file).items():

@@ -42,20 +42,29 @@ def load_model(spec: str = DEFAULT_MODEL, *, seed: int = 0, dtype: Optional[str]
     return prepare(model, precision, tok), tok
 
 
-def _load(spec: str, seed: int) -> tuple[LlamaModel, Tokenizer]:
+def model_source(spec: str) -> tuple[str, str]:
+    """What ``spec`` names: ``("tiny", spec)``, ``("gguf", path)`` or ``("hf", directory)``."""
     if spec == DEFAULT_MODEL:
-        from .gguf_loader import load_gguf
-        return load_gguf(smollm2_path())
+        return "gguf", smollm2_path()
     if spec == "tiny" or spec.startswith("tiny:"):   # tiny:SEED: the tiny model with other weights
-        from .tiny import tiny_model
         if spec != "tiny" and not spec[5:].isdigit():
             raise ValueError(f"invalid model {spec!r}: expected tiny:SEED, SEED a non-negative integer")
-        return tiny_model(int(spec[5:]) if spec != "tiny" else seed)
+        return "tiny", spec
     if spec.endswith(".gguf") and os.path.isfile(spec):
-        from .gguf_loader import load_gguf
-        return load_gguf(spec)
+        return "gguf", spec
     if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "config.json")):
-        from .hf_loader import load_hf_dir
-        return load_hf_dir(spec)
+        return "hf", spec
     raise ValueError(f"unknown model {spec!r}: expected {DEFAULT_MODEL!r}, 'tiny' (or tiny:SEED), a .gguf file, "
                      "or a directory with config.json, *.safetensors and tokenizer.json")
+
+
+def _load(spec: str, seed: int) -> tuple[LlamaModel, Tokenizer]:
+    kind, path = model_source(spec)
+    if kind == "tiny":
+        from .tiny import tiny_model
+        return tiny_model(int(spec[5:]) if spec != "tiny" else seed)
+    if kind == "gguf":
+        from .gguf_loader import load_gguf
+        return load_gguf(path)
+    from .hf_loader import load_hf_dir
+    return load_hf_dir(path)

@@ -78,8 +78,7 @@ def _adjust_row(row: torch.Tensor, p: SamplingParams, history: Sequence[int], st
 
 
 def _needs_adjusting(p: SamplingParams, history: Sequence[int], step: int) -> bool:
-    return bool((p.repetition_penalty != 1.0 and history) or p.presence_penalty or p.frequency_penalty
-                or p.logit_bias or step < p.min_tokens)
+    return bool((p.uses_history and history) or p.logit_bias or step < p.min_tokens)
 
 
 def _uniform(p: SamplingParams, step: int) -> float:

@@ -18,24 +18,20 @@ FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 def load_tokenizer(spec: str) -> tuple[HFTokenizer, int]:
     """The tokenizer of model ``spec`` and its context length, without loading weights."""
-    from .loaders import DEFAULT_MODEL, smollm2_path
-    if spec == "tiny":
-        raise ValueError("model 'tiny' has a byte vocabulary, not a Hugging Face tokenizer: "
+    from .loaders import model_source
+    kind, path = model_source(spec)
+    if kind == "tiny":
+        raise ValueError(f"model {spec!r} has a byte vocabulary, not a Hugging Face tokenizer: "
                          "there is nothing to export")
-    path = smollm2_path() if spec == DEFAULT_MODEL else spec
-    if path.endswith(".gguf") and os.path.isfile(path):
+    if kind == "gguf":
         from .gguf_file import GGUFFile
         from .gguf_loader import read_config
         from .tokenizer import tokenizer_from_gguf
         reader = GGUFFile(path)
         return tokenizer_from_gguf(reader), read_config(reader, path)[1].max_position
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        from .hf_loader import _config, _read_json, _tokenizer
-        cfg = _config(path, _read_json(os.path.join(path, "config.json")),
-                      _read_json(os.path.join(path, "generation_config.json")))
-        return _tokenizer(path, cfg), cfg.max_position
-    raise ValueError(f"unknown model {spec!r}: expected {DEFAULT_MODEL!r}, a .gguf file, or a "
-                     "directory with config.json and tokenizer.json")
+    from .hf_loader import _tokenizer, read_config as read_hf_config
+    cfg = read_hf_config(path)
+    return _tokenizer(path, cfg), cfg.max_position
 
 
 def export_tokenizer(spec: str, out_dir: str, *, overwrite: bool = False) -> list[str]:
