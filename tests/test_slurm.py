@@ -1,10 +1,10 @@
-"""examples/slurm/ on a real Slurm: the test starts a one-node cluster of its own (munged with a
+"""examples/slurm/ on a real Slurm: each test starts a one-node cluster of its own (munged with a
 generated key, slurmctld and slurmd on free ports, everything in a temporary directory; Debian's
 ``slurm-wlm`` and ``munge``, which install.sh installs as root), submits the example through
-``submit.sh`` (sbatch) with etcd, two context workers and one generation worker of the tiny model,
-serves a chat completion through the job's HTTP gateway, and checks that ``scancel`` leaves no
-process behind. The daemons are stopped by pid, and anything still carrying this cluster's
-SLURM_CONF is killed, even when the test fails.
+``submit.sh`` (sbatch) with two context workers and one generation worker of the tiny model, finding
+the broker through etcd or through its own address, serves a chat completion through the job's HTTP
+gateway, and checks that ``scancel`` leaves no process behind. The daemons are stopped by pid, and
+anything still carrying this cluster's SLURM_CONF is killed, even when the test fails.
 """
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ class SlurmCluster:
     their key, state, spool and logs in ``children.tmp``; ``env`` is for the client commands."""
 
     def __init__(self, children: Children):
-        missing = [b for b in DAEMONS + CLIENTS if shutil.which(b) is None
-                   and not os.path.exists(f"/usr/sbin/{b}")]
+        found = {b: shutil.which(b) or shutil.which(b, path="/usr/sbin") for b in DAEMONS + CLIENTS}
+        missing = [b for b, path in found.items() if path is None]
         if missing:
             pytest.fail(f"Slurm is not installed (no {', '.join(missing)}): run install.sh as root "
                         "(it installs Debian's slurm-wlm and munge)")
@@ -99,12 +99,12 @@ class SlurmCluster:
                 "AccountingStorageType=accounting_storage/none",
                 f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN",
                 f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP", ""]))
-        children.start("munged", ["munged", "--foreground", "--force", f"--key-file={key}", f"--socket={sock}",
-                                  f"--pid-file={p('munged.pid')}", f"--seed-file={p('munged.seed')}",
-                                  f"--log-file={p('munged.log')}"])
+        children.start("munged", [found["munged"], "--foreground", "--force", f"--key-file={key}",
+                                  f"--socket={sock}", f"--pid-file={p('munged.pid')}",
+                                  f"--seed-file={p('munged.seed')}", f"--log-file={p('munged.log')}"])
         self.wait(lambda: os.path.exists(sock), "munged's socket")
-        children.start("slurmctld", ["slurmctld", "-D", "-f", self.conf])
-        children.start("slurmd", ["slurmd", "-D", "-f", self.conf, "-N", self.node])
+        children.start("slurmctld", [found["slurmctld"], "-D", "-f", self.conf])
+        children.start("slurmd", [found["slurmd"], "-D", "-f", self.conf, "-N", self.node])
         self.wait(lambda: self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle",
                   "the node idle in sinfo")
         self.daemons = set(marked(self.conf))     # the three and slurmctld's slurmscriptd
@@ -144,37 +144,47 @@ class SlurmCluster:
         """This cluster's processes other than its daemons (and this test)."""
         return [pid for pid in marked(self.conf) if pid not in self.daemons and pid != os.getpid()]
 
-    def close(self) -> None:
-        """Cancel every job, stop the daemons by pid, kill whatever still carries SLURM_CONF."""
+
+def shutdown(children: Children, conf: str, daemons: set) -> None:
+    """Cancel the jobs (while slurmctld runs), kill what is left of them (every process carrying
+    SLURM_CONF but ``daemons``), stop the daemons by pid (SIGTERM, then SIGKILL), remove the
+    directory; finally kill anything still carrying SLURM_CONF."""
+    daemons = daemons | {p.pid for p in children.procs}
+    ctld = children.names.get("slurmctld")
+    if ctld is not None and ctld.poll() is None:
         try:
-            self.run("scancel", "--full", "--user", "root", check=False, timeout=10)
+            subprocess.run(["scancel", "--user", "root"], env=dict(children.env, SLURM_CONF=conf),
+                           capture_output=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             pass
-        try:
-            self.children.close(grace=5)                   # SIGTERM, then SIGKILL; removes the directory
-        finally:
-            for pid in marked(self.conf):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and set(marked(conf)) - daemons - {os.getpid()}:
+            time.sleep(0.2)
+    try:
+        for pid in set(marked(conf)) - daemons:         # step daemons, batch scripts, tasks
+            kill(pid)
+    finally:
+        children.close(grace=5)
+        for pid in marked(conf):
+            kill(pid)
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture
 def slurm():
     children = Children(prefix="dsrv-slurm-", env=_env(), cwd=ROOT)
+    cluster = None
     try:
         cluster = SlurmCluster(children)
-    except BaseException:
-        conf = os.path.join(children.tmp.name, "slurm.conf")
-        children.close(grace=2)
-        for pid in marked(conf):
-            os.kill(pid, signal.SIGKILL)
-        raise
-    try:
         yield cluster
     finally:
-        cluster.close()
+        shutdown(children, os.path.join(children.tmp.name, "slurm.conf"), cluster.daemons if cluster else set())
 
 
 def post(url: str, body: dict) -> dict:
@@ -207,7 +217,8 @@ def test_sbatch_brings_up_broker_and_workers_that_serve_and_scancel_stops_them(s
     r = submit(slurm, "--ctx", "2", "--gen", "1", "--model", "tiny", "--cluster-name", cluster,
                "--http-port", str(http), "--frontend-port", str(frontend), "--backend-port", str(backend),
                "--ctx-options", options, "--gen-options", options,
-               *(["--etcd", "--etcd-port", str(etcd), "--etcd-peer-port", str(peer)] if discovery == "etcd" else []))
+               *(["--etcd", "--etcd-port", str(etcd), "--etcd-peer-port", str(peer)]
+                 if discovery == "etcd" else []))
     assert r.returncode == 0, f"submit.sh exited {r.returncode}:\n{r.stdout}{r.stderr}\n{slurm.logs()}"
     job = r.stdout.split()[1].rstrip(":")
     endpoints = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line and " " not in line)
@@ -218,7 +229,8 @@ def test_sbatch_brings_up_broker_and_workers_that_serve_and_scancel_stops_them(s
     # each process is a step of the job; with etcd, the broker and every worker registered there
     workers = ["context-0", "context-1", "generation-0"]
     steps = slurm.run("squeue", "-h", "-s", "-j", job, "-o", "%j").stdout.split()
-    assert sorted(steps) == sorted(["batch", "broker", *workers] + (["etcd"] if discovery == "etcd" else [])), steps
+    expected = ["batch", "broker", *workers] + (["etcd"] if discovery == "etcd" else [])
+    assert sorted(steps) == sorted(expected), steps
     if discovery == "etcd":
         keys = set(Etcd(f"127.0.0.1:{etcd}").range(f"/trtllm-disagg/{cluster}/", prefix=True))
         assert keys == {broker_key(cluster), *(worker_key(cluster, w) for w in workers)}, keys

@@ -19,14 +19,17 @@ else
     if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "${CUDA_VISIBLE_DEVICES}" != NoDevFiles ]; then
         IFS=, read -r -a gpus <<<"$CUDA_VISIBLE_DEVICES"
     else
-        mapfile -t gpus < <(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | grep -E '^[0-9]+$' || true)
+        mapfile -t gpus < <(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null |
+                            grep -E '^[0-9]+$' || true)
     fi
     if [ "${#gpus[@]}" -gt 0 ]; then
         slot=${DSRV_SLOT:-0}
         [ "$slot" -lt "${#gpus[@]}" ] ||
-            echo "start_worker: slot $slot but ${#gpus[@]} GPU(s) on $(hostname): sharing GPU $((slot % ${#gpus[@]}))" >&2
+            echo "start_worker: slot $slot but ${#gpus[@]} GPU(s) on $(hostname):" \
+                "sharing GPU $((slot % ${#gpus[@]}))" >&2
         export CUDA_VISIBLE_DEVICES=${gpus[$((slot % ${#gpus[@]}))]}    # the worker's auto device: cuda:0
     fi
 fi
-echo "start_worker: $(hostname) host=$host ${CUDA_VISIBLE_DEVICES:+CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES }$*" >&2
+echo "start_worker: $(hostname) host=$host" \
+    "${CUDA_VISIBLE_DEVICES:+CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES }$*" >&2
 exec "$python" -m workers.cli start --host "$host" "${device[@]}" "$@"
