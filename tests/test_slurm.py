@@ -67,6 +67,8 @@ class SlurmCluster:
         if missing:
             pytest.fail(f"Slurm is not installed (no {', '.join(missing)}): run install.sh as root "
                         "(it installs Debian's slurm-wlm and munge)")
+        if os.geteuid() != 0:
+            pytest.fail("the Slurm test runs slurmd, which starts jobs, so it needs root")
         self.children = children
         self.dir = children.tmp.name
         os.chmod(self.dir, 0o755)      # munged wants the socket's directory searchable by all
@@ -163,8 +165,16 @@ def shutdown(children: Children, conf: str, daemons: set) -> None:
     try:
         for pid in set(marked(conf)) - daemons:         # step daemons, batch scripts, tasks
             kill(pid)
+        for name in ("slurmd", "slurmctld", "munged"):  # in turn: munged serves the others' shutdown
+            proc = children.names.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     finally:
-        children.close(grace=5)
+        children.close(grace=0)                         # whatever is left, and the directory
         for pid in marked(conf):
             kill(pid)
 
