@@ -190,3 +190,15 @@ def test_text_input_is_templated_unless_off_or_already_templated():
     templated = bls_request(json_values({"text_input": "<|im_start|>user\nHi<|im_end|>\n", "max_tokens": 4}))
     assert templated.inputs(markers) == {"prompt": templated.prompt}
     assert ByteTokenizer().chat_markers() == ()       # the tiny model ships no template: never templated
+
+
+def test_the_config_sets_the_perf_metrics_ring_and_the_triton_template_rule():
+    from broker.config import ConfigError, parse_disagg_config
+    cfg = parse_disagg_config({"perf_metrics_max_requests": 0, "triton_chat_template": "off"})
+    assert (cfg.perf_metrics_max_requests, cfg.triton_chat_template) == (0, "off")   # TensorRT-LLM's 0: none
+    assert (parse_disagg_config({}).perf_metrics_max_requests, parse_disagg_config({}).triton_chat_template) \
+        == (1000, "auto")
+    with pytest.raises(ConfigError, match="triton_chat_template"):
+        parse_disagg_config({"triton_chat_template": "sometimes"})
+    with pytest.raises(ConfigError, match="perf_metrics_max_requests"):
+        parse_disagg_config({"perf_metrics_max_requests": -1})
