@@ -10,10 +10,14 @@ import pytest
 import torch
 from multidict import CIMultiDict
 
+from broker import protocol as p
+from broker.config import BrokerConfig, ConfigError, parse_disagg_config
 from broker.protocol import SamplingParams
+from broker.state import FRONT, BrokerState
 from client import Client
 from client.perf_metrics import PerfMetrics
 from client.triton_bls import bls_request, json_values
+from tests.test_broker_state import FakeClock, context_done, of, ready, submit
 from tests.test_gateway import dep, post, sse_events  # noqa: F401  (dep: the same deployment fixture)
 from workers.engine.sampler import ban_tokens
 from workers.engine.tokenizer import ByteTokenizer
@@ -193,7 +197,6 @@ def test_text_input_is_templated_unless_off_or_already_templated():
 
 
 def test_the_config_sets_the_perf_metrics_ring_and_the_triton_template_rule():
-    from broker.config import ConfigError, parse_disagg_config
     cfg = parse_disagg_config({"perf_metrics_max_requests": 0, "triton_chat_template": "off"})
     assert (cfg.perf_metrics_max_requests, cfg.triton_chat_template) == (0, "off")   # TensorRT-LLM's 0: none
     assert (parse_disagg_config({}).perf_metrics_max_requests, parse_disagg_config({}).triton_chat_template) \
@@ -202,3 +205,31 @@ def test_the_config_sets_the_perf_metrics_ring_and_the_triton_template_rule():
         parse_disagg_config({"triton_chat_template": "sometimes"})
     with pytest.raises(ConfigError, match="perf_metrics_max_requests"):
         parse_disagg_config({"perf_metrics_max_requests": -1})
+
+
+# -- what the broker relays for them --------------------------------------------------------------
+
+def test_the_broker_relays_prompt_tokens_first_kv_bytes_at_the_end_and_chat_markers_in_its_stats():
+    st = BrokerState(BrokerConfig(), FakeClock())
+    ready(st, b"ctx", "context")
+    st.on_worker(b"gen", p.Ready("gen", "generation", "tiny", 4, 100, {"backend": "ZMQ"}, 1, 1000,
+                                 ["<|im_start|>", "<|im_end|>"]))
+    stats = st.stats()
+    assert [w["chat_markers"] for w in stats["workers"]] == [[], ["<|im_start|>", "<|im_end|>"]]
+    assert stats["default_model"] == "tiny"
+    [pre] = of(submit(st), p.Prefill)
+    out = context_done(st, b"ctx", pre)                       # three prompt tokens
+    [first] = of(out, p.Tokens, FRONT)
+    [dec] = of(out, p.Decode)
+    assert first.prompt_tokens == 3
+    st.on_worker(b"gen", p.KvPulled("r1", dec.attempt, 0.002, 4096))
+    [more] = of(st.on_worker(b"gen", p.Tokens("r1", 1, [8], "y", dec.attempt)), p.Tokens, FRONT)
+    assert more.prompt_tokens == 0 and b"prompt_tokens" not in more.encode()[0]    # off the wire
+    [fin] = of(st.on_worker(b"gen", p.Finished("r1", dec.attempt, "stop", 3)), p.Final, FRONT)
+    assert fin.timings["kv_bytes"] == 4096
+    # a `both` worker counts the prompt on its first tokens, and the broker passes it on
+    ready(st, b"both", "both")
+    st.on_worker(b"ctx", p.Disconnect())
+    [gen] = of(submit(st, "r2"), p.Generate)
+    [tok] = of(st.on_worker(b"both", p.Tokens("r2", 0, [5], "z", gen.attempt, 11)), p.Tokens, FRONT)
+    assert tok.prompt_tokens == 11
