@@ -136,6 +136,10 @@ class TritonApi:
 
     # -- inference --------------------------------------------------------------------------------
 
+    def _rid(self, request: web.Request) -> str:
+        """The broker request id: ``triton-`` and the request's X-Request-Id (or a new id)."""
+        return self.gw.request_ids(request, "triton")[1]
+
     async def _chat(self, route: Optional[str]) -> Optional[tuple]:
         """The chat markers of the model ``route`` runs on (the broker's default for None), for
         ``BlsRequest.inputs``: None when text_input goes as it is (``--triton-chat-template``
@@ -171,8 +175,7 @@ class TritonApi:
         if req.stream:
             raise HttpError(400, "stream=true answers with several responses: use "
                                  f"/v2/models/{name}/generate_stream", "stream", "unsupported_value")
-        text, n = await self._run(request, req, route, await self._chat(route),
-                                  self.gw.request_ids(request, "triton")[1])
+        text, n = await self._run(request, req, route, await self._chat(route), self._rid(request))
         return web.json_response({"model_name": name, "model_version": VERSION, **req.outputs(text, n)})
 
     @triton_errors
@@ -180,14 +183,13 @@ class TritonApi:
         name, route, req = await self._request(request)
         head = {"model_name": name, "model_version": VERSION}
         if not req.stream:      # as the BLS without `stream`: one response with the whole answer
-            text, n = await self._run(request, req, route, await self._chat(route),
-                                  self.gw.request_ids(request, "triton")[1])
+            text, n = await self._run(request, req, route, await self._chat(route), self._rid(request))
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
             await resp.write(_event({**head, **req.outputs(text, n)}))
             await resp.write_eof()
             return resp
-        rid, submitted = self.gw.request_ids(request, "triton")[1], time.monotonic()
+        rid, submitted = self._rid(request), time.monotonic()
         stream = self.gw.client.stream(**req.inputs(await self._chat(route)), request_id=rid,
                                        timeout=self.gw.request_timeout, model=route, **req.sampling)
         async with stream:
@@ -220,9 +222,8 @@ class TritonApi:
                             "stream", "unsupported_value")
         wanted, binary = _requested_outputs(head)
         markers = await self._chat(route)
-        rid = self.gw.request_ids(request, "triton")[1]
-        tasks = [asyncio.ensure_future(self._run(request, r, route, markers,
-                                                          rid if len(reqs) == 1 else f"{rid}-{i}"))
+        rid = self._rid(request)
+        tasks = [asyncio.ensure_future(self._run(request, r, route, markers, rid if len(reqs) == 1 else f"{rid}-{i}"))
                  for i, r in enumerate(reqs)]
         try:
             answers = await asyncio.gather(*tasks)

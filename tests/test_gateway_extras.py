@@ -233,3 +233,11 @@ def test_the_broker_relays_prompt_tokens_first_kv_bytes_at_the_end_and_chat_mark
     [gen] = of(submit(st, "r2"), p.Generate)
     [tok] = of(st.on_worker(b"both", p.Tokens("r2", 0, [5], "z", gen.attempt, 11)), p.Tokens, FRONT)
     assert tok.prompt_tokens == 11
+
+
+def test_smollm2_announces_the_chatml_markers_its_template_writes():
+    from workers.engine.tokenizer_export import load_tokenizer
+    tok, _ = load_tokenizer("smollm2-135m")
+    assert tok.chat_markers() == ("<|im_start|>", "<|im_end|>")
+    tok.chat_template = None                  # a base model: nothing to template with
+    assert tok.chat_markers() == ()

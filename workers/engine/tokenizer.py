@@ -118,7 +118,6 @@ class HFTokenizer(Tokenizer):
                                      bos_token=self._token_text(self.bos_token_id),
                                      eos_token=self._token_text(eos))
 
-
     def chat_markers(self) -> tuple[str, ...]:
         if not self.chat_template:
             return ()
