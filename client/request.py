@@ -34,7 +34,7 @@ class Chunk:
 class Completion:
     """A finished request. ``finish_reason`` is "stop", "length" or "cancelled"; ``usage`` has
     prompt_tokens and completion_tokens; ``timings`` has queue, prefill, kv_transfer, ttft, total
-    (seconds), as the broker reported them."""
+    (seconds) and kv_bytes (the KV cache moved between workers), as the broker reported them."""
     request_id: str
     text: str
     token_ids: list[int]
@@ -141,6 +141,7 @@ class RequestState:
         self.finished = False       # the broker sent its one final message
         self.failed = False         # finished, or given up on locally (protocol violation)
         self.token_ids: list[int] = []
+        self.prompt_tokens = 0      # as the broker counted them, with the first tokens
         self._texts: list[str] = []
         self.completion: Optional[Completion] = None
 
@@ -181,6 +182,8 @@ class RequestState:
                             f"expected index {expected}")
         if not msg.token_ids:
             return None
+        if isinstance(msg, Tokens) and msg.prompt_tokens:
+            self.prompt_tokens = msg.prompt_tokens
         self.token_ids.extend(msg.token_ids)
         self._texts.append(msg.text)
         return Chunk(self.request_id, msg.index, list(msg.token_ids), msg.text)
@@ -226,3 +229,9 @@ class StreamBase:
     @property
     def completion(self) -> Optional[Completion]:
         return self._state.completion
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's tokens, once the first tokens (or the end) have come; else 0."""
+        c = self._state.completion
+        return self._state.prompt_tokens or (int(c.usage.get("prompt_tokens") or 0) if c else 0)

@@ -90,6 +90,13 @@ class DecodeBatch:
     def steps(self) -> list:
         return [len(s.output_ids) for s in self.seqs]
 
+    @property
+    def banned(self) -> Optional[list]:
+        """Per row, the tokens its bad words ban this step; None when no row has bad words."""
+        if not any(s.bad_ids for s in self.seqs):
+            return None
+        return [s.banned() if s.bad_ids else () for s in self.seqs]
+
 
 @dataclass
 class PullStart:
@@ -238,7 +245,8 @@ class Scheduler:
                 ids = self.tok.encode(msg.prompt)
         if not ids:
             raise RequestRejected("the prompt encodes to no tokens")
-        seq = Sequence(msg.request_id, msg.attempt, kind, ids, params, self._max_new(ids, params))
+        seq = Sequence(msg.request_id, msg.attempt, kind, ids, params, self._max_new(ids, params),
+                       bad_ids=self._bad_ids(params))
         out = getattr(msg, "output_ids", None)
         if out:
             self._check_vocab("output_ids", out)
@@ -250,6 +258,17 @@ class Scheduler:
                 raise RequestRejected(f"invalid output_ids: the request had already ended "
                                       f"({seq.finish_reason}) within its {len(out)} output tokens")
         return seq
+
+    def _bad_ids(self, params: SamplingParams) -> tuple:
+        """Each bad word as token ids, encoded alone as TensorRT-LLM's BLS encodes it (no BOS)."""
+        out = []
+        for word in params.bad_words:
+            ids = self.tok.encode(word)
+            if getattr(self.tok, "add_bos", False) and ids[:1] == [self.tok.bos_token_id]:
+                ids = ids[1:]
+            if ids:
+                out.append(tuple(ids))
+        return tuple(out)
 
     def _check_vocab(self, name: str, ids) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -275,7 +294,7 @@ class Scheduler:
         params = self._params(msg.sampling)
         ids = list(msg.prompt_token_ids)
         seq = Sequence(msg.request_id, msg.attempt, DECODE, ids, params, self._max_new(ids, params),
-                       output_ids=[msg.first_token], kv_handle=dict(msg.kv_handle))
+                       output_ids=[msg.first_token], kv_handle=dict(msg.kv_handle), bad_ids=self._bad_ids(params))
         seq.emitted_chars = len(msg.first_text)
         seq.text = msg.first_text
         return seq
@@ -392,7 +411,8 @@ class Scheduler:
             if seq.finish_reason:
                 self._finish(seq, 0, [token], text)
             else:
-                self.outbox.append(p.Tokens(seq.request_id, 0, [token], text, seq.attempt))
+                self.outbox.append(p.Tokens(seq.request_id, 0, [token], text, seq.attempt,
+                                            len(seq.prompt_ids)))
                 self.running.append(seq)
             return
         # context role: hand the KV over, hold the blocks until released
