@@ -66,4 +66,15 @@ if ! command -v etcd >/dev/null; then
         echo "==> note: the tests need etcd: run 'sudo apt-get install etcd-server' (or put etcd on PATH)"
     fi
 fi
+if ! command -v ip >/dev/null; then
+    # the multi-host test (tests/test_netns.py, as root) puts each process in a network namespace
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "==> installing iproute2 (ip netns, for the multi-host test)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q
+        apt-get install -y -q --no-install-recommends iproute2
+    else
+        echo "==> note: the multi-host test needs root and iproute2 (ip netns)"
+    fi
+fi
 echo "==> done: .venv is ready"
