@@ -91,33 +91,26 @@ def default_address() -> str:
     return socket.getfqdn()
 
 
-def advertised(address: str, host: Optional[str] = None) -> str:
-    """A bound ``SCHEME://HOST:PORT`` as peers should reach it: with ``host`` (an advertise host)
-    that host; else unchanged, unless its host is a wildcard, which becomes ``default_address()``.
-    Anything that is not ``SCHEME://HOST:PORT`` (``inproc://``, ``ipc://``) is returned as is."""
+def advertised(address: str, host: Optional[str] = None, wildcard: Optional[str] = None) -> str:
+    """A bound ``SCHEME://HOST:PORT`` as peers should reach it: at ``host`` (an advertise host)
+    when given; else as bound, unless bound to a wildcard, which becomes ``wildcard`` or else
+    ``default_address()``. Anything that is not ``SCHEME://HOST:PORT`` (``inproc://``,
+    ``ipc://``) is returned as is."""
     try:
         scheme, bound, port = split(address)
     except ValueError:
         return address
     if host:
         return join(scheme, host, port)
-    return join(scheme, default_address(), port) if is_wildcard(bound) else address
+    return join(scheme, wildcard or default_address(), port) if is_wildcard(bound) else address
 
 
 def broker_advertised(address: str, flag: Optional[str], hostname: Optional[str]) -> str:
-    """One of the broker's bound addresses as it is advertised: at ``flag`` (``--advertise-host``)
-    when given; else as bound, unless bound to a wildcard, which becomes the config's ``hostname``
-    when that is a specific, non-loopback address, else ``default_address()``."""
-    if flag:
-        return advertised(address, flag)
-    try:
-        bound = split(address)[1]
-    except ValueError:
-        return address
-    if not is_wildcard(bound):
-        return address
+    """One of the broker's bound addresses as it is advertised: ``advertised`` at ``flag``
+    (``--advertise-host``), a wildcard bind at the config's ``hostname`` when that is a specific,
+    non-loopback address."""
     named = hostname if hostname and not is_wildcard(hostname) and not is_loopback(hostname) else None
-    return advertised(address, named)
+    return advertised(address, flag, named)
 
 
 def broker_published(frontend: str, backend: str, http: Optional[str], flag: Optional[str],

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 import zmq
 
+from broker.addresses import advertised
 from broker.ratelog import RateLimitedLog
 
 from .base import (KvLayout, KvSource, Registration, Registrations, TransferError, make_handle,
@@ -28,7 +29,7 @@ from .config import CacheTransceiverConfig
 from .messages import (MAX_ERROR_CHARS, Ack, Done, Hello, Malformed, Refused, Start, Welcome,
                        decode_request, encode)
 from .planes import RELEASE_WAIT_S, SourceLink, SourcePlane
-from .sockets import advertised, tune
+from .sockets import tune
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -76,7 +77,7 @@ class ChannelSource(KvSource, SourceLink):
                  devices: tuple = ("cpu",), *, host: str = "127.0.0.1", curve: Any = None,
                  advertise: Optional[str] = None) -> None:
         """``host``: where the channel binds; ``advertise``: the host its handles name (default:
-        ``host``, a wildcard made this host's address: ``sockets.advertised``). ``curve``: a
+        ``host``, a wildcard made this host's address: ``broker.addresses.advertised``). ``curve``: a
         ``broker.auth.CurveServer`` (this worker's pair, and the public keys of the generation
         workers it admits under the ``kv-peers`` ZAP domain)."""
         self.backend = backend

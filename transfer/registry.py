@@ -83,7 +83,7 @@ def create_source(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLay
     """``worker_id``: the context worker it serves; its handles carry it, so that a generation
     worker's error names the worker the KV came from. ``host``: where its channel and data
     plane listen; ``advertise``: the host its handles name (default: ``host``, a wildcard made
-    this host's address: ``sockets.advertised``); ``curve``: CURVE on its channel (its pair and
+    this host's address: ``broker.addresses.advertised``); ``curve``: CURVE on its channel (its pair and
     the peers' keys it admits)."""
     cfg.check_block_size(layout.block_size)
     kw = {"curve": curve} if curve is not None else {}

@@ -39,13 +39,6 @@ def tune(sock: zmq.Socket) -> zmq.Socket:
     return sock
 
 
-def advertised(bound: str, advertise: Optional[str] = None) -> str:
-    """The endpoint peers should connect to (``broker.addresses``' rules): at ``advertise`` when
-    given, else as bound, unless bound to a wildcard, which becomes this host's address on its
-    default route."""
-    return addresses.advertised(bound, advertise)
-
-
 WILDCARDS = addresses.WILDCARDS
 UCX_DEVICES_ENV = "UCX_NET_DEVICES"
 _SIOCGIFADDR = 0x8915
