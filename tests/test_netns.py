@@ -55,13 +55,17 @@ SAMPLING = dict(max_tokens=8, ignore_eos=True)
 # exactly the given workers, runs the prompts (or reports the error of the first that fails) and
 # reports etcd's keys; one JSON line out
 DRIVER = r"""
-import json, sys
+import json, sys, time
 from broker.discovery import KEY_ROOT, Etcd, broker_key
 from broker.launch import wait_until
 from client import Client, ClientError
 etcd, cluster, names, prompts, sampling = sys.argv[1:6]
 names, prompts, sampling = set(json.loads(names)), json.loads(prompts), json.loads(sampling)
-frontend = Etcd(etcd).get_json(broker_key(cluster))["frontend"]
+deadline = time.monotonic() + 60
+while (broker := Etcd(etcd).get_json(broker_key(cluster))) is None:
+    assert time.monotonic() < deadline, "no broker key in etcd after 60 s"
+    time.sleep(0.1)
+frontend = broker["frontend"]
 wait_until(frontend, lambda s: {w["worker_id"] for w in s["workers"]} == names, 120,
            f"exactly the workers {sorted(names)} registered")
 out = {"tokens": [], "error": None}
