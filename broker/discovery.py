@@ -79,14 +79,6 @@ def worker_key(cluster: str, worker_id: str) -> str:
     return f"{KEY_ROOT}/{cluster}/workers/{worker_id}"
 
 
-def advertised(address: str) -> str:
-    """A bound ZeroMQ address as others reach it: a wildcard host becomes this host's name."""
-    for wildcard in ("://0.0.0.0:", "://*:", "://[::]:"):
-        if wildcard in address:
-            return address.replace(wildcard, f"://{socket.getfqdn()}:")
-    return address
-
-
 def _b64(s: str) -> str:
     return base64.b64encode(s.encode()).decode()
 
@@ -218,13 +210,15 @@ class Registration:
 
 def register_broker(settings: ClusterSettings, frontend: str, backend: str,
                     http: Optional[str]) -> Optional[Registration]:
-    """The broker's registration, for an ``etcd://`` cluster URI (None for ``tcp://`` or none)."""
+    """The broker's registration, for an ``etcd://`` cluster URI (None for ``tcp://`` or none).
+    The addresses are published as given: the caller passes them advertised
+    (``broker.addresses.broker_advertised``), never a wildcard bind."""
     if not settings.cluster_uri:
         return None
     kind, target = parse_cluster_uri(settings.cluster_uri)
     if kind != "etcd":
         return None
-    value = {"frontend": advertised(frontend), "backend": advertised(backend), "http": http,
+    value = {"frontend": frontend, "backend": backend, "http": http,
              "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     return Registration(Etcd(target), broker_key(settings.cluster_name), value,
                         settings.inactive_timeout_sec, settings.heartbeat_interval_sec).start()

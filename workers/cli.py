@@ -43,9 +43,13 @@ def cli() -> None:
 @click.option("--served-model-name", default=None, metavar="NAME",
               help="the model name this worker announces and requests are routed by (default: --model)")
 @click.option("--worker-id", default=None, help="name shown in the broker's logs (default: ROLE-HOST-PID)")
-@click.option("--host", default="127.0.0.1",
-              help="address the KV transfer endpoints listen on and advertise: the control channel, "
-                   "and NIXL/UCX/MPI through $UCX_NET_DEVICES (default: 127.0.0.1)")
+@click.option("--host", default=None, metavar="ADDRESS",
+              help="address the KV transfer endpoints listen on: the control channel, and NIXL/UCX/MPI "
+                   "through $UCX_NET_DEVICES; 0.0.0.0 for every interface (default: this host's address "
+                   "on the route toward the broker, or etcd: 127.0.0.1 when that is on loopback)")
+@click.option("--advertise-host", default=None, metavar="ADDRESS",
+              help="address peers reach the KV endpoints at, where it differs from --host (a wildcard "
+                   "--host, NAT) (default: --host, or for a wildcard the address toward the broker)")
 @click.option("--curve-key", default=None, metavar="KEY_SECRET_FILE",
               help="this worker's CURVE key pair (`broker keygen`), for the broker and the KV channel")
 @click.option("--curve-server-key", default=None, metavar="KEY_FILE", help="the broker's CURVE public key")
@@ -59,8 +63,8 @@ def cli() -> None:
               help="stop when the parent process exits (used by `broker launch`)")
 @log_level_option
 def start(role, broker, cluster_uri, cluster_name, lease_interval, lease_ttl,
-          discovery_timeout, model, options, served_model_name, worker_id, host, curve_key, curve_server_key,
-          curve_peers, device, exit_with_parent, log_level) -> None:
+          discovery_timeout, model, options, served_model_name, worker_id, host, advertise_host, curve_key,
+          curve_server_key, curve_peers, device, exit_with_parent, log_level) -> None:
     """Start a worker. It loads the model, connects to the broker's backend address (--broker,
     or found through --disagg-cluster-uri), registers its role and capacity, and serves until
     SIGINT/SIGTERM."""
@@ -69,6 +73,7 @@ def start(role, broker, cluster_uri, cluster_name, lease_interval, lease_ttl,
     if (broker is None) == (cluster_uri is None):
         raise click.UsageError("give exactly one of --broker tcp://HOST:PORT and --disagg-cluster-uri "
                                f"(got --broker={broker!r}, --disagg-cluster-uri={cluster_uri!r})")
+    from broker.addresses import worker_transfer_hosts
     from broker.auth import curve_client, load_public_dir
     from broker.config import ConfigError
     from transfer.base import TransferError
@@ -87,9 +92,14 @@ def start(role, broker, cluster_uri, cluster_name, lease_interval, lease_ttl,
             cluster = cluster_settings(ClusterSettings(), cluster_uri, cluster_name, lease_interval, lease_ttl)
             if cluster_uri.startswith("tcp://"):     # the broker's own address: no etcd
                 broker, cluster = cluster_uri, None
+        # where the KV endpoints bind and what they advertise: broker/addresses.py (a `both`
+        # worker has none)
+        host, advertise_host = (worker_transfer_hosts(broker or cluster_uri, host, advertise_host)
+                                if role != "both" else (host or "127.0.0.1", advertise_host))
         worker = Worker(role, broker or "", model, opts, worker_id, host, exit_with_parent=exit_with_parent,
-                        curve=curve, peers=peers, served_model_name=served_model_name)
-    except (TransferError, ValueError, FileNotFoundError) as e:   # ConfigError is a ValueError
+                        curve=curve, peers=peers, served_model_name=served_model_name,
+                        advertise_host=advertise_host)
+    except (TransferError, ValueError, OSError) as e:   # ConfigError is a ValueError
         raise CommandError("worker", str(e)) from None
     link = None
     if cluster is not None:

@@ -78,8 +78,9 @@ class Worker:
                  options: WorkerOptions = WorkerOptions(), worker_id: Optional[str] = None,
                  host: str = "127.0.0.1", exit_with_parent: bool = False,
                  curve: Optional[CurveClient] = None, peers: Optional[frozenset] = None,
-                 served_model_name: Optional[str] = None):
-        """``host``: the address its KV transfer endpoints listen on and advertise. ``curve``:
+                 served_model_name: Optional[str] = None, advertise_host: Optional[str] = None):
+        """``host``: the address its KV transfer endpoints listen on; ``advertise_host``: the one
+        they advertise (default: ``host``; see broker/addresses.py). ``curve``:
         its key pair and the broker's public key; ``peers``: the public keys of the generation
         workers its KV channel admits (context workers with ``curve``). ``served_model_name``: the
         model name it announces (requests are routed by it), instead of its ``model`` spec."""
@@ -125,15 +126,16 @@ class Worker:
             if role == "context":
                 server = CurveServer(curve.pair, {PEERS: peers}) if curve is not None else None
                 self.source = create_source(ctc, self.kv.pool, layout, host=host, worker_id=self.worker_id,
-                                            curve=server)
+                                            curve=server, advertise=advertise_host)
                 if curve is None:
-                    warn_exposed([self.source.endpoint], "CURVE on the KV transfer channel",
+                    warn_exposed([self.source.bound or self.source.endpoint], "CURVE on the KV transfer channel",
                                  "give workers --curve-key, --curve-server-key and --curve-peers")
                 self.transfer_info = {"backend": backend, "endpoint": self.source.endpoint}
                 transfer_calls = dict(register=self.source.register, release=self.source.release)
             else:
                 self.sink = create_sink(ctc, self.kv.pool, layout, worker_id=self.worker_id, host=host,
-                                        curve=curve.pair if curve is not None else None)
+                                        curve=curve.pair if curve is not None else None,
+                                        advertise=advertise_host)
                 self.transfer_info = {"backend": backend}
                 transfer_calls = dict(cancel_pull=self.sink.cancel)
         self.sched = Scheduler(role, self.worker_id, self.kv.allocator, self.kv.block_size,
