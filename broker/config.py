@@ -404,6 +404,9 @@ class DisaggConfig:
     backend_address: str = "tcp://127.0.0.1:*"  # our addition: the worker-facing ZeroMQ address
     auth: AuthSettings = AuthSettings()         # our addition: CURVE keys and the HTTP API key
     cluster: ClusterSettings = ClusterSettings()  # disagg_cluster: discovery (broker/discovery.py)
+    # with a disagg_cluster section, as TensorRT-LLM: the workers the broker needs up before it
+    # accepts requests (minimal_instances, default one of each); None without one
+    minimal_instances: Optional[dict] = None
     source: str = "<defaults>"
 
 
@@ -471,13 +474,13 @@ def parse_disagg_config(raw: Any, source: str = "<dict>") -> DisaggConfig:
     broker = validated(BrokerConfig, d.broker or {}, source, "broker.")
     ctx = _group(raw.get("context_servers"), "context_servers", source, inherited)
     gen = _group(raw.get("generation_servers"), "generation_servers", source, inherited)
-    minimum = _cluster_minimum(d.disagg_cluster, source) or \
-        {"context": ctx.num_instances, "generation": gen.num_instances}
+    cluster_minimum = _cluster_minimum(d.disagg_cluster, source)
+    minimum = cluster_minimum or {"context": ctx.num_instances, "generation": gen.num_instances}
     return DisaggConfig(hostname=d.hostname, port=d.port, model=d.model, backend=d.backend,
                         context_servers=ctx, generation_servers=gen, min_workers=minimum, broker=broker,
                         frontend=d.frontend, backend_address=d.backend_address,
                         auth=_auth(d.auth, source), cluster=_cluster(d.disagg_cluster, source),
-                        source=source)
+                        minimal_instances=cluster_minimum, source=source)
 
 
 def _cluster(c: Optional[ClusterSchema], source: str) -> ClusterSettings:

@@ -28,6 +28,7 @@ class Pool:
     def __init__(self, workers: dict[bytes, Worker]):
         self.workers = workers
         self._roles: Optional[dict[str, frozenset]] = None   # model -> roles up (cached)
+        self.minimum: dict = {}    # role -> workers needed up before a request is accepted (short_of)
 
     def changed(self) -> None:
         """A worker came or went: forget the cached roles."""
@@ -87,6 +88,18 @@ class Pool:
                 if best is None or rank > best_rank:
                     best, best_rank = w, rank
         return best
+
+    def short_of(self) -> str:
+        """Why the workers up fall short of ``minimum`` (role -> count: TensorRT-LLM's
+        ``disagg_cluster.minimal_instances``), or "" when they meet it. Draining workers do not
+        count; a ``both`` worker counts for either role."""
+        up = {"context": 0, "generation": 0}
+        for w in self.workers.values():
+            if not w.draining:
+                for role in up:
+                    up[role] += w.does(role)
+        short = [f"{role} workers up {up[role]}, need {n}" for role, n in self.minimum.items() if up.get(role, 0) < n]
+        return f"the cluster is not ready (disagg_cluster.minimal_instances): {'; '.join(short)}" if short else ""
 
 
 class Queues(dict):

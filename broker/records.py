@@ -42,10 +42,12 @@ class Worker:
     max_decode_batch: int = 0
     inflight: set = field(default_factory=set)    # request ids whose current phase runs here
     leases: set = field(default_factory=set)      # request ids whose KV this worker holds
+    draining: bool = False     # leaving (SIGTERM, `worker drain`): finishes its work, takes no more
 
     @property
     def credits(self) -> int:
-        return self.slots - len(self.inflight)
+        """Free slots; none while draining, so worker selection never picks it (broker/pool.py)."""
+        return 0 if self.draining else self.slots - len(self.inflight)
 
     def does(self, phase: str) -> bool:
         return self.role == phase or self.role == "both"
@@ -55,7 +57,8 @@ class Worker:
         return {"worker_id": self.worker_id, "role": self.role, "model": self.model, "pid": self.pid,
                 "slots": self.slots, "inflight": len(self.inflight), "leases": len(self.leases),
                 "kv_blocks": self.kv_blocks, "free_blocks": self.free_blocks,
-                "leases_reported": self.leases_reported, "max_decode_batch": self.max_decode_batch}
+                "leases_reported": self.leases_reported, "max_decode_batch": self.max_decode_batch,
+                "draining": self.draining}
 
 
 @dataclass
