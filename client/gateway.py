@@ -474,7 +474,7 @@ def main(argv=None) -> int:
 
     async def run() -> None:
         await gw.start()
-        print(f"gateway ready http={gw.url} broker={args.broker}", flush=True)
+        print(f"gateway ready http={gw.url} broker={gw.client.address}", flush=True)
         try:
             await asyncio.Event().wait()
         finally:
