@@ -146,8 +146,8 @@ def drain(pids, worker_ids, broker, cluster_name, curve_key, curve_server_key, w
     """Drain workers: each takes no new work, finishes what it holds, leaves etcd, disconnects
     and exits 0 (what SIGTERM does; a second SIGTERM, or the worker's --drain-timeout, makes it
     leave at once). --pid signals a local process; --worker-id asks the broker, which stops
-    dispatching to it at once and tells it to drain. Exits 1 if a worker is not found, or with
-    --wait, is still there after --timeout."""
+    dispatching to it at once and tells it to drain. Fails (exit 2) if a worker is not found, or
+    with --wait, is still there after --timeout."""
     import time
     if not pids and not worker_ids:
         raise click.UsageError("name the workers to drain: --pid PID or --worker-id ID (with --broker)")

@@ -268,8 +268,11 @@ class Worker:
                     log.error("worker %s: %s; leaving service", self.worker_id, self.failure)
                     break
         finally:
-            if self.discovery is not None:
-                self.discovery.close()     # its etcd key goes first: nobody finds it any more
+            try:
+                if self.discovery is not None:
+                    self.discovery.close()     # its etcd key goes first: nobody finds it any more
+            except Exception:
+                log.exception("worker %s: leaving etcd failed", self.worker_id)
             try:
                 reason = self.failure or ("drained" if self.sched.draining else "shutting down")
                 self.sched.outbox.append(p.Disconnect(reason))
