@@ -136,7 +136,7 @@ def start(role, broker, cluster_uri, cluster_name, lease_interval, lease_ttl,
 
 
 @cli.command(short_help="make running workers finish their work and leave")
-@click.option("--pid", "pids", type=int, multiple=True, metavar="PID",
+@click.option("--pid", "pids", type=click.IntRange(min=1), multiple=True, metavar="PID",
               help="a worker process on this host: sent SIGTERM (repeatable)")
 @click.option("--worker-id", "worker_ids", multiple=True, metavar="ID",
               help="a worker registered with the broker at --broker, by its --worker-id (repeatable)")
@@ -150,7 +150,7 @@ def start(role, broker, cluster_uri, cluster_name, lease_interval, lease_ttl,
 @click.option("--curve-server-key", default=None, metavar="KEY_FILE", help="the broker's CURVE public key")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="wait until every worker named has left")
-@click.option("--timeout", type=float, default=120, show_default=True, help="seconds to wait, with --wait")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True, help="seconds to wait, with --wait")
 def drain(pids, worker_ids, broker, cluster_name, curve_key, curve_server_key, wait, timeout) -> None:
     """Drain workers: each takes no new work, finishes what it holds, leaves etcd, disconnects
     and exits 0 (what SIGTERM does; a second SIGTERM, or the worker's --drain-timeout, makes it
