@@ -51,6 +51,8 @@ class ClusterSettings:
         """ValueError naming the setting (``where`` + its name) and its value, for a bad one."""
         if self.cluster_uri:
             parse_cluster_uri(self.cluster_uri, f"{where}cluster_uri")
+        if not self.cluster_name or "/" in self.cluster_name:     # keys: KEY_ROOT/NAME/...
+            raise ValueError(f"{where}cluster_name={self.cluster_name!r}: expected a non-empty name without '/'")
         if not 0 < self.heartbeat_interval_sec < self.inactive_timeout_sec:
             raise ValueError(f"{where}heartbeat_interval_sec={self.heartbeat_interval_sec!r} must be positive "
                              f"and below {where}inactive_timeout_sec={self.inactive_timeout_sec!r}")

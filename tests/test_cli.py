@@ -45,7 +45,8 @@ def test_help_lists_the_options_and_never_imports_torch(argv, needles):
     # a pid <= 0 is a process group to os.kill (0: our own): never signalled, named as bad
     (worker_cli.main, ["drain", "--pid", "-999999"], ["--pid", "-999999", "x>=1"]),
     (worker_cli.main, ["drain", "--pid", "0"], ["--pid", "0", "x>=1"]),
-    (worker_cli.main, ["drain", "--worker-id", "x", "--broker", "tcp://127.0.0.1:1", "--timeout", "-1"], ["--timeout", "-1", "x>0"]),
+    (worker_cli.main, ["drain", "--worker-id", "x", "--broker", "tcp://127.0.0.1:1", "--timeout", "-1"],
+     ["--timeout", "-1", "x>0"]),
 ])
 def test_bad_flags_and_values_are_named(main, argv, needles, capsys):
     assert main(argv) == 2

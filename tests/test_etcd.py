@@ -214,6 +214,10 @@ def test_cluster_uri_set_to_the_broker_address_needs_no_etcd(children):
     (["--disagg-cluster-uri", "etcd:/h"], ["--disagg-cluster-uri='etcd:/h'", "etcd://HOST:PORT"]),
     (["--disagg-cluster-uri", "etcd://h:1", "--heartbeat-interval-sec", "3", "--inactive-timeout-sec", "2"],
      ["heartbeat_interval_sec=3.0", "inactive_timeout_sec=2.0"]),
+    # a '/' would put one cluster's keys inside another's (cluster 'a/workers' is a worker of 'a')
+    (["--disagg-cluster-uri", "etcd://h:1", "--cluster-name", "a/b"], ["--cluster_name='a/b'"]),
+    (["--disagg-cluster-uri", "etcd://h:1", "--cluster-name", ""], ["--cluster_name=''"]),
+    (["--disagg-cluster-uri", "etcd://h:1", "--discovery-timeout", "-1"], ["--discovery-timeout", "-1"]),
 ])
 def test_worker_cluster_flags_are_checked_with_clear_errors(args, words, capsys):
     from workers.cli import main

@@ -31,7 +31,8 @@ def cli() -> None:
 @click.option("--broker", default=None, metavar="tcp://HOST:PORT",
               help="the broker's backend (worker-facing) address (or give --disagg-cluster-uri)")
 @cluster_options
-@click.option("--discovery-timeout", type=float, default=600, show_default=True,
+@click.option("--discovery-timeout", type=click.FloatRange(min=0, min_open=True), default=600,
+              show_default=True,
               help="with etcd: seconds to wait for a broker to appear there")
 @click.option("--model", default="smollm2-135m",
               help="smollm2-135m (embedded default), tiny or tiny:SEED (seeded test model), a .gguf file, or a "
@@ -150,7 +151,8 @@ def start(role, broker, cluster_uri, cluster_name, lease_interval, lease_ttl,
 @click.option("--curve-server-key", default=None, metavar="KEY_FILE", help="the broker's CURVE public key")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="wait until every worker named has left")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True, help="seconds to wait, with --wait")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True,
+              help="seconds to wait, with --wait")
 def drain(pids, worker_ids, broker, cluster_name, curve_key, curve_server_key, wait, timeout) -> None:
     """Drain workers: each takes no new work, finishes what it holds, leaves etcd, disconnects
     and exits 0 (what SIGTERM does; a second SIGTERM, or the worker's --drain-timeout, makes it
