@@ -428,8 +428,8 @@ class Gateway:
                 usage = None
                 if req.continuous_usage:     # every chunk: the prompt and the output so far
                     c = stream.completion
-                    usage = Usage.of(c.usage if c else {"prompt_tokens": stream.prompt_tokens,
-                                                        "completion_tokens": n_out})
+                    usage = Usage.running(stream.prompt_tokens,
+                                          int(c.usage.get("completion_tokens") or 0) if c else n_out)
                 if not chat:
                     return chunk([Choice(text=text, finish_reason=finish)], usage)
                 d = Delta(role="assistant", content=text) if first_chunk else Delta(content=text or None)

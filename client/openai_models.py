@@ -339,17 +339,25 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
-class Usage(BaseModel):
+class Usage(_Out):
+    _omit_if_none = ("prompt_tokens_details",)
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
     @classmethod
     def of(cls, u: dict) -> "Usage":
-        p, c = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+        """A finished request's usage (``cached_tokens`` in ``prompt_tokens_details``)."""
         details = PromptTokensDetails(cached_tokens=int(u.get("cached_tokens") or 0))
-        return cls(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, prompt_tokens_details=details)
+        return cls.running(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0), details)
+
+    @classmethod
+    def running(cls, prompt: int, completion: int, details: Optional[PromptTokensDetails] = None) -> "Usage":
+        """The usage so far of a streaming request: no ``prompt_tokens_details`` (the cached part
+        of the prompt is known only when it ends)."""
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=details)
 
 
 class AssistantMessage(BaseModel):

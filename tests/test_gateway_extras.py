@@ -53,6 +53,12 @@ async def test_continuous_usage_stats_puts_usage_on_every_chunk(dep, path, body)
     done = [u["completion_tokens"] for u in usages]
     assert done == sorted(done) and done[0] >= 1 and all(u["total_tokens"] == u["prompt_tokens"] +
                                                           u["completion_tokens"] for u in usages)
+    # the cached part of the prompt is known only at the end: the per-chunk usage does not claim
+    # one (a repeat of the prompt hits the prefix cache; its early chunks said cached_tokens 0)
+    status, _, text = await post(dep, path, {**body, "stream_options": opts})
+    usages = [json.loads(e)["usage"] for e in sse_events(text)[:-1]]
+    assert usages[-1]["prompt_tokens_details"]["cached_tokens"] >= 0
+    assert not any("prompt_tokens_details" in u for u in usages[:-1]), usages
     # as vLLM: without include_usage, continuous_usage_stats adds nothing
     status, _, text = await post(dep, path, {**body, "stream_options": {"continuous_usage_stats": True}})
     assert status == 200 and not any("usage" in json.loads(e) for e in sse_events(text)[:-1])
