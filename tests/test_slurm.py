@@ -272,3 +272,24 @@ def test_a_job_that_cannot_place_its_workers_fails_and_says_why(slurm):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "ended (" in r.stderr and "4 workers do not fit on 1 node(s) at 1 per node" in r.stderr, r.stderr
     assert not slurm.leftovers()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--ctx", "abc"], ["--ctx=abc", "an integer >= 1"]),
+    (["--gen", "0"], ["--gen=0", "an integer >= 1"]),
+    (["--nodes", "-2"], ["--nodes=-2"]),
+    (["--http-port", "80x"], ["--http-port=80x"]),
+    (["--etcd-port", "70000"], ["--etcd-port=70000", "65535"]),
+    (["--wait-timeout", "soon"], ["--wait-timeout=soon"]),
+    (["--ctx-options", "/nonexistent/ctx.yaml"], ["--ctx-options=/nonexistent/ctx.yaml", "no such file"]),
+])
+def test_submit_names_a_bad_value_before_anything_is_submitted(args, words, tmp_path):
+    """Checked on the login node, not hours later in the job: no Slurm is needed (a stand-in
+    sbatch records any call)."""
+    (tmp_path / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path}/submitted\nexit 1\n")
+    (tmp_path / "sbatch").chmod(0o755)
+    r = subprocess.run([SUBMIT, *args], capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                       env={**_env(), "PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+    assert not (tmp_path / "submitted").exists()

@@ -30,27 +30,34 @@ usage: $0 [options] [-- sbatch options]
 EOF
 }
 abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+bad() { echo "$0: invalid $1=$2: expected $3" >&2; exit 2; }
+int() {  # int OPTION VALUE MIN [MAX]: a bad value is named here, not hours later in the job
+    [[ $2 =~ ^[0-9]+$ ]] && [ "$2" -ge "$3" ] && [ "$2" -le "${4:-999999999}" ] ||
+        bad "$1" "$2" "an integer >= $3${4:+ and <= $4}"
+}
+port() { int "$1" "$2" 1 65535; }
+file() { [ -f "$2" ] || bad "$1" "$2" "a worker options file (no such file)"; }
 nodes=1 wait=0
 while [ $# -gt 0 ]; do
     case "$1" in
-        --ctx) export DSRV_NUM_CTX=$2; shift ;;
-        --gen) export DSRV_NUM_GEN=$2; shift ;;
+        --ctx) int --ctx "$2" 1; export DSRV_NUM_CTX=$2; shift ;;
+        --gen) int --gen "$2" 1; export DSRV_NUM_GEN=$2; shift ;;
         --model) export DSRV_MODEL=$2; shift ;;
-        --nodes) nodes=$2; shift ;;
-        --workers-per-node) export DSRV_WORKERS_PER_NODE=$2; shift ;;
+        --nodes) int --nodes "$2" 1; nodes=$2; shift ;;
+        --workers-per-node) int --workers-per-node "$2" 1; export DSRV_WORKERS_PER_NODE=$2; shift ;;
         --cluster-name) export DSRV_CLUSTER_NAME=$2; shift ;;
-        --http-port) export DSRV_HTTP_PORT=$2; shift ;;
-        --frontend-port) export DSRV_FRONTEND_PORT=$2; shift ;;
-        --backend-port) export DSRV_BACKEND_PORT=$2; shift ;;
+        --http-port) port --http-port "$2"; export DSRV_HTTP_PORT=$2; shift ;;
+        --frontend-port) port --frontend-port "$2"; export DSRV_FRONTEND_PORT=$2; shift ;;
+        --backend-port) port --backend-port "$2"; export DSRV_BACKEND_PORT=$2; shift ;;
         --etcd) export DSRV_ETCD=1 ;;
-        --etcd-port) export DSRV_ETCD_PORT=$2; shift ;;
-        --etcd-peer-port) export DSRV_ETCD_PEER_PORT=$2; shift ;;
+        --etcd-port) port --etcd-port "$2"; export DSRV_ETCD_PORT=$2; shift ;;
+        --etcd-peer-port) port --etcd-peer-port "$2"; export DSRV_ETCD_PEER_PORT=$2; shift ;;
         --cluster-uri) export DSRV_CLUSTER_URI=$2; shift ;;
-        --ctx-options) export DSRV_CTX_OPTIONS=$(abspath "$2"); shift ;;
-        --gen-options) export DSRV_GEN_OPTIONS=$(abspath "$2"); shift ;;
+        --ctx-options) file --ctx-options "$2"; export DSRV_CTX_OPTIONS=$(abspath "$2"); shift ;;
+        --gen-options) file --gen-options "$2"; export DSRV_GEN_OPTIONS=$(abspath "$2"); shift ;;
         --log-dir) export DSRV_LOG_DIR=$(abspath "$2"); shift ;;
         --wait) wait=1 ;;
-        --wait-timeout) wait_timeout=$2; shift ;;
+        --wait-timeout) int --wait-timeout "$2" 1; wait_timeout=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; break ;;
         *) echo "$0: unknown option $1" >&2; usage >&2; exit 2 ;;
