@@ -177,6 +177,9 @@ def test_worker_drain_command_by_worker_id_through_the_broker_and_by_pid():
         assert r.returncode == 2 and "no worker 'nobody'" in r.stderr
         r = _worker_cli("--worker-id", "ctx")
         assert r.returncode == 2 and "--worker-id needs --broker" in r.stderr
+        # the workers' --broker is the backend; worker drain's is the frontend: the error says so
+        r = _worker_cli("--worker-id", "ctx", "--broker", d.backend, "--no-wait")
+        assert r.returncode == 2 and "frontend (client) address" in r.stderr, r.stderr
 
 
 def _health(url: str) -> tuple[int, dict]:

@@ -176,7 +176,7 @@ def drain(pids, worker_ids, broker, cluster_name, curve_key, curve_server_key, w
     if worker_ids:
         from broker.auth import curve_client
         from broker.config import ConfigError
-        from client import Client, ClientError
+        from client import BrokerUnavailable, Client, ClientError
         try:
             curve = curve_client(curve_key, curve_server_key)
             with Client(broker, cluster_name=cluster_name, curve=curve, timeout=timeout) as c:
@@ -192,6 +192,10 @@ def drain(pids, worker_ids, broker, cluster_name, curve_key, curve_server_key, w
                     if time.monotonic() > deadline:
                         raise CommandError("worker", f"still registered after {timeout:g} s: {', '.join(sorted(up))}")
                     time.sleep(0.2)
+        except BrokerUnavailable as e:
+            hint = ("" if not broker.startswith("tcp://") else
+                    " (--broker is its frontend (client) address, not the backend the workers connect to)")
+            raise CommandError("worker", f"{e}{hint}") from None
         except (ClientError, ConfigError) as e:
             raise CommandError("worker", str(e)) from None
     while wait and pids:
