@@ -275,7 +275,10 @@ def launch(ctx, config, model, demo, prompt, max_tokens, ready_timeout, advertis
             rc = run_demo(session.frontend, prompts, max_tokens, curve=self_client(session.curve))
         else:
             while not stop.wait(0.5):
-                if session.children.exited() is not None:
+                gone = session.children.exited()
+                if gone is not None and gone.returncode == 0:    # drained (worker drain, SIGTERM): on purpose
+                    print(f"broker launch: {session.children.forget(gone)} drained and left", file=sys.stderr)
+                elif gone is not None:
                     print("broker launch: a worker exited; stopping", file=sys.stderr)
                     rc = 1
                     break

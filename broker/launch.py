@@ -118,6 +118,13 @@ class Children:
     def name_of(self, proc: subprocess.Popen) -> str:
         return next((n for n, q in self.names.items() if q is proc), f"pid {proc.pid}")
 
+    def forget(self, proc: subprocess.Popen) -> str:
+        """Stop watching ``proc`` (it has exited on purpose); its name, for the message."""
+        name = self.name_of(proc)
+        self.procs.remove(proc)
+        self.names.pop(name, None)
+        return name
+
     def tail(self, name_or_proc, n: int = 40) -> str:
         """The last ``n`` lines of a child's log ('' when it has none)."""
         name = name_or_proc if isinstance(name_or_proc, str) else self.name_of(name_or_proc)

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from client import AsyncClient, Client, RequestFailed
-from tests.harness import ROOT, Deployment, _env
+from tests.harness import ROOT, Deployment, _env, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -216,3 +216,34 @@ def test_minimal_instances_gate_health_and_admission_for_broker_start_c(tmp_path
             with pytest.raises(RequestFailed) as e:
                 c.generate(token_ids=[1] * 8, max_tokens=2)
             assert e.value.code == "NO_WORKERS"
+
+
+def test_broker_launch_keeps_serving_when_one_of_its_workers_is_drained(tmp_path):
+    """A drained child exits 0 on purpose: `broker launch` lets it go and serves on with the
+    rest (it stopped the whole deployment as if the worker had crashed); a crash still stops it."""
+    from broker.launch import Children, wait_for_workers
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    worker = {"num_threads": 1, "device": "cpu", "heartbeat_ms": 200}
+    config = tmp_path / "disagg.yaml"
+    config.write_text(yaml.safe_dump({"model": "tiny", "frontend": frontend,
+                                      "context_servers": {"num_instances": 1, **worker},
+                                      "generation_servers": {"num_instances": 2, **worker}}))
+    with Children(env=_env(), cwd=ROOT) as children:
+        launch = children.start("launch", [sys.executable, "-m", "broker.cli", "launch", "-c", str(config),
+                                           "--no-http", "--ready-timeout", "90"])
+        wait_for_workers(frontend, {"context": 1, "generation": 2}, 90, children)
+        with Client(frontend, timeout=60) as c:
+            pid = next(w["pid"] for w in c.ping()["workers"] if w["worker_id"] == "generation-1")
+            assert _worker_cli("--worker-id", "generation-1", "--broker", frontend).returncode == 0
+            deadline = time.monotonic() + 30
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:   # reaped by launch
+                time.sleep(0.2)
+            assert not os.path.exists(f"/proc/{pid}"), "the drained child was never reaped"
+            assert len(c.generate(token_ids=[5] * 8, max_tokens=4, ignore_eos=True).token_ids) == 4
+            assert launch.poll() is None, children.tail("launch")
+            log = children.tail("launch")
+            assert "generation_servers[1] of " in log and "drained and left" in log and "stopping" not in log
+            survivor = next(w["pid"] for w in c.ping()["workers"] if w["worker_id"] == "generation-0")
+        os.kill(survivor, signal.SIGKILL)       # a crash (not a drain) still stops the deployment
+        assert launch.wait(30) == 1, children.tail("launch")
+        assert "a worker exited; stopping" in children.tail("launch")
