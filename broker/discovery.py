@@ -235,7 +235,10 @@ def find_broker(uri: str, cluster_name: str = "default", which: str = "frontend"
     the key (and etcd's error, if it failed), when there is none."""
     if not uri.startswith("etcd://"):
         return uri
-    _, target = parse_cluster_uri(uri, "address")
+    try:
+        _, target = parse_cluster_uri(uri)
+    except ValueError:      # its message offers tcp:// as the backend: here tcp:// is taken as it is
+        raise ValueError(f"address={uri!r}: expected etcd://HOST:PORT (an etcd server)") from None
     etcd, key = Etcd(target), broker_key(cluster_name)
     deadline = time.monotonic() + timeout
     while True:

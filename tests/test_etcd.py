@@ -226,6 +226,16 @@ def test_worker_cluster_flags_are_checked_with_clear_errors(args, words, capsys)
     assert all(w in err for w in words), err
 
 
+@pytest.mark.parametrize("uri", ["etcd://h", "etcd://h:1/x", "etcd://:2379"])
+def test_a_client_given_a_malformed_etcd_uri_is_told_what_an_etcd_uri_is(uri):
+    """Not 'tcp://HOST:PORT (the broker's backend address)': a client's tcp:// is the frontend."""
+    from client import ClientError
+    with pytest.raises(ClientError) as e:
+        Client(uri, cluster_name="x", discovery_timeout=1)
+    assert repr(uri) in str(e.value) and "expected etcd://HOST:PORT" in str(e.value)
+    assert "backend" not in str(e.value)
+
+
 def test_broker_launch_registers_in_etcd_and_a_worker_started_elsewhere_joins(children):
     etcd = EtcdServer(children)
     config = os.path.join(children.tmp.name, "disagg.yaml")
