@@ -23,11 +23,13 @@ from .errors import BrokerUnavailable, ClientError, InvalidRequest, RequestFaile
 
 @dataclass
 class Chunk:
-    """A batch of output tokens; ``index`` is the position of its first token in the output."""
+    """A batch of output tokens; ``index`` is the position of its first token in the output.
+    ``logprobs``: one ``broker.protocol.Logprobs`` per token when the request asked (``logprobs=K``)."""
     request_id: str
     index: int
     token_ids: list[int]
     text: str
+    logprobs: Optional[list] = None
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Completion:
     finish_reason: str
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    logprobs: Optional[list] = None     # one ``Logprobs`` per token id, when the request asked
 
 
 def check_timeout(timeout: Any, default: float) -> float:
@@ -142,6 +145,7 @@ class RequestState:
         self.failed = False         # finished, or given up on locally (protocol violation)
         self.token_ids: list[int] = []
         self._texts: list[str] = []
+        self.logprobs: Optional[list] = None    # one per token id, once a message carried them
         self.completion: Optional[Completion] = None
 
     @property
@@ -159,7 +163,8 @@ class RequestState:
             chunk = self._tokens(msg) if msg.token_ids else None    # the last tokens may ride in it
             self.finished = True
             self.completion = Completion(self.request_id, "".join(self._texts), list(self.token_ids),
-                                         msg.finish_reason, dict(msg.usage), dict(msg.timings))
+                                         msg.finish_reason, dict(msg.usage), dict(msg.timings),
+                                         list(self.logprobs) if self.logprobs is not None else None)
             return chunk
         if isinstance(msg, Error):
             if self.resumes and msg.code == Code.DUPLICATE_REQUEST:
@@ -181,9 +186,13 @@ class RequestState:
                             f"expected index {expected}")
         if not msg.token_ids:
             return None
+        if msg.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(msg.logprobs)
         self.token_ids.extend(msg.token_ids)
         self._texts.append(msg.text)
-        return Chunk(self.request_id, msg.index, list(msg.token_ids), msg.text)
+        return Chunk(self.request_id, msg.index, list(msg.token_ids), msg.text, msg.logprobs)
 
     def resumable(self, error: ClientError) -> bool:
         """Whether to resume after ``error``: the caller opted in, the broker went silent (or a

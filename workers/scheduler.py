@@ -386,13 +386,15 @@ class Scheduler:
             if not chunk.samples:
                 self.running.append(seq)
 
-    def first_token(self, seq: Sequence, token: int) -> None:
+    def first_token(self, seq: Sequence, token: int, logprobs: Optional[tuple] = None) -> None:
+        """``logprobs``: ``sampler.token_logprobs``'s entry for it, when the request asked."""
         text = seq.accept(token, self.tok, self.eos_ids)
+        lps = self._logprobs(token, logprobs)
         if seq.kind == FULL:
             if seq.finish_reason:
-                self._finish(seq, 0, [token], text)
+                self._finish(seq, 0, [token], text, lps)
             else:
-                self.outbox.append(p.Tokens(seq.request_id, 0, [token], text, seq.attempt))
+                self.outbox.append(p.Tokens(seq.request_id, 0, [token], text, seq.attempt, lps))
                 self.running.append(seq)
             return
         # context role: hand the KV over, hold the blocks until released
@@ -406,7 +408,7 @@ class Scheduler:
             self.leases[seq.key] = Lease(seq.blocks, self.clock() + ttl)
         seq.blocks = []          # the lease (or the allocator) has them now
         self.outbox.append(p.ContextDone(seq.request_id, seq.attempt, token, text, seq.prompt_ids,
-                                         handle, seq.finish_reason, seq.prefill_s, seq.cached_tokens))
+                                         handle, seq.finish_reason, seq.prefill_s, seq.cached_tokens, lps))
 
     def next_decode(self) -> Optional[DecodeBatch]:
         """Every running request, oldest first, up to ``max_batch_size``, in one step."""
@@ -416,20 +418,31 @@ class Scheduler:
         self.max_batch_since_heartbeat = max(self.max_batch_since_heartbeat, len(batch))
         return DecodeBatch(batch)
 
-    def decoded(self, batch: DecodeBatch, tokens: list) -> None:
-        for seq, token in zip(batch.seqs, tokens):
+    def decoded(self, batch: DecodeBatch, tokens: list, logprobs: Optional[list] = None) -> None:
+        """``logprobs``: ``sampler.token_logprobs`` of the step (None when no row asked)."""
+        for i, (seq, token) in enumerate(zip(batch.seqs, tokens)):
             text = seq.accept(token, self.tok, self.eos_ids)
             index = len(seq.output_ids) - 1
+            lps = self._logprobs(token, logprobs[i]) if logprobs else None
             if seq.finish_reason:
-                self._finish(seq, index, [token], text)
+                self._finish(seq, index, [token], text, lps)
             else:
-                self.outbox.append(p.Tokens(seq.request_id, index, [token], text, seq.attempt))
+                self.outbox.append(p.Tokens(seq.request_id, index, [token], text, seq.attempt, lps))
 
-    def _finish(self, seq: Sequence, index: int, token_ids: list, text: str) -> None:
+    def _logprobs(self, token: int, entry: Optional[tuple]) -> Optional[list]:
+        """The wire form of one token's ``sampler.token_logprobs`` entry (with each token's bytes)."""
+        if entry is None:
+            return None
+        piece = self.tok.token_bytes
+        top = [p.TokenLogprob(t, lp, piece(t)) for t, lp in entry[1]]
+        return [p.Logprobs(p.TokenLogprob(token, entry[0], piece(token)), top)]
+
+    def _finish(self, seq: Sequence, index: int, token_ids: list, text: str,
+                logprobs: Optional[list] = None) -> None:
         """The request is done here; its last tokens ride in the Finished message."""
         self.outbox.append(p.Finished(seq.request_id, seq.attempt, seq.finish_reason,
                                       len(seq.prompt_ids), seq.prefill_s, index, token_ids, text,
-                                      seq.cached_tokens))
+                                      seq.cached_tokens, logprobs))
         self._drop(seq)
 
     # -----------------------------------------------------------------------------------------

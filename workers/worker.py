@@ -35,7 +35,7 @@ from transfer.registry import create_sink, create_source, resolve_backend
 from workers.engine.kv_cache import KVCache, pool_blocks
 from workers.engine.loaders import load_model
 from workers.engine.runner import ModelRunner
-from workers.engine.sampler import sample
+from workers.engine.sampler import sample, token_logprobs
 from workers.options import WorkerOptions
 from workers.scheduler import Scheduler
 
@@ -261,13 +261,15 @@ class Worker:
             if chunk.samples:
                 seq = chunk.seq
                 token = sample(logits[None], [seq.params], [seq.prompt_ids], [0], self.tok.eos_token_ids)[0]
-                self.sched.first_token(seq, token)
+                lps = token_logprobs(logits[None], [seq.params], [token])
+                self.sched.first_token(seq, token, lps[0] if lps else None)
             self._flush()
         batch = self.sched.next_decode()
         if batch is not None:
             logits = self.runner.decode(batch.tokens, batch.positions, batch.block_tables)
-            self.sched.decoded(batch, sample(logits, batch.params, batch.histories, batch.steps,
-                                             self.tok.eos_token_ids))
+            params = batch.params
+            tokens = sample(logits, params, batch.histories, batch.steps, self.tok.eos_token_ids)
+            self.sched.decoded(batch, tokens, token_logprobs(logits, params, tokens))
             self._flush()
         self._heartbeat_if_due()        # flushes what it queues
 

@@ -12,15 +12,20 @@ likely token it keeps (so ties never depend on sort order). Nothing sorts the vo
 row keeps only the candidates above a probability threshold that provably contains its top-p
 set (see ``_sample_rows``), and sorts those few; exact up to float rounding (a top_p within
 ~1e-6 of 1 could, in principle, round the guarantee away).
+
+Log-probabilities (``SamplingParams.logprobs``, ``token_logprobs``) are of the model's own
+distribution: the log-softmax of the logits the token was sampled from, before the penalties,
+the logit bias, min_tokens and temperature (vLLM's default, ``raw_logprobs``), so they do not
+depend on how the token was chosen. Only rows that ask pay for them, in one batched pass.
 """
 from __future__ import annotations
 
 import secrets
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from broker.protocol import SamplingParams
+from broker.protocol import MIN_LOGPROB, SamplingParams
 
 _MASK64 = (1 << 64) - 1
 # The first, tight candidate threshold is this many times the guaranteed one; rows whose
@@ -224,3 +229,27 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         mine = x if len(rows) == len(params) else x[rows]
         out[rows] = _sample_rows(mine, [params[i] for i in rows], u).cpu()
     return out.tolist()
+
+
+def token_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], tokens: Sequence[int]
+                   ) -> Optional[list]:
+    """For each row of ``logits`` [B, V] whose ``params[i].logprobs`` is set, the log-probability
+    of ``tokens[i]`` and the ``params[i].logprobs`` most likely (token id, log-probability)
+    pairs, most likely first: ``(logprob, [(id, logprob), ...])``; None for the other rows.
+    None at once, with no work, when no row asks. -inf and NaN become ``MIN_LOGPROB``."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return None
+    x = logits if len(rows) == len(params) else logits[rows]
+    lp = torch.log_softmax(x.float(), dim=-1)
+    lp = torch.nan_to_num(lp, nan=MIN_LOGPROB, neginf=MIN_LOGPROB).clamp_(MIN_LOGPROB, 0.0)
+    picked = torch.tensor([tokens[i] for i in rows], dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()
+    k = min(max(params[i].logprobs for i in rows), lp.shape[-1])
+    top_v, top_i = (torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    out: list = [None] * len(params)
+    for j, i in enumerate(rows):
+        n = params[i].logprobs
+        out[i] = (chosen[j], list(zip(top_i[j][:n], top_v[j][:n])))
+    return out
