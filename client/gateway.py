@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -41,6 +42,7 @@ from broker.protocol import Code
 from .aio import AsyncClient
 from .httpguard import GuardedRunner, read_body
 from .errors import BrokerUnavailable, ClientError, RequestFailed, RequestTimeout
+from .openai_choices import ChoiceLogprobs, best_of, choice_seeds, total_usage
 from .openai_models import (AssistantMessage, ChatCompletionRequest, Choice, Completion, CompletionRequest,
                             Delta, HttpError, ModelCard, ModelList, Usage, parse_request)
 from .triton_metrics import render as trtllm_metrics
@@ -312,59 +314,114 @@ class Gateway:
                                  req.sampling(self.chat_max_tokens), chat=True)
 
     async def _serve(self, request, prefix, obj, names, req, sampling, chat) -> web.StreamResponse:
-        """``names``: ``_model``'s (shown, sent to the broker)."""
+        """``names``: ``_model``'s (shown, sent to the broker). Each of the ``n`` (or ``best_of``)
+        choices is a request of its own (client/openai_choices.py)."""
         model, route = names
         rid = f"{prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
         inputs, input_field = req.inputs(), "messages" if chat else "prompt"
-        try:
-            if not req.stream:
-                c = await self.client.generate(**inputs, request_id=rid, timeout=self.request_timeout, model=route,
-                                               **sampling)
-                choice = (Choice(message=AssistantMessage(content=c.text), finish_reason=c.finish_reason) if chat
-                          else Choice(text=c.text, finish_reason=c.finish_reason))
-                return web.json_response(Completion(id=rid, object=obj, created=created, model=model,
-                                                    choices=[choice], usage=Usage.of(c.usage)).model_dump())
-            stream = self.client.stream(**inputs, request_id=rid, timeout=self.request_timeout, model=route,
-                                        **sampling)
-        except ClientError as e:
-            raise failure_to_http(e, input_field) from None
-        async with stream:
-            first = await first_chunk(stream, input_field)
+        n, runs = req.choices
+        shown_logprobs = "logprobs" in sampling
+        if runs > n and not shown_logprobs:
+            sampling = dict(sampling, logprobs=0)        # best_of ranks the samples by them
+        echo = req.prompt if not chat and req.echo else ""
+        calls = [{**inputs, **sampling, **({} if seed is None else {"seed": seed}), "model": route,
+                  "request_id": rid if runs == 1 else f"{rid}-{i}", "timeout": self.request_timeout}
+                 for i, seed in enumerate(choice_seeds(sampling.get("seed"), runs))]
+
+        def choice(i: int, text: str, finish: Optional[str], logprobs, first: bool = False) -> Choice:
+            if not chat:
+                return Choice(index=i, text=text, logprobs=logprobs, finish_reason=finish)
+            d = Delta(role="assistant", content=text) if first else Delta(content=text or None)
+            return Choice(index=i, delta=d, logprobs=logprobs, finish_reason=finish)
+
+        if not req.stream:
+            try:
+                done = await gather_all(self.client.generate(**kw) for kw in calls)
+            except ClientError as e:
+                raise failure_to_http(e, input_field) from None
+            done = best_of(done, n) if runs > n else done
+            choices = []
+            for i, c in enumerate(done):
+                lps = ChoiceLogprobs(chat, echo).render(c.logprobs) if shown_logprobs else None
+                choices.append(Choice(index=i, message=AssistantMessage(content=c.text), logprobs=lps,
+                                      finish_reason=c.finish_reason) if chat else
+                               Choice(index=i, text=echo + c.text, logprobs=lps, finish_reason=c.finish_reason))
+            return web.json_response(Completion(id=rid, object=obj, created=created, model=model,
+                                                choices=choices, usage=Usage.of(total_usage(done))).model_dump())
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                streams = [await held.enter_async_context(self.client.stream(**kw)) for kw in calls]
+            except ClientError as e:
+                raise failure_to_http(e, input_field) from None
+            firsts = await gather_all(first_chunk(st, input_field) for st in streams)
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
             chunk_obj = obj + ".chunk" if chat else obj
+            renders = [ChoiceLogprobs(chat, echo) for _ in streams]
 
             def chunk(choices: list, usage: Optional[Usage] = None) -> bytes:
                 return Completion(id=rid, object=chunk_obj, created=created, model=model, choices=choices,
                                   usage=usage).sse()
 
-            def delta(text: str, finish: Optional[str] = None, first_chunk: bool = False) -> bytes:
-                if not chat:
-                    return chunk([Choice(text=text, finish_reason=finish)])
-                d = Delta(role="assistant", content=text) if first_chunk else Delta(content=text or None)
-                return chunk([Choice(delta=d, finish_reason=finish)])
+            def delta(i: int, ch, first: bool = False) -> bytes:
+                text = (echo if first else "") + (ch.text if ch else "")
+                return chunk([choice(i, text, None, renders[i].render(ch.logprobs if ch else None), first)])
 
+            queue: asyncio.Queue = asyncio.Queue()
+            pumps = [asyncio.ensure_future(_pump(i, st, queue)) for i, st in enumerate(streams)]
             try:
-                await resp.write(delta(first.text if first else "", first_chunk=True))
-                try:
-                    async for ch in stream:
-                        if ch.text:
-                            await resp.write(delta(ch.text))
-                except ClientError as e:
-                    await resp.write(b"data: " + json.dumps(failure_to_http(e, input_field).body()).encode()
-                                     + b"\n\n")
-                    await resp.write(b"data: [DONE]\n\n")
-                    return resp
-                c = stream.completion
-                await resp.write(delta("", c.finish_reason if c else "stop"))
-                if req.include_usage and c is not None:
-                    await resp.write(chunk([], Usage.of(c.usage)))
+                for i, first in enumerate(firsts):
+                    await resp.write(delta(i, first, first=True))
+                left = len(streams)
+                while left:
+                    i, ch, error = await queue.get()
+                    if error is not None:
+                        await resp.write(b"data: " + json.dumps(failure_to_http(error, input_field).body()).encode()
+                                         + b"\n\n")
+                        await resp.write(b"data: [DONE]\n\n")
+                        return resp
+                    if ch is not None:
+                        if ch.text or ch.logprobs:
+                            await resp.write(delta(i, ch))
+                        continue
+                    left -= 1
+                    c = streams[i].completion
+                    await resp.write(chunk([choice(i, "", c.finish_reason if c else "stop", None)]))
+                if req.include_usage:
+                    done = [st.completion for st in streams if st.completion is not None]
+                    await resp.write(chunk([], Usage.of(total_usage(done))))
                 await resp.write(b"data: [DONE]\n\n")
                 await resp.write_eof()
-            except (ConnectionError, RuntimeError) as e:   # the client went away: `async with` cancels
+            except (ConnectionError, RuntimeError) as e:   # the client went away: the streams cancel
                 log.info("client of %s disconnected mid-stream (%s); cancelling it", rid, type(e).__name__)
+            finally:
+                for t in pumps:
+                    t.cancel()
             return resp
+
+
+async def _pump(i: int, stream, queue: asyncio.Queue) -> None:
+    """Put choice ``i``'s chunks in ``queue`` as ``(i, chunk, None)``, then ``(i, None, None)``
+    at its end, or ``(i, None, error)``."""
+    try:
+        async for ch in stream:
+            queue.put_nowait((i, ch, None))
+        queue.put_nowait((i, None, None))
+    except ClientError as e:
+        queue.put_nowait((i, None, e))
+
+
+async def gather_all(awaitables) -> list:
+    """Every result, in order; the first failure (or this task's cancel) cancels the rest."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------

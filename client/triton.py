@@ -14,7 +14,6 @@ gateway's ``AsyncClient`` and its error mapping (``failure_to_http``).
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -24,7 +23,7 @@ from typing import Optional
 from aiohttp import web
 
 from .errors import ClientError
-from .gateway import failure_to_http, first_chunk
+from .gateway import failure_to_http, first_chunk, gather_all
 from .kserve import HEADER, TensorError, encode_infer_response, parameters, parse_infer_request
 from .openai_models import HttpError
 from .triton_bls import (ALIASES, OUTPUTS, VERSION, BlsRequest, bls_request, json_values, model_config,
@@ -201,14 +200,7 @@ class TritonApi:
             raise HttpError(400, f"stream=true answers with several responses: use /v2/models/{name}/generate_stream",
                             "stream", "unsupported_value")
         wanted, binary = _requested_outputs(head)
-        tasks = [asyncio.ensure_future(self._run(r, route)) for r in reqs]
-        try:
-            answers = await asyncio.gather(*tasks)
-        except BaseException:        # one row failed (or the client left): stop the others
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        answers = await gather_all(self._run(r, route) for r in reqs)   # one row failed: stop the others
         reply = {"model_name": name, "model_version": VERSION}
         if isinstance(head.get("id"), str):
             reply["id"] = head["id"]
