@@ -27,7 +27,7 @@ from .gateway import failure_to_http, first_chunk, gather_all
 from .kserve import HEADER, TensorError, encode_infer_response, parameters, parse_infer_request
 from .openai_models import HttpError
 from .triton_bls import (ALIASES, OUTPUTS, VERSION, BlsRequest, bls_request, json_values, model_config,
-                         model_metadata, output_tensors, tensor_rows)
+                         model_metadata, output_tensors, tensor_rows, token_log_probs)
 
 log = logging.getLogger("gateway.triton")
 
@@ -135,15 +135,15 @@ class TritonApi:
 
     # -- inference --------------------------------------------------------------------------------
 
-    async def _run(self, req: BlsRequest, route: Optional[str]) -> tuple[str, int]:
+    async def _run(self, req: BlsRequest, route: Optional[str]) -> tuple[str, list]:
         """One request to its end on model ``route`` through the gateway's client: (answer,
-        output tokens)."""
+        its tokens' log-probabilities)."""
         try:
             c = await self.gw.client.generate(prompt=req.prompt, request_id=f"triton-{uuid.uuid4().hex}",
                                               timeout=self.gw.request_timeout, model=route, **req.sampling)
         except ClientError as e:
             raise _failure(e) from None
-        return c.text, len(c.token_ids)
+        return c.text, token_log_probs(c)
 
     async def _request(self, request: web.Request) -> tuple[str, Optional[str], BlsRequest]:
         name, route = await self._route(request)
@@ -155,18 +155,18 @@ class TritonApi:
         if req.stream:
             raise HttpError(400, "stream=true answers with several responses: use "
                                  f"/v2/models/{name}/generate_stream", "stream", "unsupported_value")
-        text, n = await self._run(req, route)
-        return web.json_response({"model_name": name, "model_version": VERSION, **req.outputs(text, n)})
+        text, lps = await self._run(req, route)
+        return web.json_response({"model_name": name, "model_version": VERSION, **req.outputs(text, lps)})
 
     @triton_errors
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
         name, route, req = await self._request(request)
         head = {"model_name": name, "model_version": VERSION}
         if not req.stream:      # as the BLS without `stream`: one response with the whole answer
-            text, n = await self._run(req, route)
+            text, lps = await self._run(req, route)
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
-            await resp.write(_event({**head, **req.outputs(text, n)}))
+            await resp.write(_event({**head, **req.outputs(text, lps)}))
             await resp.write_eof()
             return resp
         rid = f"triton-{uuid.uuid4().hex}"
@@ -177,11 +177,14 @@ class TritonApi:
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
             try:
-                await resp.write(_event({**head, **(req.outputs(first.text, len(first.token_ids), True) if first
-                                                     else req.outputs("", 0, True))}))   # at least one response
+                lps = token_log_probs(first)
+                await resp.write(_event({**head, **req.outputs(first.text if first else "", lps, True)}))
+                cum = sum(lps)                   # at least one response, then one per chunk
                 try:
                     async for ch in stream:
-                        await resp.write(_event({**head, **req.outputs(ch.text, len(ch.token_ids), True)}))
+                        lps = token_log_probs(ch)
+                        await resp.write(_event({**head, **req.outputs(ch.text, lps, True, cum)}))
+                        cum += sum(lps)
                 except ClientError as e:
                     await resp.write(_event({"error": _failure(e).message}))
                 await resp.write_eof()
