@@ -97,6 +97,9 @@ class SamplingParams:
     # bound: 20), of the model's own distribution (the raw logits' log-softmax, before
     # penalties, bias and temperature: vLLM's default); None: none
     logprobs: Optional[int] = None
+    # the same for each prompt token (its log-probability given the tokens before it; the first
+    # has none): vLLM's prompt_logprobs, for OpenAI's echo. The prefix cache is not used for it
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         bad, is_int, is_num = _bad_param, _is_int, _is_num
@@ -135,9 +138,10 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(ids))
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", self.ignore_eos, "true or false")
-        if self.logprobs is not None and (not is_int(self.logprobs)
-                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
-            raise bad("logprobs", self.logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}] or null")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or not 0 <= v <= MAX_TOP_LOGPROBS):
+                raise bad(name, v, f"an integer in [0, {MAX_TOP_LOGPROBS}] or null")
 
     @property
     def uses_history(self) -> bool:
@@ -217,10 +221,13 @@ def check_sampling(d: Optional[dict]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # log-probabilities of output tokens (``SamplingParams.logprobs``): one ``Logprobs`` per token,
-# beside the token ids of a Tokens, Final, ContextDone or Finished message
+# beside the token ids of a Tokens, Final, ContextDone or Finished message. The prompt's
+# (``SamplingParams.prompt_logprobs``) ride in ``prompt_logprobs`` of the message that carries
+# output token 0, one per prompt token; the first has no log-probability (its entry says 0.0).
 
 MIN_LOGPROB = -9999.0       # what -inf (and NaN) become, as vLLM reports them
 MAX_TOKEN_BYTES = 1024      # one token's text, in bytes
+MAX_PROMPT_LOGPROBS = 1 << 17   # prompt tokens x (alternatives + 1): a few MB on the wire at most
 Logprob = Annotated[float, Meta(ge=MIN_LOGPROB, le=0.0)]
 
 
@@ -323,6 +330,7 @@ class Tokens(Message):
     text: str = ""
     attempt: U32 = 0
     logprobs: Optional[LogprobList] = None     # one per token, when the sampling asked
+    prompt_logprobs: Optional[LogprobList] = None   # with token 0, when the sampling asked
 
     def __post_init__(self) -> None:
         check_logprobs(self, len(self.token_ids))
@@ -340,6 +348,7 @@ class Final(Message):
     token_ids: TokenList = field(default_factory=list)
     text: str = ""
     logprobs: Optional[LogprobList] = None
+    prompt_logprobs: Optional[LogprobList] = None
 
     def __post_init__(self) -> None:
         check_logprobs(self, len(self.token_ids))
@@ -398,6 +407,7 @@ class ContextDone(Message):
     prefill_s: float = 0.0
     cached_tokens: int = 0                # prompt tokens whose KV came from the prefix cache
     logprobs: Optional[LogprobList] = None   # the first token's, when the sampling asked
+    prompt_logprobs: Optional[LogprobList] = None
 
     def __post_init__(self) -> None:
         token_fields(self, "prompt_token_ids")
@@ -425,6 +435,7 @@ class Finished(Message):
     text: str = ""
     cached_tokens: int = 0
     logprobs: Optional[LogprobList] = None
+    prompt_logprobs: Optional[LogprobList] = None
 
     def __post_init__(self) -> None:
         check_logprobs(self, len(self.token_ids))

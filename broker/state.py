@@ -199,7 +199,7 @@ class BrokerState:
     def _on_tokens(self, w: Worker, msg: p.Tokens, out: list[Out]) -> None:
         req = self._current(msg.request_id, msg.attempt, w)
         if req is not None:
-            self._relay_tokens(req, msg.index, msg.token_ids, msg.text, out, msg.logprobs)
+            self._relay_tokens(req, msg.index, msg.token_ids, msg.text, out, msg.logprobs, msg.prompt_logprobs)
 
     def _on_finished(self, w: Worker, msg: p.Finished, out: list[Out]) -> None:
         req = self._current(msg.request_id, msg.attempt, w)
@@ -214,7 +214,7 @@ class BrokerState:
                 req.prefill_s = msg.prefill_s
             self._outcome("finished")
             self._finish_with_tokens(req, out, msg.finish_reason, msg.index, msg.token_ids, msg.text,
-                                     msg.logprobs)
+                                     msg.logprobs, msg.prompt_logprobs)
 
     def _on_failed(self, w: Worker, msg: p.Failed, out: list[Out]) -> None:
         req = self._current(msg.request_id, msg.attempt, w)
@@ -245,18 +245,19 @@ class BrokerState:
         if msg.finish_reason is not None:     # the first token ends it: it rides in the Final
             self._outcome("finished")
             self._finish_with_tokens(req, out, msg.finish_reason, 0, [msg.first_token], msg.first_text,
-                                     msg.logprobs)
+                                     msg.logprobs, msg.prompt_logprobs)
             return
-        self._relay_tokens(req, 0, [msg.first_token], msg.first_text, out, msg.logprobs)
+        self._relay_tokens(req, 0, [msg.first_token], msg.first_text, out, msg.logprobs, msg.prompt_logprobs)
         req.state = KV_READY
         self._watch_lease(req)
         self.decode_queue.append(req.model, req.request_id)
 
     def _relay_tokens(self, req: Request, index: int, ids: list, text: str, out: list[Out],
-                      logprobs: Optional[list] = None) -> None:
+                      *logprobs: Optional[list]) -> None:
+        """``logprobs``: the tokens' and (with token 0) the prompt's, when the sampling asked."""
         if self._take_tokens(req, index, ids):
             req.output_chars += len(text)
-            out.append(Out(FRONT, req.client, p.Tokens(req.client_rid, index, ids, text, 0, logprobs)))
+            out.append(Out(FRONT, req.client, p.Tokens(req.client_rid, index, ids, text, 0, *logprobs)))
 
     def _take_tokens(self, req: Request, index: int, ids: list) -> bool:
         """Whether these tokens go to the client: the next ones in order (counted here), not a
@@ -279,9 +280,9 @@ class BrokerState:
         return True
 
     def _finish_with_tokens(self, req: Request, out: list[Out], reason: str, index: int, ids: list,
-                            text: str, logprobs: Optional[list] = None) -> None:
+                            text: str, *logprobs: Optional[list]) -> None:
         """Finish a request whose last tokens (if any are new) ride in its Final."""
-        last = (index, ids, text, logprobs) if self._take_tokens(req, index, ids) else ()
+        last = (index, ids, text, *logprobs) if self._take_tokens(req, index, ids) else ()
         self._finish(req, out, p.Final(req.request_id, reason, req.usage(), req.timings(self.clock()), *last))
 
     def _failed(self, req: Request, w: Worker, msg: p.Failed, out: list[Out]) -> None:

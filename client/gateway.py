@@ -328,6 +328,8 @@ class Gateway:
         calls = [{**inputs, **sampling, **({} if seed is None else {"seed": seed}), "model": route,
                   "request_id": rid if runs == 1 else f"{rid}-{i}", "timeout": self.request_timeout}
                  for i, seed in enumerate(choice_seeds(sampling.get("seed"), runs))]
+        if echo and shown_logprobs:       # the prompt's, once: every choice shows the first's
+            calls[0]["prompt_logprobs"] = sampling["logprobs"]
 
         def choice(i: int, text: str, finish: Optional[str], logprobs, first: bool = False) -> Choice:
             if not chat:
@@ -340,10 +342,11 @@ class Gateway:
                 done = await gather_all(self.client.generate(**kw) for kw in calls)
             except ClientError as e:
                 raise failure_to_http(e, input_field) from None
+            prompt = done[0].prompt_logprobs
             done = best_of(done, n) if runs > n else done
             choices = []
             for i, c in enumerate(done):
-                lps = ChoiceLogprobs(chat, echo).render(c.logprobs) if shown_logprobs else None
+                lps = ChoiceLogprobs(chat, echo).render(c.logprobs, prompt) if shown_logprobs else None
                 choices.append(Choice(index=i, message=AssistantMessage(content=c.text), logprobs=lps,
                                       finish_reason=c.finish_reason) if chat else
                                Choice(index=i, text=echo + c.text, logprobs=lps, finish_reason=c.finish_reason))
@@ -364,9 +367,12 @@ class Gateway:
                 return Completion(id=rid, object=chunk_obj, created=created, model=model, choices=choices,
                                   usage=usage).sse()
 
+            prompt = firsts[0].prompt_logprobs if firsts[0] is not None else None
+
             def delta(i: int, ch, first: bool = False) -> bytes:
                 text = (echo if first else "") + (ch.text if ch else "")
-                return chunk([choice(i, text, None, renders[i].render(ch.logprobs if ch else None), first)])
+                lps = renders[i].render(ch.logprobs if ch else None, prompt if first else None)
+                return chunk([choice(i, text, None, lps, first)])
 
             queue: asyncio.Queue = asyncio.Queue()
             pumps = [asyncio.ensure_future(_pump(i, st, queue)) for i, st in enumerate(streams)]

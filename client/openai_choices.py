@@ -57,26 +57,38 @@ class ChoiceLogprobs:
     text_offset). ``echo``: the prompt text before the answer; the offsets count it."""
 
     def __init__(self, chat: bool, echo: str = "") -> None:
-        self.chat = chat
+        self.chat, self.echo = chat, echo
         self.offset = len(echo)          # characters of the choice's text before the next token
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
-    def render(self, logprobs: Optional[list]):
-        """The ``logprobs`` of a choice (or a chunk) for these tokens' entries; None for none."""
-        if logprobs is None:
+    def render(self, logprobs: Optional[list], prompt: Optional[list] = None):
+        """The ``logprobs`` of a choice (or a chunk) for these tokens' entries, after the prompt's
+        (completions with echo: ``Completion.prompt_logprobs``); None for none."""
+        if logprobs is None and prompt is None:
             return None
         if self.chat:
             return ChatLogprobs(content=[TokenLogprob(
                 token=_text(lp.token.text), logprob=lp.token.logprob, bytes=list(lp.token.text),
                 top_logprobs=[TopLogprob(token=_text(t.text), logprob=t.logprob, bytes=list(t.text))
-                              for t in lp.top]) for lp in logprobs])
+                              for t in lp.top]) for lp in logprobs or ()])
         out = CompletionLogprobs()
-        for lp in logprobs:
+        if prompt is not None:
+            self.offset = 0
+            self._add(out, prompt, first=True)
+            self.offset, self._utf8 = len(self.echo), codecs.getincrementaldecoder("utf-8")("replace")
+        self._add(out, logprobs or ())
+        return out
+
+    def _add(self, out: CompletionLogprobs, logprobs, first: bool = False) -> None:
+        for i, lp in enumerate(logprobs):
             out.tokens.append(_text(lp.token.text))
+            out.text_offset.append(self.offset)
+            self.offset += len(self._utf8.decode(lp.token.text))     # a character counts once complete
+            if first and i == 0:                 # the prompt's first token: nothing to score it by
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
             out.token_logprobs.append(lp.token.logprob)
             top = {_text(t.text): t.logprob for t in lp.top}
             top.setdefault(_text(lp.token.text), lp.token.logprob)    # OpenAI: the sampled one too
             out.top_logprobs.append(top)
-            out.text_offset.append(self.offset)
-            self.offset += len(self._utf8.decode(lp.token.text))     # a character counts once complete
-        return out

@@ -24,12 +24,15 @@ from .errors import BrokerUnavailable, ClientError, InvalidRequest, RequestFaile
 @dataclass
 class Chunk:
     """A batch of output tokens; ``index`` is the position of its first token in the output.
-    ``logprobs``: one ``broker.protocol.Logprobs`` per token when the request asked (``logprobs=K``)."""
+    ``logprobs``: one ``broker.protocol.Logprobs`` per token when the request asked (``logprobs=K``);
+    ``prompt_logprobs``: one per prompt token, on the first chunk, when it asked (``prompt_logprobs=K``;
+    the first prompt token's says 0.0: nothing comes before it)."""
     request_id: str
     index: int
     token_ids: list[int]
     text: str
     logprobs: Optional[list] = None
+    prompt_logprobs: Optional[list] = None
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Completion:
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     logprobs: Optional[list] = None     # one ``Logprobs`` per token id, when the request asked
+    prompt_logprobs: Optional[list] = None   # one per prompt token, when the request asked
 
 
 def check_timeout(timeout: Any, default: float) -> float:
@@ -146,6 +150,7 @@ class RequestState:
         self.token_ids: list[int] = []
         self._texts: list[str] = []
         self.logprobs: Optional[list] = None    # one per token id, once a message carried them
+        self.prompt_logprobs: Optional[list] = None
         self.completion: Optional[Completion] = None
 
     @property
@@ -164,7 +169,8 @@ class RequestState:
             self.finished = True
             self.completion = Completion(self.request_id, "".join(self._texts), list(self.token_ids),
                                          msg.finish_reason, dict(msg.usage), dict(msg.timings),
-                                         list(self.logprobs) if self.logprobs is not None else None)
+                                         list(self.logprobs) if self.logprobs is not None else None,
+                                         self.prompt_logprobs)
             return chunk
         if isinstance(msg, Error):
             if self.resumes and msg.code == Code.DUPLICATE_REQUEST:
@@ -190,9 +196,12 @@ class RequestState:
             if self.logprobs is None:
                 self.logprobs = []
             self.logprobs.extend(msg.logprobs)
+        if msg.prompt_logprobs is not None:
+            self.prompt_logprobs = msg.prompt_logprobs
         self.token_ids.extend(msg.token_ids)
         self._texts.append(msg.text)
-        return Chunk(self.request_id, msg.index, list(msg.token_ids), msg.text, msg.logprobs)
+        return Chunk(self.request_id, msg.index, list(msg.token_ids), msg.text, msg.logprobs,
+                     msg.prompt_logprobs)
 
     def resumable(self, error: ClientError) -> bool:
         """Whether to resume after ``error``: the caller opted in, the broker went silent (or a

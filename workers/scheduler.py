@@ -59,6 +59,17 @@ class PrefillChunk:
         continuation's next token comes from its first decode step)."""
         return self.last and not self.seq.output_ids
 
+    @property
+    def scores_prompt(self) -> bool:
+        """A chunk of a fresh prompt whose tokens' log-probabilities the request asks for: its
+        logits at every position are needed (``prompt_scored`` takes them)."""
+        return self.seq.params.prompt_logprobs is not None and not self.seq.output_ids
+
+    @property
+    def targets(self) -> list:
+        """The prompt tokens this chunk's positions score: each position's next token."""
+        return self.seq.prompt_ids[self.start + 1:self.end + 1]
+
 
 @dataclass
 class DecodeBatch:
@@ -238,6 +249,10 @@ class Scheduler:
                 ids = self.tok.encode(msg.prompt)
         if not ids:
             raise RequestRejected("the prompt encodes to no tokens")
+        k = params.prompt_logprobs
+        if k is not None and len(ids) * (k + 1) > p.MAX_PROMPT_LOGPROBS:
+            raise RequestRejected(f"prompt_logprobs={k} with a prompt of {len(ids)} tokens: at most "
+                                  f"{p.MAX_PROMPT_LOGPROBS} prompt tokens x (prompt_logprobs + 1)")
         seq = Sequence(msg.request_id, msg.attempt, kind, ids, params, self._max_new(ids, params))
         out = getattr(msg, "output_ids", None)
         if out:
@@ -318,7 +333,7 @@ class Scheduler:
             need = self.blocks_for(seq.reserve_tokens)
             hit: list = []
             free = self.allocator.num_free
-            if self.reuse and seq.kind != DECODE:
+            if self.reuse and seq.kind != DECODE and seq.params.prompt_logprobs is None:
                 # at least the last prompt token is computed: its logits give the first token
                 hit = self.allocator.lookup(seq.prompt_ids, len(seq.prompt_ids) - 1)
                 free -= self.allocator.idle_among(hit)
@@ -370,7 +385,8 @@ class Scheduler:
         if not self.prefilling:
             return None
         seq = self.prefilling[0]
-        end = min(len(seq.prefill_ids), seq.num_cached + self.max_num_tokens)
+        limit = self.max_num_tokens if seq.params.prompt_logprobs is None else min(self.max_num_tokens, 512)
+        end = min(len(seq.prefill_ids), seq.num_cached + limit)   # every position's logits: bounded
         return PrefillChunk(seq, seq.num_cached, end)
 
     def prefilled(self, chunk: PrefillChunk) -> None:
@@ -386,6 +402,14 @@ class Scheduler:
             if not chunk.samples:
                 self.running.append(seq)
 
+    def prompt_scored(self, chunk: PrefillChunk, entries: list) -> None:
+        """``sampler.prompt_logprobs`` of ``chunk.targets``: kept for the message with token 0."""
+        seq = chunk.seq
+        if chunk.start == 0:
+            first = seq.prompt_ids[0]
+            seq.prompt_logprobs = [p.Logprobs(p.TokenLogprob(first, 0.0, self.tok.token_bytes(first)))]
+        seq.prompt_logprobs.extend(self._logprobs(t, e)[0] for t, e in zip(chunk.targets, entries))
+
     def first_token(self, seq: Sequence, token: int, logprobs: Optional[tuple] = None) -> None:
         """``logprobs``: ``sampler.token_logprobs``'s entry for it, when the request asked."""
         text = seq.accept(token, self.tok, self.eos_ids)
@@ -394,7 +418,8 @@ class Scheduler:
             if seq.finish_reason:
                 self._finish(seq, 0, [token], text, lps)
             else:
-                self.outbox.append(p.Tokens(seq.request_id, 0, [token], text, seq.attempt, lps))
+                self.outbox.append(p.Tokens(seq.request_id, 0, [token], text, seq.attempt, lps,
+                                            seq.prompt_logprobs))
                 self.running.append(seq)
             return
         # context role: hand the KV over, hold the blocks until released
@@ -408,7 +433,8 @@ class Scheduler:
             self.leases[seq.key] = Lease(seq.blocks, self.clock() + ttl)
         seq.blocks = []          # the lease (or the allocator) has them now
         self.outbox.append(p.ContextDone(seq.request_id, seq.attempt, token, text, seq.prompt_ids,
-                                         handle, seq.finish_reason, seq.prefill_s, seq.cached_tokens, lps))
+                                         handle, seq.finish_reason, seq.prefill_s, seq.cached_tokens, lps,
+                                         seq.prompt_logprobs))
 
     def next_decode(self) -> Optional[DecodeBatch]:
         """Every running request, oldest first, up to ``max_batch_size``, in one step."""
@@ -442,7 +468,7 @@ class Scheduler:
         """The request is done here; its last tokens ride in the Finished message."""
         self.outbox.append(p.Finished(seq.request_id, seq.attempt, seq.finish_reason,
                                       len(seq.prompt_ids), seq.prefill_s, index, token_ids, text,
-                                      seq.cached_tokens, logprobs))
+                                      seq.cached_tokens, logprobs, seq.prompt_logprobs if index == 0 else None))
         self._drop(seq)
 
     # -----------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class Sequence:
     lease_ms: int = 30000
     t_prefill_start: float = 0.0
     prefill_s: float = 0.0
+    prompt_logprobs: Optional[list] = None   # wire entries per prompt token, as prefill scores them
 
     @property
     def key(self) -> str:

@@ -35,7 +35,7 @@ from transfer.registry import create_sink, create_source, resolve_backend
 from workers.engine.kv_cache import KVCache, pool_blocks
 from workers.engine.loaders import load_model
 from workers.engine.runner import ModelRunner
-from workers.engine.sampler import sample, token_logprobs
+from workers.engine.sampler import prompt_logprobs, sample, token_logprobs
 from workers.options import WorkerOptions
 from workers.scheduler import Scheduler
 
@@ -255,8 +255,13 @@ class Worker:
         self._flush()            # failures and KvPulled from above, before the compute below
         chunk = self.sched.next_prefill()
         if chunk is not None:
+            scores = chunk.scores_prompt
             logits = self.runner.prefill(chunk.token_ids, chunk.seq.blocks, start_pos=chunk.start,
-                                         on_layer=self._heartbeat_if_due)
+                                         on_layer=self._heartbeat_if_due, every_position=scores)
+            if scores:
+                k = chunk.seq.params.prompt_logprobs
+                self.sched.prompt_scored(chunk, prompt_logprobs(logits, chunk.targets, k))
+                logits = logits[-1]
             self.sched.prefilled(chunk)
             if chunk.samples:
                 seq = chunk.seq

@@ -241,15 +241,25 @@ def token_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], token
     if not rows:
         return None
     x = logits if len(rows) == len(params) else logits[rows]
-    lp = torch.log_softmax(x.float(), dim=-1)
-    lp = torch.nan_to_num(lp, nan=MIN_LOGPROB, neginf=MIN_LOGPROB).clamp_(MIN_LOGPROB, 0.0)
-    picked = torch.tensor([tokens[i] for i in rows], dtype=torch.long, device=lp.device)
-    chosen = lp.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()
-    k = min(max(params[i].logprobs for i in rows), lp.shape[-1])
-    top_v, top_i = (torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
-    top_v, top_i = top_v.tolist(), top_i.tolist()
+    picked = _logprobs(x, [tokens[i] for i in rows], [params[i].logprobs for i in rows])
     out: list = [None] * len(params)
     for j, i in enumerate(rows):
-        n = params[i].logprobs
-        out[i] = (chosen[j], list(zip(top_i[j][:n], top_v[j][:n])))
+        out[i] = picked[j]
     return out
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> list:
+    """``token_logprobs``'s entries for a prefill: row ``i`` of ``logits`` [N, V] (the position
+    before ``targets[i]``) scores ``targets[i]``, with ``k`` alternatives each."""
+    return _logprobs(logits[:len(targets)], targets, [k] * len(targets)) if len(targets) else []
+
+
+def _logprobs(x: torch.Tensor, tokens: Sequence[int], ks: Sequence[int]) -> list:
+    lp = torch.log_softmax(x.float(), dim=-1)
+    lp = torch.nan_to_num(lp, nan=MIN_LOGPROB, neginf=MIN_LOGPROB).clamp_(MIN_LOGPROB, 0.0)
+    picked = torch.tensor(list(tokens), dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()
+    k = min(max(ks), lp.shape[-1])
+    top_v, top_i = (torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    return [(chosen[j], list(zip(top_i[j][:n], top_v[j][:n]))) for j, n in enumerate(ks)]
