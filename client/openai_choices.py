@@ -89,6 +89,7 @@ class ChoiceLogprobs:
                 out.top_logprobs.append(None)
                 continue
             out.token_logprobs.append(lp.token.logprob)
-            top = {_text(t.text): t.logprob for t in lp.top}
-            top.setdefault(_text(lp.token.text), lp.token.logprob)    # OpenAI: the sampled one too
+            top: dict = {}
+            for t in (*lp.top, lp.token):    # OpenAI: the sampled one too; two tokens of one text
+                top.setdefault(_text(t.text), t.logprob)     # (parts of characters) show the likelier
             out.top_logprobs.append(top)
