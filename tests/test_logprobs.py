@@ -150,7 +150,9 @@ def assert_matches(got, ref, k):
 @pytest.fixture(scope="module")
 def agg():
     with Deployment(http=True) as d:
-        d.add_worker("both", "both0")
+        # chunks of 4 and blocks of 4: a prompt's log-probabilities span chunks, and its blocks
+        # are cached by the first request (which a request for them must not use)
+        d.add_worker("both", "both0", options={"max_num_tokens": 4, "tokens_per_block": 4})
         yield d
 
 
@@ -167,11 +169,13 @@ def test_greedy_logprobs_equal_the_engines_log_softmax(request, engine, mode):
     d = request.getfixturevalue(mode)
     ref = reference(engine, PROMPT, 8, 5)
     with Client(d.frontend, timeout=60) as c:
+        plain = c.generate(token_ids=PROMPT, max_tokens=8, temperature=0, ignore_eos=True)
         done = c.generate(token_ids=PROMPT, max_tokens=8, temperature=0, ignore_eos=True, logprobs=5,
                           prompt_logprobs=2)
-        streamed = [ch for ch in c.stream(token_ids=PROMPT, max_tokens=8, temperature=0, ignore_eos=True,
-                                          logprobs=5)]
-        plain = c.generate(token_ids=PROMPT, max_tokens=8, temperature=0, ignore_eos=True)
+        stream = c.stream(token_ids=PROMPT, max_tokens=8, temperature=0, ignore_eos=True, logprobs=5)
+        streamed = list(stream)
+    if mode == "agg":       # the prompt's blocks were cached, and only the request scoring them skipped them
+        assert done.usage["cached_tokens"] == 0 and stream.completion.usage["cached_tokens"] == 8
     assert_matches(done.logprobs, ref, 5)
     assert [e for ch in streamed for e in ch.logprobs] == done.logprobs
     assert plain.logprobs is None and plain.token_ids == done.token_ids and plain.prompt_logprobs is None
@@ -323,4 +327,12 @@ async def test_triton_return_log_probs_come_from_the_engine(disagg):
     events = [json.loads(x) for x in sse_events(text)]
     assert [v for ev in events for v in ev["output_log_probs"]] == pytest.approx(lps, abs=1e-6)
     assert events[-1]["cum_log_probs"] == pytest.approx(sum(lps), abs=1e-5)
+    tensors = [{"name": "text_input", "datatype": "BYTES", "shape": [2, 1], "data": ["abc", "abc"]},
+               {"name": "max_tokens", "datatype": "INT32", "shape": [2, 1], "data": [6, 3]},
+               {"name": "return_log_probs", "datatype": "BOOL", "shape": [2, 1], "data": [True, True]}]
+    status, _, text = await post(disagg, "/v2/models/ensemble/infer", {"inputs": tensors})
+    outs = {o["name"]: o for o in json.loads(text)["outputs"]}
+    assert status == 200 and outs["output_log_probs"]["shape"] == [2, 1, 6]
+    assert outs["output_log_probs"]["data"] == pytest.approx(lps + lps[:3] + [0.0] * 3, abs=1e-6)
+    assert outs["cum_log_probs"]["data"] == pytest.approx([sum(lps), sum(lps[:3])], abs=1e-5)
     disagg.wait_idle()
