@@ -60,12 +60,6 @@ class PrefillChunk:
         return self.last and not self.seq.output_ids
 
     @property
-    def scores_prompt(self) -> bool:
-        """A chunk of a fresh prompt whose tokens' log-probabilities the request asks for: its
-        logits at every position are needed (``prompt_scored`` takes them)."""
-        return self.seq.params.prompt_logprobs is not None and not self.seq.output_ids
-
-    @property
     def targets(self) -> list:
         """The prompt tokens this chunk's positions score: each position's next token."""
         return self.seq.prompt_ids[self.start + 1:self.end + 1]
@@ -333,7 +327,7 @@ class Scheduler:
             need = self.blocks_for(seq.reserve_tokens)
             hit: list = []
             free = self.allocator.num_free
-            if self.reuse and seq.kind != DECODE and seq.params.prompt_logprobs is None:
+            if self.reuse and seq.kind != DECODE and not seq.scores_prompt:
                 # at least the last prompt token is computed: its logits give the first token
                 hit = self.allocator.lookup(seq.prompt_ids, len(seq.prompt_ids) - 1)
                 free -= self.allocator.idle_among(hit)
@@ -385,7 +379,7 @@ class Scheduler:
         if not self.prefilling:
             return None
         seq = self.prefilling[0]
-        limit = self.max_num_tokens if seq.params.prompt_logprobs is None else min(self.max_num_tokens, 512)
+        limit = min(self.max_num_tokens, 512) if seq.scores_prompt else self.max_num_tokens
         end = min(len(seq.prefill_ids), seq.num_cached + limit)   # every position's logits: bounded
         return PrefillChunk(seq, seq.num_cached, end)
 
@@ -403,7 +397,8 @@ class Scheduler:
                 self.running.append(seq)
 
     def prompt_scored(self, chunk: PrefillChunk, entries: list) -> None:
-        """``sampler.prompt_logprobs`` of ``chunk.targets``: kept for the message with token 0."""
+        """``sampler.prompt_logprobs`` of ``chunk.targets`` (a chunk of a ``seq.scores_prompt``
+        request): kept for the message with token 0."""
         seq = chunk.seq
         if chunk.start == 0:
             first = seq.prompt_ids[0]

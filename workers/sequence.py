@@ -65,6 +65,12 @@ class Sequence:
             self.finish_reason = Finish.LENGTH
 
     @property
+    def scores_prompt(self) -> bool:
+        """Its prefill scores each prompt token (``params.prompt_logprobs``): a fresh prompt only,
+        all of it computed (no prefix-cache hit), every position's logits kept."""
+        return self.params.prompt_logprobs is not None and not self.output_ids
+
+    @property
     def reserve_tokens(self) -> int:
         """Tokens of KV this request may ever hold here (reserved at admission: no mid-decode OOM)."""
         if self.kind == CONTEXT:

@@ -255,7 +255,7 @@ class Worker:
         self._flush()            # failures and KvPulled from above, before the compute below
         chunk = self.sched.next_prefill()
         if chunk is not None:
-            scores = chunk.scores_prompt
+            scores = chunk.seq.scores_prompt
             logits = self.runner.prefill(chunk.token_ids, chunk.seq.blocks, start_pos=chunk.start,
                                          on_layer=self._heartbeat_if_due, every_position=scores)
             if scores:

@@ -255,11 +255,17 @@ def prompt_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> lis
 
 
 def _logprobs(x: torch.Tensor, tokens: Sequence[int], ks: Sequence[int]) -> list:
-    lp = torch.log_softmax(x.float(), dim=-1)
-    lp = torch.nan_to_num(lp, nan=MIN_LOGPROB, neginf=MIN_LOGPROB).clamp_(MIN_LOGPROB, 0.0)
-    picked = torch.tensor(list(tokens), dtype=torch.long, device=lp.device)
-    chosen = lp.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()
-    k = min(max(ks), lp.shape[-1])
-    top_v, top_i = (torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
-    top_v, top_i = top_v.tolist(), top_i.tolist()
+    """The log-softmax at the picked and the top tokens only: each row's log-sum-exp is one pass
+    over the vocabulary, and no [rows, vocab] tensor of log-probabilities is written."""
+    x = x.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    picked = torch.tensor(list(tokens), dtype=torch.long, device=x.device).unsqueeze(1)
+    chosen = _bounded(x.gather(1, picked) - lse).squeeze(1).tolist()
+    k = min(max(ks), x.shape[-1])
+    top_v, top_i = torch.topk(x, k, dim=-1) if k else (x[:, :0], x[:, :0].long())
+    top_v, top_i = _bounded(top_v - lse).tolist(), top_i.tolist()
     return [(chosen[j], list(zip(top_i[j][:n], top_v[j][:n]))) for j, n in enumerate(ks)]
+
+
+def _bounded(lp: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(lp, nan=MIN_LOGPROB, neginf=MIN_LOGPROB).clamp_(MIN_LOGPROB, 0.0)
