@@ -108,6 +108,30 @@ def test_best_of_keeps_the_likeliest_and_usage_counts_the_prompt_once():
     assert choice_seeds(None, 2) == [None, None]
 
 
+def test_the_broker_relays_logprobs_with_their_tokens_and_drops_a_repeat_with_them():
+    from tests.test_broker_state import FakeClock, of, ready
+    from broker.state import BrokerState
+    st = BrokerState(clock=FakeClock())
+    ready(st, b"ctx", "context")
+    ready(st, b"gen", "generation")
+    lp = lambda t: [Logprobs(TokenLogprob(t, -0.5, bytes([t])), [TokenLogprob(t, -0.5, bytes([t]))])]  # noqa: E731
+    scored = [Logprobs(TokenLogprob(t, 0.0 if i == 0 else -1.0, bytes([t]))) for i, t in enumerate([1, 2, 3])]
+    [pre] = of(st.on_client(b"c", p.Submit("r", prompt="hello", sampling={"logprobs": 1, "prompt_logprobs": 0})),
+               p.Prefill)
+    out = st.on_worker(b"ctx", p.ContextDone("r", pre.attempt, 7, "x", [1, 2, 3], {"t": "r"}, None, 0.0, 0, lp(7),
+                                             scored))
+    [first] = of(out, p.Tokens)
+    [dec] = of(out, p.Decode)
+    assert first.logprobs == lp(7) and first.prompt_logprobs == scored
+    st.on_worker(b"gen", p.KvPulled("r", dec.attempt))
+    [tok] = of(st.on_worker(b"gen", p.Tokens("r", 1, [8], "y", dec.attempt, lp(8))), p.Tokens)
+    assert tok.logprobs == lp(8) and tok.prompt_logprobs is None
+    assert of(st.on_worker(b"gen", p.Tokens("r", 1, [8], "y", dec.attempt, lp(8))), p.Tokens) == []   # a repeat
+    [final] = of(st.on_worker(b"gen", p.Finished("r", dec.attempt, "length", 3, 0.0, 2, [9], "z", 0, lp(9))),
+                 p.Final)
+    assert (final.index, final.token_ids, final.logprobs) == (2, [9], lp(9))
+
+
 # ---------------------------------------------------------------------------------------------
 # the engine, run directly: what every deployment must report
 
