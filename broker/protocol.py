@@ -93,6 +93,8 @@ class SamplingParams:
     stop: tuple = ()                  # stop strings
     stop_token_ids: tuple = ()
     ignore_eos: bool = False
+    bad_words: tuple = ()             # words never to complete: the worker tokenizes each and bans
+                                      # its last token where the rest ends the sequence (TensorRT-LLM's)
     # the sampled token's log-probability and this many most likely alternatives (OpenAI's
     # bound: 20), of the model's own distribution (the raw logits' log-softmax, before
     # penalties, bias and temperature: vLLM's default); None: none
@@ -138,6 +140,12 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(ids))
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", self.ignore_eos, "true or false")
+        words = self.bad_words
+        if not isinstance(words, (list, tuple)) or len(words) > MAX_BAD_WORDS or not all(
+                isinstance(w, str) and 0 < len(w) <= MAX_BAD_WORD_CHARS for w in words):
+            raise bad("bad_words", self.bad_words, f"a list of at most {MAX_BAD_WORDS} non-empty strings of at "
+                                                   f"most {MAX_BAD_WORD_CHARS} characters")
+        object.__setattr__(self, "bad_words", tuple(words))
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (not is_int(v) or not 0 <= v <= MAX_TOP_LOGPROBS):
@@ -165,10 +173,12 @@ class SamplingParams:
         d["stop"] = list(self.stop)
         d["stop_token_ids"] = list(self.stop_token_ids)
         d["logit_bias"] = [list(pair) for pair in self.logit_bias]
+        d["bad_words"] = list(self.bad_words)
         return d
 
 
 MAX_MIN_TOKENS = 1 << 20
+MAX_BAD_WORDS, MAX_BAD_WORD_CHARS = 16, 128
 MAX_TOP_LOGPROBS = 20       # alternatives per token: OpenAI's bound
 MAX_LOGIT_BIAS = 1024       # entries; OpenAI takes 300
 
@@ -322,13 +332,16 @@ class Accepted(Message):
 
 
 @message(11)
-class Tokens(Message):
-    """Output tokens, in order; ``index`` is the position of the first one in the output."""
+class Tokens(Message, omit_defaults=True):
+    """Output tokens, in order; ``index`` is the position of the first one in the output.
+    ``prompt_tokens``, on a request's first tokens only, counts its prompt (a client's per-chunk
+    usage needs it before the Final); fields at their defaults stay off the wire."""
     request_id: RequestId
     index: U32
     token_ids: TokenList
     text: str = ""
     attempt: U32 = 0
+    prompt_tokens: U32 = 0
     logprobs: Optional[LogprobList] = None     # one per token, when the sampling asked
     prompt_logprobs: Optional[LogprobList] = None   # with token 0, when the sampling asked
 
@@ -343,7 +356,7 @@ class Final(Message):
     request_id: RequestId
     finish_reason: Annotated[str, Meta(max_length=32)]
     usage: Map = field(default_factory=dict)     # prompt_tokens, completion_tokens
-    timings: Map = field(default_factory=dict)   # seconds: queue, prefill, kv_transfer, ttft, total
+    timings: Map = field(default_factory=dict)   # seconds: queue, prefill, kv_transfer, ttft, total; kv_bytes
     index: U32 = 0
     token_ids: TokenList = field(default_factory=list)
     text: str = ""
@@ -372,6 +385,7 @@ class Pong(Message):
 # worker -> broker
 
 MAX_SLOTS = 1 << 20                        # Ready.slots at most
+MAX_CHAT_MARKERS, MAX_MARKER_CHARS = 8, 64    # Ready.chat_markers at most
 MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS = 10, 60_000   # Ready.heartbeat_ms: a worker silent for
                                           # liveness x this long is expired, so it is bounded
 
@@ -386,6 +400,10 @@ class Ready(Message):
     transfer: Map = field(default_factory=dict)   # backend, endpoint
     pid: Annotated[int, Meta(ge=0, lt=1 << 31)] = 0
     heartbeat_ms: Annotated[int, Meta(ge=MIN_HEARTBEAT_MS, le=MAX_HEARTBEAT_MS)] = 1000
+    # the special tokens the model's own chat template writes (none: it ships no template); the
+    # gateway templates a Triton text_input holding none of them (client/triton.py)
+    chat_markers: Annotated[list[Annotated[str, Meta(min_length=1, max_length=MAX_MARKER_CHARS)]],
+                            Meta(max_length=MAX_CHAT_MARKERS)] = field(default_factory=list)
 
 
 @message(21)

@@ -40,6 +40,7 @@ class Worker:
     free_blocks: int = 0
     leases_reported: int = 0
     max_decode_batch: int = 0
+    chat_markers: tuple = ()                      # Ready.chat_markers
     inflight: set = field(default_factory=set)    # request ids whose current phase runs here
     leases: set = field(default_factory=set)      # request ids whose KV this worker holds
 
@@ -55,7 +56,8 @@ class Worker:
         return {"worker_id": self.worker_id, "role": self.role, "model": self.model, "pid": self.pid,
                 "slots": self.slots, "inflight": len(self.inflight), "leases": len(self.leases),
                 "kv_blocks": self.kv_blocks, "free_blocks": self.free_blocks,
-                "leases_reported": self.leases_reported, "max_decode_batch": self.max_decode_batch}
+                "leases_reported": self.leases_reported, "max_decode_batch": self.max_decode_batch,
+                "chat_markers": list(self.chat_markers)}
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Request:
     t_first: Optional[float] = None
     prefill_s: float = 0.0
     kv_transfer_s: float = 0.0
+    kv_bytes: int = 0                 # the KV cache the generation worker pulled
     decode_tries: int = 0
     note: str = ""                    # why the request was re-run, for its final error
     client_rid: str = ""              # the id its client gave (request_id is the broker's key)
@@ -96,11 +99,13 @@ class Request:
                 "cached_tokens": self.cached_tokens}
 
     def timings(self, now: float) -> dict:
-        """Seconds: queue, prefill, kv_transfer, ttft (None before the first token) and total."""
+        """Seconds: queue, prefill, kv_transfer, ttft (None before the first token) and total;
+        and kv_bytes, the size of the KV cache moved (0 for a request served by one worker)."""
         return {
             "queue": (self.t_dispatch - self.received) if self.t_dispatch is not None else now - self.received,
             "prefill": self.prefill_s,
             "kv_transfer": self.kv_transfer_s,
             "ttft": (self.t_first - self.received) if self.t_first is not None else None,
             "total": now - self.received,
+            "kv_bytes": self.kv_bytes,
         }

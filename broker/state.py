@@ -158,7 +158,7 @@ class BrokerState:
             self.workers[identity] = Worker(identity, msg.worker_id, msg.role, msg.model, msg.slots,
                                             msg.kv_blocks,
                                             dict(msg.transfer), msg.pid, msg.heartbeat_ms / 1000,
-                                            now, free_blocks=msg.kv_blocks)
+                                            now, free_blocks=msg.kv_blocks, chat_markers=tuple(msg.chat_markers))
             log.info("worker %s ready: role=%s model=%s slots=%d kv_blocks=%d transfer=%s",
                      msg.worker_id, msg.role, msg.model, msg.slots, msg.kv_blocks, msg.transfer)
             out.extend(self._dispatch())
@@ -189,7 +189,7 @@ class BrokerState:
     def _on_kv_pulled(self, w: Worker, msg: p.KvPulled, out: list[Out]) -> None:
         req = self._current(msg.request_id, msg.attempt, w)
         if req is not None and req.state == DECODING:
-            req.kv_transfer_s = msg.kv_transfer_s
+            req.kv_transfer_s, req.kv_bytes = msg.kv_transfer_s, msg.nbytes
             self.metrics.kv_pulled(msg.kv_transfer_s, msg.nbytes, w.transfer.get("backend"))
             req.state = STREAMING
             # the context worker frees the blocks on its own when the pull completes (its
@@ -199,6 +199,7 @@ class BrokerState:
     def _on_tokens(self, w: Worker, msg: p.Tokens, out: list[Out]) -> None:
         req = self._current(msg.request_id, msg.attempt, w)
         if req is not None:
+            req.prompt_tokens = msg.prompt_tokens or req.prompt_tokens    # a `both` worker's first tokens
             self._relay_tokens(req, msg.index, msg.token_ids, msg.text, out, msg.logprobs, msg.prompt_logprobs)
 
     def _on_finished(self, w: Worker, msg: p.Finished, out: list[Out]) -> None:
@@ -253,11 +254,13 @@ class BrokerState:
         self.decode_queue.append(req.model, req.request_id)
 
     def _relay_tokens(self, req: Request, index: int, ids: list, text: str, out: list[Out],
-                      *logprobs: Optional[list]) -> None:
+                      logprobs: Optional[list] = None, prompt_logprobs: Optional[list] = None) -> None:
         """``logprobs``: the tokens' and (with token 0) the prompt's, when the sampling asked."""
         if self._take_tokens(req, index, ids):
             req.output_chars += len(text)
-            out.append(Out(FRONT, req.client, p.Tokens(req.client_rid, index, ids, text, 0, *logprobs)))
+            out.append(Out(FRONT, req.client, p.Tokens(req.client_rid, index, ids, text,
+                                                       prompt_tokens=req.prompt_tokens if index == 0 else 0,
+                                                       logprobs=logprobs, prompt_logprobs=prompt_logprobs)))
 
     def _take_tokens(self, req: Request, index: int, ids: list) -> bool:
         """Whether these tokens go to the client: the next ones in order (counted here), not a
@@ -280,9 +283,9 @@ class BrokerState:
         return True
 
     def _finish_with_tokens(self, req: Request, out: list[Out], reason: str, index: int, ids: list,
-                            text: str, *logprobs: Optional[list]) -> None:
+                            text: str, logprobs: Optional[list] = None, prompt_logprobs: Optional[list] = None) -> None:
         """Finish a request whose last tokens (if any are new) ride in its Final."""
-        last = (index, ids, text, *logprobs) if self._take_tokens(req, index, ids) else ()
+        last = (index, ids, text, logprobs, prompt_logprobs) if self._take_tokens(req, index, ids) else ()
         self._finish(req, out, p.Final(req.request_id, reason, req.usage(), req.timings(self.clock()), *last))
 
     def _failed(self, req: Request, w: Worker, msg: p.Failed, out: list[Out]) -> None:
@@ -589,4 +592,5 @@ class BrokerState:
             "waiting_decode": self.decode_queue.waiting(),
             "counters": dict(self.counters),
             "workers": [w.summary() for w in self.workers.values()],
+            "default_model": self.pool.resolve(None, self.cfg.default_model),   # a request naming none
         }

@@ -154,6 +154,10 @@ class AsyncClient:
             self._reader = self._loop.create_task(self._read_loop())
             self._watchdog = self._loop.create_task(self._watch_loop())
 
+    def in_flight(self, request_id: str) -> bool:
+        """Whether a request of this id is in flight on this client (a second one is refused)."""
+        return request_id in self._queues
+
     def _submit(self, prompt, token_ids, messages, timeout, request_id, sampling, model=None) -> "AsyncStream":
         self._start()
         submit, timeout, frames = prepare_submit(prompt, token_ids, messages, timeout, self.timeout,

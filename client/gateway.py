@@ -3,7 +3,10 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events with
 ``stream: true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` (200 only while the
 configured minimum of context and generation workers is registered), ``GET /metrics`` (the
-broker's Prometheus text).
+broker's Prometheus text), ``GET /perf_metrics`` (TensorRT-LLM's per-request timings, drained on
+read: ``client/perf_metrics.py``), ``GET /version``. A request's id is its ``X-Request-Id``
+(bounded, else a 400 naming the header) or a new one; every response carries it back, and a
+completion's ``id`` is ``cmpl-ID`` / ``chatcmpl-ID``, as vLLM's.
 A request's ``model`` picks the workers that run it: a name a worker announced goes to the broker
 as it is; a configured name (``--model``) no worker announced, or none, runs on the broker's
 default model.
@@ -23,9 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import importlib.metadata
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -42,17 +46,30 @@ from broker.protocol import Code
 from .aio import AsyncClient
 from .httpguard import GuardedRunner, read_body
 from .errors import BrokerUnavailable, ClientError, RequestFailed, RequestTimeout
-from .openai_choices import ChoiceLogprobs, best_of, choice_seeds, total_usage
-from .openai_models import (AssistantMessage, ChatCompletionRequest, Choice, Completion, CompletionRequest,
-                            Delta, HttpError, ModelCard, ModelList, Usage, parse_request)
+from .openai_models import (ChatCompletionRequest, CompletionRequest, HttpError, ModelCard, ModelList,
+                            parse_request, shown)
+from .perf_metrics import DEFAULT_MAX_REQUESTS, PerfMetrics
 from .triton_metrics import render as trtllm_metrics
 
 log = logging.getLogger("gateway")
+
+try:
+    VERSION = importlib.metadata.version("disagg-serve")
+except importlib.metadata.PackageNotFoundError:    # run from a checkout that was never installed
+    VERSION = "0+unknown"
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 30.0        # seconds for a request's head, and for its body
 DEFAULT_MAX_CONNECTIONS = 1024     # open HTTP connections; more are answered 503
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+TRITON_CHAT_TEMPLATE = ("auto", "on", "off")
+REQUEST_ID_HEADER = "X-Request-Id"
+# a request id a client may give (X-Request-Id): what tracing systems use (UUIDs, hex trace ids,
+# ULIDs), bounded so that with its prefix it fits the broker's request ids and any log line
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
+# where the middleware leaves a request's id and arrival time (typed keys where aiohttp has them)
+_KEY = getattr(web, "RequestKey", lambda name, _type: name)
+RID, ARRIVAL = _KEY("request_id", str), _KEY("arrival", float)
 
 
 def error_response(e: HttpError) -> web.Response:
@@ -111,10 +128,13 @@ class Gateway:
                  max_body_bytes: int = DEFAULT_MAX_BODY, request_timeout: float = 600.0,
                  chat_max_tokens: int = 256, api_key: Optional[str] = None,
                  metrics_need_key: bool = False, curve=None, read_timeout: float = DEFAULT_READ_TIMEOUT,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS, broker_liveness: float = 5.0):
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, broker_liveness: float = 5.0,
+                 triton_chat_template: str = "auto", perf_metrics_max_requests: int = DEFAULT_MAX_REQUESTS):
         """``api_key``: every route but /health (and /metrics unless ``metrics_need_key``) needs
         ``Authorization: Bearer KEY``; ``curve``: the ``CurveClient`` for a CURVE broker;
-        ``broker_liveness``: a silent broker fails calls (503) after this many seconds."""
+        ``broker_liveness``: a silent broker fails calls (503) after this many seconds;
+        ``triton_chat_template``: auto, on or off (client/triton.py); ``perf_metrics_max_requests``:
+        the finished requests /perf_metrics keeps until read (client/perf_metrics.py)."""
         self.broker, self.host, self.port = broker, host, port
         self.api_key, self.curve = api_key, curve
         # health probes never need the key (Triton's too); /metrics only when asked
@@ -123,6 +143,13 @@ class Gateway:
         self.models = [m for m in models if m]
         self.known_models = set(self.models)
         self.worker_models: set = set()     # names workers announced: sent to the broker as they are
+        self.chat_markers: dict = {}        # model -> the markers of its chat template (Ready.chat_markers)
+        self.default_model: Optional[str] = None   # what a request naming no model runs on
+        if triton_chat_template not in TRITON_CHAT_TEMPLATE:
+            raise ValueError(f"invalid triton_chat_template={triton_chat_template!r}: expected one of "
+                             f"{', '.join(TRITON_CHAT_TEMPLATE)}")
+        self.triton_chat_template = triton_chat_template
+        self.perf = PerfMetrics(perf_metrics_max_requests)
         self._served_at = -1e9               # time.monotonic() of the last look at the workers
         self.min_workers = dict(min_workers if min_workers is not None else {"context": 1, "generation": 1})
         self.max_body_bytes = max_body_bytes
@@ -140,14 +167,17 @@ class Gateway:
         return f"http://{host}:{self.port}"
 
     def app(self) -> web.Application:
-        middlewares = [self._api_key, self._errors] if self.api_key else [self._errors]
+        middlewares = [self._request_id, *([self._api_key] if self.api_key else []), self._errors]
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=middlewares)
+        app.on_response_prepare.append(_echo_request_id)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model}", self.get_model)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/perf_metrics", self.perf_metrics)
+        app.router.add_get("/version", self.version)
         from .triton import TritonApi            # Triton's KServe v2 API, /v2/... (it imports this module)
         TritonApi(self).add_routes(app)
         return app
@@ -181,6 +211,21 @@ class Gateway:
     # -- middleware -----------------------------------------------------------------------------
 
     @web.middleware
+    async def _request_id(self, request: web.Request, handler) -> web.StreamResponse:
+        """The request's id: its X-Request-Id (checked), else a new one; every response carries it
+        back (``_echo_request_id``) and a generation request's ``id`` holds it, as vLLM's."""
+        given = request.headers.get(REQUEST_ID_HEADER)
+        if given is not None and not REQUEST_ID.fullmatch(given):
+            msg = (f"invalid {REQUEST_ID_HEADER} header {shown(given)}: expected 1-128 characters of "
+                   "letters, digits and ._:@+=/-")
+            if request.path.startswith("/v2"):      # Triton's error shape
+                return web.json_response({"error": msg}, status=400)
+            return error_response(HttpError(400, msg, REQUEST_ID_HEADER, "invalid_value"))
+        request[RID] = given if given is not None else uuid.uuid4().hex
+        request[ARRIVAL] = time.monotonic()       # for /perf_metrics
+        return await handler(request)
+
+    @web.middleware
     async def _api_key(self, request: web.Request, handler) -> web.StreamResponse:
         if request.path in self.open_paths or bearer_ok(request.headers.get("Authorization"), self.api_key):
             return await handler(request)
@@ -204,7 +249,7 @@ class Gateway:
                                 None, "request_too_large")
             elif e.status == 404:
                 err = HttpError(404, f"no route {request.path}; routes: /v1/completions, /v1/chat/completions, "
-                                     "/v1/models, /health, /metrics", None, "not_found")
+                                     "/v1/models, /health, /metrics, /perf_metrics, /version, /v2/...", None, "not_found")
             elif e.status == 408:
                 err = HttpError(408, e.text or "request timeout", None, "request_timeout")
             elif e.status == 405:
@@ -229,6 +274,18 @@ class Gateway:
             raise HttpError(400, f"the request body must be a JSON object, got {type(body).__name__}",
                             None, "invalid_json")
         return body
+
+    def request_ids(self, request: web.Request, prefix: str) -> tuple[str, str]:
+        """(the id a response shows, the id its broker request gets): ``PREFIX-REQUEST_ID``, the
+        second with a random suffix while another request of the same id is in flight."""
+        rid = f"{prefix}-{request[RID]}"
+        return rid, (rid if not self.client.in_flight(rid) else f"{rid}-{uuid.uuid4().hex[:12]}")
+
+    def record(self, request: web.Request, rid: str, submitted: float, c) -> None:
+        """A finished request's timings (``c``: its ``client.request.Completion``, or None), for
+        /perf_metrics; ``submitted``: when it went to the broker."""
+        if c is not None:
+            self.perf.add(rid, request[ARRIVAL], submitted, c.timings)
 
     async def _stats(self, metrics: bool = False) -> dict:
         try:
@@ -258,11 +315,15 @@ class Gateway:
         """The configured models, then those of the registered workers, in order (remembered)."""
         names = list(self.models)
         self._served_at = time.monotonic()
-        for w in (await self._stats()).get("workers", []):
+        stats = await self._stats()
+        markers = {}
+        for w in stats.get("workers", []):
             if w.get("model") and w["model"] not in names:
                 names.append(w["model"])
             if w.get("model"):
                 self.worker_models.add(w["model"])
+                markers.setdefault(w["model"], tuple(w.get("chat_markers") or ()))
+        self.chat_markers, self.default_model = markers, stats.get("default_model")
         self.known_models.update(names)
         return names
 
@@ -302,6 +363,12 @@ class Gateway:
         return web.Response(body=(text + trtllm_metrics(stats, text, time.time())).encode(),
                             headers={"Content-Type": CONTENT_TYPE_LATEST, "X-Content-Type-Options": "nosniff"})
 
+    async def perf_metrics(self, request: web.Request) -> web.Response:
+        return web.json_response(self.perf.drain())
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": VERSION})
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_request(CompletionRequest, await self._json(request))
         model = await self._model(req.model)
@@ -314,120 +381,16 @@ class Gateway:
                                  req.sampling(self.chat_max_tokens), chat=True)
 
     async def _serve(self, request, prefix, obj, names, req, sampling, chat) -> web.StreamResponse:
-        """``names``: ``_model``'s (shown, sent to the broker). Each of the ``n`` (or ``best_of``)
-        choices is a request of its own (client/openai_choices.py)."""
-        model, route = names
-        rid = f"{prefix}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        inputs, input_field = req.inputs(), "messages" if chat else "prompt"
-        n, runs = req.choices
-        shown_logprobs = "logprobs" in sampling
-        if runs > n and not shown_logprobs:
-            sampling = dict(sampling, logprobs=0)        # best_of ranks the samples by them
-        echo = req.prompt if not chat and req.echo else ""
-        calls = [{**inputs, **sampling, **({} if seed is None else {"seed": seed}), "model": route,
-                  "request_id": rid if runs == 1 else f"{rid}-{i}", "timeout": self.request_timeout}
-                 for i, seed in enumerate(choice_seeds(sampling.get("seed"), runs))]
-        if echo and shown_logprobs:       # the prompt's, once: every choice shows the first's
-            calls[0]["prompt_logprobs"] = sampling["logprobs"]
-
-        def choice(i: int, text: str, finish: Optional[str], logprobs, first: bool = False) -> Choice:
-            if not chat:
-                return Choice(index=i, text=text, logprobs=logprobs, finish_reason=finish)
-            d = Delta(role="assistant", content=text) if first else Delta(content=text or None)
-            return Choice(index=i, delta=d, logprobs=logprobs, finish_reason=finish)
-
-        if not req.stream:
-            try:
-                done = await gather_all(self.client.generate(**kw) for kw in calls)
-            except ClientError as e:
-                raise failure_to_http(e, input_field) from None
-            prompt = done[0].prompt_logprobs
-            done = best_of(done, n) if runs > n else done
-            choices = []
-            for i, c in enumerate(done):
-                lps = ChoiceLogprobs(chat, echo).render(c.logprobs, prompt) if shown_logprobs else None
-                choices.append(Choice(index=i, message=AssistantMessage(content=c.text), logprobs=lps,
-                                      finish_reason=c.finish_reason) if chat else
-                               Choice(index=i, text=echo + c.text, logprobs=lps, finish_reason=c.finish_reason))
-            return web.json_response(Completion(id=rid, object=obj, created=created, model=model,
-                                                choices=choices, usage=Usage.of(total_usage(done))).model_dump())
-        async with contextlib.AsyncExitStack() as held:
-            try:
-                streams = [await held.enter_async_context(self.client.stream(**kw)) for kw in calls]
-            except ClientError as e:
-                raise failure_to_http(e, input_field) from None
-            firsts = await gather_all(first_chunk(st, input_field) for st in streams)
-            resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
-            await resp.prepare(request)
-            chunk_obj = obj + ".chunk" if chat else obj
-            renders = [ChoiceLogprobs(chat, echo) for _ in streams]
-
-            def chunk(choices: list, usage: Optional[Usage] = None) -> bytes:
-                return Completion(id=rid, object=chunk_obj, created=created, model=model, choices=choices,
-                                  usage=usage).sse()
-
-            prompt = firsts[0].prompt_logprobs if firsts[0] is not None else None
-
-            def delta(i: int, ch, first: bool = False) -> bytes:
-                text = (echo if first else "") + (ch.text if ch else "")
-                lps = renders[i].render(ch.logprobs if ch else None, prompt if first else None)
-                return chunk([choice(i, text, None, lps, first)])
-
-            queue: asyncio.Queue = asyncio.Queue()
-            pumps = [asyncio.ensure_future(_pump(i, st, queue)) for i, st in enumerate(streams)]
-            try:
-                for i, first in enumerate(firsts):
-                    await resp.write(delta(i, first, first=True))
-                left = len(streams)
-                while left:
-                    i, ch, error = await queue.get()
-                    if error is not None:
-                        await resp.write(b"data: " + json.dumps(failure_to_http(error, input_field).body()).encode()
-                                         + b"\n\n")
-                        await resp.write(b"data: [DONE]\n\n")
-                        return resp
-                    if ch is not None:
-                        if ch.text or ch.logprobs:
-                            await resp.write(delta(i, ch))
-                        continue
-                    left -= 1
-                    c = streams[i].completion
-                    await resp.write(chunk([choice(i, "", c.finish_reason if c else "stop", None)]))
-                if req.include_usage:
-                    done = [st.completion for st in streams if st.completion is not None]
-                    await resp.write(chunk([], Usage.of(total_usage(done))))
-                await resp.write(b"data: [DONE]\n\n")
-                await resp.write_eof()
-            except (ConnectionError, RuntimeError) as e:   # the client went away: the streams cancel
-                log.info("client of %s disconnected mid-stream (%s); cancelling it", rid, type(e).__name__)
-            finally:
-                for t in pumps:
-                    t.cancel()
-            return resp
+        """``names``: ``_model``'s (shown, sent to the broker); client/openai_serve.py answers."""
+        from .openai_serve import serve         # it imports this module
+        return await serve(self, request, prefix, obj, names, req, sampling, chat)
 
 
-async def _pump(i: int, stream, queue: asyncio.Queue) -> None:
-    """Put choice ``i``'s chunks in ``queue`` as ``(i, chunk, None)``, then ``(i, None, None)``
-    at its end, or ``(i, None, error)``."""
-    try:
-        async for ch in stream:
-            queue.put_nowait((i, ch, None))
-        queue.put_nowait((i, None, None))
-    except ClientError as e:
-        queue.put_nowait((i, None, e))
-
-
-async def gather_all(awaitables) -> list:
-    """Every result, in order; the first failure (or this task's cancel) cancels the rest."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response, streamed or not, carries the request's id back."""
+    rid = request.get(RID)
+    if rid is not None:
+        response.headers[REQUEST_ID_HEADER] = rid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,6 +462,13 @@ def main(argv=None) -> int:
                          f"(default: {DEFAULT_READ_TIMEOUT:g})")
     ap.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                     help=f"open connections at most; more get 503 (default: {DEFAULT_MAX_CONNECTIONS})")
+    ap.add_argument("--triton-chat-template", default="auto", choices=TRITON_CHAT_TEMPLATE,
+                    help="apply the model's chat template to a Triton text_input: auto (default) when "
+                         "the model ships one and the text holds none of its markers, on, or off "
+                         "(as the Triton BLS: the text as it is)")
+    ap.add_argument("--perf-metrics-max-requests", type=int, default=DEFAULT_MAX_REQUESTS,
+                    help="finished requests whose timings /perf_metrics keeps until read (default: "
+                         f"{DEFAULT_MAX_REQUESTS}; 0: none)")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -509,10 +479,16 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"gateway: error: {e}", file=sys.stderr)
         return 2
-    gw = Gateway(args.broker, host=args.host, port=args.port, models=tuple(args.model),
-                 min_workers={"context": args.min_context, "generation": args.min_generation},
-                 api_key=api_key, metrics_need_key=args.metrics_need_key, curve=curve,
-                 read_timeout=args.read_timeout, max_connections=args.max_connections)
+    try:
+        gw = Gateway(args.broker, host=args.host, port=args.port, models=tuple(args.model),
+                     min_workers={"context": args.min_context, "generation": args.min_generation},
+                     api_key=api_key, metrics_need_key=args.metrics_need_key, curve=curve,
+                     read_timeout=args.read_timeout, max_connections=args.max_connections,
+                     triton_chat_template=args.triton_chat_template,
+                     perf_metrics_max_requests=args.perf_metrics_max_requests)
+    except ValueError as e:
+        print(f"gateway: error: {e}", file=sys.stderr)
+        return 2
 
     async def run() -> None:
         await gw.start()

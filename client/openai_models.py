@@ -5,7 +5,7 @@ integers bounded), and the first error becomes one OpenAI-shaped ``HttpError`` w
 the field path pydantic reports (``messages[0].role``) and whose message shows the bad value.
 Responses are built from models too, so their shape is written down in one place. Pure: no I/O;
 of the project it imports only ``broker.config``, for the field path and the integer bound that
-the configuration errors use too.
+the configuration errors use too, and ``broker.protocol``'s bounds on bad words.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
 from broker.config import MAX_INT, dotted     # token ids and counts fit a signed 32-bit integer
+from broker.protocol import MAX_BAD_WORD_CHARS, MAX_BAD_WORDS
 
 
 class HttpError(Exception):
@@ -108,6 +109,8 @@ class _Request(BaseModel):
     min_tokens: Optional[Annotated[int, Field(ge=0, le=1 << 20)]] = None   # vLLM's extension
     logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None
     ignore_eos: Optional[bool] = None
+    bad_words: Optional[Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_BAD_WORD_CHARS)]],
+                                  Field(max_length=MAX_BAD_WORDS)]] = None   # vLLM's extension
     # accepted only "off" (see OFF_VALUES), and accepted and ignored (see IGNORED)
     suffix: Any = None
     tools: Any = None
@@ -187,6 +190,8 @@ class _Request(BaseModel):
             s["stop_token_ids"] = self.stop_token_ids
         if self.ignore_eos is not None:
             s["ignore_eos"] = self.ignore_eos
+        if self.bad_words:
+            s["bad_words"] = self.bad_words
         if self.logprobs_wanted() is not None:
             s["logprobs"] = self.logprobs_wanted()
         return s
@@ -197,6 +202,11 @@ class _Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage on every chunk, as vLLM gives it (with include_usage only)."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_Request):

@@ -39,7 +39,7 @@ class Chunk:
 class Completion:
     """A finished request. ``finish_reason`` is "stop", "length" or "cancelled"; ``usage`` has
     prompt_tokens and completion_tokens; ``timings`` has queue, prefill, kv_transfer, ttft, total
-    (seconds), as the broker reported them."""
+    (seconds) and kv_bytes (the KV cache moved between workers), as the broker reported them."""
     request_id: str
     text: str
     token_ids: list[int]
@@ -148,6 +148,7 @@ class RequestState:
         self.finished = False       # the broker sent its one final message
         self.failed = False         # finished, or given up on locally (protocol violation)
         self.token_ids: list[int] = []
+        self.prompt_tokens = 0      # as the broker counted them, with the first tokens
         self._texts: list[str] = []
         self.logprobs: Optional[list] = None    # one per token id, once a message carried them
         self.prompt_logprobs: Optional[list] = None
@@ -198,6 +199,8 @@ class RequestState:
             self.logprobs.extend(msg.logprobs)
         if msg.prompt_logprobs is not None:
             self.prompt_logprobs = msg.prompt_logprobs
+        if isinstance(msg, Tokens) and msg.prompt_tokens:
+            self.prompt_tokens = msg.prompt_tokens
         self.token_ids.extend(msg.token_ids)
         self._texts.append(msg.text)
         return Chunk(self.request_id, msg.index, list(msg.token_ids), msg.text, msg.logprobs,
@@ -244,3 +247,9 @@ class StreamBase:
     @property
     def completion(self) -> Optional[Completion]:
         return self._state.completion
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's tokens, once the first tokens (or the end) have come; else 0."""
+        c = self._state.completion
+        return self._state.prompt_tokens or (int(c.usage.get("prompt_tokens") or 0) if c else 0)

@@ -17,15 +17,16 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import uuid
+import time
 from typing import Optional
 
 from aiohttp import web
 
 from .errors import ClientError
-from .gateway import failure_to_http, first_chunk, gather_all
+from .gateway import failure_to_http, first_chunk
 from .kserve import HEADER, TensorError, encode_infer_response, parameters, parse_infer_request
 from .openai_models import HttpError
+from .openai_serve import gather_all
 from .triton_bls import (ALIASES, OUTPUTS, VERSION, BlsRequest, bls_request, json_values, model_config,
                          model_metadata, output_tensors, tensor_rows, token_log_probs)
 
@@ -135,14 +136,33 @@ class TritonApi:
 
     # -- inference --------------------------------------------------------------------------------
 
-    async def _run(self, req: BlsRequest, route: Optional[str]) -> tuple[str, list]:
+    def _rid(self, request: web.Request) -> str:
+        """The broker request id: ``triton-`` and the request's X-Request-Id (or a new id)."""
+        return self.gw.request_ids(request, "triton")[1]
+
+    async def _chat(self, route: Optional[str]) -> Optional[tuple]:
+        """The chat markers of the model ``route`` runs on (the broker's default for None), for
+        ``BlsRequest.inputs``: None when text_input goes as it is (``--triton-chat-template``
+        off, or auto and the model ships no template), () when always templated (on)."""
+        mode = self.gw.triton_chat_template
+        if mode == "off":
+            return None
+        if time.monotonic() - self.gw._served_at > 1.0:     # workers (and the default) may change
+            await self.gw._served()
+        markers = self.gw.chat_markers.get(route or self.gw.default_model, ())
+        return () if mode == "on" else markers or None
+
+    async def _run(self, request: web.Request, req: BlsRequest, route: Optional[str], markers: Optional[tuple],
+                   rid: str) -> tuple[str, list]:
         """One request to its end on model ``route`` through the gateway's client: (answer,
         its tokens' log-probabilities)."""
+        submitted = time.monotonic()
         try:
-            c = await self.gw.client.generate(prompt=req.prompt, request_id=f"triton-{uuid.uuid4().hex}",
+            c = await self.gw.client.generate(**req.inputs(markers), request_id=rid,
                                               timeout=self.gw.request_timeout, model=route, **req.sampling)
         except ClientError as e:
             raise _failure(e) from None
+        self.gw.record(request, rid, submitted, c)
         return c.text, token_log_probs(c)
 
     async def _request(self, request: web.Request) -> tuple[str, Optional[str], BlsRequest]:
@@ -155,7 +175,7 @@ class TritonApi:
         if req.stream:
             raise HttpError(400, "stream=true answers with several responses: use "
                                  f"/v2/models/{name}/generate_stream", "stream", "unsupported_value")
-        text, lps = await self._run(req, route)
+        text, lps = await self._run(request, req, route, await self._chat(route), self._rid(request))
         return web.json_response({"model_name": name, "model_version": VERSION, **req.outputs(text, lps)})
 
     @triton_errors
@@ -163,15 +183,15 @@ class TritonApi:
         name, route, req = await self._request(request)
         head = {"model_name": name, "model_version": VERSION}
         if not req.stream:      # as the BLS without `stream`: one response with the whole answer
-            text, lps = await self._run(req, route)
+            text, lps = await self._run(request, req, route, await self._chat(route), self._rid(request))
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
             await resp.write(_event({**head, **req.outputs(text, lps)}))
             await resp.write_eof()
             return resp
-        rid = f"triton-{uuid.uuid4().hex}"
-        stream = self.gw.client.stream(prompt=req.prompt, request_id=rid, timeout=self.gw.request_timeout,
-                                       model=route, **req.sampling)
+        rid, submitted = self._rid(request), time.monotonic()
+        stream = self.gw.client.stream(**req.inputs(await self._chat(route)), request_id=rid,
+                                       timeout=self.gw.request_timeout, model=route, **req.sampling)
         async with stream:
             first = await first_chunk(stream, "text_input")
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
@@ -187,6 +207,7 @@ class TritonApi:
                         cum += sum(lps)
                 except ClientError as e:
                     await resp.write(_event({"error": _failure(e).message}))
+                self.gw.record(request, rid, submitted, stream.completion)
                 await resp.write_eof()
             except (ConnectionError, RuntimeError) as e:   # the client went away: `async with` cancels
                 log.info("client of %s disconnected mid-stream (%s); cancelling it", rid, type(e).__name__)
@@ -203,7 +224,10 @@ class TritonApi:
             raise HttpError(400, f"stream=true answers with several responses: use /v2/models/{name}/generate_stream",
                             "stream", "unsupported_value")
         wanted, binary = _requested_outputs(head)
-        answers = await gather_all(self._run(r, route) for r in reqs)   # one row failed: stop the others
+        markers = await self._chat(route)
+        rid = self._rid(request)
+        answers = await gather_all(self._run(request, r, route, markers, rid if len(reqs) == 1 else f"{rid}-{i}")
+                                   for i, r in enumerate(reqs))      # one row failed: stop the others
         reply = {"model_name": name, "model_version": VERSION}
         if isinstance(head.get("id"), str):
             reply["id"] = head["id"]

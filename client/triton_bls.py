@@ -5,7 +5,8 @@ The names, datatypes and defaults follow the backend's model configs (``config.p
 BLS: ``text_input`` and ``max_tokens`` are required; with no ``top_k`` and no ``top_p`` (or
 ``top_k`` 1, or ``temperature`` 0) decoding is greedy, as TensorRT-LLM decodes; ``stop_words``
 and ``bad_words`` are comma-separated lists (CSV quoting allowed, empty words dropped, so ``""``
-means none); ``end_id`` replaces the model's end token; ``text_output`` holds the prompt and the
+means none; a bad word's last token is never sampled where its other tokens end the sequence, as
+TensorRT-LLM bans them); ``end_id`` replaces the model's end token; ``text_output`` holds the prompt and the
 answer unless ``exclude_input_in_output`` (streamed responses never hold the prompt). A stop word
 is left out of ``text_output`` (TensorRT-LLM keeps it). Inputs this engine cannot honour are
 accepted only at their neutral values and otherwise refused, naming the input and its value.
@@ -22,7 +23,9 @@ import csv
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
+
+from broker.protocol import MAX_BAD_WORD_CHARS, MAX_BAD_WORDS
 
 from .kserve import Tensor
 from .openai_models import HttpError
@@ -55,7 +58,7 @@ OUTPUTS = {"text_output": ("BYTES", [-1]), "cum_log_probs": ("FP32", [-1]), "out
 # Triton model names that stand for the served model, and the platform each reports
 ALIASES = {"ensemble": "ensemble", "tensorrt_llm_bls": "python", "disaggregated_serving_bls": "python"}
 VERSION = "1"
-MAX_WORDS = 16
+MAX_WORDS = MAX_BAD_WORDS       # in stop_words, and in bad_words
 _RANGES = {"INT32": (-2**31, 2**31 - 1), "UINT64": (0, 2**64 - 1)}
 # inputs accepted only at their neutral value: name -> (is it neutral?, what turns it off, why)
 _NEUTRAL = {
@@ -76,6 +79,14 @@ class BlsRequest:
     sampling: dict
     stream: bool = False
     exclude_input: bool = False
+
+    def inputs(self, markers: Optional[tuple]) -> dict:
+        """The ``AsyncClient`` prompt arguments: the text as it is (``markers`` None, or the text
+        holds one of them: it is templated already), else as the user's one message, which the
+        worker renders with its model's chat template."""
+        if markers is None or any(m in self.prompt for m in markers):
+            return {"prompt": self.prompt}
+        return {"messages": [{"role": "user", "content": self.prompt}]}
 
     def outputs(self, text: str, log_probs: list, streamed: bool = False, cum: float = 0.0) -> dict:
         """The BLS outputs for ``text`` (the answer, or one streamed piece of it) and its tokens'
@@ -183,9 +194,6 @@ def bls_request(values: dict) -> BlsRequest:
         if v is not None and not neutral(v):
             raise HttpError(400, f"{name}={json.dumps(v)} is not supported by this server ({off} turns it off)"
                                  f"{why}", name, "unsupported_value")
-    if _words("bad_words", values.get("bad_words", [])):
-        raise HttpError(400, f"bad_words={json.dumps(values['bad_words'])[:60]} is not supported by this server "
-                             '("" means none)', "bad_words", "unsupported_value")
     max_tokens, top_k, top_p = one("max_tokens"), one("top_k", 0), one("top_p", 0.0)
     temperature = one("temperature", 1.0)
     if max_tokens < 1:
@@ -229,6 +237,12 @@ def bls_request(values: dict) -> BlsRequest:
     stop = _words("stop_words", values.get("stop_words", []))
     if stop:
         s["stop"] = stop
+    bad = _words("bad_words", values.get("bad_words", []))
+    if bad:
+        too_long = [w for w in bad if len(w) > MAX_BAD_WORD_CHARS]
+        if too_long:
+            raise _bad("bad_words", too_long[0], f"words of at most {MAX_BAD_WORD_CHARS} characters")
+        s["bad_words"] = bad
     end_id = one("end_id")
     if end_id is not None:
         if end_id < 0:

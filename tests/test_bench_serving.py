@@ -124,3 +124,47 @@ def test_serving_bench_against_our_tiny_deployments_without_the_peer(tmp_path):
         assert run["mean_output_tokens"] == 6      # ignore_eos: exactly the asked length
     assert rep["verdict"] is None and rep["peer_skipped"] == "--no-peer"
     assert "llama-server: skipped (--no-peer)" in proc.stdout
+
+
+async def _closing_server():
+    """An OpenAI-ish server that drops a pooled keep-alive connection as llama.cpp's does: the
+    second request on a connection meets a close instead of an answer (its idle timeout crossing
+    the client's reuse). Returns (url, the runner, per-connection request counts)."""
+    from aiohttp import web
+    seen: dict = {}
+    body = (b'data: {"choices": [{"text": "hi"}]}\n\n'
+            b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}}\n\n'
+            b"data: [DONE]\n\n")
+
+    async def completions(request):
+        conn = request.transport
+        seen[conn] = seen.get(conn, 0) + 1
+        if seen[conn] > 1:
+            conn.abort()             # closed under the request: no answer byte
+        return web.Response(body=body, content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return f"http://127.0.0.1:{runner.addresses[0][1]}", runner, seen
+
+
+def test_http_driver_survives_a_server_that_closes_pooled_connections():
+    from bench.throughput import Spec
+
+    async def go():
+        url, runner, seen = await _closing_server()
+        driver = HttpDriver(url, None, 10)
+        try:
+            results = [await driver.run(Spec(output_len=1, input_len=2, prompt="hi")) for _ in range(3)]
+        finally:
+            await driver.close()
+            await runner.cleanup()
+        return results, sorted(seen.values())
+
+    results, per_connection = asyncio.run(go())
+    assert [(r.ok, r.error, r.output_tokens) for r in results] == [(True, "", 1)] * 3
+    assert per_connection == [1, 2, 2]     # two pooled reuses were closed under the request, then resent

@@ -69,16 +69,16 @@ def test_logprob_counts_are_bounded_and_named(field, value):
 
 def test_the_wire_carries_one_bounded_entry_per_token():
     entry = Logprobs(TokenLogprob(5, -0.25, b"x"), [TokenLogprob(5, -0.25, b"x"), TokenLogprob(6, -2.0, b"\xe2")])
-    msg = p.Tokens("r", 0, [5], "x", 0, [entry])
+    msg = p.Tokens("r", 0, [5], "x", logprobs=[entry])
     assert p.decode_all(msg.encode())[0] == msg
     with pytest.raises(ProtocolError, match="1 logprobs for 2 tokens"):
-        p.Tokens("r", 0, [5, 6], "x", 0, [entry])
+        p.Tokens("r", 0, [5, 6], "x", logprobs=[entry])
     with pytest.raises(ProtocolError, match="logprobs for 1 tokens"):
         p.Final("r", "stop", token_ids=[5], logprobs=[])
-    positive = p.Tokens("r", 0, [5], "x", 0, [Logprobs(TokenLogprob(5, 0.5))])   # encode does not check
+    positive = p.Tokens("r", 0, [5], "x", logprobs=[Logprobs(TokenLogprob(5, 0.5))])   # encode does not check
     with pytest.raises(ProtocolError):
         p.decode_all(positive.encode())
-    too_many = p.Tokens("r", 0, [5], "x", 0, [Logprobs(TokenLogprob(5, -1.0), [TokenLogprob(1, -1.0)] * 21)])
+    too_many = p.Tokens("r", 0, [5], "x", logprobs=[Logprobs(TokenLogprob(5, -1.0), [TokenLogprob(1, -1.0)] * 21)])
     with pytest.raises(ProtocolError):
         p.decode_all(too_many.encode())
 
@@ -118,17 +118,17 @@ def test_the_broker_relays_logprobs_with_their_tokens_and_drops_a_repeat_with_th
     scored = [Logprobs(TokenLogprob(t, 0.0 if i == 0 else -1.0, bytes([t]))) for i, t in enumerate([1, 2, 3])]
     [pre] = of(st.on_client(b"c", p.Submit("r", prompt="hello", sampling={"logprobs": 1, "prompt_logprobs": 0})),
                p.Prefill)
-    out = st.on_worker(b"ctx", p.ContextDone("r", pre.attempt, 7, "x", [1, 2, 3], {"t": "r"}, None, 0.0, 0, lp(7),
-                                             scored))
+    out = st.on_worker(b"ctx", p.ContextDone("r", pre.attempt, 7, "x", [1, 2, 3], {"t": "r"}, logprobs=lp(7),
+                                             prompt_logprobs=scored))
     [first] = of(out, p.Tokens)
     [dec] = of(out, p.Decode)
     assert first.logprobs == lp(7) and first.prompt_logprobs == scored
     st.on_worker(b"gen", p.KvPulled("r", dec.attempt))
-    [tok] = of(st.on_worker(b"gen", p.Tokens("r", 1, [8], "y", dec.attempt, lp(8))), p.Tokens)
+    [tok] = of(st.on_worker(b"gen", p.Tokens("r", 1, [8], "y", dec.attempt, logprobs=lp(8))), p.Tokens)
     assert tok.logprobs == lp(8) and tok.prompt_logprobs is None
-    assert of(st.on_worker(b"gen", p.Tokens("r", 1, [8], "y", dec.attempt, lp(8))), p.Tokens) == []   # a repeat
-    [final] = of(st.on_worker(b"gen", p.Finished("r", dec.attempt, "length", 3, 0.0, 2, [9], "z", 0, lp(9))),
-                 p.Final)
+    assert of(st.on_worker(b"gen", p.Tokens("r", 1, [8], "y", dec.attempt, logprobs=lp(8))), p.Tokens) == []
+    [final] = of(st.on_worker(b"gen", p.Finished("r", dec.attempt, "length", index=2, token_ids=[9], text="z",
+                                                 logprobs=lp(9))), p.Final)
     assert (final.index, final.token_ids, final.logprobs) == (2, [9], lp(9))
 
 

@@ -115,7 +115,8 @@ REFUSED = [
     ({"min_length": -1}, "min_length=-1"),
     ({"return_generation_logits": True}, "return_generation_logits=true"),
     ({"beam_width": 2}, "beam_width=2"),
-    ({"bad_words": "foo,bar"}, "bad_words"),
+    ({"bad_words": "x" * 200}, "bad_words"),
+    ({"bad_words": ",".join("w%d" % i for i in range(17))}, "bad_words holds 17 words"),
     ({"stream": True}, "generate_stream"),
     ({"top_k": -1}, "top_k=-1"),
     ({"top_p": 1.5}, "top_p=1.5"),
@@ -303,7 +304,10 @@ async def test_an_error_after_the_stream_started_is_one_error_event():
         def stream(self, **kw):
             return Stream()
 
-    gw = Gateway("tcp://127.0.0.1:9")
+        def in_flight(self, request_id):
+            return False
+
+    gw = Gateway("tcp://127.0.0.1:9", triton_chat_template="off")     # off: no look at the workers
     gw.client = FakeClient()
     runner = web.AppRunner(gw.app())
     await runner.setup()

@@ -95,6 +95,13 @@ class DecodeBatch:
     def steps(self) -> list:
         return [len(s.output_ids) for s in self.seqs]
 
+    @property
+    def banned(self) -> Optional[list]:
+        """Per row, the tokens its bad words ban this step; None when no row has bad words."""
+        if not any(s.bad_ids for s in self.seqs):
+            return None
+        return [s.banned() if s.bad_ids else () for s in self.seqs]
+
 
 @dataclass
 class PullStart:
@@ -247,7 +254,8 @@ class Scheduler:
         if k is not None and len(ids) * (k + 1) > p.MAX_PROMPT_LOGPROBS:
             raise RequestRejected(f"prompt_logprobs={k} with a prompt of {len(ids)} tokens: at most "
                                   f"{p.MAX_PROMPT_LOGPROBS} prompt tokens x (prompt_logprobs + 1)")
-        seq = Sequence(msg.request_id, msg.attempt, kind, ids, params, self._max_new(ids, params))
+        seq = Sequence(msg.request_id, msg.attempt, kind, ids, params, self._max_new(ids, params),
+                       bad_ids=self._bad_ids(params))
         out = getattr(msg, "output_ids", None)
         if out:
             self._check_vocab("output_ids", out)
@@ -259,6 +267,17 @@ class Scheduler:
                 raise RequestRejected(f"invalid output_ids: the request had already ended "
                                       f"({seq.finish_reason}) within its {len(out)} output tokens")
         return seq
+
+    def _bad_ids(self, params: SamplingParams) -> tuple:
+        """Each bad word as token ids, encoded alone as TensorRT-LLM's BLS encodes it (no BOS)."""
+        out = []
+        for word in params.bad_words:
+            ids = self.tok.encode(word)
+            if getattr(self.tok, "add_bos", False) and ids[:1] == [self.tok.bos_token_id]:
+                ids = ids[1:]
+            if ids:
+                out.append(tuple(ids))
+        return tuple(out)
 
     def _check_vocab(self, name: str, ids) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -284,7 +303,7 @@ class Scheduler:
         params = self._params(msg.sampling)
         ids = list(msg.prompt_token_ids)
         seq = Sequence(msg.request_id, msg.attempt, DECODE, ids, params, self._max_new(ids, params),
-                       output_ids=[msg.first_token], kv_handle=dict(msg.kv_handle))
+                       output_ids=[msg.first_token], kv_handle=dict(msg.kv_handle), bad_ids=self._bad_ids(params))
         seq.emitted_chars = len(msg.first_text)
         seq.text = msg.first_text
         return seq
@@ -413,8 +432,8 @@ class Scheduler:
             if seq.finish_reason:
                 self._finish(seq, 0, [token], text, lps)
             else:
-                self.outbox.append(p.Tokens(seq.request_id, 0, [token], text, seq.attempt, lps,
-                                            seq.prompt_logprobs))
+                self.outbox.append(p.Tokens(seq.request_id, 0, [token], text, seq.attempt, len(seq.prompt_ids),
+                                            logprobs=lps, prompt_logprobs=seq.prompt_logprobs))
                 self.running.append(seq)
             return
         # context role: hand the KV over, hold the blocks until released
@@ -428,8 +447,8 @@ class Scheduler:
             self.leases[seq.key] = Lease(seq.blocks, self.clock() + ttl)
         seq.blocks = []          # the lease (or the allocator) has them now
         self.outbox.append(p.ContextDone(seq.request_id, seq.attempt, token, text, seq.prompt_ids,
-                                         handle, seq.finish_reason, seq.prefill_s, seq.cached_tokens, lps,
-                                         seq.prompt_logprobs))
+                                         handle, seq.finish_reason, seq.prefill_s, seq.cached_tokens,
+                                         logprobs=lps, prompt_logprobs=seq.prompt_logprobs))
 
     def next_decode(self) -> Optional[DecodeBatch]:
         """Every running request, oldest first, up to ``max_batch_size``, in one step."""
@@ -448,7 +467,7 @@ class Scheduler:
             if seq.finish_reason:
                 self._finish(seq, index, [token], text, lps)
             else:
-                self.outbox.append(p.Tokens(seq.request_id, index, [token], text, seq.attempt, lps))
+                self.outbox.append(p.Tokens(seq.request_id, index, [token], text, seq.attempt, logprobs=lps))
 
     def _logprobs(self, token: int, entry: Optional[tuple]) -> Optional[list]:
         """The wire form of one token's ``sampler.token_logprobs`` entry (with each token's bytes)."""
@@ -463,7 +482,8 @@ class Scheduler:
         """The request is done here; its last tokens ride in the Finished message."""
         self.outbox.append(p.Finished(seq.request_id, seq.attempt, seq.finish_reason,
                                       len(seq.prompt_ids), seq.prefill_s, index, token_ids, text,
-                                      seq.cached_tokens, logprobs, seq.prompt_logprobs if index == 0 else None))
+                                      seq.cached_tokens, logprobs=logprobs,
+                                      prompt_logprobs=seq.prompt_logprobs if index == 0 else None))
         self._drop(seq)
 
     # -----------------------------------------------------------------------------------------

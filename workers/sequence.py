@@ -33,6 +33,7 @@ class Sequence:
     lease_ms: int = 30000
     t_prefill_start: float = 0.0
     prefill_s: float = 0.0
+    bad_ids: tuple = ()               # params.bad_words as token id sequences (the scheduler's)
     prompt_logprobs: Optional[list] = None   # wire entries per prompt token, as prefill scores them
 
     @property
@@ -63,6 +64,17 @@ class Sequence:
             self.finish_reason = Finish.STOP
         elif len(output_ids) >= self.max_new:
             self.finish_reason = Finish.LENGTH
+
+    def banned(self) -> list:
+        """The tokens the next step must not sample (TensorRT-LLM's bad words): the last token of
+        each bad word whose other tokens end the sequence so far (prompt and output)."""
+        out, k = [], len(self.output_ids)
+        for *before, last in self.bad_ids:
+            n = len(before)
+            if n and (self.output_ids[-n:] if k >= n else self.prompt_ids[k - n:] + self.output_ids) != before:
+                continue
+            out.append(last)
+        return out
 
     @property
     def scores_prompt(self) -> bool:

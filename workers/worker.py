@@ -35,7 +35,7 @@ from transfer.registry import create_sink, create_source, resolve_backend
 from workers.engine.kv_cache import KVCache, pool_blocks
 from workers.engine.loaders import load_model
 from workers.engine.runner import ModelRunner
-from workers.engine.sampler import prompt_logprobs, sample, token_logprobs
+from workers.engine.sampler import ban_tokens, prompt_logprobs, sample, token_logprobs
 from workers.options import WorkerOptions
 from workers.scheduler import Scheduler
 
@@ -100,6 +100,7 @@ class Worker:
         self.model, self.tok = load_model(model, dtype=options.dtype, quantization=options.quantization,
                                           device=options.device)
         self.precision = self.model.precision
+        self.chat_markers = [m for m in self.tok.chat_markers() if len(m) <= p.MAX_MARKER_CHARS][:p.MAX_CHAT_MARKERS]
         cfg = self.model.cfg
         self.max_seq_len = min(options.max_seq_len or cfg.max_position, cfg.max_position)
         # kv_cache_config.dtype; auto: the dtype the model computes in
@@ -175,7 +176,8 @@ class Worker:
         self.sched.outbox.clear()    # nothing queued for the old connection is valid on the new one
         self.sched.outbox.append(p.Ready(self.worker_id, self.role, self.model_name,
                                          self.opts.max_batch_size, self.kv.num_blocks,
-                                         self.transfer_info, os.getpid(), self.opts.heartbeat_ms))
+                                         self.transfer_info, os.getpid(), self.opts.heartbeat_ms,
+                                         self.chat_markers))
         self._flush()
         log.info("worker %s (%s, model %s) registering with %s", self.worker_id, self.role,
                  self.model_name, self.broker_addr)
@@ -265,16 +267,18 @@ class Worker:
             self.sched.prefilled(chunk)
             if chunk.samples:
                 seq = chunk.seq
-                token = sample(logits[None], [seq.params], [seq.prompt_ids], [0], self.tok.eos_token_ids)[0]
-                lps = token_logprobs(logits[None], [seq.params], [token])
+                rows = ban_tokens(logits[None], [seq.banned()]) if seq.bad_ids else logits[None]
+                token = sample(rows, [seq.params], [seq.prompt_ids], [0], self.tok.eos_token_ids)[0]
+                lps = token_logprobs(logits[None], [seq.params], [token])   # the model's, before bans
                 self.sched.first_token(seq, token, lps[0] if lps else None)
             self._flush()
         batch = self.sched.next_decode()
         if batch is not None:
             logits = self.runner.decode(batch.tokens, batch.positions, batch.block_tables)
-            params = batch.params
-            tokens = sample(logits, params, batch.histories, batch.steps, self.tok.eos_token_ids)
-            self.sched.decoded(batch, tokens, token_logprobs(logits, params, tokens))
+            banned, params = batch.banned, batch.params
+            rows = ban_tokens(logits, banned) if banned is not None else logits
+            tokens = sample(rows, params, batch.histories, batch.steps, self.tok.eos_token_ids)
+            self.sched.decoded(batch, tokens, token_logprobs(logits, params, tokens))   # the model's, before bans
             self._flush()
         self._heartbeat_if_due()        # flushes what it queues
 

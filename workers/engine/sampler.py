@@ -231,6 +231,18 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     return out.tolist()
 
 
+def ban_tokens(logits: torch.Tensor, banned: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``logits`` [B, V] with row i unable to give the tokens in ``banned[i]`` (bad words), for
+    ``sample``; a copy (the model's logits may be inference tensors). Ids outside the vocabulary
+    are ignored."""
+    vocab = logits.shape[-1]
+    pairs = [(i, t) for i, ids in enumerate(banned) for t in ids if 0 <= t < vocab]
+    if not pairs:
+        return logits
+    at = torch.tensor(pairs, dtype=torch.long, device=logits.device).T
+    return logits.index_put((at[0], at[1]), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+
+
 def token_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], tokens: Sequence[int]
                    ) -> Optional[list]:
     """For each row of ``logits`` [B, V] whose ``params[i].logprobs`` is set, the log-probability

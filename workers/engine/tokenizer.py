@@ -33,6 +33,12 @@ class Tokenizer:
         """The prompt text for a chat, ending with the assistant's generation prompt."""
         raise NotImplementedError
 
+    def chat_markers(self) -> tuple[str, ...]:
+        """The special tokens the model's own chat template writes (``<|im_start|>``...): a
+        prompt holding one is already templated. Empty when the model ships no template (a base
+        model, or the tiny test model), whose prompts are never templated unasked."""
+        return ()
+
     def token_bytes(self, token_id: int) -> bytes:
         """One token's own text as bytes (possibly part of a UTF-8 character; a special token's
         name): what a log-probability entry shows for it."""
@@ -151,6 +157,16 @@ class HFTokenizer(Tokenizer):
         return self._template.render(messages=messages, add_generation_prompt=True,
                                      bos_token=self._token_text(self.bos_token_id),
                                      eos_token=self._token_text(eos))
+
+    def chat_markers(self) -> tuple[str, ...]:
+        if not self.chat_template:
+            return ()
+        try:
+            text = self.apply_chat_template([{"role": "user", "content": "?"}])
+        except Exception:      # a template that cannot render this: never templated automatically
+            return ()
+        special = self.tok.get_added_tokens_decoder().values()
+        return tuple(dict.fromkeys(t.content for t in special if t.special and t.content in text))
 
 
 def _raise_template_error(message: str) -> None:
