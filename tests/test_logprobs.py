@@ -360,3 +360,14 @@ async def test_triton_return_log_probs_come_from_the_engine(disagg):
     assert outs["output_log_probs"]["data"] == pytest.approx(lps + lps[:3] + [0.0] * 3, abs=1e-6)
     assert outs["cum_log_probs"]["data"] == pytest.approx([sum(lps), sum(lps[:3])], abs=1e-5)
     disagg.wait_idle()
+
+
+async def test_two_requests_of_one_x_request_id_with_n_both_run(agg):
+    from tests.test_gateway_extras import request
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 6, "ignore_eos": True, "n": 2, "seed": 3}
+    for stream in (False, True):
+        both = await asyncio.gather(*(request(agg, "POST", "/v1/completions", dict(body, stream=stream),
+                                              {"X-Request-Id": "same"}) for _ in range(2)))
+        assert [s for s, _, _ in both] == [200, 200], both
+        assert all(h["X-Request-Id"] == "same" for _, h, _ in both)
+    agg.wait_idle()
