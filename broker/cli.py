@@ -15,6 +15,7 @@ from typing import Optional
 
 import click
 
+from broker.addresses import broker_published
 from broker.auth import CONFIG_NAMES, api_key_from, broker_curve, self_client
 from broker.auth import keygen as keygen_files
 from broker.config import BrokerConfig, ConfigError, DisaggConfig, load_disagg_config
@@ -53,6 +54,15 @@ def run(group: click.Group, prog: str, argv: Optional[list] = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
+
+
+def _advertise_option(f):
+    return click.option("--advertise-host", default=None, metavar="ADDRESS",
+                        help="the host this broker's addresses are published at (etcd) and given to the "
+                             "workers `broker launch` starts, where peers reach it at another address than "
+                             "it binds (default: each bound address; a wildcard one: the config's hostname "
+                             "unless that is a wildcard or loopback, else this host's default-route "
+                             "address)")(f)
 
 
 def _http_options(f):
@@ -148,13 +158,14 @@ _D = BrokerConfig()
               help="with workers of several models up, the one a request naming none runs on "
                    "(default: the first registered)")
 @cluster_options
+@_advertise_option
 @_http_options
 @_auth_options
 @log_level_option
 def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv_lease,
           request_timeout, max_message_bytes, max_migrations, default_model, cluster_uri, cluster_name,
-          lease_interval, lease_ttl, http_port, no_http, curve_key, client_keys, worker_keys, api_key,
-          log_level) -> None:
+          lease_interval, lease_ttl, advertise_host, http_port, no_http, curve_key, client_keys, worker_keys,
+          api_key, log_level) -> None:
     """Run the broker: clients connect to --frontend, workers to --backend. A port of 0 (or *)
     picks a free port; the chosen addresses are printed on the first line of stdout. With an
     etcd:// cluster URI the broker registers its addresses there for workers to find; with a
@@ -190,7 +201,7 @@ def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv
                                   "(the broker's own address) disagree")
             backend = cluster.cluster_uri
         server = BrokerServer(frontend or cfg.frontend, backend or cfg.backend_address, settings,
-                              curve=curve)
+                              curve=curve, minimum=cfg.minimal_instances)
     except (ConfigError, OSError) as e:
         raise CommandError("broker", str(e)) from None
     gateway = registration = None
@@ -202,8 +213,12 @@ def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         signal.signal(signal.SIGINT, lambda *_: server.stop())
         http = f" http={gateway.gateway.url}" if gateway is not None else ""
-        registration = register_broker(cluster, server.frontend, server.backend,
-                                       gateway.gateway.url if gateway is not None else None)
+        published = broker_published(server.frontend, server.backend,
+                                     gateway.gateway.url if gateway is not None else None,
+                                     advertise_host, cfg.hostname)
+        if published[:2] != (server.frontend, server.backend):
+            logging.getLogger("broker").info("advertised at frontend=%s backend=%s http=%s", *published)
+        registration = register_broker(cluster, *published)
         print(f"broker ready frontend={server.frontend} backend={server.backend}{http}", flush=True)
         server.run()
     except OSError as e:
@@ -226,10 +241,12 @@ def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv
 @click.option("--max-tokens", type=int, default=48, help="with --demo: output tokens per answer (default: 48)")
 @click.option("--ready-timeout", type=float, default=600,
               help="seconds to wait for the workers to register (default: 600)")
+@_advertise_option
 @_http_options
 @log_level_option
 @click.pass_context
-def launch(ctx, config, model, demo, prompt, max_tokens, ready_timeout, http_port, no_http, log_level) -> None:
+def launch(ctx, config, model, demo, prompt, max_tokens, ready_timeout, advertise_host, http_port, no_http,
+           log_level) -> None:
     """Start the broker and, as child processes, the context and generation workers the config's
     num_instances ask for; wait until all are ready; stop them all on Ctrl-C or SIGTERM."""
     setup_logging(log_level)
@@ -240,7 +257,7 @@ def launch(ctx, config, model, demo, prompt, max_tokens, ready_timeout, http_por
             cfg = dataclasses.replace(cfg, model=model)
         if demo and http_port is None:
             http_port = 0      # the demo speaks ZeroMQ; never fail on a busy default port for it
-        session = Launch(cfg, log_level, http=not no_http, http_port=http_port)
+        session = Launch(cfg, log_level, http=not no_http, http_port=http_port, advertise_host=advertise_host)
     except (ConfigError, OSError) as e:
         raise CommandError("broker", str(e)) from None
     stop = threading.Event()

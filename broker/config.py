@@ -410,6 +410,9 @@ class DisaggConfig:
     cluster: ClusterSettings = ClusterSettings()  # disagg_cluster: discovery (broker/discovery.py)
     perf_metrics_max_requests: int = 1000       # the gateway's /perf_metrics ring
     triton_chat_template: str = "auto"          # our addition: the gateway's Triton text_input rule
+    # with a disagg_cluster section, as TensorRT-LLM: the workers the broker needs up before it
+    # accepts requests (minimal_instances, default one of each); None without one
+    minimal_instances: Optional[dict] = None
     source: str = "<defaults>"
 
 
@@ -477,14 +480,15 @@ def parse_disagg_config(raw: Any, source: str = "<dict>") -> DisaggConfig:
     broker = validated(BrokerConfig, d.broker or {}, source, "broker.")
     ctx = _group(raw.get("context_servers"), "context_servers", source, inherited)
     gen = _group(raw.get("generation_servers"), "generation_servers", source, inherited)
-    minimum = _cluster_minimum(d.disagg_cluster, source) or \
-        {"context": ctx.num_instances, "generation": gen.num_instances}
+    cluster_minimum = _cluster_minimum(d.disagg_cluster, source)
+    minimum = cluster_minimum or {"context": ctx.num_instances, "generation": gen.num_instances}
     return DisaggConfig(hostname=d.hostname, port=d.port, model=d.model, backend=d.backend,
                         context_servers=ctx, generation_servers=gen, min_workers=minimum, broker=broker,
                         frontend=d.frontend, backend_address=d.backend_address,
                         auth=_auth(d.auth, source), cluster=_cluster(d.disagg_cluster, source),
                         perf_metrics_max_requests=d.perf_metrics_max_requests,
-                        triton_chat_template=d.triton_chat_template, source=source)
+                        triton_chat_template=d.triton_chat_template,
+                        minimal_instances=cluster_minimum, source=source)
 
 
 def _cluster(c: Optional[ClusterSchema], source: str) -> ClusterSettings:

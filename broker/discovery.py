@@ -79,14 +79,6 @@ def worker_key(cluster: str, worker_id: str) -> str:
     return f"{KEY_ROOT}/{cluster}/workers/{worker_id}"
 
 
-def advertised(address: str) -> str:
-    """A bound ZeroMQ address as others reach it: a wildcard host becomes this host's name."""
-    for wildcard in ("://0.0.0.0:", "://*:", "://[::]:"):
-        if wildcard in address:
-            return address.replace(wildcard, f"://{socket.getfqdn()}:")
-    return address
-
-
 def _b64(s: str) -> str:
     return base64.b64encode(s.encode()).decode()
 
@@ -169,6 +161,7 @@ class Registration:
         self.on_tick = on_tick
         self.lease: Optional[str] = None
         self.failing = False
+        self._revoked = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"etcd-lease {key}", daemon=True)
 
@@ -209,7 +202,8 @@ class Registration:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(self.interval + 2 * self.etcd.timeout)
-        if self.lease is not None:
+        if self.lease is not None and not self._revoked:     # once: close() may be called twice
+            self._revoked = True
             try:
                 self.etcd.revoke(self.lease)
             except EtcdError:
@@ -218,16 +212,42 @@ class Registration:
 
 def register_broker(settings: ClusterSettings, frontend: str, backend: str,
                     http: Optional[str]) -> Optional[Registration]:
-    """The broker's registration, for an ``etcd://`` cluster URI (None for ``tcp://`` or none)."""
+    """The broker's registration, for an ``etcd://`` cluster URI (None for ``tcp://`` or none).
+    The addresses are published as given: the caller passes them advertised
+    (``broker.addresses.broker_advertised``), never a wildcard bind."""
     if not settings.cluster_uri:
         return None
     kind, target = parse_cluster_uri(settings.cluster_uri)
     if kind != "etcd":
         return None
-    value = {"frontend": advertised(frontend), "backend": advertised(backend), "http": http,
+    value = {"frontend": frontend, "backend": backend, "http": http,
              "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     return Registration(Etcd(target), broker_key(settings.cluster_name), value,
                         settings.inactive_timeout_sec, settings.heartbeat_interval_sec).start()
+
+
+def find_broker(uri: str, cluster_name: str = "default", which: str = "frontend", timeout: float = 0.0) -> str:
+    """The address a broker is reached at: ``uri`` itself unless it is ``etcd://HOST:PORT``; then
+    the ``which`` address ("frontend" for clients, "backend" for workers) that the broker of
+    ``cluster_name`` publishes there, waiting up to ``timeout`` s for one. LookupError, naming
+    the key (and etcd's error, if it failed), when there is none."""
+    if not uri.startswith("etcd://"):
+        return uri
+    _, target = parse_cluster_uri(uri, "address")
+    etcd, key = Etcd(target), broker_key(cluster_name)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value, error = etcd.get_json(key), ""
+        except EtcdError as e:
+            value, error = None, f": {e}"
+        address = value.get(which) if value else None
+        if isinstance(address, str) and address.startswith("tcp://"):
+            return address
+        if time.monotonic() >= deadline:
+            raise LookupError(f"no broker registered in etcd {target} under {key} (cluster {cluster_name!r})"
+                              + (f" after {timeout:g} s" if timeout > 0 else "") + error)
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
 class WorkerLink:

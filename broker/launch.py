@@ -34,6 +34,7 @@ import yaml
 import zmq
 
 from broker import protocol as p
+from broker.addresses import broker_published
 from broker.auth import CONFIG_NAMES, CurveClient, api_key_from, broker_curve, public_file, self_client
 from broker.config import ConfigError, DisaggConfig, read_yaml, worker_options
 from broker.discovery import register_broker
@@ -318,7 +319,9 @@ class Launch:
     print to this terminal and stop when this process exits."""
 
     def __init__(self, cfg: DisaggConfig, log_level: str = "INFO", http: bool = True,
-                 http_port: Optional[int] = None):
+                 http_port: Optional[int] = None, advertise_host: Optional[str] = None):
+        """``advertise_host``: the host the broker's addresses are published at and given to the
+        workers (default: as bound; wildcards: the config's hostname, see broker/addresses.py)."""
         from broker.server import BrokerServer
         self.cfg = cfg
         self.log_level = log_level
@@ -333,10 +336,11 @@ class Launch:
                              "--curve-peers", a.worker_keys])
         uri = cfg.cluster.cluster_uri or ""      # tcp://: the broker's own backend address
         self.server = BrokerServer(cfg.frontend, uri if uri.startswith("tcp://") else cfg.backend_address,
-                                   cfg.broker, curve=self.curve)
+                                   cfg.broker, curve=self.curve, minimum=cfg.minimal_instances)
         self.registration = None    # with an etcd:// cluster URI, for workers started elsewhere
         self.thread = threading.Thread(target=self.server.run, name="broker", daemon=True)
         self.http, self.http_port = http, http_port
+        self.advertise_host = advertise_host
         self.gateway = None
         self.children = Children(prefix="disagg-launch-")
 
@@ -360,12 +364,18 @@ class Launch:
     def http_url(self) -> Optional[str]:
         return self.gateway.gateway.url if self.gateway is not None else None
 
+    def advertised(self) -> tuple:
+        """``(frontend, backend, http)`` as published and given to the workers (broker/addresses.py)."""
+        return broker_published(self.frontend, self.server.backend, self.http_url, self.advertise_host,
+                                self.cfg.hostname)
+
     def start(self) -> None:
         self.thread.start()
         if self.http:
             self.gateway = start_gateway(self.cfg, self.frontend, self.http_port, (self.cfg.model,),
                                          curve=self_client(self.curve))
-        self.registration = register_broker(self.cfg.cluster, self.frontend, self.server.backend, self.http_url)
+        front, back, http = self.advertised()
+        self.registration = register_broker(self.cfg.cluster, front, back, http)
         for name, role, group in (("context_servers", "context", self.cfg.context_servers),
                                   ("generation_servers", "generation", self.cfg.generation_servers)):
             opts, options = self._options_file(name)
@@ -375,7 +385,9 @@ class Launch:
             prefix = ([os.path.join(os.path.dirname(sys.executable), "mpiexec.gforker"), "-n", "1"]
                       if _transfer_backend(options) == "MPI" else [])
             for i in range(group.num_instances):
-                cmd = worker_command(role, self.server.backend, self.cfg.model, worker_id=f"{role}-{i}",
+                # the advertised backend: the workers' KV endpoints then bind to this host's
+                # address toward it, which workers on other hosts can reach (broker/addresses.py)
+                cmd = worker_command(role, back, self.cfg.model, worker_id=f"{role}-{i}",
                                      options=opts, log_level=self.log_level, exit_with_parent=True,
                                      prefix=prefix, extra=[*self.worker_auth, *group.args])
                 proc = self.children.start(f"{name}[{i}] of {self.cfg.source}", cmd, inherit=True)

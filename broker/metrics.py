@@ -72,6 +72,7 @@ FAMILIES = {
     "disagg_queue_depth": ("gauge", ("queue",), "Requests waiting: prefill (for a context or both worker), decode "
                                                 "(KV ready, waiting for a generation worker)."),
     "disagg_workers": ("gauge", ("role", "state"), "Registered workers by role and state (idle: nothing running; "
+                                                   "draining: leaving, taking no new work; "
                                                    "busy: some slots used; full: no free slot)."),
     "disagg_worker_expirations_total": ("counter", ("role",), "Workers expired or disconnected, by role."),
     "disagg_stream_migrations_total": ("counter", (), "Requests continued on another worker after the "
@@ -98,7 +99,7 @@ OUTCOMES = ("finished", "failed", "cancelled", "rejected")
 ERROR_CODES = frozenset(v for k, v in vars(Code).items() if not k.startswith("_"))
 BACKENDS = frozenset({"NIXL", "UCX", "MPI", "SHM", "ZMQ", "FAKE", "DEFAULT"})
 ROLES = ("context", "generation", "both")
-WORKER_STATES = ("idle", "busy", "full")
+WORKER_STATES = ("idle", "busy", "full", "draining")
 _KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
 
 
@@ -186,7 +187,7 @@ def state_gauges(state) -> dict:
     workers = {(("role", r), ("state", st)): 0 for r in ROLES for st in WORKER_STATES}
     used, free = {}, {}
     for w in state.workers.values():
-        st = "full" if w.credits <= 0 else "busy" if (w.inflight or w.leases) else "idle"
+        st = "draining" if w.draining else "full" if w.credits <= 0 else "busy" if (w.inflight or w.leases) else "idle"
         workers[(("role", w.role), ("state", st))] = workers.get((("role", w.role), ("state", st)), 0) + 1
         key = (("worker", w.worker_id), ("role", w.role))
         used[key], free[key] = w.kv_blocks - w.free_blocks, w.free_blocks

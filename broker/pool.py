@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Optional
 
+from broker.protocol import Code
 from broker.records import Worker
 
 
@@ -28,6 +29,7 @@ class Pool:
     def __init__(self, workers: dict[bytes, Worker]):
         self.workers = workers
         self._roles: Optional[dict[str, frozenset]] = None   # model -> roles up (cached)
+        self.minimum: dict = {}    # role -> workers needed up before a request is accepted (short_of)
 
     def changed(self) -> None:
         """A worker came or went: forget the cached roles."""
@@ -67,6 +69,17 @@ class Pool:
             return None
         return default if default in models else next(iter(models))
 
+    def admit(self, name: Optional[str], default: str = "") -> tuple[Optional[str], Optional[tuple]]:
+        """A new request naming model ``name``: (the model it runs on, None), or (None, why it is
+        refused now: (code, text, retryable))."""
+        model = self.resolve(name, default)
+        if model is None and self.workers and name:
+            return None, (Code.UNKNOWN_MODEL, self.unknown_model_text(name), False)
+        if model is None or self.prefill_role(model) is None:
+            return None, (Code.NO_WORKERS, self.no_worker_text(model or name), True)
+        short = self.minimum and self.short_of()         # TensorRT-LLM's: refused until ready
+        return (None, (Code.NO_WORKERS, short, True)) if short else (model, None)
+
     def unknown_model_text(self, name: str) -> str:
         return (f"model {name!r} is not served here; available models: "
                 f"{', '.join(self.models()) or 'none (no worker registered)'}")
@@ -87,6 +100,18 @@ class Pool:
                 if best is None or rank > best_rank:
                     best, best_rank = w, rank
         return best
+
+    def short_of(self) -> str:
+        """Why the workers up fall short of ``minimum`` (role -> count: TensorRT-LLM's
+        ``disagg_cluster.minimal_instances``), or "" when they meet it. Draining workers do not
+        count; a ``both`` worker counts for either role."""
+        up = {"context": 0, "generation": 0}
+        for w in self.workers.values():
+            if not w.draining:
+                for role in up:
+                    up[role] += w.does(role)
+        short = [f"{role} workers up {up[role]}, need {n}" for role, n in self.minimum.items() if up.get(role, 0) < n]
+        return f"the cluster is not ready (disagg_cluster.minimal_instances): {'; '.join(short)}" if short else ""
 
 
 class Queues(dict):

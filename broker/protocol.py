@@ -324,6 +324,16 @@ class Ping(Message):
     metrics: bool = False     # ask for the Prometheus text in Pong.stats["prometheus"]
 
 
+@message(4)
+class DrainWorker(Message):
+    """Drain the registered worker(s) named ``worker_id`` (``worker drain --worker-id``): the
+    broker dispatches nothing more to them and tells them so (``Drain``); each finishes what it
+    holds and leaves. Answered by a ``Pong`` with this nonce and ``stats`` ``{"worker_id",
+    "draining": how many registered workers have that id}``."""
+    worker_id: Name
+    nonce: U64 = 0
+
+
 @message(10)
 class Accepted(Message):
     request_id: RequestId
@@ -411,6 +421,8 @@ class Heartbeat(Message):
     free_blocks: U32 = 0
     leases: U32 = 0
     max_decode_batch: U32 = 0     # largest decode batch since the previous heartbeat
+    draining: bool = False        # the worker takes no new work: it finishes what it holds, then
+                                  # leaves (SIGTERM); the broker answers with ``Drain``
 
 
 @message(22)
@@ -546,4 +558,12 @@ class BrokerHeartbeat(Message):
 @message(36)
 class Reconnect(Message):
     """The broker does not know this worker (it expired it, or restarted): send Ready again."""
+    reason: Text = ""
+
+
+@message(37)
+class Drain(Message):
+    """The broker dispatches nothing more to this worker: sent after the last work it was given
+    (the connection keeps order), in answer to a draining ``Heartbeat``, or on an operator's
+    ``DrainWorker``. The worker finishes what it holds, sends ``Disconnect`` and exits."""
     reason: Text = ""

@@ -43,10 +43,12 @@ class Worker:
     chat_markers: tuple = ()                      # Ready.chat_markers
     inflight: set = field(default_factory=set)    # request ids whose current phase runs here
     leases: set = field(default_factory=set)      # request ids whose KV this worker holds
+    draining: bool = False     # leaving (SIGTERM, `worker drain`): finishes its work, takes no more
 
     @property
     def credits(self) -> int:
-        return self.slots - len(self.inflight)
+        """Free slots; none while draining, so worker selection never picks it (broker/pool.py)."""
+        return 0 if self.draining else self.slots - len(self.inflight)
 
     def does(self, phase: str) -> bool:
         return self.role == phase or self.role == "both"
@@ -57,7 +59,7 @@ class Worker:
                 "slots": self.slots, "inflight": len(self.inflight), "leases": len(self.leases),
                 "kv_blocks": self.kv_blocks, "free_blocks": self.free_blocks,
                 "leases_reported": self.leases_reported, "max_decode_batch": self.max_decode_batch,
-                "chat_markers": list(self.chat_markers)}
+                "chat_markers": list(self.chat_markers), "draining": self.draining}
 
 
 @dataclass

@@ -90,12 +90,16 @@ class BrokerServer:
 
     def __init__(self, frontend: str = "tcp://127.0.0.1:*", backend: str = "tcp://127.0.0.1:*",
                  config: BrokerConfig = BrokerConfig(), ctx: Optional[zmq.Context] = None,
-                 curve: Optional[CurveServer] = None):
+                 curve: Optional[CurveServer] = None, minimum: Optional[dict] = None):
+        """``minimum``: role -> workers that must be up (not draining) before a request is
+        accepted (``disagg_cluster.minimal_instances``); until then Submit gets the retryable
+        NO_WORKERS. None: no minimum."""
         # CURVE needs a ZAP handler of its own context: one per context, so never the shared one
         self._own_ctx = ctx is None and curve is not None
         self.ctx = ctx or (zmq.Context() if curve is not None else zmq.Context.instance())
         self.curve = curve.start(self.ctx) if curve is not None else None
         self.state = BrokerState(config)
+        self.state.pool.minimum = dict(minimum or {})
         self.max_message_bytes = config.max_message_bytes
         self._bad_log = RateLimitedLog(log, "malformed messages")
         self.front: Optional[zmq.Socket] = None

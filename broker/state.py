@@ -89,6 +89,10 @@ class BrokerState:
             if msg.metrics:
                 stats["prometheus"] = self.metrics.render()
             out.append(Out(FRONT, identity, p.Pong(msg.nonce, stats)))
+        elif isinstance(msg, p.DrainWorker):     # `worker drain --worker-id`: answered with a Pong
+            n = sum(self._drain(w, out, "asked by a client") for w in self.workers.values()
+                    if w.worker_id == msg.worker_id)
+            out.append(Out(FRONT, identity, p.Pong(msg.nonce, {"worker_id": msg.worker_id, "draining": n})))
         else:
             out.append(Out(FRONT, identity, p.Error("", p.Code.PROTOCOL,
                                                     f"{type(msg).__name__} is not a client command")))
@@ -105,11 +109,9 @@ class BrokerState:
 
         if self.ids.key(identity, rid) is not None:
             return reject(p.Code.DUPLICATE_REQUEST, f"request id {rid!r} is already in flight")
-        model = self.pool.resolve(msg.model, self.cfg.default_model)
-        if model is None and self.workers and msg.model:
-            return reject(p.Code.UNKNOWN_MODEL, self.pool.unknown_model_text(msg.model))
-        if model is None or self.pool.prefill_role(model) is None:
-            return reject(p.Code.NO_WORKERS, self.pool.no_worker_text(model or msg.model), True)
+        model, refusal = self.pool.admit(msg.model, self.cfg.default_model)
+        if refusal:
+            return reject(*refusal)
         if self.prefill_queue and self.prefill_queue.waiting() >= self.cfg.max_queue:
             return reject(p.Code.OVERLOADED, f"the broker's queue is full ({self.cfg.max_queue} "
                                              "requests waiting); retry later", True)
@@ -182,6 +184,17 @@ class BrokerState:
     def _on_heartbeat(self, w: Worker, msg: p.Heartbeat, out: list[Out]) -> None:
         w.free_blocks, w.leases_reported = msg.free_blocks, msg.leases
         w.max_decode_batch = max(w.max_decode_batch, msg.max_decode_batch)
+        if msg.draining:
+            self._drain(w, out, "it is shutting down")
+
+    def _drain(self, w: Worker, out: list[Out], why: str) -> bool:
+        """No more work for ``w`` (no credits now); its Drain follows the last work sent to it."""
+        if not w.draining:
+            w.draining = True
+            log.info("worker %s (%s, pid %d) draining (%s): %d running, %d KV leases", w.worker_id,
+                     w.role, w.pid, why, len(w.inflight), len(w.leases))
+        out.append(Out(BACK, w.identity, p.Drain(why)))
+        return True
 
     def _on_disconnect(self, w: Worker, msg: p.Disconnect, out: list[Out]) -> None:
         self._expire(w, out, f"disconnected ({msg.reason})" if msg.reason else "disconnected")
@@ -585,12 +598,7 @@ class BrokerState:
         self.metrics.outcome(outcome, code)
 
     def stats(self) -> dict:
-        return {
-            "instance": self.instance,
-            "requests": len(self.requests),
-            "queued": self.prefill_queue.waiting(),
-            "waiting_decode": self.decode_queue.waiting(),
-            "counters": dict(self.counters),
-            "workers": [w.summary() for w in self.workers.values()],
-            "default_model": self.pool.resolve(None, self.cfg.default_model),   # a request naming none
-        }
+        return {"instance": self.instance, "requests": len(self.requests), "queued": self.prefill_queue.waiting(),
+                "waiting_decode": self.decode_queue.waiting(), "counters": dict(self.counters),
+                "workers": [w.summary() for w in self.workers.values()],
+                "default_model": self.pool.resolve(None, self.cfg.default_model)}   # a request naming none

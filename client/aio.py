@@ -23,7 +23,7 @@ from broker.protocol import MAX_MESSAGE_BYTES, Accepted, Cancel, Message, Ping, 
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
 from .liveness import Liveness
-from .request import Chunk, Completion, RequestState, StreamBase, check_timeout, prepare_submit
+from .request import Chunk, Completion, RequestState, StreamBase, broker_address, check_timeout, prepare_submit
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,23 @@ class AsyncClient:
     """Asyncio client. ``async with AsyncClient(addr) as c: await c.generate("Hi")``."""
 
     def __init__(self, address: str, *, timeout: float = 120.0, liveness: float = 5.0,
-                 resume: bool = False, curve: Any = None) -> None:
+                 resume: bool = False, curve: Any = None, cluster_name: str = "default",
+                 discovery_timeout: float = 10.0) -> None:
         """``timeout``: each call's default, in seconds. ``liveness``: seconds of silence from the
         broker (pinged meanwhile) after which every request in flight fails with the retryable
         ``BrokerUnavailable``. ``resume``: instead, wait (within each request's timeout) for the
         broker to answer again, e.g. after a restart, and continue the request after the tokens
         already received; the stream goes on with no gap and no repeat. ``curve``: a
         ``broker.auth.CurveClient`` (this client's key pair and the broker's public key) when the
-        broker runs CURVE; ``broker.auth.curve_client(KEY, SERVER_KEY)``."""
+        broker runs CURVE; ``broker.auth.curve_client(KEY, SERVER_KEY)``.
+
+        ``address``: the broker's frontend, ``tcp://HOST:PORT``, or ``etcd://HOST:PORT``: the
+        etcd server the broker of ``cluster_name`` registered in (``--disagg-cluster-uri``); its
+        frontend is read from there (waiting up to ``discovery_timeout`` s for one, blocking), and
+        read again whenever the broker stops answering, to follow a broker restarted elsewhere."""
+        self.etcd = address if address.startswith("etcd://") else None
+        self.cluster_name = cluster_name
+        address = broker_address(address, cluster_name, discovery_timeout)
         self.address = address
         self.resume = resume
         self.timeout = check_timeout(timeout, timeout)
@@ -201,6 +210,7 @@ class AsyncClient:
             left = deadline - time.monotonic()
             if left <= 0 or rid not in self._queues:
                 raise error
+            await self._follow()
             try:
                 await self.ping(timeout=min(self._live.window, left))
                 break
@@ -291,9 +301,25 @@ class AsyncClient:
                             self.address, live.window, len(waiting))
                 self._lose(waiting, live.error)
                 live.start_waiting(now)       # a fresh window for what comes next
+                await self._follow()
             elif live.ping_due(now):
                 self._send(Ping().encode())
             await asyncio.sleep(live.next_check(now))
+
+    async def _follow(self) -> None:
+        """With an etcd:// address: connect to where the broker's key points now, if it moved."""
+        if self.etcd is None:
+            return
+        try:      # etcd is asked over blocking HTTP: off the event loop
+            address = await asyncio.get_running_loop().run_in_executor(
+                None, broker_address, self.etcd, self.cluster_name, 0.0)
+        except ClientError:
+            return       # etcd away or no broker registered now: keep the address we have
+        if address != self.address and not self.closed:
+            log.warning("etcd names a new broker frontend %s (was %s); connecting there", address, self.address)
+            self._sock.disconnect(self.address)
+            self._sock.connect(address)
+            self.address = address
 
     def _lose(self, rids: list, error) -> None:
         """These requests are lost with their broker: each fails when its caller reads it."""

@@ -45,6 +45,7 @@ from broker.protocol import Code
 
 from .aio import AsyncClient
 from .httpguard import GuardedRunner, read_body
+from .request import broker_address
 from .errors import BrokerUnavailable, ClientError, RequestFailed, RequestTimeout
 from .openai_models import (ChatCompletionRequest, CompletionRequest, HttpError, ModelCard, ModelList,
                             parse_request, shown)
@@ -129,13 +130,17 @@ class Gateway:
                  chat_max_tokens: int = 256, api_key: Optional[str] = None,
                  metrics_need_key: bool = False, curve=None, read_timeout: float = DEFAULT_READ_TIMEOUT,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, broker_liveness: float = 5.0,
-                 triton_chat_template: str = "auto", perf_metrics_max_requests: int = DEFAULT_MAX_REQUESTS):
+                 triton_chat_template: str = "auto", perf_metrics_max_requests: int = DEFAULT_MAX_REQUESTS,
+                 cluster_name: str = "default", discovery_timeout: float = 10.0):
         """``api_key``: every route but /health (and /metrics unless ``metrics_need_key``) needs
         ``Authorization: Bearer KEY``; ``curve``: the ``CurveClient`` for a CURVE broker;
         ``broker_liveness``: a silent broker fails calls (503) after this many seconds;
         ``triton_chat_template``: auto, on or off (client/triton.py); ``perf_metrics_max_requests``:
-        the finished requests /perf_metrics keeps until read (client/perf_metrics.py)."""
+        the finished requests /perf_metrics keeps until read (client/perf_metrics.py).
+        ``broker`` may be ``etcd://HOST:PORT``: the broker of ``cluster_name`` is found there
+        (waiting up to ``discovery_timeout`` s), and followed when it moves."""
         self.broker, self.host, self.port = broker, host, port
+        self.cluster_name, self.discovery_timeout = cluster_name, discovery_timeout
         self.api_key, self.curve = api_key, curve
         # health probes never need the key (Triton's too); /metrics only when asked
         self.open_paths = {"/health", "/v2/health/live", "/v2/health/ready",
@@ -184,8 +189,13 @@ class Gateway:
 
     async def start(self) -> None:
         """Bind (port 0 picks a free port; ``self.port`` then holds the chosen one)."""
+        if self.broker.startswith("etcd://"):     # find the broker off the loop (blocking HTTP)
+            frontend = await asyncio.get_running_loop().run_in_executor(
+                None, broker_address, self.broker, self.cluster_name, self.discovery_timeout)
+            log.info("broker of cluster %r in etcd %s: %s", self.cluster_name, self.broker, frontend)
         self.client = AsyncClient(self.broker, timeout=self.request_timeout, curve=self.curve,
-                                  liveness=self.broker_liveness)
+                                  liveness=self.broker_liveness, cluster_name=self.cluster_name,
+                                  discovery_timeout=self.discovery_timeout)
         self.runner = GuardedRunner(self.app(), handler_cancellation=True, access_log=None,
                                     read_timeout=self.read_timeout, max_connections=self.max_connections)
         await self.runner.setup()
@@ -344,12 +354,16 @@ class Gateway:
             return web.json_response({"status": "unavailable", "reason": e.message}, status=503,
                                      headers={"Retry-After": "2"})
         up = {"context": 0, "generation": 0, "both": 0}
+        draining = 0
         for w in stats.get("workers", []):
+            if w.get("draining"):       # leaving: it serves what it holds, nothing new
+                draining += 1
+                continue
             up[w["role"]] = up.get(w["role"], 0) + 1
         # a `both` worker runs either phase, so it counts toward both minimums
         have = {r: up.get(r, 0) + up["both"] for r in ("context", "generation")}
         short = {r: (have[r], n) for r, n in self.min_workers.items() if have.get(r, 0) < n}
-        body = {"status": "ok" if not short else "unavailable", "workers": up,
+        body = {"status": "ok" if not short else "unavailable", "workers": up, "draining": draining,
                 "minimum": self.min_workers, "queued": stats.get("queued", 0)}
         if short:
             body["reason"] = "; ".join(f"{r} workers up {h}, need {n}" for r, (h, n) in short.items())
@@ -444,7 +458,13 @@ class GatewayThread:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m client.gateway",
                                  description="Run the OpenAI-compatible HTTP gateway against a running broker.")
-    ap.add_argument("--broker", required=True, metavar="tcp://HOST:PORT", help="the broker's frontend address")
+    ap.add_argument("--broker", required=True, metavar="tcp://HOST:PORT|etcd://HOST:PORT",
+                    help="the broker's frontend address, or the etcd server the broker registered in "
+                         "(its --disagg-cluster-uri; with --cluster-name)")
+    ap.add_argument("--cluster-name", default="default",
+                    help="with an etcd:// --broker: the cluster whose broker to serve (default: default)")
+    ap.add_argument("--discovery-timeout", type=float, default=60.0,
+                    help="with an etcd:// --broker: seconds to wait for a broker there (default: 60)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
     ap.add_argument("--model", action="append", default=[], help="model name to serve (repeatable; "
@@ -485,14 +505,15 @@ def main(argv=None) -> int:
                      api_key=api_key, metrics_need_key=args.metrics_need_key, curve=curve,
                      read_timeout=args.read_timeout, max_connections=args.max_connections,
                      triton_chat_template=args.triton_chat_template,
-                     perf_metrics_max_requests=args.perf_metrics_max_requests)
+                     perf_metrics_max_requests=args.perf_metrics_max_requests,
+                     cluster_name=args.cluster_name, discovery_timeout=args.discovery_timeout)
     except ValueError as e:
         print(f"gateway: error: {e}", file=sys.stderr)
         return 2
 
     async def run() -> None:
         await gw.start()
-        print(f"gateway ready http={gw.url} broker={args.broker}", flush=True)
+        print(f"gateway ready http={gw.url} broker={gw.client.address}", flush=True)
         try:
             await asyncio.Event().wait()
         finally:
@@ -502,7 +523,7 @@ def main(argv=None) -> int:
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
-    except OSError as e:
+    except (OSError, ClientError) as e:
         print(f"gateway: error: {e}", file=sys.stderr)
         return 2
     return 0

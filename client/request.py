@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 
 import msgspec
 
+from broker.discovery import find_broker
 from broker.protocol import (Accepted, Code, Error, Final, Message, ProtocolError,
                              SamplingParams, Submit, Tokens)
 
@@ -56,6 +57,18 @@ def check_timeout(timeout: Any, default: float) -> float:
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
         raise InvalidRequest(Code.INVALID_REQUEST, f"invalid timeout={t!r}: expected a number of seconds > 0")
     return float(t)
+
+
+def broker_address(address: str, cluster_name: str, timeout: float) -> str:
+    """``address`` as given (``tcp://HOST:PORT``), or for ``etcd://HOST:PORT`` the frontend the
+    broker of ``cluster_name`` publishes there (broker/discovery.py), waiting up to ``timeout``
+    s; ``BrokerUnavailable`` when none is there, ``ClientError`` for a malformed URI."""
+    try:
+        return find_broker(address, cluster_name, "frontend", timeout)
+    except LookupError as e:
+        raise BrokerUnavailable(str(e)) from None
+    except ValueError as e:
+        raise ClientError(str(e)) from None
 
 
 def build_submit(prompt: Optional[str] = None, *, token_ids: Any = None, messages: Any = None,

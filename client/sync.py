@@ -18,11 +18,12 @@ from typing import Any, Callable, Iterator, Optional
 
 import zmq
 
-from broker.protocol import MAX_MESSAGE_BYTES, Accepted, Cancel, Message, Ping, Pong, ProtocolError, decode_all
+from broker.protocol import (MAX_MESSAGE_BYTES, Accepted, Cancel, DrainWorker, Message, Ping, Pong, ProtocolError,
+                             decode_all)
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
 from .liveness import Liveness
-from .request import Chunk, Completion, RequestState, StreamBase, check_timeout, prepare_submit
+from .request import Chunk, Completion, RequestState, StreamBase, broker_address, check_timeout, prepare_submit
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,12 @@ class Client:
     """Synchronous client. ``with Client("tcp://127.0.0.1:5555") as c: c.generate("Hi")``."""
 
     def __init__(self, address: str, *, timeout: float = 120.0, liveness: float = 5.0,
-                 resume: bool = False, curve: Any = None) -> None:
+                 resume: bool = False, curve: Any = None, cluster_name: str = "default",
+                 discovery_timeout: float = 10.0) -> None:
         """The arguments mean what they mean for ``AsyncClient`` (client/aio.py)."""
+        self.etcd = address if address.startswith("etcd://") else None
+        self.cluster_name = cluster_name
+        address = broker_address(address, cluster_name, discovery_timeout)
         self.address = address
         self.resume = resume
         self.timeout = check_timeout(timeout, timeout)
@@ -99,6 +104,22 @@ class Client:
                                     f"within {timeout:g} s")
         return dict(pong.stats)
 
+    def drain_worker(self, worker_id: str, timeout: float = 5.0) -> int:
+        """Ask the broker to drain the worker(s) registered as ``worker_id`` (``worker drain
+        --worker-id``): it dispatches nothing more to them, and each finishes what it holds, then
+        leaves. Returns how many registered workers have that id (0: none). Raises
+        ``BrokerUnavailable``."""
+        self._check_open()
+        timeout = check_timeout(timeout, timeout)
+        deadline = time.monotonic() + timeout
+        nonce = random.getrandbits(62)
+        self._send(DrainWorker(worker_id, nonce).encode(), timeout)
+        pong = self._receive(lambda m: isinstance(m, Pong) and m.nonce == nonce, deadline)
+        if pong is None:
+            raise BrokerUnavailable(f"no answer from the broker at {self.address} to drain "
+                                    f"{worker_id!r} within {timeout:g} s")
+        return int(pong.stats.get("draining", 0))
+
     def close(self) -> None:
         """Close the socket and context at once (linger 0); in-flight requests are abandoned."""
         self.closed = True
@@ -143,6 +164,7 @@ class Client:
             msg = self._receive(lambda m: getattr(m, "request_id", None) == rid, deadline, live=rid)
             if msg is _LOST:     # every request in flight fails, each when its caller reads it
                 self._lose(list(self._inbox), self._live.error)
+                self._follow()
                 self._live.start_waiting(time.monotonic())     # a fresh window for what comes next
             elif msg is not _QUEUED:
                 break
@@ -164,6 +186,7 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise error
+            self._follow()
             try:
                 self.ping(timeout=min(self._live.window, left))
                 break
@@ -216,6 +239,20 @@ class Client:
             self._sending = False
         while self._deferred:
             self._send(self._deferred.pop(0), timeout, quiet=True)
+
+    def _follow(self) -> None:
+        """With an etcd:// address: connect to where the broker's key points now, if it moved."""
+        if self.etcd is None:
+            return
+        try:
+            address = broker_address(self.etcd, self.cluster_name, 0.0)
+        except ClientError:
+            return       # etcd away or no broker registered now: keep the address we have
+        if address != self.address:
+            log.warning("etcd names a new broker frontend %s (was %s); connecting there", address, self.address)
+            self._sock.disconnect(self.address)
+            self._sock.connect(address)
+            self.address = address
 
     def _lose(self, rids: list, error: Callable[[str, str], BrokerUnavailable]) -> None:
         """These requests are lost with their broker: each fails when its caller reads it."""

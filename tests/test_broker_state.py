@@ -472,3 +472,55 @@ def test_rate_limited_log_counts_what_it_drops(caplog):
     assert logged.count(True) == 2
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["bad 0", "bad 1", "98 more bad things in the last 11 s (not logged one by one)", "bad again"]
+
+
+# ---------------------------------------------------------------------------------------------
+# draining workers and minimal_instances
+
+def test_a_draining_worker_gets_no_new_work_and_keeps_what_it_holds(st):
+    ready(st, b"ctx1", "context")
+    ready(st, b"gen", "generation")
+    [pre] = of(submit(st, "r1"), p.Prefill, BACK, b"ctx1")
+    out = st.on_worker(b"ctx1", p.Heartbeat(90, 0, 0, draining=True))
+    assert of(out, p.Drain, BACK, b"ctx1")             # told: nothing more after this
+    assert st.workers[b"ctx1"].draining and st.workers[b"ctx1"].credits == 0
+    assert st.stats()["workers"][0]["draining"] is True
+    assert not of(submit(st, "r2"), p.Prefill)        # queued: the only context worker is leaving
+    out = ready(st, b"ctx2", "context")               # a new one takes it as soon as it registers
+    assert [m.request_id for m in of(out, p.Prefill, BACK, b"ctx2")] == ["r2"]
+    # what ctx1 holds goes on as usual: its prefill, then the KV pull from it
+    [dec] = of(context_done(st, b"ctx1", pre), p.Decode, BACK, b"gen")
+    st.on_worker(b"gen", p.KvPulled("r1", dec.attempt))
+    st.on_worker(b"gen", p.Finished("r1", dec.attempt, p.Finish.LENGTH, 3))
+    assert b"ctx1" in st.workers and not st.workers[b"ctx1"].inflight and not st.workers[b"ctx1"].leases
+    out = st.on_worker(b"ctx1", p.Disconnect("drained"))
+    assert b"ctx1" not in st.workers and not of(out, p.Error)
+    gauges = st.metrics.render()
+    assert 'disagg_workers{role="context",state="draining"} 0.0' in gauges
+
+
+def test_drain_worker_by_id_from_a_client(st):
+    ready(st, b"a", "generation")
+    out = st.on_client(C1, p.DrainWorker("a", 5))
+    [pong] = of(out, p.Pong, FRONT, C1)
+    assert pong.nonce == 5 and pong.stats == {"worker_id": "a", "draining": 1}
+    assert of(out, p.Drain, BACK, b"a") and st.workers[b"a"].draining
+    [pong] = of(st.on_client(C1, p.DrainWorker("nobody", 6)), p.Pong)
+    assert pong.stats["draining"] == 0
+    assert 'state="draining"} 1.0' in st.metrics.render()
+
+
+def test_minimal_instances_gate_admission(st):
+    st.pool.minimum = {"context": 2, "generation": 1}
+    ready(st, b"ctx1", "context")
+    ready(st, b"gen", "generation")
+    [err] = of(submit(st), p.Error, FRONT)
+    assert err.code == p.Code.NO_WORKERS and err.retryable
+    assert "minimal_instances" in err.message and "context workers up 1, need 2" in err.message
+    ready(st, b"ctx2", "context")
+    assert of(submit(st, "r2"), p.Accepted)
+    st.on_worker(b"ctx2", p.Heartbeat(100, 0, 0, draining=True))     # a draining one does not count
+    [err] = of(submit(st, "r3"), p.Error, FRONT)
+    assert err.code == p.Code.NO_WORKERS and "context workers up 1, need 2" in err.message
+    ready(st, b"both", "both")                                       # counts for either role
+    assert of(submit(st, "r4"), p.Accepted)

@@ -115,11 +115,13 @@ def test_minimum_comes_from_minimal_instances_else_num_instances(tmp_path):
         disagg_cluster: {cluster_uri: 'etcd://h:2379', minimal_instances: {context_servers: 2}}
         """))
     assert cfg.min_workers == {"context": 2, "generation": 1}
+    assert cfg.minimal_instances == {"context": 2, "generation": 1}    # the broker's admission gate
     cfg = load_disagg_config(write(tmp_path, "b.yaml", """\
         context_servers: {num_instances: 3}
         generation_servers: {num_instances: 2}
         """))
     assert cfg.min_workers == {"context": 3, "generation": 2}
+    assert cfg.minimal_instances is None       # no disagg_cluster: /health only, no admission gate
 
 
 @pytest.mark.parametrize("text,key", [

@@ -242,3 +242,154 @@ def test_broker_launch_registers_in_etcd_and_a_worker_started_elsewhere_joins(ch
     proc.send_signal(signal.SIGTERM)     # stops its own workers; its lease is revoked on the way out
     assert proc.wait(30) == 0, children.tail("launch")
     assert broker_key("launched") not in etcd.keys("launched")
+
+
+# ---------------------------------------------------------------------------------------------
+# etcd away for 10 s, lease expiry, and clients and the gateway finding the broker through etcd
+
+def _load(frontend: str, done: list, failures: list, stop: threading.Event, **kw) -> threading.Thread:
+    """Requests one after another from a thread until ``stop``: each completion or failure kept."""
+    def run():
+        with Client(frontend, timeout=30, **kw) as c:
+            i = 0
+            while not stop.is_set():
+                try:
+                    done.append(c.generate(token_ids=[(i + j) % 200 + 1 for j in range(10)], max_tokens=4,
+                                           ignore_eos=True))
+                except Exception as e:      # noqa: BLE001 -- every failure is counted and reported
+                    failures.append(e)
+                i += 1
+    t = threading.Thread(target=run, name="load")
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("outage", ["stopped", "killed"])
+def test_etcd_away_for_10_s_under_load_loses_no_request_and_every_key_comes_back(children, outage):
+    """SIGSTOP for 10 s (its calls hang; the leases lapse meanwhile and are revoked when it wakes),
+    or killed and restarted 10 s later on the same data directory and ports."""
+    etcd = EtcdServer(children)
+    cluster = f"away-{outage}"
+    common = ["--cluster_name", cluster, *LEASE_FLAGS]
+    start_broker(children, extra=["--disagg-cluster-uri", etcd.uri, *common])
+    start_worker(children, "ctx", "context", etcd.uri, *common)
+    start_worker(children, "gen", "generation", etcd.uri, *common)
+    keys = {broker_key(cluster), worker_key(cluster, "ctx"), worker_key(cluster, "gen")}
+    wait(children, lambda: etcd.keys(cluster) == keys, "every key registered")
+    done, failures, stop = [], [], threading.Event()
+    # the client finds the broker through etcd too
+    t = _load(etcd.uri, done, failures, stop, cluster_name=cluster)
+    try:
+        wait(children, lambda: len(done) >= 3, "requests served")
+        if outage == "stopped":
+            os.kill(etcd.proc.pid, signal.SIGSTOP)
+        else:
+            etcd.kill()
+        away = time.monotonic()
+        before = len(done)
+        wait(children, lambda: len(done) >= before + 5, "requests served while etcd is away")
+        time.sleep(max(0.0, 10 - (time.monotonic() - away)))
+        if outage == "stopped":
+            os.kill(etcd.proc.pid, signal.SIGCONT)
+        else:
+            etcd.start()
+        before = len(done)
+        wait(children, lambda: len(done) >= before + 5, "requests served after etcd returns")
+        # every registration is back: renewed under a live lease, past a TTL after the return
+        time.sleep(TTL + 1)
+        wait(children, lambda: etcd.keys(cluster) == keys, "every key registered again", timeout=TTL + 10)
+    finally:
+        stop.set()
+        t.join(60)
+    assert not failures, failures[:3]
+    for key in keys:       # each under a lease etcd knows now
+        assert etcd.api.get_json(key) is not None
+    logs = children.tail("ctx", 200) + children.tail("gen", 200)
+    if outage == "stopped":       # the leases lapsed while it slept: granted anew, keys written again
+        assert "registering again" in logs, logs
+
+
+def test_a_killed_workers_key_goes_within_inactive_timeout_sec_and_a_drained_ones_at_once(children):
+    etcd = EtcdServer(children)
+    cluster = "expiry"
+    common = ["--cluster_name", cluster, *LEASE_FLAGS]
+    broker = start_broker(children, extra=["--disagg-cluster-uri", etcd.uri, *common])
+    start_worker(children, "ctx", "context", etcd.uri, *common)
+    start_worker(children, "gen", "generation", etcd.uri, *common)
+    wait(children, lambda: registered(children, broker["frontend"], {"ctx", "gen"}), "workers registered")
+    wait(children, lambda: {worker_key(cluster, "ctx"), worker_key(cluster, "gen")} <= etcd.keys(cluster),
+         "worker keys")
+    gen = children.names["gen"]
+    os.kill(gen.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait(children, lambda: worker_key(cluster, "gen") not in etcd.keys(cluster), "the killed worker's key gone",
+         timeout=TTL + 5)
+    # its lease (TTL, last renewed before the kill) lapses within inactive_timeout_sec, give or
+    # take etcd's expiry sweep (every 0.5 s) and this test's polling
+    assert time.monotonic() - killed <= TTL + 1.0
+    # a drained worker revokes its lease on the way out: its key is gone before it exits
+    ctx = children.names["ctx"]
+    ctx.send_signal(signal.SIGTERM)
+    assert ctx.wait(30) == 0, children.tail("ctx")
+    assert worker_key(cluster, "ctx") not in etcd.keys(cluster)
+    assert "drained" in children.tail("ctx")
+
+
+def test_clients_and_the_gateway_find_the_broker_through_etcd_and_follow_a_restart(children):
+    import asyncio
+    import json
+    import urllib.request
+
+    from broker.launch import read_line, ready_words
+    from client import AsyncClient, BrokerUnavailable
+    etcd = EtcdServer(children)
+    cluster = "found"
+    common = ["--cluster_name", cluster, *LEASE_FLAGS]
+    with pytest.raises(BrokerUnavailable) as e:       # none registered yet: it says where it looked
+        Client(etcd.uri, cluster_name=cluster, discovery_timeout=0.5)
+    assert broker_key(cluster) in str(e.value)
+    broker = start_broker(children, extra=["--disagg-cluster-uri", etcd.uri, *common])
+    start_worker(children, "agg", "both", etcd.uri, *common)
+    wait(children, lambda: registered(children, broker["frontend"], {"agg"}), "worker registered")
+    gw = children.start("gateway", [sys.executable, "-m", "client.gateway", "--broker", etcd.uri, "--cluster-name",
+                                    cluster, "--port", "0"], stdout=subprocess.PIPE)
+    words = ready_words(read_line(gw, 30.0, "gateway ready line"))
+    assert words["broker"] == broker["frontend"]
+
+    def complete() -> dict:
+        req = urllib.request.Request(f"{words['http']}/v1/completions", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"prompt": [1, 2, 3], "max_tokens": 3,
+                                                      "ignore_eos": True}).encode())
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    assert complete()["usage"]["completion_tokens"] == 3
+    sync = Client(etcd.uri, cluster_name=cluster, timeout=30, liveness=1.0)
+    try:
+        assert sync.address == broker["frontend"]
+        assert len(sync.generate(token_ids=[4, 5, 6], max_tokens=3, ignore_eos=True).token_ids) == 3
+
+        async def via_async():
+            async with AsyncClient(etcd.uri, cluster_name=cluster, timeout=30) as c:
+                return await c.generate(token_ids=[4, 5, 6], max_tokens=3, ignore_eos=True)
+        assert len(asyncio.run(via_async()).token_ids) == 3
+
+        # the broker killed, a new one on other ports: the clients and the gateway follow its key
+        os.kill(broker["pid"], signal.SIGKILL)
+        children.names["broker"].wait(10)
+        broker2 = start_broker(children, extra=["--disagg-cluster-uri", etcd.uri, *common])
+        assert broker2["frontend"] != broker["frontend"]
+        wait(children, lambda: registered(children, broker2["frontend"], {"agg"}), "worker at the new broker")
+        with pytest.raises(BrokerUnavailable):     # the one in flight is lost with its broker ...
+            sync.generate(token_ids=[4, 5, 6], max_tokens=3, ignore_eos=True)
+        assert sync.address == broker2["frontend"]      # ... and the client moved on
+        assert len(sync.generate(token_ids=[4, 5, 6], max_tokens=3, ignore_eos=True).token_ids) == 3
+
+        def gateway_follows():
+            try:
+                return complete()["usage"]["completion_tokens"] == 3
+            except OSError:           # 503 while its client still waits on the old broker
+                return False
+        wait(children, gateway_follows, "the gateway serving through the new broker", timeout=30)
+    finally:
+        sync.close()

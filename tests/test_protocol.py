@@ -39,6 +39,7 @@ SAMPLES = [
     p.Decode("r1", 2, [1, 2], 9, "x", {"k": 1}, {"max_tokens": 2}),
     p.Generate("r1", 1, prompt="hi"), p.KvRelease("r1", 1), p.CancelWork("r1", 2),
     p.BrokerHeartbeat(), p.Reconnect("unknown"),
+    p.Heartbeat(2, 3, 4, draining=True), p.Drain("operator"), p.DrainWorker("ctx-1", 9),
 ]
 
 

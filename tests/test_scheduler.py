@@ -445,3 +445,20 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_encoded(over)
     assert tok.encoded == 0, "the prompt was encoded before it was refused"
     rig.send(p.Prefill("ok", 1, prompt="x" * 4000))     # at the bound: encoded, then judged by tokens
     assert tok.encoded == 4000
+
+
+def test_a_context_worker_is_idle_only_once_its_leases_are_released_and_heartbeats_tell_draining():
+    r = Rig(role="context")
+    assert r.sched.idle
+    r.sched.draining = True
+    r.script["a"] = iter([ord("x")])
+    r.send(prefill("a", "abcdef"))
+    assert not r.sched.idle                     # admitted, not yet prefilled
+    r.run_until_idle()
+    assert not r.sched.idle and r.sched.leases  # its KV held for the pull
+    assert r.sched.heartbeat_if_due()
+    [hb] = r.take(p.Heartbeat)
+    assert hb.draining and hb.leases == 1
+    r.sched.release_lease("a#1")                # pulled (or released, or expired)
+    assert r.sched.idle
+    r.assert_clean()

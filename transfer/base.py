@@ -332,7 +332,8 @@ class PullResult:
 class KvSource(ABC):
     """Context side: serves registered blocks of the local KV pool to pulling sinks."""
 
-    endpoint: str
+    endpoint: str           # where sinks reach it: the advertised address, put in handles
+    bound: str = ""         # where it listens, where that is an address ('' : the endpoint)
     worker_id: str = ""     # the worker it serves (``registry.create_source``): put in handles
 
     @abstractmethod

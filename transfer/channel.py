@@ -13,7 +13,7 @@ registry calls. This module never knows a particular backend.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -31,8 +31,9 @@ def channel_backend(backend: str, source_plane: Callable[[torch.Tensor], SourceP
     ``devices``."""
 
     def make_source(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout, *,
-                    host: str = "127.0.0.1", curve=None) -> KvSource:
-        return ChannelSource(cfg, pool, layout, backend, source_plane, devices, host=host, curve=curve)
+                    host: str = "127.0.0.1", curve=None, advertise: Optional[str] = None) -> KvSource:
+        return ChannelSource(cfg, pool, layout, backend, source_plane, devices, host=host, curve=curve,
+                             advertise=advertise)
 
     def make_sink(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout, curve=None) -> KvSink:
         return ChannelSink(cfg, pool, layout, backend, sink_plane, devices, curve=curve)

@@ -153,6 +153,8 @@ class ChannelSink(KvSink):
                     sock.close(linger=0)
                     raise TransferError(f"malformed KV handle: curve_key={server_key!r}: {exc}") from None
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            if "://[" in endpoint:               # an IPv6 context worker
+                sock.setsockopt(zmq.IPV6, 1)
             monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             sock.connect(endpoint)
             peer = self._peers[endpoint] = _Peer(endpoint, sock, monitor)

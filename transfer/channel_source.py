@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 import zmq
 
+from broker.addresses import advertised
 from broker.ratelog import RateLimitedLog
 
 from .base import (KvLayout, KvSource, Registration, Registrations, TransferError, make_handle,
@@ -28,7 +29,7 @@ from .config import CacheTransceiverConfig
 from .messages import (MAX_ERROR_CHARS, Ack, Done, Hello, Malformed, Refused, Start, Welcome,
                        decode_request, encode)
 from .planes import RELEASE_WAIT_S, SourceLink, SourcePlane
-from .sockets import advertised, tune
+from .sockets import tune
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -73,9 +74,12 @@ class _Registration(Registration):
 class ChannelSource(KvSource, SourceLink):
     def __init__(self, cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout,
                  backend: str, plane: Callable[[torch.Tensor], SourcePlane],
-                 devices: tuple = ("cpu",), *, host: str = "127.0.0.1", curve: Any = None) -> None:
-        """``curve``: a ``broker.auth.CurveServer`` (this worker's pair, and the public keys of
-        the generation workers it admits under the ``kv-peers`` ZAP domain)."""
+                 devices: tuple = ("cpu",), *, host: str = "127.0.0.1", curve: Any = None,
+                 advertise: Optional[str] = None) -> None:
+        """``host``: where the channel binds; ``advertise``: the host its handles name (default:
+        ``host``, a wildcard made this host's address: ``broker.addresses.advertised``). ``curve``: a
+        ``broker.auth.CurveServer`` (this worker's pair, and the public keys of the generation
+        workers it admits under the ``kv-peers`` ZAP domain)."""
         self.backend = backend
         self._layout = layout
         self._timeout_s = cfg.timeout_s
@@ -83,10 +87,11 @@ class ChannelSource(KvSource, SourceLink):
         self._plane = plane(self._pool)
         self._ctx = zmq.Context(io_threads=1)
         self._curve = curve.start(self._ctx) if curve is not None else None
+        self._ipv6 = ":" in host
         self._router = self._make_router()
-        self._router.bind(f"tcp://{host}:*")
-        self._bound = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.endpoint = advertised(self._bound, host)
+        self._router.bind(f"tcp://[{host}]:*" if self._ipv6 else f"tcp://{host}:*")
+        self._bound = self.bound = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = advertised(self._bound, advertise)
         self.curve_key = curve.pair.public.decode() if curve is not None else ""
         self._regs = Registrations(layout, self._pool.shape[0], self._timeout_s, _Registration)
         self._lock = self._regs.lock
@@ -187,6 +192,8 @@ class ChannelSource(KvSource, SourceLink):
 
     def _make_router(self) -> zmq.Socket:
         sock = tune(self._ctx.socket(zmq.ROUTER))
+        if self._ipv6:
+            sock.setsockopt(zmq.IPV6, 1)
         if self._curve is not None:
             self._curve.apply(sock, "kv-peers")     # broker.auth.PEERS
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unroutable answer is an error, not a drop

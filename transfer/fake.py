@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -162,7 +162,7 @@ class FakeSink(KvSink):
 
 
 def make_source(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout, *,
-                host: str = "127.0.0.1") -> KvSource:
+                host: str = "127.0.0.1", advertise: Optional[str] = None) -> KvSource:
     return FakeSource(cfg, pool, layout)
 
 

@@ -68,34 +68,40 @@ def resolve_backend(name: str) -> str:
     return key
 
 
-def _module(cfg: CacheTransceiverConfig, host: str):
+def _module(cfg: CacheTransceiverConfig, host: str, advertise: Optional[str] = None):
     """The backend's module; a UCX-based one (NIXL, UCX, and MPI: MPICH here runs over UCX) is
-    confined to ``host``'s interface before its library starts."""
+    confined to ``host``'s interface (a wildcard: ``advertise``'s) before its library starts."""
     name = resolve_backend(cfg.backend)
     if name in ("NIXL", "UCX", "MPI"):
-        confine_ucx(host)
+        confine_ucx(host, advertise)
     return importlib.import_module(_BACKENDS[name][0])
 
 
 def create_source(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout, *,
-                  host: str = "127.0.0.1", worker_id: str = "", curve: Optional[CurveServer] = None) -> KvSource:
+                  host: str = "127.0.0.1", worker_id: str = "", curve: Optional[CurveServer] = None,
+                  advertise: Optional[str] = None) -> KvSource:
     """``worker_id``: the context worker it serves; its handles carry it, so that a generation
     worker's error names the worker the KV came from. ``host``: where its channel and data
-    plane listen; ``curve``: CURVE on its channel (its pair and the peers' keys it admits)."""
+    plane listen; ``advertise``: the host its handles name (default: ``host``, a wildcard made
+    this host's address: ``broker.addresses.advertised``); ``curve``: CURVE on its channel (its pair and
+    the peers' keys it admits)."""
     cfg.check_block_size(layout.block_size)
     kw = {"curve": curve} if curve is not None else {}
-    source = _module(cfg, host).make_source(cfg, pool, layout, host=host, **kw)
+    if advertise:
+        kw["advertise"] = advertise
+    source = _module(cfg, host, advertise).make_source(cfg, pool, layout, host=host, **kw)
     source.worker_id = worker_id
     return source
 
 
 def create_sink(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLayout, *,
-                worker_id: str = "", host: str = "127.0.0.1", curve: Optional[KeyPair] = None) -> KvSink:
-    """``worker_id``: the generation worker it serves, named in its errors; ``host``: the address
-    the worker advertises (its UCX listens there only); ``curve``: its key pair, for sources
-    that run CURVE."""
+                worker_id: str = "", host: str = "127.0.0.1", curve: Optional[KeyPair] = None,
+                advertise: Optional[str] = None) -> KvSink:
+    """``worker_id``: the generation worker it serves, named in its errors; ``host``: the
+    worker's bind address (its UCX listens there only; a wildcard: on ``advertise``'s interface
+    when that is local); ``curve``: its key pair, for sources that run CURVE."""
     cfg.check_block_size(layout.block_size)
     kw = {"curve": curve} if curve is not None else {}
-    sink = _module(cfg, host).make_sink(cfg, pool, layout, **kw)
+    sink = _module(cfg, host, advertise).make_sink(cfg, pool, layout, **kw)
     sink.worker_id = worker_id
     return sink

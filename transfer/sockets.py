@@ -16,6 +16,8 @@ from typing import Optional
 
 import zmq
 
+from broker import addresses
+
 from .base import TransferError
 
 from .messages import MAX_MESSAGE_BYTES
@@ -37,14 +39,7 @@ def tune(sock: zmq.Socket) -> zmq.Socket:
     return sock
 
 
-def advertised(bound: str, host: str) -> str:
-    """The endpoint peers should connect to: a wildcard bind is named by this host's name."""
-    if host in ("0.0.0.0", "*", "::"):
-        return f"tcp://{pysocket.gethostname()}:{bound.rsplit(':', 1)[1]}"
-    return bound
-
-
-WILDCARDS = ("0.0.0.0", "*", "::", "")
+WILDCARDS = addresses.WILDCARDS
 UCX_DEVICES_ENV = "UCX_NET_DEVICES"
 _SIOCGIFADDR = 0x8915
 log = logging.getLogger(__name__)
@@ -94,13 +89,24 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-def confine_ucx(host: str) -> Optional[str]:
-    """Make UCX listen only on the interface of ``host`` (the address the worker advertises):
-    sets $UCX_NET_DEVICES before UCX starts, unless the user set it. A wildcard host leaves
-    every interface (and a startup warning). Returns the devices UCX will use (None: all)."""
+def confine_ucx(host: str, advertise: Optional[str] = None) -> Optional[str]:
+    """Make UCX listen only on one interface: sets $UCX_NET_DEVICES before UCX starts, unless the
+    user set it. That is the interface of ``host`` (the bind address), or for a wildcard ``host``
+    the interface of ``advertise`` when that is an address of this host; otherwise (a wildcard
+    and no local advertise address, e.g. one behind NAT) every interface, and a startup warning.
+    Returns the devices UCX will use (None: all)."""
     if os.environ.get(UCX_DEVICES_ENV):
         return os.environ[UCX_DEVICES_ENV]
     if host in WILDCARDS:
-        return None
-    os.environ[UCX_DEVICES_ENV] = name = interface_of(host)
+        if not advertise:
+            return None
+        try:
+            name = interface_of(advertise)
+        except TransferError:
+            log.info("UCX listens on every interface: the worker binds %r and advertises %r, "
+                     "which is not an address of this host", host, advertise)
+            return None
+    else:
+        name = interface_of(host)
+    os.environ[UCX_DEVICES_ENV] = name
     return name

@@ -43,9 +43,13 @@ def cli() -> None:
 @click.option("--served-model-name", default=None, metavar="NAME",
               help="the model name this worker announces and requests are routed by (default: --model)")
 @click.option("--worker-id", default=None, help="name shown in the broker's logs (default: ROLE-HOST-PID)")
-@click.option("--host", default="127.0.0.1",
-              help="address the KV transfer endpoints listen on and advertise: the control channel, "
-                   "and NIXL/UCX/MPI through $UCX_NET_DEVICES (default: 127.0.0.1)")
+@click.option("--host", default=None, metavar="ADDRESS",
+              help="address the KV transfer endpoints listen on: the control channel, and NIXL/UCX/MPI "
+                   "through $UCX_NET_DEVICES; 0.0.0.0 for every interface (default: this host's address "
+                   "on the route toward the broker, or etcd: 127.0.0.1 when that is on loopback)")
+@click.option("--advertise-host", default=None, metavar="ADDRESS",
+              help="address peers reach the KV endpoints at, where it differs from --host (a wildcard "
+                   "--host, NAT) (default: --host, or for a wildcard the address toward the broker)")
 @click.option("--curve-key", default=None, metavar="KEY_SECRET_FILE",
               help="this worker's CURVE key pair (`broker keygen`), for the broker and the KV channel")
 @click.option("--curve-server-key", default=None, metavar="KEY_FILE", help="the broker's CURVE public key")
@@ -55,20 +59,27 @@ def cli() -> None:
 @click.option("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
               help="where the model, KV cache and sampling run (default: the options file's device, "
                    "else auto: cuda:0 where CUDA is present, else cpu)")
+@click.option("--drain-timeout", type=float, default=60, show_default=True,
+              help="seconds a drain (SIGTERM, `worker drain`) may take: past them the worker leaves "
+                   "with what it still holds, as a dead worker's")
 @click.option("--exit-with-parent", is_flag=True,
               help="stop when the parent process exits (used by `broker launch`)")
 @log_level_option
 def start(role, broker, cluster_uri, cluster_name, lease_interval, lease_ttl,
-          discovery_timeout, model, options, served_model_name, worker_id, host, curve_key, curve_server_key,
-          curve_peers, device, exit_with_parent, log_level) -> None:
+          discovery_timeout, model, options, served_model_name, worker_id, host, advertise_host, curve_key,
+          curve_server_key, curve_peers, device, drain_timeout, exit_with_parent, log_level) -> None:
     """Start a worker. It loads the model, connects to the broker's backend address (--broker,
-    or found through --disagg-cluster-uri), registers its role and capacity, and serves until
-    SIGINT/SIGTERM."""
+    or found through --disagg-cluster-uri), registers its role and capacity, and serves.
+
+    SIGTERM drains it: it takes no new work, finishes what it holds (a context worker keeps its
+    KV until pulled or its lease expires), leaves etcd, disconnects and exits 0; a second SIGTERM
+    or --drain-timeout makes it leave at once. SIGINT stops it at once."""
     setup_logging(log_level)
     role = role.lower()
     if (broker is None) == (cluster_uri is None):
         raise click.UsageError("give exactly one of --broker tcp://HOST:PORT and --disagg-cluster-uri "
                                f"(got --broker={broker!r}, --disagg-cluster-uri={cluster_uri!r})")
+    from broker.addresses import worker_transfer_hosts
     from broker.auth import curve_client, load_public_dir
     from broker.config import ConfigError
     from transfer.base import TransferError
@@ -87,9 +98,14 @@ def start(role, broker, cluster_uri, cluster_name, lease_interval, lease_ttl,
             cluster = cluster_settings(ClusterSettings(), cluster_uri, cluster_name, lease_interval, lease_ttl)
             if cluster_uri.startswith("tcp://"):     # the broker's own address: no etcd
                 broker, cluster = cluster_uri, None
+        # where the KV endpoints bind and what they advertise: broker/addresses.py (a `both`
+        # worker has none)
+        host, advertise_host = (worker_transfer_hosts(broker or cluster_uri, host, advertise_host)
+                                if role != "both" else (host or "127.0.0.1", advertise_host))
         worker = Worker(role, broker or "", model, opts, worker_id, host, exit_with_parent=exit_with_parent,
-                        curve=curve, peers=peers, served_model_name=served_model_name)
-    except (TransferError, ValueError, FileNotFoundError) as e:   # ConfigError is a ValueError
+                        curve=curve, peers=peers, served_model_name=served_model_name,
+                        advertise_host=advertise_host, drain_timeout=drain_timeout)
+    except (TransferError, ValueError, OSError) as e:   # ConfigError is a ValueError
         raise CommandError("worker", str(e)) from None
     link = None
     if cluster is not None:
@@ -106,11 +122,8 @@ def start(role, broker, cluster_uri, cluster_name, lease_interval, lease_ttl,
             raise CommandError("worker", str(e)) from None
         worker.discovery = link
 
-    def on_signal(signum, frame):
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, lambda *_: worker.drain("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: worker.stop())
     print(f"worker {worker.worker_id} role={role} model={model} ({worker.precision.describe()}) "
           f"transfer={worker.transfer_info or 'none'}", flush=True)
     try:
@@ -120,6 +133,88 @@ def start(role, broker, cluster_uri, cluster_name, lease_interval, lease_ttl,
             link.close()        # revokes the lease: the worker's key goes at once
     if worker.failure:
         raise CommandError("worker", f"left service: {worker.failure}")
+
+
+@cli.command(short_help="make running workers finish their work and leave")
+@click.option("--pid", "pids", type=int, multiple=True, metavar="PID",
+              help="a worker process on this host: sent SIGTERM (repeatable)")
+@click.option("--worker-id", "worker_ids", multiple=True, metavar="ID",
+              help="a worker registered with the broker at --broker, by its --worker-id (repeatable)")
+@click.option("--broker", default=None, metavar="tcp://HOST:PORT|etcd://HOST:PORT",
+              help="with --worker-id: the broker's frontend (client) address, or the etcd server it "
+                   "registered in (with --cluster-name)")
+@click.option("--cluster-name", "--cluster_name", default="default", show_default=True,
+              help="with an etcd:// --broker: the cluster whose broker to ask")
+@click.option("--curve-key", default=None, metavar="KEY_SECRET_FILE",
+              help="with a CURVE broker: this client's key pair (`broker keygen`)")
+@click.option("--curve-server-key", default=None, metavar="KEY_FILE", help="the broker's CURVE public key")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="wait until every worker named has left")
+@click.option("--timeout", type=float, default=120, show_default=True, help="seconds to wait, with --wait")
+def drain(pids, worker_ids, broker, cluster_name, curve_key, curve_server_key, wait, timeout) -> None:
+    """Drain workers: each takes no new work, finishes what it holds, leaves etcd, disconnects
+    and exits 0 (what SIGTERM does; a second SIGTERM, or the worker's --drain-timeout, makes it
+    leave at once). --pid signals a local process; --worker-id asks the broker, which stops
+    dispatching to it at once and tells it to drain. Fails (exit 2) if a worker is not found, or
+    with --wait, is still there after --timeout."""
+    import time
+    if not pids and not worker_ids:
+        raise click.UsageError("name the workers to drain: --pid PID or --worker-id ID (with --broker)")
+    if worker_ids and broker is None:
+        raise click.UsageError("--worker-id needs --broker: the broker's frontend address or etcd://HOST:PORT")
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            raise CommandError("worker", f"no process {pid} (--pid)") from None
+        except PermissionError:
+            raise CommandError("worker", f"not allowed to signal process {pid} (--pid)") from None
+        click.echo(f"draining pid {pid}")
+    if worker_ids:
+        from broker.auth import curve_client
+        from broker.config import ConfigError
+        from client import Client, ClientError
+        try:
+            curve = curve_client(curve_key, curve_server_key)
+            with Client(broker, cluster_name=cluster_name, curve=curve, timeout=timeout) as c:
+                for wid in worker_ids:
+                    if c.drain_worker(wid) == 0:
+                        raise CommandError("worker", f"no worker {wid!r} is registered with the broker at "
+                                                     f"{c.address}")
+                    click.echo(f"draining worker {wid}")
+                while wait:
+                    up = {w["worker_id"] for w in c.ping()["workers"]} & set(worker_ids)
+                    if not up:
+                        break
+                    if time.monotonic() > deadline:
+                        raise CommandError("worker", f"still registered after {timeout:g} s: {', '.join(sorted(up))}")
+                    time.sleep(0.2)
+        except (ClientError, ConfigError) as e:
+            raise CommandError("worker", str(e)) from None
+    while wait and pids:
+        alive = [pid for pid in pids if _alive(pid)]
+        if not alive:
+            break
+        if time.monotonic() > deadline:
+            raise CommandError("worker", f"still running after {timeout:g} s: pid {', '.join(map(str, alive))}")
+        time.sleep(0.2)
+    if wait:
+        click.echo("drained")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:      # a zombie (our own child, not yet reaped) has left already
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 @cli.command("export-tokenizer", short_help="write a model's tokenizer as a Hugging Face folder")

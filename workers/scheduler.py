@@ -144,6 +144,12 @@ class Scheduler:
         self.leases: dict[str, Lease] = {}           # by key
         self.last_broker = self.next_heartbeat = 0.0
         self.max_batch_since_heartbeat = 0
+        self.draining = False      # told to every heartbeat: the broker sends no new work
+
+    @property
+    def idle(self) -> bool:
+        """Nothing held here: no request in any phase and no KV lease (a drained worker may go)."""
+        return not self.seqs and not self.leases
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -166,7 +172,7 @@ class Scheduler:
             return False
         self.next_heartbeat = now + self.heartbeat_s
         self.outbox.append(p.Heartbeat(self.allocator.num_free, len(self.leases),
-                                       self.max_batch_since_heartbeat))
+                                       self.max_batch_since_heartbeat, self.draining))
         self.max_batch_since_heartbeat = 0
         return True
 

@@ -78,11 +78,14 @@ class Worker:
                  options: WorkerOptions = WorkerOptions(), worker_id: Optional[str] = None,
                  host: str = "127.0.0.1", exit_with_parent: bool = False,
                  curve: Optional[CurveClient] = None, peers: Optional[frozenset] = None,
-                 served_model_name: Optional[str] = None):
-        """``host``: the address its KV transfer endpoints listen on and advertise. ``curve``:
+                 served_model_name: Optional[str] = None, advertise_host: Optional[str] = None,
+                 drain_timeout: float = 60.0):
+        """``host``: the address its KV transfer endpoints listen on; ``advertise_host``: the one
+        they advertise (default: ``host``; see broker/addresses.py). ``curve``:
         its key pair and the broker's public key; ``peers``: the public keys of the generation
         workers its KV channel admits (context workers with ``curve``). ``served_model_name``: the
-        model name it announces (requests are routed by it), instead of its ``model`` spec."""
+        model name it announces (requests are routed by it), instead of its ``model`` spec.
+        ``drain_timeout``: seconds a drain (``drain()``) may take before the worker leaves anyway."""
         if role not in ROLES:
             raise ValueError(f"invalid role {role!r}: expected one of {', '.join(ROLES)}")
         if served_model_name is not None and not 0 < len(served_model_name) <= p.MAX_ID_CHARS:
@@ -125,15 +128,16 @@ class Worker:
             if role == "context":
                 server = CurveServer(curve.pair, {PEERS: peers}) if curve is not None else None
                 self.source = create_source(ctc, self.kv.pool, layout, host=host, worker_id=self.worker_id,
-                                            curve=server)
+                                            curve=server, advertise=advertise_host)
                 if curve is None:
-                    warn_exposed([self.source.endpoint], "CURVE on the KV transfer channel",
+                    warn_exposed([self.source.bound or self.source.endpoint], "CURVE on the KV transfer channel",
                                  "give workers --curve-key, --curve-server-key and --curve-peers")
                 self.transfer_info = {"backend": backend, "endpoint": self.source.endpoint}
                 transfer_calls = dict(register=self.source.register, release=self.source.release)
             else:
                 self.sink = create_sink(ctc, self.kv.pool, layout, worker_id=self.worker_id, host=host,
-                                        curve=curve.pair if curve is not None else None)
+                                        curve=curve.pair if curve is not None else None,
+                                        advertise=advertise_host)
                 self.transfer_info = {"backend": backend}
                 transfer_calls = dict(cancel_pull=self.sink.cancel)
         self.sched = Scheduler(role, self.worker_id, self.kv.allocator, self.kv.block_size,
@@ -150,6 +154,13 @@ class Worker:
         self._reconnected_at = -float("inf")
         self._reconnect_gap = options.heartbeat_ms / 1000   # at most one reconnect per interval
         self.discovery = None      # a broker.discovery.WorkerLink: where the broker is now (etcd)
+        # draining (SIGTERM, `worker drain`): no new work, finish what is held, then leave
+        if not drain_timeout > 0:
+            raise ValueError(f"invalid --drain-timeout={drain_timeout!r}: expected seconds > 0")
+        self.drain_timeout = drain_timeout
+        self._drain_asked: Optional[str] = None    # why, once asked (set from a signal handler)
+        self.drain_acked = False     # the broker's Drain came: nothing new will be dispatched here
+        self.drain_deadline = float("inf")
 
     # -----------------------------------------------------------------------------------------
     # connection
@@ -185,6 +196,10 @@ class Worker:
     def _reconnect(self) -> None:
         self._reconnected_at = time.monotonic()
         self.sched.drop_all()
+        if self.sched.draining:    # it holds nothing now: a draining worker does not register again
+            log.warning("worker %s: draining and cut off from the broker; leaving", self.worker_id)
+            self.stop_event.set()
+            return
         self._connect()
 
     def _flush(self) -> None:
@@ -203,6 +218,44 @@ class Worker:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def drain(self, why: str = "SIGTERM") -> None:
+        """Take no new work, finish what is held (a context worker's KV until pulled or its lease
+        expires), then leave: Disconnect, exit. A second call leaves at once. Only sets flags, so
+        a signal handler may call it; the loop starts the drain within a poll (<= 200 ms)."""
+        if self._drain_asked is not None:
+            log.warning("worker %s: asked again to stop while draining; leaving now", self.worker_id)
+            self.stop_event.set()
+        self._drain_asked = why
+
+    def _start_drain(self, why: str) -> None:
+        if self.sched.draining:
+            return
+        self.sched.draining = True
+        self.drain_deadline = time.monotonic() + self.drain_timeout
+        log.info("worker %s draining (%s): no new work; finishing %d requests and %d KV leases "
+                 "(--drain-timeout %g s)", self.worker_id, why, len(self.sched.seqs),
+                 len(self.sched.leases), self.drain_timeout)
+        self.sched.next_heartbeat = 0.0     # the broker hears of it now
+        self._heartbeat_if_due()
+
+    def _drained(self) -> bool:
+        """Whether a draining worker may leave: the broker's Drain came (nothing more is on its
+        way) and nothing is held, or the drain deadline passed."""
+        if self._drain_asked is not None and not self.sched.draining:
+            self._start_drain(self._drain_asked)
+        if not self.sched.draining:
+            return False
+        if self.drain_acked and self.sched.idle:
+            log.info("worker %s drained: nothing left to serve, %d of %d KV blocks free; leaving",
+                     self.worker_id, self.kv.allocator.num_free, self.kv.num_blocks)
+            return True
+        if time.monotonic() >= self.drain_deadline:
+            log.warning("worker %s: drain deadline (%g s) passed holding %d requests and %d KV leases; "
+                        "leaving: the broker re-runs or moves them as for a dead worker", self.worker_id,
+                        self.drain_timeout, len(self.sched.seqs), len(self.sched.leases))
+            return True
+        return False
+
     # -----------------------------------------------------------------------------------------
     # the loop
 
@@ -211,6 +264,8 @@ class Worker:
         try:
             while not self.stop_event.is_set():
                 self._step()
+                if self._drained():
+                    break
                 if self.source is not None and not self.source.alive:
                     # it can no longer serve its KV: leave service rather than heartbeat on
                     # while every request routed here fails or waits for its timeout
@@ -219,7 +274,13 @@ class Worker:
                     break
         finally:
             try:
-                self.sched.outbox.append(p.Disconnect(self.failure or "shutting down"))
+                if self.discovery is not None:
+                    self.discovery.close()     # its etcd key goes first: nobody finds it any more
+            except Exception:
+                log.exception("worker %s: leaving etcd failed", self.worker_id)
+            try:
+                reason = self.failure or ("drained" if self.sched.draining else "shutting down")
+                self.sched.outbox.append(p.Disconnect(reason))
                 self._flush()
             except Exception:
                 pass
@@ -300,6 +361,9 @@ class Worker:
                 elif isinstance(msg, p.Reconnect):
                     reconnect = msg      # the rest of the batch was for the old registration
                     break
+                elif isinstance(msg, p.Drain):    # no new work after this: finish, then leave
+                    self._start_drain(f"the broker says: {msg.reason}")
+                    self.drain_acked = True
                 else:
                     self.sched.on_message(msg)
                     self._heartbeat_if_due()     # tokenising a batch of long prompts takes a while
