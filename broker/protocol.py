@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional
 
+import msgspec
 from msgspec import Meta, field
 
 from broker.wire import (BATCH, BATCH_MAX, HEADER_LEN, MAX_DEPTH, MAX_ID_CHARS, MAX_ITEMS,  # noqa: F401
@@ -94,6 +95,13 @@ class SamplingParams:
     ignore_eos: bool = False
     bad_words: tuple = ()             # words never to complete: the worker tokenizes each and bans
                                       # its last token where the rest ends the sequence (TensorRT-LLM's)
+    # the sampled token's log-probability and this many most likely alternatives (OpenAI's
+    # bound: 20), of the model's own distribution (the raw logits' log-softmax, before
+    # penalties, bias and temperature: vLLM's default); None: none
+    logprobs: Optional[int] = None
+    # the same for each prompt token (its log-probability given the tokens before it; the first
+    # has none): vLLM's prompt_logprobs, for OpenAI's echo. The prefix cache is not used for it
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         bad, is_int, is_num = _bad_param, _is_int, _is_num
@@ -138,6 +146,10 @@ class SamplingParams:
             raise bad("bad_words", self.bad_words, f"a list of at most {MAX_BAD_WORDS} non-empty strings of at "
                                                    f"most {MAX_BAD_WORD_CHARS} characters")
         object.__setattr__(self, "bad_words", tuple(words))
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or not 0 <= v <= MAX_TOP_LOGPROBS):
+                raise bad(name, v, f"an integer in [0, {MAX_TOP_LOGPROBS}] or null")
 
     @property
     def uses_history(self) -> bool:
@@ -167,6 +179,7 @@ class SamplingParams:
 
 MAX_MIN_TOKENS = 1 << 20
 MAX_BAD_WORDS, MAX_BAD_WORD_CHARS = 16, 128
+MAX_TOP_LOGPROBS = 20       # alternatives per token: OpenAI's bound
 MAX_LOGIT_BIAS = 1024       # entries; OpenAI takes 300
 
 
@@ -214,6 +227,43 @@ def check_sampling(d: Optional[dict]) -> None:
     SamplingParams.from_dict(d)
     if key is not None and len(_VALID_SAMPLING) < _VALID_SAMPLING_MAX:
         _VALID_SAMPLING[key] = True
+
+
+# ---------------------------------------------------------------------------------------------
+# log-probabilities of output tokens (``SamplingParams.logprobs``): one ``Logprobs`` per token,
+# beside the token ids of a Tokens, Final, ContextDone or Finished message. The prompt's
+# (``SamplingParams.prompt_logprobs``) ride in ``prompt_logprobs`` of the message that carries
+# output token 0, one per prompt token; the first has no log-probability (its entry says 0.0).
+
+MIN_LOGPROB = -9999.0       # what -inf (and NaN) become, as vLLM reports them
+MAX_TOKEN_BYTES = 1024      # one token's text, in bytes
+MAX_PROMPT_LOGPROBS = 1 << 17   # prompt tokens x (alternatives + 1): a few MB on the wire at most
+Logprob = Annotated[float, Meta(ge=MIN_LOGPROB, le=0.0)]
+
+
+class TokenLogprob(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A token, its log-probability, and its own bytes (a piece of UTF-8 text, possibly part of
+    a character; what OpenAI's ``bytes`` shows)."""
+    token_id: U32
+    logprob: Logprob
+    text: Annotated[bytes, Meta(max_length=MAX_TOKEN_BYTES)] = b""
+
+
+class Logprobs(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One output token's log-probability, and the ``top`` most likely tokens at its position
+    (most likely first; the sampled token is among them only if it is that likely)."""
+    token: TokenLogprob
+    top: Annotated[list[TokenLogprob], Meta(max_length=MAX_TOP_LOGPROBS)] = []
+
+
+LogprobList = Annotated[list[Logprobs], Meta(max_length=MAX_ITEMS)]
+
+
+def check_logprobs(msg: "Message", count: int) -> None:
+    """For __post_init__: ``logprobs``, when given, has one entry per token."""
+    if msg.logprobs is not None and len(msg.logprobs) != count:
+        raise ProtocolError(f"{type(msg).__name__}: {len(msg.logprobs)} logprobs for {count} tokens: "
+                            "expected one per token")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +352,11 @@ class Tokens(Message, omit_defaults=True):
     text: str = ""
     attempt: U32 = 0
     prompt_tokens: U32 = 0
+    logprobs: Optional[LogprobList] = None     # one per token, when the sampling asked
+    prompt_logprobs: Optional[LogprobList] = None   # with token 0, when the sampling asked
+
+    def __post_init__(self) -> None:
+        check_logprobs(self, len(self.token_ids))
 
 
 @message(12)
@@ -315,6 +370,11 @@ class Final(Message):
     index: U32 = 0
     token_ids: TokenList = field(default_factory=list)
     text: str = ""
+    logprobs: Optional[LogprobList] = None
+    prompt_logprobs: Optional[LogprobList] = None
+
+    def __post_init__(self) -> None:
+        check_logprobs(self, len(self.token_ids))
 
 
 @message(13)
@@ -376,9 +436,12 @@ class ContextDone(Message):
     finish_reason: Optional[str] = None   # set when the first token already ends the request
     prefill_s: float = 0.0
     cached_tokens: int = 0                # prompt tokens whose KV came from the prefix cache
+    logprobs: Optional[LogprobList] = None   # the first token's, when the sampling asked
+    prompt_logprobs: Optional[LogprobList] = None
 
     def __post_init__(self) -> None:
         token_fields(self, "prompt_token_ids")
+        check_logprobs(self, 1)
 
 
 @message(23)
@@ -401,6 +464,11 @@ class Finished(Message):
     token_ids: TokenList = field(default_factory=list)
     text: str = ""
     cached_tokens: int = 0
+    logprobs: Optional[LogprobList] = None
+    prompt_logprobs: Optional[LogprobList] = None
+
+    def __post_init__(self) -> None:
+        check_logprobs(self, len(self.token_ids))
 
 
 @message(25)

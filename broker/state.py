@@ -213,7 +213,7 @@ class BrokerState:
         req = self._current(msg.request_id, msg.attempt, w)
         if req is not None:
             req.prompt_tokens = msg.prompt_tokens or req.prompt_tokens    # a `both` worker's first tokens
-            self._relay_tokens(req, msg.index, msg.token_ids, msg.text, out)
+            self._relay_tokens(req, msg.index, msg.token_ids, msg.text, out, msg)
 
     def _on_finished(self, w: Worker, msg: p.Finished, out: list[Out]) -> None:
         req = self._current(msg.request_id, msg.attempt, w)
@@ -227,7 +227,7 @@ class BrokerState:
             if msg.prefill_s:
                 req.prefill_s = msg.prefill_s
             self._outcome("finished")
-            self._finish_with_tokens(req, out, msg.finish_reason, msg.index, msg.token_ids, msg.text)
+            self._finish_with_tokens(req, out, msg.finish_reason, msg.index, msg.token_ids, msg.text, msg)
 
     def _on_failed(self, w: Worker, msg: p.Failed, out: list[Out]) -> None:
         req = self._current(msg.request_id, msg.attempt, w)
@@ -257,18 +257,19 @@ class BrokerState:
         self._count_prefill(req.prompt_tokens, msg.cached_tokens)
         if msg.finish_reason is not None:     # the first token ends it: it rides in the Final
             self._outcome("finished")
-            self._finish_with_tokens(req, out, msg.finish_reason, 0, [msg.first_token], msg.first_text)
+            self._finish_with_tokens(req, out, msg.finish_reason, 0, [msg.first_token], msg.first_text, msg)
             return
-        self._relay_tokens(req, 0, [msg.first_token], msg.first_text, out)
+        self._relay_tokens(req, 0, [msg.first_token], msg.first_text, out, msg)
         req.state = KV_READY
         self._watch_lease(req)
         self.decode_queue.append(req.model, req.request_id)
 
-    def _relay_tokens(self, req: Request, index: int, ids: list, text: str, out: list[Out]) -> None:
-        if self._take_tokens(req, index, ids):
+    def _relay_tokens(self, req: Request, index: int, ids: list, text: str, out: list[Out], src: p.Message) -> None:
+        if self._take_tokens(req, index, ids):      # src: the worker's message, its logprobs go along
             req.output_chars += len(text)
             out.append(Out(FRONT, req.client, p.Tokens(req.client_rid, index, ids, text,
-                                                       prompt_tokens=req.prompt_tokens if index == 0 else 0)))
+                                                       prompt_tokens=req.prompt_tokens if index == 0 else 0,
+                                                       logprobs=src.logprobs, prompt_logprobs=src.prompt_logprobs)))
 
     def _take_tokens(self, req: Request, index: int, ids: list) -> bool:
         """Whether these tokens go to the client: the next ones in order (counted here), not a
@@ -291,9 +292,9 @@ class BrokerState:
         return True
 
     def _finish_with_tokens(self, req: Request, out: list[Out], reason: str, index: int, ids: list,
-                            text: str) -> None:
-        """Finish a request whose last tokens (if any are new) ride in its Final."""
-        last = (index, ids, text) if self._take_tokens(req, index, ids) else ()
+                            text: str, src: p.Message) -> None:
+        """Finish a request whose last tokens (if any are new, with ``src``'s logprobs) ride in its Final."""
+        last = (index, ids, text, src.logprobs, src.prompt_logprobs) if self._take_tokens(req, index, ids) else ()
         self._finish(req, out, p.Final(req.request_id, reason, req.usage(), req.timings(self.clock()), *last))
 
     def _failed(self, req: Request, w: Worker, msg: p.Failed, out: list[Out]) -> None:

@@ -47,8 +47,8 @@ from .aio import AsyncClient
 from .httpguard import GuardedRunner, read_body
 from .request import broker_address
 from .errors import BrokerUnavailable, ClientError, RequestFailed, RequestTimeout
-from .openai_models import (AssistantMessage, ChatCompletionRequest, Choice, Completion, CompletionRequest,
-                            Delta, HttpError, ModelCard, ModelList, Usage, parse_request, shown)
+from .openai_models import (ChatCompletionRequest, CompletionRequest, HttpError, ModelCard, ModelList,
+                            parse_request, shown)
 from .perf_metrics import DEFAULT_MAX_REQUESTS, PerfMetrics
 from .triton_metrics import render as trtllm_metrics
 
@@ -395,68 +395,9 @@ class Gateway:
                                  req.sampling(self.chat_max_tokens), chat=True)
 
     async def _serve(self, request, prefix, obj, names, req, sampling, chat) -> web.StreamResponse:
-        """``names``: ``_model``'s (shown, sent to the broker)."""
-        model, route = names
-        rid, key = self.request_ids(request, prefix)
-        created, submitted = int(time.time()), time.monotonic()
-        inputs, input_field = req.inputs(), "messages" if chat else "prompt"
-        try:
-            if not req.stream:
-                c = await self.client.generate(**inputs, request_id=key, timeout=self.request_timeout, model=route,
-                                               **sampling)
-                self.record(request, rid, submitted, c)
-                choice = (Choice(message=AssistantMessage(content=c.text), finish_reason=c.finish_reason) if chat
-                          else Choice(text=c.text, finish_reason=c.finish_reason))
-                return web.json_response(Completion(id=rid, object=obj, created=created, model=model,
-                                                    choices=[choice], usage=Usage.of(c.usage)).model_dump())
-            stream = self.client.stream(**inputs, request_id=key, timeout=self.request_timeout, model=route,
-                                        **sampling)
-        except ClientError as e:
-            raise failure_to_http(e, input_field) from None
-        async with stream:
-            first = await first_chunk(stream, input_field)
-            resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
-            await resp.prepare(request)
-            chunk_obj = obj + ".chunk" if chat else obj
-            n_out = len(first.token_ids) if first else 0    # output tokens so far
-
-            def chunk(choices: list, usage: Optional[Usage] = None) -> bytes:
-                return Completion(id=rid, object=chunk_obj, created=created, model=model, choices=choices,
-                                  usage=usage).sse()
-
-            def delta(text: str, finish: Optional[str] = None, first_chunk: bool = False) -> bytes:
-                usage = None
-                if req.continuous_usage:     # every chunk: the prompt and the output so far
-                    c = stream.completion
-                    usage = Usage.running(stream.prompt_tokens,
-                                          int(c.usage.get("completion_tokens") or 0) if c else n_out)
-                if not chat:
-                    return chunk([Choice(text=text, finish_reason=finish)], usage)
-                d = Delta(role="assistant", content=text) if first_chunk else Delta(content=text or None)
-                return chunk([Choice(delta=d, finish_reason=finish)], usage)
-
-            try:
-                await resp.write(delta(first.text if first else "", first_chunk=True))
-                try:
-                    async for ch in stream:
-                        n_out += len(ch.token_ids)
-                        if ch.text:
-                            await resp.write(delta(ch.text))
-                except ClientError as e:
-                    await resp.write(b"data: " + json.dumps(failure_to_http(e, input_field).body()).encode()
-                                     + b"\n\n")
-                    await resp.write(b"data: [DONE]\n\n")
-                    return resp
-                c = stream.completion
-                self.record(request, rid, submitted, c)
-                await resp.write(delta("", c.finish_reason if c else "stop"))
-                if req.include_usage and c is not None:
-                    await resp.write(chunk([], Usage.of(c.usage)))
-                await resp.write(b"data: [DONE]\n\n")
-                await resp.write_eof()
-            except (ConnectionError, RuntimeError) as e:   # the client went away: `async with` cancels
-                log.info("client of %s disconnected mid-stream (%s); cancelling it", key, type(e).__name__)
-            return resp
+        """``names``: ``_model``'s (shown, sent to the broker); client/openai_serve.py answers."""
+        from .openai_serve import serve         # it imports this module
+        return await serve(self, request, prefix, obj, names, req, sampling, chat)
 
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:

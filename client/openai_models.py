@@ -10,7 +10,7 @@ the configuration errors use too, and ``broker.protocol``'s bounds on bad words.
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_serializer)
@@ -59,10 +59,14 @@ TokenId = Annotated[int, Field(ge=0, le=MAX_INT)]
 
 # fields that must be absent or hold their "off" value, because this engine cannot honour them
 OFF_VALUES = {
-    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "best_of": (1,),
-    "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
-    "response_format": ({"type": "text"},),
+    "suffix": ("",), "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],),
+    "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
 }
+CHAT_OFF_VALUES = {"echo": (False,)}      # completions honour echo; OpenAI's chat has none
+MAX_N = 16                  # choices (n) and samples (best_of) per request
+MAX_LOGPROBS = 20           # top_logprobs (chat) and logprobs (completions): OpenAI's bound
+LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+ChoiceCount = Annotated[int, Field(ge=1, le=MAX_N)]
 _OFF_HINT: dict = {}
 # request fields OpenAI clients send that change nothing here: accepted and ignored
 IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
@@ -71,7 +75,7 @@ IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "
 
 def _off(v: Any, info: ValidationInfo) -> Any:
     if v is not None and not any(v == o and isinstance(v, bool) == isinstance(o, bool)
-                                 for o in OFF_VALUES[info.field_name]):
+                                 for o in {**OFF_VALUES, **CHAT_OFF_VALUES}[info.field_name]):
         raise _refuse("unsupported_value", f"{info.field_name}={json.dumps(v)[:60]} is not supported by this "
                                            f"server{_OFF_HINT.get(info.field_name, '')}")
     return v
@@ -95,9 +99,10 @@ class _Request(BaseModel):
     seed: Optional[int] = None                                          # any integer: taken mod 2**63
     stop: Any = None
     stop_token_ids: Optional[list[TokenId]] = None
-    n: Optional[int] = None
+    n: Optional[ChoiceCount] = None                   # choices: parallel samples of one prompt
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
+    best_of: Optional[ChoiceCount] = None             # samples, of which the n likeliest are returned
     repetition_penalty: Optional[Annotated[float, Field(gt=0)]] = None  # 1 turns it off
     presence_penalty: Optional[Annotated[float, Field(ge=-2, le=2)]] = None
     frequency_penalty: Optional[Annotated[float, Field(ge=-2, le=2)]] = None
@@ -107,11 +112,7 @@ class _Request(BaseModel):
     bad_words: Optional[Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_BAD_WORD_CHARS)]],
                                   Field(max_length=MAX_BAD_WORDS)]] = None   # vLLM's extension
     # accepted only "off" (see OFF_VALUES), and accepted and ignored (see IGNORED)
-    logprobs: Any = None
-    top_logprobs: Any = None
-    echo: Any = None
     suffix: Any = None
-    best_of: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -136,15 +137,26 @@ class _Request(BaseModel):
             raise ValueError("expected a non-empty string or a list of at most 16 non-empty strings")
         return stops
 
-    @field_validator("n")
+    @field_validator("best_of")
     @classmethod
-    def _n(cls, v: Any) -> Any:
-        if v is not None and v > 1:
-            raise _refuse("unsupported_value", f"n={v} is not supported: this server returns one choice "
-                                               "per request")
-        if v is not None and v != 1:
-            raise ValueError("expected 1 (one choice per request is supported)")
+    def _best_of(cls, v: Any, info: ValidationInfo) -> Any:
+        n = info.data.get("n") or 1
+        if v is not None and v < n:
+            raise _refuse("invalid_value", f"best_of={v} must be at least n={n}")
+        if v is not None and v > n and info.data.get("stream"):
+            raise _refuse("unsupported_value", f"best_of={v} > n={n} cannot stream: the likeliest "
+                                               "choices are known at the end only")
         return v
+
+    @property
+    def choices(self) -> tuple[int, int]:
+        """(n, best_of): choices returned, samples run."""
+        n = self.n or 1
+        return n, self.best_of or n
+
+    def logprobs_wanted(self) -> Optional[int]:
+        """Alternatives per token the engine computes (``SamplingParams.logprobs``), or None."""
+        return None
 
     def sampling(self, default_max_tokens: Optional[int]) -> dict:
         """The ``AsyncClient`` sampling arguments: only what was set, plus OpenAI's defaults."""
@@ -180,6 +192,8 @@ class _Request(BaseModel):
             s["ignore_eos"] = self.ignore_eos
         if self.bad_words:
             s["bad_words"] = self.bad_words
+        if self.logprobs_wanted() is not None:
+            s["logprobs"] = self.logprobs_wanted()
         return s
 
     def _max_tokens(self) -> Optional[int]:
@@ -197,6 +211,19 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: Any = Field(None, validate_default=True)
+    logprobs: Optional[LogprobCount] = None   # the sampled token's and this many alternatives'
+    echo: Optional[bool] = None               # the prompt before the answer
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v: Any, info: ValidationInfo) -> Any:
+        if v and not isinstance(info.data.get("prompt"), str):
+            raise _refuse("unsupported_value", "echo=true is supported with a text prompt only (the gateway "
+                                               "has no tokenizer to write token ids as text)")
+        return v
+
+    def logprobs_wanted(self) -> Optional[int]:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -270,6 +297,21 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: Optional[Annotated[list[ChatMessage], Field(min_length=1)]] = Field(None, validate_default=True)
     max_completion_tokens: Optional[Count] = None
+    logprobs: Optional[bool] = None             # each output token's log-probability
+    top_logprobs: Optional[LogprobCount] = None   # and this many alternatives' (with logprobs)
+    echo: Any = None
+
+    _check_chat_off = field_validator(*CHAT_OFF_VALUES)(_off)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top(cls, v: Any, info: ValidationInfo) -> Any:
+        if v and not info.data.get("logprobs"):
+            raise _refuse("invalid_value", f"top_logprobs={v} needs logprobs=true")
+        return v
+
+    def logprobs_wanted(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -372,6 +414,32 @@ class Delta(_Out):
     content: Optional[str] = None
 
 
+class TopLogprob(BaseModel):
+    """A token of a chat choice's ``logprobs.content``: its text, log-probability and UTF-8 bytes."""
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[TokenLogprob]] = None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """A completion choice's ``logprobs``: per token, its text, log-probability, the likeliest
+    tokens with theirs (and the sampled one), and where it starts in the choice's text. A prompt
+    token (echo) has a null log-probability."""
+    tokens: list[str] = []
+    token_logprobs: list[Optional[float]] = []
+    top_logprobs: list[Optional[dict[str, float]]] = []
+    text_offset: list[int] = []
+
+
 class Choice(_Out):
     """One choice of a completion (``text``), a chat completion (``message``) or a chunk (``delta``)."""
     _omit_if_none = ("text", "message", "delta")
@@ -379,7 +447,7 @@ class Choice(_Out):
     text: Optional[str] = None
     message: Optional[AssistantMessage] = None
     delta: Optional[Delta] = None
-    logprobs: None = None
+    logprobs: Optional[Union[ChatLogprobs, CompletionLogprobs]] = None
     finish_reason: Optional[str] = None
 
 

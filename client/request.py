@@ -24,11 +24,16 @@ from .errors import BrokerUnavailable, ClientError, InvalidRequest, RequestFaile
 
 @dataclass
 class Chunk:
-    """A batch of output tokens; ``index`` is the position of its first token in the output."""
+    """A batch of output tokens; ``index`` is the position of its first token in the output.
+    ``logprobs``: one ``broker.protocol.Logprobs`` per token when the request asked (``logprobs=K``);
+    ``prompt_logprobs``: one per prompt token, on the first chunk, when it asked (``prompt_logprobs=K``;
+    the first prompt token's says 0.0: nothing comes before it)."""
     request_id: str
     index: int
     token_ids: list[int]
     text: str
+    logprobs: Optional[list] = None
+    prompt_logprobs: Optional[list] = None
 
 
 @dataclass
@@ -42,6 +47,8 @@ class Completion:
     finish_reason: str
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    logprobs: Optional[list] = None     # one ``Logprobs`` per token id, when the request asked
+    prompt_logprobs: Optional[list] = None   # one per prompt token, when the request asked
 
 
 def check_timeout(timeout: Any, default: float) -> float:
@@ -156,6 +163,8 @@ class RequestState:
         self.token_ids: list[int] = []
         self.prompt_tokens = 0      # as the broker counted them, with the first tokens
         self._texts: list[str] = []
+        self.logprobs: Optional[list] = None    # one per token id, once a message carried them
+        self.prompt_logprobs: Optional[list] = None
         self.completion: Optional[Completion] = None
 
     @property
@@ -173,7 +182,9 @@ class RequestState:
             chunk = self._tokens(msg) if msg.token_ids else None    # the last tokens may ride in it
             self.finished = True
             self.completion = Completion(self.request_id, "".join(self._texts), list(self.token_ids),
-                                         msg.finish_reason, dict(msg.usage), dict(msg.timings))
+                                         msg.finish_reason, dict(msg.usage), dict(msg.timings),
+                                         list(self.logprobs) if self.logprobs is not None else None,
+                                         self.prompt_logprobs)
             return chunk
         if isinstance(msg, Error):
             if self.resumes and msg.code == Code.DUPLICATE_REQUEST:
@@ -195,11 +206,18 @@ class RequestState:
                             f"expected index {expected}")
         if not msg.token_ids:
             return None
+        if msg.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(msg.logprobs)
+        if msg.prompt_logprobs is not None:
+            self.prompt_logprobs = msg.prompt_logprobs
         if isinstance(msg, Tokens) and msg.prompt_tokens:
             self.prompt_tokens = msg.prompt_tokens
         self.token_ids.extend(msg.token_ids)
         self._texts.append(msg.text)
-        return Chunk(self.request_id, msg.index, list(msg.token_ids), msg.text)
+        return Chunk(self.request_id, msg.index, list(msg.token_ids), msg.text, msg.logprobs,
+                     msg.prompt_logprobs)
 
     def resumable(self, error: ClientError) -> bool:
         """Whether to resume after ``error``: the caller opted in, the broker went silent (or a

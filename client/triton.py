@@ -14,7 +14,6 @@ gateway's ``AsyncClient`` and its error mapping (``failure_to_http``).
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -27,8 +26,9 @@ from .errors import ClientError
 from .gateway import failure_to_http, first_chunk
 from .kserve import HEADER, TensorError, encode_infer_response, parameters, parse_infer_request
 from .openai_models import HttpError
+from .openai_serve import gather_all
 from .triton_bls import (ALIASES, OUTPUTS, VERSION, BlsRequest, bls_request, json_values, model_config,
-                         model_metadata, output_tensors, tensor_rows)
+                         model_metadata, output_tensors, tensor_rows, token_log_probs)
 
 log = logging.getLogger("gateway.triton")
 
@@ -153,9 +153,9 @@ class TritonApi:
         return () if mode == "on" else markers or None
 
     async def _run(self, request: web.Request, req: BlsRequest, route: Optional[str], markers: Optional[tuple],
-                   rid: str) -> tuple[str, int]:
+                   rid: str) -> tuple[str, list]:
         """One request to its end on model ``route`` through the gateway's client: (answer,
-        output tokens)."""
+        its tokens' log-probabilities)."""
         submitted = time.monotonic()
         try:
             c = await self.gw.client.generate(**req.inputs(markers), request_id=rid,
@@ -163,7 +163,7 @@ class TritonApi:
         except ClientError as e:
             raise _failure(e) from None
         self.gw.record(request, rid, submitted, c)
-        return c.text, len(c.token_ids)
+        return c.text, token_log_probs(c)
 
     async def _request(self, request: web.Request) -> tuple[str, Optional[str], BlsRequest]:
         name, route = await self._route(request)
@@ -175,18 +175,18 @@ class TritonApi:
         if req.stream:
             raise HttpError(400, "stream=true answers with several responses: use "
                                  f"/v2/models/{name}/generate_stream", "stream", "unsupported_value")
-        text, n = await self._run(request, req, route, await self._chat(route), self._rid(request))
-        return web.json_response({"model_name": name, "model_version": VERSION, **req.outputs(text, n)})
+        text, lps = await self._run(request, req, route, await self._chat(route), self._rid(request))
+        return web.json_response({"model_name": name, "model_version": VERSION, **req.outputs(text, lps)})
 
     @triton_errors
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
         name, route, req = await self._request(request)
         head = {"model_name": name, "model_version": VERSION}
         if not req.stream:      # as the BLS without `stream`: one response with the whole answer
-            text, n = await self._run(request, req, route, await self._chat(route), self._rid(request))
+            text, lps = await self._run(request, req, route, await self._chat(route), self._rid(request))
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
-            await resp.write(_event({**head, **req.outputs(text, n)}))
+            await resp.write(_event({**head, **req.outputs(text, lps)}))
             await resp.write_eof()
             return resp
         rid, submitted = self._rid(request), time.monotonic()
@@ -197,11 +197,14 @@ class TritonApi:
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
             try:
-                await resp.write(_event({**head, **(req.outputs(first.text, len(first.token_ids), True) if first
-                                                     else req.outputs("", 0, True))}))   # at least one response
+                lps = token_log_probs(first)
+                await resp.write(_event({**head, **req.outputs(first.text if first else "", lps, True)}))
+                cum = sum(lps)                   # at least one response, then one per chunk
                 try:
                     async for ch in stream:
-                        await resp.write(_event({**head, **req.outputs(ch.text, len(ch.token_ids), True)}))
+                        lps = token_log_probs(ch)
+                        await resp.write(_event({**head, **req.outputs(ch.text, lps, True, cum)}))
+                        cum += sum(lps)
                 except ClientError as e:
                     await resp.write(_event({"error": _failure(e).message}))
                 self.gw.record(request, rid, submitted, stream.completion)
@@ -223,15 +226,8 @@ class TritonApi:
         wanted, binary = _requested_outputs(head)
         markers = await self._chat(route)
         rid = self._rid(request)
-        tasks = [asyncio.ensure_future(self._run(request, r, route, markers, rid if len(reqs) == 1 else f"{rid}-{i}"))
-                 for i, r in enumerate(reqs)]
-        try:
-            answers = await asyncio.gather(*tasks)
-        except BaseException:        # one row failed (or the client left): stop the others
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        answers = await gather_all(self._run(request, r, route, markers, rid if len(reqs) == 1 else f"{rid}-{i}")
+                                   for i, r in enumerate(reqs))      # one row failed: stop the others
         reply = {"model_name": name, "model_version": VERSION}
         if isinstance(head.get("id"), str):
             reply["id"] = head["id"]

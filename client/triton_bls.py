@@ -10,8 +10,10 @@ TensorRT-LLM bans them); ``end_id`` replaces the model's end token; ``text_outpu
 answer unless ``exclude_input_in_output`` (streamed responses never hold the prompt). A stop word
 is left out of ``text_output`` (TensorRT-LLM keeps it). Inputs this engine cannot honour are
 accepted only at their neutral values and otherwise refused, naming the input and its value.
-``cum_log_probs`` and ``output_log_probs`` are zeros, as the backend returns them when
-``return_log_probs`` is off (turning it on is refused: the engine computes no log probabilities).
+With ``return_log_probs``, ``output_log_probs`` holds each output token's log-probability (of
+the model's distribution, as ``SamplingParams.logprobs`` computes them) and ``cum_log_probs``
+their sum (a streamed response: the sum so far); without it both are zeros, as the backend
+returns them.
 
 Pure: no I/O; errors are ``HttpError`` (400) naming the input.
 """
@@ -61,7 +63,6 @@ _RANGES = {"INT32": (-2**31, 2**31 - 1), "UINT64": (0, 2**64 - 1)}
 # inputs accepted only at their neutral value: name -> (is it neutral?, what turns it off, why)
 _NEUTRAL = {
     "beam_width": (lambda v: v == 1, "1", ": this server decodes one beam"),
-    "return_log_probs": (lambda v: v is False, "false", ": the engine computes no log probabilities"),
     "return_context_logits": (lambda v: v is False, "false", ": the engine returns no logits"),
     "return_generation_logits": (lambda v: v is False, "false", ": the engine returns no logits"),
 }
@@ -87,10 +88,21 @@ class BlsRequest:
             return {"prompt": self.prompt}
         return {"messages": [{"role": "user", "content": self.prompt}]}
 
-    def outputs(self, text: str, n_tokens: int, streamed: bool = False) -> dict:
-        """The BLS outputs for ``text`` (the answer, or one streamed piece of it)."""
+    def outputs(self, text: str, log_probs: list, streamed: bool = False, cum: float = 0.0) -> dict:
+        """The BLS outputs for ``text`` (the answer, or one streamed piece of it) and its tokens'
+        ``log_probs`` (``token_log_probs``); ``cum``: the sum of those streamed before it."""
         shown = text if streamed or self.exclude_input else self.prompt + text
-        return {"text_output": shown, "cum_log_probs": 0.0, "output_log_probs": [0.0] * n_tokens}
+        return {"text_output": shown, "cum_log_probs": cum + sum(log_probs), "output_log_probs": log_probs}
+
+
+def token_log_probs(out) -> list:
+    """Each token's log-probability of a ``client.Chunk`` or ``client.Completion`` (zeros when
+    the request did not ask: no ``return_log_probs``)."""
+    if out is None:
+        return []
+    if out.logprobs is None:
+        return [0.0] * len(out.token_ids)
+    return [lp.token.logprob for lp in out.logprobs]
 
 
 def _element(name: str, datatype: str, v: Any) -> Any:
@@ -217,6 +229,8 @@ def bls_request(values: dict) -> BlsRequest:
         raise _bad("min_length", min_length, "an integer in [0, 1048576]")
     if min_length and min_length > 1:
         s["min_tokens"] = min_length
+    if one("return_log_probs", False):
+        s["logprobs"] = 0                   # the sampled token's, no alternatives
     seed = one("random_seed")
     if seed is not None:
         s["seed"] = seed % 2**63
@@ -257,12 +271,14 @@ def model_config(name: str, max_batch: int) -> dict:
                        for n, (d, dims) in OUTPUTS.items()]}
 
 
-def output_tensors(reqs: list[BlsRequest], answers: list[tuple[str, int]], wanted: list[str]) -> list[Tensor]:
-    """The ``infer`` outputs in ``wanted`` for a batch: ``answers`` holds (text, token count) per row."""
-    outs = [r.outputs(text, n) for r, (text, n) in zip(reqs, answers)]
+def output_tensors(reqs: list[BlsRequest], answers: list[tuple[str, list]], wanted: list[str]) -> list[Tensor]:
+    """The ``infer`` outputs in ``wanted`` for a batch: ``answers`` holds (text, token log-probabilities)
+    per row; ``output_log_probs`` rows are padded with zeros to the longest."""
+    outs = [r.outputs(text, lps) for r, (text, lps) in zip(reqs, answers)]
     b, width = len(outs), max((len(o["output_log_probs"]) for o in outs), default=0)
+    padded = [x for o in outs for x in o["output_log_probs"] + [0.0] * (width - len(o["output_log_probs"]))]
     made = {"text_output": Tensor("text_output", "BYTES", [b, 1], [o["text_output"] for o in outs]),
             "cum_log_probs": Tensor("cum_log_probs", "FP32", [b, 1], [o["cum_log_probs"] for o in outs]),
-            "output_log_probs": Tensor("output_log_probs", "FP32", [b, 1, width], [0.0] * (b * width))}
+            "output_log_probs": Tensor("output_log_probs", "FP32", [b, 1, width], padded)}
     return [made[n] for n in wanted]
 

@@ -121,7 +121,7 @@ def test_a_body_that_trickles_in_gets_408(gw):
 
 FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
           "stop", "stop_token_ids", "ignore_eos", "stream", "n", "logprobs", "repetition_penalty",
-          "user", "metadata", "stream_options", "messages", "suffix", "echo"]
+          "user", "metadata", "stream_options", "messages", "suffix", "echo", "best_of", "top_logprobs"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.floats(allow_nan=False)
     | st.text(max_size=16),

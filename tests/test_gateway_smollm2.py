@@ -35,5 +35,22 @@ def test_openai_package_gets_completions_and_chat_streamed_and_not_from_smollm2(
         chunks = list(oa.completions.create(model="smollm2-135m", prompt="The three primary colors are",
                                             max_tokens=6, temperature=0, stream=True))
         assert "".join(ch.choices[0].text for ch in chunks) == text
+
+        # log-probabilities on a real BPE vocabulary: greedy picks each position's likeliest token,
+        # and the tokens' bytes spell the answer (the end-of-turn token's own bytes aside)
+        chat = oa.chat.completions.create(model="smollm2-135m", messages=QUESTION, max_tokens=8, temperature=0,
+                                          logprobs=True, top_logprobs=3, n=2)
+        assert [c.message.content for c in chat.choices] == [answer, answer]
+        content = chat.choices[0].logprobs.content
+        assert all(t.token == t.top_logprobs[0].token and t.logprob == t.top_logprobs[0].logprob for t in content)
+        spelled = b"".join(bytes(t.bytes) for t in content).decode()
+        assert spelled.replace("<|im_end|>", "") == answer and -20 < sum(t.logprob for t in content) < 0
+        echo = oa.completions.create(model="smollm2-135m", prompt="The three primary colors are", max_tokens=6,
+                                     temperature=0, logprobs=1, echo=True)
+        lp = echo.choices[0].logprobs
+        assert echo.choices[0].text == "The three primary colors are" + text
+        assert "".join(lp.tokens) == echo.choices[0].text and lp.token_logprobs[0] is None
+        assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+        assert [echo.choices[0].text[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)] == lp.tokens
         oa.close()
         d.wait_idle()

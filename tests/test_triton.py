@@ -113,7 +113,6 @@ REFUSED = [
     ({"presence_penalty": 2.5}, "presence_penalty=2.5"),
     ({"frequency_penalty": -3.0}, "frequency_penalty=-3.0"),
     ({"min_length": -1}, "min_length=-1"),
-    ({"return_log_probs": True}, "return_log_probs=true"),
     ({"return_generation_logits": True}, "return_generation_logits=true"),
     ({"beam_width": 2}, "beam_width=2"),
     ({"bad_words": "x" * 200}, "bad_words"),

@@ -59,6 +59,11 @@ class PrefillChunk:
         continuation's next token comes from its first decode step)."""
         return self.last and not self.seq.output_ids
 
+    @property
+    def targets(self) -> list:
+        """The prompt tokens this chunk's positions score: each position's next token."""
+        return self.seq.prompt_ids[self.start + 1:self.end + 1]
+
 
 @dataclass
 class DecodeBatch:
@@ -251,6 +256,10 @@ class Scheduler:
                 ids = self.tok.encode(msg.prompt)
         if not ids:
             raise RequestRejected("the prompt encodes to no tokens")
+        k = params.prompt_logprobs
+        if k is not None and len(ids) * (k + 1) > p.MAX_PROMPT_LOGPROBS:
+            raise RequestRejected(f"prompt_logprobs={k} with a prompt of {len(ids)} tokens: at most "
+                                  f"{p.MAX_PROMPT_LOGPROBS} prompt tokens x (prompt_logprobs + 1)")
         seq = Sequence(msg.request_id, msg.attempt, kind, ids, params, self._max_new(ids, params),
                        bad_ids=self._bad_ids(params))
         out = getattr(msg, "output_ids", None)
@@ -343,7 +352,7 @@ class Scheduler:
             need = self.blocks_for(seq.reserve_tokens)
             hit: list = []
             free = self.allocator.num_free
-            if self.reuse and seq.kind != DECODE:
+            if self.reuse and seq.kind != DECODE and not seq.scores_prompt:
                 # at least the last prompt token is computed: its logits give the first token
                 hit = self.allocator.lookup(seq.prompt_ids, len(seq.prompt_ids) - 1)
                 free -= self.allocator.idle_among(hit)
@@ -395,7 +404,8 @@ class Scheduler:
         if not self.prefilling:
             return None
         seq = self.prefilling[0]
-        end = min(len(seq.prefill_ids), seq.num_cached + self.max_num_tokens)
+        limit = min(self.max_num_tokens, 512) if seq.scores_prompt else self.max_num_tokens
+        end = min(len(seq.prefill_ids), seq.num_cached + limit)   # every position's logits: bounded
         return PrefillChunk(seq, seq.num_cached, end)
 
     def prefilled(self, chunk: PrefillChunk) -> None:
@@ -411,14 +421,25 @@ class Scheduler:
             if not chunk.samples:
                 self.running.append(seq)
 
-    def first_token(self, seq: Sequence, token: int) -> None:
+    def prompt_scored(self, chunk: PrefillChunk, entries: list) -> None:
+        """``sampler.prompt_logprobs`` of ``chunk.targets`` (a chunk of a ``seq.scores_prompt``
+        request): kept for the message with token 0."""
+        seq = chunk.seq
+        if chunk.start == 0:
+            first = seq.prompt_ids[0]
+            seq.prompt_logprobs = [p.Logprobs(p.TokenLogprob(first, 0.0, self.tok.token_bytes(first)))]
+        seq.prompt_logprobs.extend(self._logprobs(t, e)[0] for t, e in zip(chunk.targets, entries))
+
+    def first_token(self, seq: Sequence, token: int, logprobs: Optional[tuple] = None) -> None:
+        """``logprobs``: ``sampler.token_logprobs``'s entry for it, when the request asked."""
         text = seq.accept(token, self.tok, self.eos_ids)
+        lps = self._logprobs(token, logprobs)
         if seq.kind == FULL:
             if seq.finish_reason:
-                self._finish(seq, 0, [token], text)
+                self._finish(seq, 0, [token], text, lps)
             else:
-                self.outbox.append(p.Tokens(seq.request_id, 0, [token], text, seq.attempt,
-                                            len(seq.prompt_ids)))
+                self.outbox.append(p.Tokens(seq.request_id, 0, [token], text, seq.attempt, len(seq.prompt_ids),
+                                            logprobs=lps, prompt_logprobs=seq.prompt_logprobs))
                 self.running.append(seq)
             return
         # context role: hand the KV over, hold the blocks until released
@@ -432,7 +453,8 @@ class Scheduler:
             self.leases[seq.key] = Lease(seq.blocks, self.clock() + ttl)
         seq.blocks = []          # the lease (or the allocator) has them now
         self.outbox.append(p.ContextDone(seq.request_id, seq.attempt, token, text, seq.prompt_ids,
-                                         handle, seq.finish_reason, seq.prefill_s, seq.cached_tokens))
+                                         handle, seq.finish_reason, seq.prefill_s, seq.cached_tokens,
+                                         logprobs=lps, prompt_logprobs=seq.prompt_logprobs))
 
     def next_decode(self) -> Optional[DecodeBatch]:
         """Every running request, oldest first, up to ``max_batch_size``, in one step."""
@@ -442,20 +464,32 @@ class Scheduler:
         self.max_batch_since_heartbeat = max(self.max_batch_since_heartbeat, len(batch))
         return DecodeBatch(batch)
 
-    def decoded(self, batch: DecodeBatch, tokens: list) -> None:
-        for seq, token in zip(batch.seqs, tokens):
+    def decoded(self, batch: DecodeBatch, tokens: list, logprobs: Optional[list] = None) -> None:
+        """``logprobs``: ``sampler.token_logprobs`` of the step (None when no row asked)."""
+        for i, (seq, token) in enumerate(zip(batch.seqs, tokens)):
             text = seq.accept(token, self.tok, self.eos_ids)
             index = len(seq.output_ids) - 1
+            lps = self._logprobs(token, logprobs[i]) if logprobs else None
             if seq.finish_reason:
-                self._finish(seq, index, [token], text)
+                self._finish(seq, index, [token], text, lps)
             else:
-                self.outbox.append(p.Tokens(seq.request_id, index, [token], text, seq.attempt))
+                self.outbox.append(p.Tokens(seq.request_id, index, [token], text, seq.attempt, logprobs=lps))
 
-    def _finish(self, seq: Sequence, index: int, token_ids: list, text: str) -> None:
+    def _logprobs(self, token: int, entry: Optional[tuple]) -> Optional[list]:
+        """The wire form of one token's ``sampler.token_logprobs`` entry (with each token's bytes)."""
+        if entry is None:
+            return None
+        piece = self.tok.token_bytes
+        top = [p.TokenLogprob(t, lp, piece(t)) for t, lp in entry[1]]
+        return [p.Logprobs(p.TokenLogprob(token, entry[0], piece(token)), top)]
+
+    def _finish(self, seq: Sequence, index: int, token_ids: list, text: str,
+                logprobs: Optional[list] = None) -> None:
         """The request is done here; its last tokens ride in the Finished message."""
         self.outbox.append(p.Finished(seq.request_id, seq.attempt, seq.finish_reason,
                                       len(seq.prompt_ids), seq.prefill_s, index, token_ids, text,
-                                      seq.cached_tokens))
+                                      seq.cached_tokens, logprobs=logprobs,
+                                      prompt_logprobs=seq.prompt_logprobs if index == 0 else None))
         self._drop(seq)
 
     # -----------------------------------------------------------------------------------------

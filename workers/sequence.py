@@ -34,6 +34,7 @@ class Sequence:
     t_prefill_start: float = 0.0
     prefill_s: float = 0.0
     bad_ids: tuple = ()               # params.bad_words as token id sequences (the scheduler's)
+    prompt_logprobs: Optional[list] = None   # wire entries per prompt token, as prefill scores them
 
     @property
     def key(self) -> str:
@@ -74,6 +75,12 @@ class Sequence:
                 continue
             out.append(last)
         return out
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its prefill scores each prompt token (``params.prompt_logprobs``): a fresh prompt only,
+        all of it computed (no prefix-cache hit), every position's logits kept."""
+        return self.params.prompt_logprobs is not None and not self.output_ids
 
     @property
     def reserve_tokens(self) -> int:

@@ -35,7 +35,7 @@ from transfer.registry import create_sink, create_source, resolve_backend
 from workers.engine.kv_cache import KVCache, pool_blocks
 from workers.engine.loaders import load_model
 from workers.engine.runner import ModelRunner
-from workers.engine.sampler import ban_tokens, sample
+from workers.engine.sampler import ban_tokens, prompt_logprobs, sample, token_logprobs
 from workers.options import WorkerOptions
 from workers.scheduler import Scheduler
 
@@ -318,23 +318,28 @@ class Worker:
         self._flush()            # failures and KvPulled from above, before the compute below
         chunk = self.sched.next_prefill()
         if chunk is not None:
+            scores = chunk.seq.scores_prompt
             logits = self.runner.prefill(chunk.token_ids, chunk.seq.blocks, start_pos=chunk.start,
-                                         on_layer=self._heartbeat_if_due)
+                                         on_layer=self._heartbeat_if_due, every_position=scores)
+            if scores:
+                k = chunk.seq.params.prompt_logprobs
+                self.sched.prompt_scored(chunk, prompt_logprobs(logits, chunk.targets, k))
+                logits = logits[-1]
             self.sched.prefilled(chunk)
             if chunk.samples:
                 seq = chunk.seq
                 rows = ban_tokens(logits[None], [seq.banned()]) if seq.bad_ids else logits[None]
                 token = sample(rows, [seq.params], [seq.prompt_ids], [0], self.tok.eos_token_ids)[0]
-                self.sched.first_token(seq, token)
+                lps = token_logprobs(logits[None], [seq.params], [token])   # the model's, before bans
+                self.sched.first_token(seq, token, lps[0] if lps else None)
             self._flush()
         batch = self.sched.next_decode()
         if batch is not None:
             logits = self.runner.decode(batch.tokens, batch.positions, batch.block_tables)
-            banned = batch.banned
-            if banned is not None:
-                logits = ban_tokens(logits, banned)
-            self.sched.decoded(batch, sample(logits, batch.params, batch.histories, batch.steps,
-                                             self.tok.eos_token_ids))
+            banned, params = batch.banned, batch.params
+            rows = ban_tokens(logits, banned) if banned is not None else logits
+            tokens = sample(rows, params, batch.histories, batch.steps, self.tok.eos_token_ids)
+            self.sched.decoded(batch, tokens, token_logprobs(logits, params, tokens))   # the model's, before bans
             self._flush()
         self._heartbeat_if_due()        # flushes what it queues
 

@@ -90,9 +90,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, token_ids: Sequence[int], block_table: Sequence[int],
-                start_pos: int = 0, on_layer: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                start_pos: int = 0, on_layer: Optional[Callable[[int], None]] = None,
+                every_position: bool = False) -> torch.Tensor:
         """Logits [vocab] after the last of ``token_ids``, placed at ``start_pos`` onward; K/V of
-        positions before ``start_pos`` must already be in the table's blocks.
+        positions before ``start_pos`` must already be in the table's blocks. ``every_position``:
+        logits [n, vocab] after each of them (a prompt's log-probabilities).
 
         ``on_layer(i)`` runs after each layer's attention: the worker sends heartbeats from it,
         so a long prefill stays visibly alive while a wedged one goes silent."""
@@ -130,7 +132,7 @@ class ModelRunner:
             return out[0].transpose(0, 1).reshape(n, -1)
 
         hidden = self.model(torch.tensor(list(token_ids), dtype=torch.long, device=dev), positions, attend)
-        return self.model.logits(hidden[-1]).float()
+        return self.model.logits(hidden if every_position else hidden[-1]).float()
 
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int], positions: Sequence[int],

@@ -12,15 +12,20 @@ likely token it keeps (so ties never depend on sort order). Nothing sorts the vo
 row keeps only the candidates above a probability threshold that provably contains its top-p
 set (see ``_sample_rows``), and sorts those few; exact up to float rounding (a top_p within
 ~1e-6 of 1 could, in principle, round the guarantee away).
+
+Log-probabilities (``SamplingParams.logprobs``, ``token_logprobs``) are of the model's own
+distribution: the log-softmax of the logits the token was sampled from, before the penalties,
+the logit bias, min_tokens and temperature (vLLM's default, ``raw_logprobs``), so they do not
+depend on how the token was chosen. Only rows that ask pay for them, in one batched pass.
 """
 from __future__ import annotations
 
 import secrets
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from broker.protocol import SamplingParams
+from broker.protocol import MIN_LOGPROB, SamplingParams
 
 _MASK64 = (1 << 64) - 1
 # The first, tight candidate threshold is this many times the guaranteed one; rows whose
@@ -236,3 +241,43 @@ def ban_tokens(logits: torch.Tensor, banned: Sequence[Sequence[int]]) -> torch.T
         return logits
     at = torch.tensor(pairs, dtype=torch.long, device=logits.device).T
     return logits.index_put((at[0], at[1]), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+
+
+def token_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], tokens: Sequence[int]
+                   ) -> Optional[list]:
+    """For each row of ``logits`` [B, V] whose ``params[i].logprobs`` is set, the log-probability
+    of ``tokens[i]`` and the ``params[i].logprobs`` most likely (token id, log-probability)
+    pairs, most likely first: ``(logprob, [(id, logprob), ...])``; None for the other rows.
+    None at once, with no work, when no row asks. -inf and NaN become ``MIN_LOGPROB``."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return None
+    x = logits if len(rows) == len(params) else logits[rows]
+    picked = _logprobs(x, [tokens[i] for i in rows], [params[i].logprobs for i in rows])
+    out: list = [None] * len(params)
+    for j, i in enumerate(rows):
+        out[i] = picked[j]
+    return out
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> list:
+    """``token_logprobs``'s entries for a prefill: row ``i`` of ``logits`` [N, V] (the position
+    before ``targets[i]``) scores ``targets[i]``, with ``k`` alternatives each."""
+    return _logprobs(logits[:len(targets)], targets, [k] * len(targets)) if len(targets) else []
+
+
+def _logprobs(x: torch.Tensor, tokens: Sequence[int], ks: Sequence[int]) -> list:
+    """The log-softmax at the picked and the top tokens only: each row's log-sum-exp is one pass
+    over the vocabulary, and no [rows, vocab] tensor of log-probabilities is written."""
+    x = x.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    picked = torch.tensor(list(tokens), dtype=torch.long, device=x.device).unsqueeze(1)
+    chosen = _bounded(x.gather(1, picked) - lse).squeeze(1).tolist()
+    k = min(max(ks), x.shape[-1])
+    top_v, top_i = torch.topk(x, k, dim=-1) if k else (x[:, :0], x[:, :0].long())
+    top_v, top_i = _bounded(top_v - lse).tolist(), top_i.tolist()
+    return [(chosen[j], list(zip(top_i[j][:n], top_v[j][:n]))) for j, n in enumerate(ks)]
+
+
+def _bounded(lp: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(lp, nan=MIN_LOGPROB, neginf=MIN_LOGPROB).clamp_(MIN_LOGPROB, 0.0)

@@ -39,6 +39,11 @@ class Tokenizer:
         model, or the tiny test model), whose prompts are never templated unasked."""
         return ()
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own text as bytes (possibly part of a UTF-8 character; a special token's
+        name): what a log-probability entry shows for it."""
+        raise NotImplementedError
+
 
 def chatml(messages: list[dict]) -> str:
     """The ChatML prompt: the fallback for models that ship no chat template."""
@@ -68,6 +73,25 @@ class ByteTokenizer(Tokenizer):
     def apply_chat_template(self, messages: list[dict]) -> str:
         return chatml(messages)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id]) if 0 <= token_id < 256 else b""
+
+
+def _gpt2_byte_map() -> dict[str, int]:
+    """The character byte-level BPE writes for each byte (GPT-2's ``bytes_to_unicode``), inverted."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _gpt2_byte_map()
+
 
 class HFTokenizer(Tokenizer):
     """A ``tokenizers.Tokenizer`` plus the model's BOS/EOS ids and its jinja chat template."""
@@ -85,6 +109,8 @@ class HFTokenizer(Tokenizer):
         self.max_token_chars = max(map(len, tok.get_vocab(with_added_tokens=True)), default=1)
         self.add_bos = add_bos and bos_token_id is not None
         self._template = None
+        self._byte_level = type(tok.decoder).__name__ == "ByteLevel"
+        self._bytes: dict[int, bytes] = {}     # token_bytes, as asked
 
     def encode(self, text: str) -> list[int]:
         if len(text) >= 16_384:   # encode_batch releases the GIL (same ids): other threads run
@@ -98,6 +124,20 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        b = self._bytes.get(token_id)
+        if b is None:
+            piece = self.tok.id_to_token(token_id) or ""
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):   # a byte token
+                b = bytes([int(piece[3:5], 16)])
+            elif self._byte_level and all(c in _BYTE_OF for c in piece):
+                b = bytes(_BYTE_OF[c] for c in piece)
+            else:                                 # sentencepiece: U+2581 stands for a space
+                b = piece.replace("\u2581", " ").encode()
+            if len(self._bytes) < 1 << 20:
+                self._bytes[token_id] = b
+        return b
 
     def _token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else (self.tok.id_to_token(token_id) or "")
