@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from msgspec import Meta, field
 
+from broker.kv_keys import KEY_BYTES
 from broker.wire import (BATCH, BATCH_MAX, HEADER_LEN, MAX_DEPTH, MAX_ID_CHARS, MAX_ITEMS,  # noqa: F401
                          MAX_KEYS, MAX_MESSAGE_BYTES, MAX_TOKEN_IDS, U32, U63, U64, VERSION, Map,
                          Maps, Message, Name, ProtocolError, RequestId, Text, TokenIds, TokenList,
@@ -312,6 +313,8 @@ class Pong(Message):
 # worker -> broker
 
 MAX_SLOTS = 1 << 20                        # Ready.slots at most
+MAX_TOKENS_PER_BLOCK = (1 << 31) - 1       # Ready.tokens_per_block at most (a config integer)
+MAX_KV_EVENTS = 1024                       # keys in one KvEvents field at most
 MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS = 10, 60_000   # Ready.heartbeat_ms: a worker silent for
                                           # liveness x this long is expired, so it is bounded
 
@@ -326,6 +329,8 @@ class Ready(Message):
     transfer: Map = field(default_factory=dict)   # backend, endpoint
     pid: Annotated[int, Meta(ge=0, lt=1 << 31)] = 0
     heartbeat_ms: Annotated[int, Meta(ge=MIN_HEARTBEAT_MS, le=MAX_HEARTBEAT_MS)] = 1000
+    # its KV block size: the broker computes a token prompt's block keys with it (0: unknown)
+    tokens_per_block: Annotated[int, Meta(ge=0, le=MAX_TOKENS_PER_BLOCK)] = 0
 
 
 @message(21)
@@ -387,6 +392,37 @@ class Disconnect(Message):
     reason: Text = ""
 
 
+@message(27)
+class KvEvents(Message):
+    """KV events: the keys of cached KV blocks (``broker/kv_keys.py``) this worker's prefix cache
+    now holds (``stored``) and no longer holds (``removed``), each packed as ``KEY_BYTES``-byte
+    keys, at most ``MAX_KV_EVENTS`` per field (more go in more messages). ``clear``: forget every
+    key this worker published before (it sends them all again after registering). Sent in the
+    same batch as the worker's other messages (ContextDone, Finished, Heartbeat), never alone
+    on a timer of its own."""
+    stored: Annotated[bytes, Meta(max_length=KEY_BYTES * MAX_KV_EVENTS)] = b""
+    removed: Annotated[bytes, Meta(max_length=KEY_BYTES * MAX_KV_EVENTS)] = b""
+    clear: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("stored", "removed"):
+            if len(getattr(self, name)) % KEY_BYTES:
+                raise ProtocolError(f"invalid KvEvents.{name} of {len(getattr(self, name))} bytes: "
+                                    f"expected a multiple of {KEY_BYTES} (packed keys)")
+
+    @classmethod
+    def of(cls, stored=(), removed=(), clear: bool = False) -> list["KvEvents"]:
+        """The messages that carry these keys (lists of ``KEY_BYTES``-byte keys)."""
+        stored, removed, n = list(stored), list(removed), MAX_KV_EVENTS
+        out = [cls(b"".join(stored[i:i + n]), b"".join(removed[i:i + n]), clear and i == 0)
+               for i in range(0, max(len(stored), len(removed)), n)]
+        return out or ([cls(clear=True)] if clear else [])
+
+    def keys(self, name: str) -> list:
+        data = getattr(self, name)
+        return [data[i:i + KEY_BYTES] for i in range(0, len(data), KEY_BYTES)]
+
+
 # ---------------------------------------------------------------------------------------------
 # broker -> worker
 
@@ -415,6 +451,10 @@ class Decode(Message):
     first_text: str
     kv_handle: Map
     sampling: Map = field(default_factory=dict)
+    # the request's text form, when it came as text (kv-aware routing only): the worker publishes
+    # the text keys of the blocks it pulls (broker/kv_keys.py); it decodes prompt_token_ids
+    prompt: Optional[str] = None
+    messages: Optional[Maps] = None
 
     def __post_init__(self) -> None:
         token_fields(self, "prompt_token_ids")

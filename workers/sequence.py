@@ -33,6 +33,7 @@ class Sequence:
     lease_ms: int = 30000
     t_prefill_start: float = 0.0
     prefill_s: float = 0.0
+    prompt_text: Optional[tuple] = None   # (text, chat) of a text prompt: its keys (broker/kv_keys.py)
 
     @property
     def key(self) -> str:

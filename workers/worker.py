@@ -175,7 +175,9 @@ class Worker:
         self.sched.outbox.clear()    # nothing queued for the old connection is valid on the new one
         self.sched.outbox.append(p.Ready(self.worker_id, self.role, self.model_name,
                                          self.opts.max_batch_size, self.kv.num_blocks,
-                                         self.transfer_info, os.getpid(), self.opts.heartbeat_ms))
+                                         self.transfer_info, os.getpid(), self.opts.heartbeat_ms,
+                                         self.kv.block_size))
+        self.sched.kv_resync()       # the broker's record of this worker starts empty
         self._flush()
         log.info("worker %s (%s, model %s) registering with %s", self.worker_id, self.role,
                  self.model_name, self.broker_addr)
