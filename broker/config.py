@@ -184,14 +184,13 @@ KV_NOT_SUPPORTED = _reasons({
     "there is no host offload of KV blocks": "host_cache_size onboard_blocks secondary_offload_min_priority use_uvm",
     "attention always spans the whole sequence (no sliding window or sink tokens)":
         "max_attention_window sink_token_length",
-    "KV cache events are not published": "event_buffer_max_size",
+    "KV events go to the broker with the worker's own messages, never buffered for an HTTP "
+    "endpoint": "event_buffer_max_size",
 })
 DISAGG_NOT_SUPPORTED = _reasons({
     "the broker retries a prefill up to broker.max_attempts times": "max_retries",
     "per-request performance metrics are not collected; the broker's /metrics has them":
         "perf_metrics_max_requests return_perf_metrics perf_metrics_output_dir",
-    "every request runs context then generation (a worker of role `both` serves whole requests)":
-        "conditional_disagg_config",
     "there is no tracing export": "otlp_config",
     "the gateway always applies the model's chat template and sends the whole conversation":
         "allow_request_chat_template gen_strip_message_history gen_tokids_ctxbytes",
@@ -199,8 +198,6 @@ DISAGG_NOT_SUPPORTED = _reasons({
         "node_id num_workers disagg_coordinator_url",
 })
 GROUP_NOT_SUPPORTED = {
-    "router": "the broker sends each request to a worker of its role with a free slot, preferring "
-              "free KV blocks, then the most free slots; the routing policy is not configurable",
     "urls": "broker launch starts num_instances workers on this host and each registers with the "
             "broker itself; urls are not used",
 }
@@ -279,9 +276,49 @@ def engine_notices(opts: BaseModel) -> list:
     return out
 
 
+ROUTERS = ("round_robin", "load_balancing", "kv_cache_aware")    # TensorRT-LLM's names
+# with no router section (why: docs/architecture.md §2, Routing; README, Benchmarks)
+DEFAULT_ROUTERS = {"context_servers": "kv_cache_aware", "generation_servers": "load_balancing"}
+ROUTER_OPTIONS = {"round_robin": (), "load_balancing": ("use_tokens",), "kv_cache_aware": ("max_batch_size",)}
+ROUTER_NOT_SUPPORTED = {   # options TensorRT-LLM's routers read that ours need not
+    "tokens_per_block": "the broker hashes a prompt with the block size each worker announces",
+    "custom_tokenizer": "the broker never tokenizes (docs/architecture.md §2, Routing)"}
+
+
 class RouterSchema(BaseModel):
+    """A server group's ``router`` (TensorRT-LLM's ``RouterConfig``): ``round_robin``,
+    ``load_balancing`` (fewest active requests, or prompt tokens with ``use_tokens``) or
+    ``kv_cache_aware`` (longest cached prefix against load, ``max_batch_size`` scaling the load)."""
     model_config = ConfigDict(extra="allow", strict=True)    # router options differ by type
     type: Literal["round_robin", "load_balancing", "kv_cache_aware"] = "round_robin"
+    use_tokens: StrictBool = False
+    max_batch_size: Optional[typing.Annotated[int, Field(ge=1, le=MAX_INT)]] = None
+    tokens_per_block: Optional[typing.Annotated[int, Field(ge=1, le=MAX_INT)]] = None
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """A role's worker selection (``broker/routers.py``)."""
+    type: str = "kv_cache_aware"
+    use_tokens: bool = False                  # load_balancing: load is prompt tokens in flight
+    max_batch_size: Optional[int] = None      # kv_cache_aware: requests that make a worker "full"
+                                              # (None: each worker's own max_batch_size, its slots)
+
+
+class ConditionalDisaggSchema(Schema):
+    # TensorRT-LLM's: prompts whose part not cached on the chosen generation worker is at most
+    # this many tokens are prefilled there, skipping the context phase
+    max_local_prefill_length: typing.Annotated[int, Field(ge=0, le=MAX_INT)] = 0
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which worker takes each phase (docs/architecture.md §2, Routing): the context servers'
+    router (also for `both` workers, which take a request's prefill), the generation servers',
+    and conditional disaggregation (None: off)."""
+    context: RouterSettings = RouterSettings(DEFAULT_ROUTERS["context_servers"])
+    generation: RouterSettings = RouterSettings(DEFAULT_ROUTERS["generation_servers"])
+    max_local_prefill_length: Optional[int] = None
 
 
 class _GroupKeys(Schema):
@@ -364,6 +401,7 @@ class _DisaggKeys(Schema):
     frontend: str = "tcp://127.0.0.1:*"          # ours: the client-facing ZeroMQ address
     backend_address: str = "tcp://127.0.0.1:*"   # ours: the worker-facing ZeroMQ address
     auth: Optional[AuthSchema] = None            # ours: CURVE keys and the HTTP API key
+    conditional_disagg_config: Optional[ConditionalDisaggSchema] = None
 
 
 # TensorRT-LLM hands every other top-level key to both groups as an LLM-API option
@@ -404,6 +442,7 @@ class DisaggConfig:
     backend_address: str = "tcp://127.0.0.1:*"  # our addition: the worker-facing ZeroMQ address
     auth: AuthSettings = AuthSettings()         # our addition: CURVE keys and the HTTP API key
     cluster: ClusterSettings = ClusterSettings()  # disagg_cluster: discovery (broker/discovery.py)
+    routing: Routing = Routing()                # the groups' routers, conditional_disagg_config
     source: str = "<defaults>"
 
 
@@ -435,13 +474,31 @@ def _group(raw: Any, name: str, source: str, inherited: dict) -> ServerGroup:
     urls = g.urls
     if urls and len(urls) != g.num_instances:
         raise ConfigError(f"{source}: {name}.urls lists {len(urls)} servers but num_instances is {g.num_instances}")
-    for key in ("router", "urls"):       # the worker logs the engine keys it ignores; these are ours to log
-        if key in g.model_fields_set:
-            log_not_supported(source, f"{name}.{key}", GROUP_NOT_SUPPORTED[key])
+    if "urls" in g.model_fields_set:   # the worker logs the engine keys it ignores; this one is ours
+        log_not_supported(source, f"{name}.urls", GROUP_NOT_SUPPORTED["urls"])
+    if g.router is not None:
+        _router_notices(g.router, f"{name}.router", source)
     return ServerGroup(num_instances=g.num_instances, urls=tuple(urls),
                        router=dict(raw.get("router") or {}),
                        extra_llm_api_options=g.extra_llm_api_options, args=tuple(g.args),
                        options=engine, inherited=from_top)
+
+
+def _router_notices(r: RouterSchema, key: str, source: str) -> None:
+    """Log each option a router section sets that its router does not read."""
+    for opt in sorted((set(r.model_fields_set) | set(r.model_extra or {})) - {"type"}):
+        if opt not in ROUTER_OPTIONS[r.type]:
+            log_not_supported(source, f"{key}.{opt}", ROUTER_NOT_SUPPORTED.get(opt, (
+                f"the {r.type} router has no such option (its options: {', '.join(ROUTER_OPTIONS[r.type]) or 'none'})")))
+
+
+def router_settings(raw: Optional[dict], group: str) -> RouterSettings:
+    """A group's ``router`` section (checked by ``RouterSchema``) as settings; none: the group's
+    default (``DEFAULT_ROUTERS``)."""
+    if raw is None:
+        return RouterSettings(DEFAULT_ROUTERS[group])
+    r = RouterSchema.model_validate(raw)
+    return RouterSettings(type=r.type, use_tokens=r.use_tokens, max_batch_size=r.max_batch_size)
 
 
 def _cluster_minimum(c: Optional[ClusterSchema], source: str) -> Optional[dict]:
@@ -473,11 +530,15 @@ def parse_disagg_config(raw: Any, source: str = "<dict>") -> DisaggConfig:
     gen = _group(raw.get("generation_servers"), "generation_servers", source, inherited)
     minimum = _cluster_minimum(d.disagg_cluster, source) or \
         {"context": ctx.num_instances, "generation": gen.num_instances}
+    cond = d.conditional_disagg_config
+    routers = [router_settings((raw.get(name) or {}).get("router"), name)
+               for name in ("context_servers", "generation_servers")]
+    routing = Routing(*routers, cond.max_local_prefill_length if cond is not None else None)
     return DisaggConfig(hostname=d.hostname, port=d.port, model=d.model, backend=d.backend,
                         context_servers=ctx, generation_servers=gen, min_workers=minimum, broker=broker,
                         frontend=d.frontend, backend_address=d.backend_address,
                         auth=_auth(d.auth, source), cluster=_cluster(d.disagg_cluster, source),
-                        source=source)
+                        routing=routing, source=source)
 
 
 def _cluster(c: Optional[ClusterSchema], source: str) -> ClusterSettings:

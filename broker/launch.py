@@ -331,7 +331,7 @@ class Launch:
                              "--curve-peers", a.worker_keys])
         uri = cfg.cluster.cluster_uri or ""      # tcp://: the broker's own backend address
         self.server = BrokerServer(cfg.frontend, uri if uri.startswith("tcp://") else cfg.backend_address,
-                                   cfg.broker, curve=self.curve)
+                                   cfg.broker, curve=self.curve, routing=cfg.routing)
         self.registration = None    # with an etcd:// cluster URI, for workers started elsewhere
         self.thread = threading.Thread(target=self.server.run, name="broker", daemon=True)
         self.http, self.http_port = http, http_port

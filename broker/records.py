@@ -42,6 +42,8 @@ class Worker:
     max_decode_batch: int = 0
     inflight: set = field(default_factory=set)    # request ids whose current phase runs here
     leases: set = field(default_factory=set)      # request ids whose KV this worker holds
+    block_size: int = 0                           # tokens per KV block (Ready), 0: unknown
+    kv_keys: set = field(default_factory=set)     # the cached-block keys it published (KV events)
 
     @property
     def credits(self) -> int:
@@ -55,7 +57,8 @@ class Worker:
         return {"worker_id": self.worker_id, "role": self.role, "model": self.model, "pid": self.pid,
                 "slots": self.slots, "inflight": len(self.inflight), "leases": len(self.leases),
                 "kv_blocks": self.kv_blocks, "free_blocks": self.free_blocks,
-                "leases_reported": self.leases_reported, "max_decode_batch": self.max_decode_batch}
+                "leases_reported": self.leases_reported, "max_decode_batch": self.max_decode_batch,
+                "kv_keys": len(self.kv_keys)}
 
 
 @dataclass
@@ -90,6 +93,7 @@ class Request:
     note: str = ""                    # why the request was re-run, for its final error
     client_rid: str = ""              # the id its client gave (request_id is the broker's key)
     model: str = ""                   # the model it runs on: every phase goes to workers of it
+    keys: Optional[dict] = None       # its prefix keys for routing, by block size (broker/kv_index.py)
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.next_index,

@@ -15,7 +15,7 @@ import zmq
 
 from broker import protocol as p
 from broker.auth import CLIENTS, WORKERS, CurveServer, warn_exposed
-from broker.config import BrokerConfig
+from broker.config import BrokerConfig, Routing
 from broker.ratelog import RateLimitedLog
 from broker.state import FRONT, BrokerState, Out
 
@@ -90,12 +90,12 @@ class BrokerServer:
 
     def __init__(self, frontend: str = "tcp://127.0.0.1:*", backend: str = "tcp://127.0.0.1:*",
                  config: BrokerConfig = BrokerConfig(), ctx: Optional[zmq.Context] = None,
-                 curve: Optional[CurveServer] = None):
+                 curve: Optional[CurveServer] = None, routing: Routing = Routing()):
         # CURVE needs a ZAP handler of its own context: one per context, so never the shared one
         self._own_ctx = ctx is None and curve is not None
         self.ctx = ctx or (zmq.Context() if curve is not None else zmq.Context.instance())
         self.curve = curve.start(self.ctx) if curve is not None else None
-        self.state = BrokerState(config)
+        self.state = BrokerState(config, routing=routing)
         self.max_message_bytes = config.max_message_bytes
         self._bad_log = RateLimitedLog(log, "malformed messages")
         self.front: Optional[zmq.Socket] = None
