@@ -43,9 +43,11 @@ class Pool:
         ctx = make_router(routing.context, self.index, get)
         self.routers = {"context": ctx, "both": ctx,     # `both` workers take the prefill too
                         "generation": make_router(routing.generation, self.index, get)}
-        # KV events matter (and a request's keys are computed) only for these
-        self.uses_kv = any(r.uses_kv for r in self.routers.values()) \
-            or routing.max_local_prefill_length is not None
+        # KV events matter (and a request's keys are computed) only for these; a generation
+        # worker's text keys only where its router or conditional disaggregation reads them
+        local = routing.max_local_prefill_length is not None
+        self.uses_kv = any(r.uses_kv for r in self.routers.values()) or local
+        self.gen_text = self.routers["generation"].uses_kv or local
 
     def changed(self) -> None:
         """A worker came or went: forget the cached roles."""
@@ -120,7 +122,7 @@ class Pool:
         """The (prompt, messages) a Decode carries so that the generation worker publishes the
         text keys of what it pulls: only where routing reads them."""
         s = req.submit
-        return (s.prompt, s.messages) if self.uses_kv and prompt_text(s.prompt, s.messages) else (None, None)
+        return (s.prompt, s.messages) if self.gen_text and prompt_text(s.prompt, s.messages) else (None, None)
 
 
 class Queues(dict):

@@ -96,6 +96,10 @@ class BrokerServer:
         self.ctx = ctx or (zmq.Context() if curve is not None else zmq.Context.instance())
         self.curve = curve.start(self.ctx) if curve is not None else None
         self.state = BrokerState(config, routing=routing)
+        log.info("routers: context servers %s, generation servers %s; conditional disaggregation %s",
+                 routing.context.type, routing.generation.type,
+                 "off" if routing.max_local_prefill_length is None
+                 else f"up to {routing.max_local_prefill_length} uncached tokens")
         self.max_message_bytes = config.max_message_bytes
         self._bad_log = RateLimitedLog(log, "malformed messages")
         self.front: Optional[zmq.Socket] = None

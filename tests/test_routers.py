@@ -400,3 +400,14 @@ def test_conditional_disagg_skips_the_context_phase_and_gives_the_tokens_of_aggr
         with Client(cond.frontend) as c:
             text = c.ping(metrics=True)["prometheus"]
         assert "disagg_context_skipped_total 9.0" in text
+
+
+def test_a_decode_carries_the_text_only_where_the_generation_workers_keys_are_read():
+    for gen, want in (("load_balancing", None), ("kv_cache_aware", "hello")):
+        st = state(gen=gen)
+        ready(st, b"ctx", "context")
+        ready(st, b"gen", "generation")
+        [pre] = of(submit(st, prompt="hello"), p.Prefill)
+        out = st.on_worker(b"ctx", p.ContextDone(pre.request_id, pre.attempt, 7, "x", [1, 2, 3], {"k": 1}))
+        [dec] = of(out, p.Decode)
+        assert dec.prompt == want and dec.messages is None, gen
