@@ -23,7 +23,7 @@ from broker.state import BrokerState
 from client import Client
 from tests.harness import Deployment
 from tests.test_broker_state import FakeClock, of
-from tests.test_scheduler import BLOCK, Rig, generate, prefill
+from tests.test_scheduler import BLOCK, Rig, prefill
 from workers.engine.prefix_cache import CachingAllocator
 
 C1 = b"client-1"
