@@ -14,11 +14,15 @@ the goodput is the highest swept rate that reaches the target (so sweep rates to
 Targets: an existing broker (``--frontend``) or HTTP gateway (``--url``), or a deployment this
 benchmark starts and stops itself (``--launch``); ``--compare`` runs the same workload on an
 aggregated deployment (``both`` workers) and a disaggregated one (a context and a generation
-worker) in one run and reports disaggregated / aggregated ratios.
+worker) in one run and reports disaggregated / aggregated ratios; ``--compare-reuse`` runs each
+with prefix caching on and off, ``--compare-routers`` with each of the context servers' routers
+(``--context-instances`` context workers), and reports the ratios to the first.
 
     python -m bench.throughput --launch --compare --model smollm2-135m --request-rate 0.5,1
     python -m bench.throughput --frontend tcp://127.0.0.1:5555 --concurrency 8
     python -m bench.throughput --url http://127.0.0.1:8000 --dataset sharegpt.json --num-prompts 100
+    python -m bench.throughput --launch --compare-routers round_robin,kv_cache_aware --context-instances 2 \
+        --workload shared-prefix --num-prefixes 4 --kv-max-tokens 2048
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from bench.common import RESULTS, children, machine, progress, start_broker, summarize, table, write_json
+from broker.config import ROUTERS
 from broker.launch import wait_for_workers, worker_command
 
 # common English words: with a leading space, each is one token for byte-level BPE tokenizers
@@ -96,13 +101,18 @@ def synthetic(n: int, input_len: int, output_len: int, seed: int, text: bool) ->
     return specs
 
 
-def shared_prefix(n: int, prefix_len: int, input_len: int, output_len: int, seed: int) -> list[Spec]:
-    """A long common system prompt (``prefix_len`` tokens) before each request's own
-    ``input_len`` random tokens: what prefix caching serves from cache after the first."""
+def shared_prefix(n: int, prefix_len: int, input_len: int, output_len: int, seed: int,
+                  num_prefixes: int = 1) -> list[Spec]:
+    """A long system prompt (``prefix_len`` tokens) before each request's own ``input_len``
+    random tokens: what prefix caching serves from cache after the first. With several system
+    prompts (``num_prefixes``), each request draws one at random: a router that sends each to
+    the worker already holding it finds it cached there (kv_cache_aware), one that does not
+    makes every worker prefill (and hold) every prefix (round_robin)."""
     rng = random.Random(seed)
-    system = [rng.randrange(3, 256) for _ in range(prefix_len)]
+    systems = [[rng.randrange(3, 256) for _ in range(prefix_len)] for _ in range(num_prefixes)]
     return [Spec(output_len, prefix_len + input_len,
-                 token_ids=system + [rng.randrange(3, 256) for _ in range(input_len)]) for _ in range(n)]
+                 token_ids=systems[rng.randrange(num_prefixes) if num_prefixes > 1 else 0]
+                 + [rng.randrange(3, 256) for _ in range(input_len)]) for _ in range(n)]
 
 
 def multi_turn(n: int, turns: int, input_len: int, output_len: int, seed: int) -> list[Spec]:
@@ -353,10 +363,16 @@ class Deployment:
     """A broker and workers as child processes (stopped by pid on close)."""
 
     def __init__(self, mode: str, model: str, http: bool, agg_instances: int, worker_options: dict,
-                 ready_timeout: float, say):
+                 ready_timeout: float, say, context_instances: int = 1, router: Optional[str] = None):
         self.procs = children(prefix=f"bench-{mode}-")
         try:
-            b = start_broker(self.procs, http=http)
+            extra = []
+            if router:        # the context servers' (and `both` workers') router
+                config = os.path.join(self.procs.tmp.name, "disagg_config.yaml")
+                with open(config, "w") as f:
+                    json.dump({"context_servers": {"router": {"type": router}}}, f)
+                extra = ["--config", config]
+            b = start_broker(self.procs, http=http, extra=extra)
             self.frontend, self.url = b["frontend"], b.get("http")
             if http and not self.url:
                 raise RuntimeError("the broker printed no http= address; does `broker start` "
@@ -364,7 +380,7 @@ class Deployment:
             opts = os.path.join(self.procs.tmp.name, "worker.yaml")
             with open(opts, "w") as f:
                 json.dump(worker_options, f)      # JSON is YAML
-            roles = ["both"] * agg_instances if mode == "agg" else ["context", "generation"]
+            roles = ["both"] * agg_instances if mode == "agg" else ["context"] * context_instances + ["generation"]
             for i, role in enumerate(roles):
                 self.procs.start(f"{role}-{i}", worker_command(role, b["backend"], model, f"bench-{role}-{i}",
                                                                options=opts, log_level="WARNING"))
@@ -378,6 +394,15 @@ class Deployment:
 
 
 # ---------------------------------------------------------------------------------------------
+
+def parse_routers(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in ROUTERS]
+    if bad or len(names) < 2 or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"invalid router list {text!r}: expected two or more different "
+                                         f"of {', '.join(ROUTERS)}")
+    return names
+
 
 def parse_rates(text: str) -> list[float]:
     rates = []
@@ -410,7 +435,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compare-reuse", action="store_true",
                    help="with --launch: run each deployment with prefix caching "
                         "(kv_cache_config.enable_block_reuse) on and off, in one run")
+    t.add_argument("--compare-routers", type=parse_routers, default=None, metavar="ROUTER,ROUTER,...",
+                   help="with --launch: run each deployment with each of these context-server routers "
+                        f"({', '.join(ROUTERS)}), in one run, with ratios to the first")
+    t.add_argument("--router", choices=ROUTERS, default=None,
+                   help="with --launch: the context servers' router (default: the broker's)")
     t.add_argument("--agg-instances", type=int, default=1, help="'both' workers in the aggregated deployment")
+    t.add_argument("--context-instances", type=int, default=1,
+                   help="context workers in the disaggregated deployment (one generation worker)")
+    t.add_argument("--kv-max-tokens", type=int, default=None,
+                   help="with --launch: kv_cache_config.max_tokens of every worker (a smaller prefix cache)")
     t.add_argument("--worker-threads", type=int, default=1, help="torch threads per launched worker")
     t.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for launched workers")
     w = ap.add_argument_group("workload")
@@ -424,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--prefix-len tokens before --input-len own tokens; or chats of --turns turns "
                         "that resend their history (--input-len new tokens per turn)")
     w.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: system prompt tokens")
+    w.add_argument("--num-prefixes", type=int, default=1,
+                   help="shared-prefix: distinct system prompts, each request drawing one at random")
     w.add_argument("--turns", type=int, default=4, help="multi-turn: turns per chat")
     w.add_argument("--dataset", help="ShareGPT-format JSON file instead of synthetic prompts")
     w.add_argument("--sharegpt-output-len", type=int, default=None,
@@ -452,14 +488,19 @@ def check_args(ap: argparse.ArgumentParser, a) -> None:
     given = [n for n in ("frontend", "url") if getattr(a, n)] + (["launch"] if a.launch else [])
     if len(given) != 1:
         ap.error(f"give exactly one target: --frontend, --url or --launch (got {', '.join(given) or 'none'})")
-    if (a.compare or a.compare_reuse) and not a.launch:
-        ap.error("--compare and --compare-reuse need --launch: they start the deployments themselves")
+    if (a.compare or a.compare_reuse or a.compare_routers or a.router) and not a.launch:
+        ap.error("--compare, --compare-reuse, --compare-routers and --router need --launch: they start "
+                 "the deployments themselves")
+    if a.compare_routers and a.router:
+        ap.error("give --router or --compare-routers, not both")
     if a.dataset and a.workload != "random":
         ap.error(f"--workload {a.workload} is synthetic: it cannot be combined with --dataset")
     if a.workload != "random" and a.prompt_format == "text":
         ap.error(f"--workload {a.workload} builds token-id prompts: drop --prompt-format text")
+    if a.kv_max_tokens is not None and a.kv_max_tokens < 1:
+        ap.error(f"--kv-max-tokens must be >= 1, got {a.kv_max_tokens}")
     for name in ("num_prompts", "input_len", "output_len", "agg_instances", "worker_threads", "prefix_len",
-                 "turns"):
+                 "turns", "context_instances", "num_prefixes"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.concurrency is not None and a.concurrency < 1:
@@ -500,7 +541,7 @@ async def bench(a, say) -> dict:
     if a.dataset:
         specs = sharegpt(a.dataset, a.num_prompts, a.seed, a.max_input_len, a.max_output_len, a.sharegpt_output_len)
     elif a.workload == "shared-prefix":
-        specs = shared_prefix(a.num_prompts, a.prefix_len, a.input_len, a.output_len, a.seed)
+        specs = shared_prefix(a.num_prompts, a.prefix_len, a.input_len, a.output_len, a.seed, a.num_prefixes)
     elif a.workload == "multi-turn":
         specs = multi_turn(a.num_prompts, a.turns, a.input_len, a.output_len, a.seed)
     else:
@@ -516,15 +557,21 @@ async def bench(a, say) -> dict:
     else:
         modes = ["agg", "disagg"] if a.compare else [a.mode]
         reuses = [True, False] if a.compare_reuse else [None]
-        for mode, reuse in itertools.product(modes, reuses):
+        routers = a.compare_routers or [a.router]
+        for mode, reuse, router in itertools.product(modes, reuses, routers):
             opts: dict = {"num_threads": a.worker_threads}
+            kv: dict = {} if a.kv_max_tokens is None else {"max_tokens": a.kv_max_tokens}
             label = mode
             if reuse is not None:
-                opts["kv_cache_config"] = {"enable_block_reuse": reuse}
+                kv["enable_block_reuse"] = reuse
                 label = mode if reuse else f"{mode}-noreuse"
+            if kv:
+                opts["kv_cache_config"] = kv
+            if a.compare_routers:
+                label = f"{label}-{router}"
             say(f"starting the {label} deployment of {a.model} ...")
             dep = await asyncio.to_thread(Deployment, mode, a.model, a.api == "http", a.agg_instances,
-                                          opts, a.ready_timeout, say)
+                                          opts, a.ready_timeout, say, a.context_instances, router)
             try:
                 driver = ClientDriver(dep.frontend, a.request_timeout) if a.api == "client" else \
                     HttpDriver(dep.url, a.http_model, a.request_timeout)
@@ -561,6 +608,11 @@ def report(a, specs: list[Spec], runs: list[dict]) -> dict:
     if a.compare_reuse:   # prefix caching on / off, per deployment
         out["compare_reuse"] = {t: compare(runs, good, t, f"{t}-noreuse") for t in targets
                                 if not t.endswith("-noreuse")}
+    if a.compare_routers:   # each router / the first, per deployment
+        first = a.compare_routers[0]
+        out["compare_routers"] = {t: compare(runs, good, t, t[:-len(router)] + first)
+                                  for t in targets for router in a.compare_routers[1:]
+                                  if t.endswith(f"-{router}")}
     return out
 
 
@@ -619,6 +671,9 @@ def render(rep: dict) -> str:
                          for t, g in rep["goodput_rps"].items())]
     ratio_tables = [("disaggregated / aggregated", rep["compare"])] if rep.get("compare") else []
     ratio_tables += [(f"{t}: prefix caching on / off", c) for t, c in rep.get("compare_reuse", {}).items()]
+    if rep.get("compare_routers"):
+        first = rep["config"]["compare_routers"][0]
+        ratio_tables += [(f"{t} / {first}", c) for t, c in rep["compare_routers"].items()]
     keys = ["request_throughput", "output_token_throughput", "ttft_ms.p50", "ttft_ms.p99",
             "tpot_ms.p50", "itl_ms.p50", "e2e_ms.p50", "slo_attainment"]
     for title, ratios_by_rate in ratio_tables:

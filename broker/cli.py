@@ -201,7 +201,7 @@ def start(frontend, backend, config, heartbeat_interval, liveness, max_queue, kv
                                   "(the broker's own address) disagree")
             backend = cluster.cluster_uri
         server = BrokerServer(frontend or cfg.frontend, backend or cfg.backend_address, settings,
-                              curve=curve, minimum=cfg.minimal_instances)
+                              curve=curve, minimum=cfg.minimal_instances, routing=cfg.routing)
     except (ConfigError, OSError) as e:
         raise CommandError("broker", str(e)) from None
     gateway = registration = None

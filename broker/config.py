@@ -4,7 +4,7 @@ one way every configuration file of the project is checked: pydantic models with
 value.
 
 A key we accept is honoured, or logged once at startup as not supported, with the reason: the
-reasons live here (the ``*_NOT_SUPPORTED`` tables), beside the schemas. This module does no I/O beyond reading
+reasons live in ``broker/config_notices.py`` (the ``*_NOT_SUPPORTED`` tables). This module does no I/O beyond reading
 the config files it is given (and the worker options file a server group names). It never imports
 torch, workers/ or transfer/ (transfer/ and workers/ import it for ``ConfigError``).
 """
@@ -24,6 +24,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, Val
                       field_validator)
 from pydantic_core import ArgsKwargs
 
+from broker.config_notices import (DISAGG_NOT_SUPPORTED, GROUP_NOT_SUPPORTED, KV_NOT_SUPPORTED,
+                                   WORKER_NOT_SUPPORTED, log_not_supported)
 from broker.discovery import ClusterSettings
 
 log = logging.getLogger("broker.config")
@@ -144,74 +146,6 @@ class BrokerConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# What we accept and do not honour, with the reason a user reads in the log (item: no silent
-# no-ops). TensorRT-LLM's LLM-API keys first: the worker's extra options YAML and the per-group
-# keys of disagg_config.yaml share them.
-
-def _reasons(table: dict) -> dict:
-    return {key: reason for reason, keys in table.items() for key in keys.split()}
-
-
-WORKER_NOT_SUPPORTED = _reasons({
-    "there is one worker process per model copy; no tensor, pipeline, context or expert parallelism":
-        "tensor_parallel_size pipeline_parallel_size context_parallel_size moe_expert_parallel_size "
-        "moe_tensor_parallel_size moe_config enable_attention_dp attention_dp_config gpus_per_node "
-        "allreduce_strategy",
-    "specific to TensorRT-LLM's runtime (CUDA graphs, torch.compile, autotuning, attention kernels)":
-        "backend cuda_graph_config use_cuda_graph pytorch_backend_config torch_compile_config "
-        "enable_autotuner attn_backend enable_layerwise_nvtx_marker",
-    "this engine never overlaps scheduling with the forward pass": "disable_overlap_scheduler",
-    "prefill is always chunked here, in chunks of max_num_tokens": "enable_chunked_prefill",
-    "the worker's scheduler is fixed (admit by free slots and KV blocks, one decode batch per step, "
-    "tokens streamed every step)":
-        "scheduler_config batch_wait_timeout_ms stream_interval num_postprocess_workers",
-    "per-iteration statistics are not collected; the broker's /metrics has the request metrics":
-        "print_iter_log enable_iter_perf_stats return_perf_metrics iter_stats_max_iterations "
-        "request_stats_max_iterations",
-    "models load through this project's own GGUF and safetensors loaders":
-        "trust_remote_code load_format checkpoint_format model_kwargs",
-    "the sampler has no beam search, speculation or guided decoding":
-        "max_beam_width speculative_config guided_decoding_backend sampler_type enable_mixed_sampler",
-    "prompts are bounded by max_seq_len and kv_cache_config.max_tokens": "max_input_len",
-    "the KV pool is sized by kv_cache_config.max_tokens, not by a fraction of GPU memory":
-        "free_gpu_memory_fraction",
-})
-KV_NOT_SUPPORTED = _reasons({
-    "the KV pool is sized by kv_cache_config.max_tokens and free_gpu_memory_fraction only":
-        "max_gpu_total_bytes cross_kv_cache_fraction",
-    "prefix reuse shares whole blocks only (enable_block_reuse); a partly matching block is "
-    "recomputed": "enable_partial_reuse copy_on_partial_reuse",
-    "there is no host offload of KV blocks": "host_cache_size onboard_blocks secondary_offload_min_priority use_uvm",
-    "attention always spans the whole sequence (no sliding window or sink tokens)":
-        "max_attention_window sink_token_length",
-    "KV cache events are not published": "event_buffer_max_size",
-})
-DISAGG_NOT_SUPPORTED = _reasons({
-    "the broker retries a prefill up to broker.max_attempts times": "max_retries",
-    "the gateway's /perf_metrics always has per-request timings (perf_metrics_max_requests of them); "
-    "they are never written to files": "return_perf_metrics perf_metrics_output_dir",
-    "every request runs context then generation (a worker of role `both` serves whole requests)":
-        "conditional_disagg_config",
-    "there is no tracing export": "otlp_config",
-    "the gateway always applies the model's chat template and sends the whole conversation":
-        "allow_request_chat_template gen_strip_message_history gen_tokids_ctxbytes",
-    "the broker is one process; there is no coordinator and node ids are not used":
-        "node_id num_workers disagg_coordinator_url",
-})
-GROUP_NOT_SUPPORTED = {
-    "router": "the broker sends each request to a worker of its role with a free slot, preferring "
-              "free KV blocks, then the most free slots; the routing policy is not configurable",
-    "urls": "broker launch starts num_instances workers on this host and each registers with the "
-            "broker itself; urls are not used",
-}
-
-
-def log_not_supported(where: str, key: str, reason: str, logger: logging.Logger = log) -> None:
-    """The one line a key we accept but do not honour gets at startup."""
-    logger.warning("%s: %s is not supported here and is ignored: %s", where, key, reason)
-
-
-# ---------------------------------------------------------------------------------------------
 # The schemas. Engine keys (the worker's extra options YAML and the per-group keys of
 # disagg_config.yaml) have None defaults: the worker's own defaults (workers/options.py) apply.
 
@@ -279,9 +213,49 @@ def engine_notices(opts: BaseModel) -> list:
     return out
 
 
+ROUTERS = ("round_robin", "load_balancing", "kv_cache_aware")    # TensorRT-LLM's names
+# with no router section (why: docs/architecture.md §2, Routing; README, Benchmarks)
+DEFAULT_ROUTERS = {"context_servers": "kv_cache_aware", "generation_servers": "load_balancing"}
+ROUTER_OPTIONS = {"round_robin": (), "load_balancing": ("use_tokens",), "kv_cache_aware": ("max_batch_size",)}
+ROUTER_NOT_SUPPORTED = {   # options TensorRT-LLM's routers read that ours need not
+    "tokens_per_block": "the broker hashes a prompt with the block size each worker announces",
+    "custom_tokenizer": "the broker never tokenizes (docs/architecture.md §2, Routing)"}
+
+
 class RouterSchema(BaseModel):
+    """A server group's ``router`` (TensorRT-LLM's ``RouterConfig``): ``round_robin``,
+    ``load_balancing`` (fewest active requests, or prompt tokens with ``use_tokens``) or
+    ``kv_cache_aware`` (longest cached prefix against load, ``max_batch_size`` scaling the load)."""
     model_config = ConfigDict(extra="allow", strict=True)    # router options differ by type
     type: Literal["round_robin", "load_balancing", "kv_cache_aware"] = "round_robin"
+    use_tokens: StrictBool = False
+    max_batch_size: Optional[typing.Annotated[int, Field(ge=1, le=MAX_INT)]] = None
+    tokens_per_block: Optional[typing.Annotated[int, Field(ge=1, le=MAX_INT)]] = None
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """A role's worker selection (``broker/routers.py``)."""
+    type: str = "kv_cache_aware"
+    use_tokens: bool = False                  # load_balancing: load is prompt tokens in flight
+    max_batch_size: Optional[int] = None      # kv_cache_aware: requests that make a worker "full"
+                                              # (None: each worker's own max_batch_size, its slots)
+
+
+class ConditionalDisaggSchema(Schema):
+    # TensorRT-LLM's: prompts whose part not cached on the chosen generation worker is at most
+    # this many tokens are prefilled there, skipping the context phase
+    max_local_prefill_length: typing.Annotated[int, Field(ge=0, le=MAX_INT)] = 0
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which worker takes each phase (docs/architecture.md §2, Routing): the context servers'
+    router (also for `both` workers, which take a request's prefill), the generation servers',
+    and conditional disaggregation (None: off)."""
+    context: RouterSettings = RouterSettings(DEFAULT_ROUTERS["context_servers"])
+    generation: RouterSettings = RouterSettings(DEFAULT_ROUTERS["generation_servers"])
+    max_local_prefill_length: Optional[int] = None
 
 
 class _GroupKeys(Schema):
@@ -368,6 +342,7 @@ class _DisaggKeys(Schema):
     # keeps none: ours keeps some)
     perf_metrics_max_requests: typing.Annotated[int, Field(ge=0, le=1_000_000)] = 1000
     triton_chat_template: Literal["auto", "on", "off"] = "auto"   # ours: client/triton.py
+    conditional_disagg_config: Optional[ConditionalDisaggSchema] = None
 
 
 # TensorRT-LLM hands every other top-level key to both groups as an LLM-API option
@@ -413,6 +388,7 @@ class DisaggConfig:
     # with a disagg_cluster section, as TensorRT-LLM: the workers the broker needs up before it
     # accepts requests (minimal_instances, default one of each); None without one
     minimal_instances: Optional[dict] = None
+    routing: Routing = Routing()                # the groups' routers, conditional_disagg_config
     source: str = "<defaults>"
 
 
@@ -444,13 +420,31 @@ def _group(raw: Any, name: str, source: str, inherited: dict) -> ServerGroup:
     urls = g.urls
     if urls and len(urls) != g.num_instances:
         raise ConfigError(f"{source}: {name}.urls lists {len(urls)} servers but num_instances is {g.num_instances}")
-    for key in ("router", "urls"):       # the worker logs the engine keys it ignores; these are ours to log
-        if key in g.model_fields_set:
-            log_not_supported(source, f"{name}.{key}", GROUP_NOT_SUPPORTED[key])
+    if "urls" in g.model_fields_set:   # the worker logs the engine keys it ignores; this one is ours
+        log_not_supported(source, f"{name}.urls", GROUP_NOT_SUPPORTED["urls"])
+    if g.router is not None:
+        _router_notices(g.router, f"{name}.router", source)
     return ServerGroup(num_instances=g.num_instances, urls=tuple(urls),
                        router=dict(raw.get("router") or {}),
                        extra_llm_api_options=g.extra_llm_api_options, args=tuple(g.args),
                        options=engine, inherited=from_top)
+
+
+def _router_notices(r: RouterSchema, key: str, source: str) -> None:
+    """Log each option a router section sets that its router does not read."""
+    for opt in sorted((set(r.model_fields_set) | set(r.model_extra or {})) - {"type"}):
+        if opt not in ROUTER_OPTIONS[r.type]:
+            log_not_supported(source, f"{key}.{opt}", ROUTER_NOT_SUPPORTED.get(opt, (
+                f"the {r.type} router has no such option (its options: {', '.join(ROUTER_OPTIONS[r.type]) or 'none'})")))
+
+
+def router_settings(raw: Optional[dict], group: str) -> RouterSettings:
+    """A group's ``router`` section (checked by ``RouterSchema``) as settings; none: the group's
+    default (``DEFAULT_ROUTERS``)."""
+    if raw is None:
+        return RouterSettings(DEFAULT_ROUTERS[group])
+    r = RouterSchema.model_validate(raw)
+    return RouterSettings(type=r.type, use_tokens=r.use_tokens, max_batch_size=r.max_batch_size)
 
 
 def _cluster_minimum(c: Optional[ClusterSchema], source: str) -> Optional[dict]:
@@ -482,13 +476,17 @@ def parse_disagg_config(raw: Any, source: str = "<dict>") -> DisaggConfig:
     gen = _group(raw.get("generation_servers"), "generation_servers", source, inherited)
     cluster_minimum = _cluster_minimum(d.disagg_cluster, source)
     minimum = cluster_minimum or {"context": ctx.num_instances, "generation": gen.num_instances}
+    cond = d.conditional_disagg_config
+    routers = [router_settings((raw.get(name) or {}).get("router"), name)
+               for name in ("context_servers", "generation_servers")]
+    routing = Routing(*routers, cond.max_local_prefill_length if cond is not None else None)
     return DisaggConfig(hostname=d.hostname, port=d.port, model=d.model, backend=d.backend,
                         context_servers=ctx, generation_servers=gen, min_workers=minimum, broker=broker,
                         frontend=d.frontend, backend_address=d.backend_address,
                         auth=_auth(d.auth, source), cluster=_cluster(d.disagg_cluster, source),
                         perf_metrics_max_requests=d.perf_metrics_max_requests,
                         triton_chat_template=d.triton_chat_template,
-                        minimal_instances=cluster_minimum, source=source)
+                        minimal_instances=cluster_minimum, routing=routing, source=source)
 
 
 def _cluster(c: Optional[ClusterSchema], source: str) -> ClusterSettings:

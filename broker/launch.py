@@ -343,7 +343,8 @@ class Launch:
                              "--curve-peers", a.worker_keys])
         uri = cfg.cluster.cluster_uri or ""      # tcp://: the broker's own backend address
         self.server = BrokerServer(cfg.frontend, uri if uri.startswith("tcp://") else cfg.backend_address,
-                                   cfg.broker, curve=self.curve, minimum=cfg.minimal_instances)
+                                   cfg.broker, curve=self.curve, minimum=cfg.minimal_instances,
+                                   routing=cfg.routing)
         self.registration = None    # with an etcd:// cluster URI, for workers started elsewhere
         self.thread = threading.Thread(target=self.server.run, name="broker", daemon=True)
         self.http, self.http_port = http, http_port

@@ -77,6 +77,13 @@ FAMILIES = {
     "disagg_worker_expirations_total": ("counter", ("role",), "Workers expired or disconnected, by role."),
     "disagg_stream_migrations_total": ("counter", (), "Requests continued on another worker after the "
                                                       "one generating them died (stream migration)."),
+    "disagg_context_skipped_total": ("counter", (), "Requests whose context phase was skipped: a generation "
+                                                    "worker prefilled them itself, the part of the prompt "
+                                                    "it did not hold cached being short (conditional "
+                                                    "disaggregation)."),
+    "disagg_prefill_prompt_tokens_total": ("counter", (), "Prompt tokens of every prefill."),
+    "disagg_prefill_cached_tokens_total": ("counter", (), "Prompt tokens of every prefill that the worker's "
+                                                          "prefix cache held (not computed)."),
     "disagg_kv_blocks_used": ("gauge", ("worker", "role"),
                               "KV cache blocks in use per worker, from its last heartbeat."),
     "disagg_kv_blocks_free": ("gauge", ("worker", "role"), "Free KV cache blocks per worker, from its last heartbeat."),
@@ -183,7 +190,8 @@ class Metrics:
 
 
 def state_gauges(state) -> dict:
-    """The gauges of a ``BrokerState`` now: requests in flight, queue depths, workers, KV blocks."""
+    """The gauges of a ``BrokerState`` now (requests in flight, queue depths, workers, KV blocks),
+    and the counters it keeps itself (contexts skipped, prefill tokens)."""
     workers = {(("role", r), ("state", st)): 0 for r in ROLES for st in WORKER_STATES}
     used, free = {}, {}
     for w in state.workers.values():
@@ -191,7 +199,11 @@ def state_gauges(state) -> dict:
         workers[(("role", w.role), ("state", st))] = workers.get((("role", w.role), ("state", st)), 0) + 1
         key = (("worker", w.worker_id), ("role", w.role))
         used[key], free[key] = w.kv_blocks - w.free_blocks, w.free_blocks
+    counters = state.counters
     return {
+        "disagg_context_skipped_total": {(): counters["context_skipped"]},
+        "disagg_prefill_prompt_tokens_total": {(): counters["prefill_prompt_tokens"]},
+        "disagg_prefill_cached_tokens_total": {(): counters["prefill_cached_tokens"]},
         "disagg_requests_in_flight": {(): len(state.requests)},
         "disagg_queue_depth": {(("queue", "prefill"),): state.prefill_queue.waiting(),
                                (("queue", "decode"),): state.decode_queue.waiting()},

@@ -1,8 +1,11 @@
 """Worker selection by model: which registered workers can serve a model, which one takes a
-request's next phase, and which model a request runs on. Plus the per-model request queues.
+request's next phase (each role's router, ``broker/routers.py``, with what the broker knows of
+the workers' prefix caches, ``broker/kv_index.py``), whether a generation worker prefills a
+request itself (conditional disaggregation), and which model a request runs on. Plus the
+per-model request queues.
 
-Pure: it reads the broker's worker records (``broker/records.py``) and nothing else; no I/O, no
-clock. ``broker/state.py`` owns every decision about requests and calls these.
+Pure: it reads the broker's worker and request records (``broker/records.py``) and nothing
+else; no I/O, no clock. ``broker/state.py`` owns every decision about requests and calls these.
 
 Models (docs/architecture.md §2): every worker serves the one model it announced in
 ``Ready.model`` (its ``--model`` spec, or its ``--served-model-name``). A request naming a model
@@ -14,10 +17,14 @@ one is up, else on the model of the earliest registered worker still up.
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional
+from typing import Callable, Optional
 
-from broker.protocol import Code
-from broker.records import Worker
+from broker import protocol as p
+from broker.config import Routing
+from broker.kv_index import KvIndex
+from broker.kv_keys import prompt_text
+from broker.records import Request, Worker
+from broker.routers import make_router
 
 
 _NONE: frozenset = frozenset()
@@ -26,10 +33,22 @@ _NONE: frozenset = frozenset()
 class Pool:
     """The registered workers (the broker's dict, shared, not copied) seen by model."""
 
-    def __init__(self, workers: dict[bytes, Worker]):
+    def __init__(self, workers: dict[bytes, Worker], routing: Routing = Routing(),
+                 requests: Optional[dict] = None, clock: Callable[[], float] = lambda: 0.0):
         self.workers = workers
         self._roles: Optional[dict[str, frozenset]] = None   # model -> roles up (cached)
         self.minimum: dict = {}    # role -> workers needed up before a request is accepted (short_of)
+        self.routing = routing
+        self.index = KvIndex(clock)     # the clock only rate-limits its warnings
+        get = (requests if requests is not None else {}).get
+        ctx = make_router(routing.context, self.index, get)
+        self.routers = {"context": ctx, "both": ctx,     # `both` workers take the prefill too
+                        "generation": make_router(routing.generation, self.index, get)}
+        # KV events matter (and a request's keys are computed) only for these; a generation
+        # worker's text keys only where its router or conditional disaggregation reads them
+        local = routing.max_local_prefill_length is not None
+        self.uses_kv = any(r.uses_kv for r in self.routers.values()) or local
+        self.gen_text = self.routers["generation"].uses_kv or local
 
     def changed(self) -> None:
         """A worker came or went: forget the cached roles."""
@@ -74,11 +93,11 @@ class Pool:
         refused now: (code, text, retryable))."""
         model = self.resolve(name, default)
         if model is None and self.workers and name:
-            return None, (Code.UNKNOWN_MODEL, self.unknown_model_text(name), False)
+            return None, (p.Code.UNKNOWN_MODEL, self.unknown_model_text(name), False)
         if model is None or self.prefill_role(model) is None:
-            return None, (Code.NO_WORKERS, self.no_worker_text(model or name), True)
+            return None, (p.Code.NO_WORKERS, self.no_worker_text(model or name), True)
         short = self.minimum and self.short_of()         # TensorRT-LLM's: refused until ready
-        return (None, (Code.NO_WORKERS, short, True)) if short else (model, None)
+        return (None, (p.Code.NO_WORKERS, short, True)) if short else (model, None)
 
     def unknown_model_text(self, name: str) -> str:
         return (f"model {name!r} is not served here; available models: "
@@ -90,16 +109,32 @@ class Pool:
                 f"'generation' worker; registered roles: {', '.join(roles) or 'none'}"
                 + (f" (model {model!r})" if model else ""))
 
-    def pick(self, role: str, model: str) -> Optional[Worker]:
-        """The worker of this role and model with a free slot, preferring free KV blocks, then
-        most credits."""
-        best, best_rank = None, None
-        for w in self.workers.values():
-            if w.role == role and w.model == model and w.credits > 0:
-                rank = (w.free_blocks > 0, w.credits, w.free_blocks)
-                if best is None or rank > best_rank:
-                    best, best_rank = w, rank
-        return best
+    def pick(self, role: str, model: str, req: Optional[Request] = None) -> Optional[Worker]:
+        """The worker of this role and model with a free slot that the role's router picks for
+        ``req``, or None: none has a free slot."""
+        workers = [w for w in self.workers.values() if w.role == role and w.model == model]
+        return self.routers[role].pick(workers, req)
+
+    def local_prefill(self, req: Request) -> Optional[Worker]:
+        """Conditional disaggregation: the generation worker that prefills this request itself,
+        skipping the context phase, because the part of its prompt that worker's prefix cache
+        lacks is at most ``max_local_prefill_length`` tokens; else None."""
+        limit = self.routing.max_local_prefill_length
+        w = self.pick("generation", req.model, req) if limit is not None else None
+        if w is None or self.index.prompt_tokens(req) - self.index.matched_tokens(w, req) > limit:
+            return None
+        return w
+
+    def kv_events(self, w: Worker, msg: p.KvEvents, out: list) -> None:
+        """A worker's KV events (a ``BrokerState`` handler), kept where a router reads them."""
+        if self.uses_kv:
+            self.index.apply(w, msg)
+
+    def text_of(self, req: Request) -> tuple:
+        """The (prompt, messages) a Decode carries so that the generation worker publishes the
+        text keys of what it pulls: only where routing reads them."""
+        s = req.submit
+        return (s.prompt, s.messages) if self.gen_text and prompt_text(s.prompt, s.messages) else (None, None)
 
     def short_of(self) -> str:
         """Why the workers up fall short of ``minimum`` (role -> count: TensorRT-LLM's

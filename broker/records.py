@@ -44,6 +44,15 @@ class Worker:
     inflight: set = field(default_factory=set)    # request ids whose current phase runs here
     leases: set = field(default_factory=set)      # request ids whose KV this worker holds
     draining: bool = False     # leaving (SIGTERM, `worker drain`): finishes its work, takes no more
+    block_size: int = 0                           # tokens per KV block (Ready), 0: unknown
+    kv_keys: set = field(default_factory=set)     # the cached-block keys it published (KV events)
+
+    @classmethod
+    def from_ready(cls, identity: bytes, msg, now: float) -> "Worker":
+        """The record of a worker that registered with ``msg`` (a ``Ready``) at ``now``."""
+        return cls(identity, msg.worker_id, msg.role, msg.model, msg.slots, msg.kv_blocks, dict(msg.transfer),
+                   msg.pid, msg.heartbeat_ms / 1000, now, free_blocks=msg.kv_blocks,
+                   chat_markers=tuple(msg.chat_markers), block_size=msg.tokens_per_block)
 
     @property
     def credits(self) -> int:
@@ -59,7 +68,8 @@ class Worker:
                 "slots": self.slots, "inflight": len(self.inflight), "leases": len(self.leases),
                 "kv_blocks": self.kv_blocks, "free_blocks": self.free_blocks,
                 "leases_reported": self.leases_reported, "max_decode_batch": self.max_decode_batch,
-                "chat_markers": list(self.chat_markers), "draining": self.draining}
+                "chat_markers": list(self.chat_markers), "draining": self.draining,
+                "kv_keys": len(self.kv_keys)}
 
 
 @dataclass
@@ -95,6 +105,7 @@ class Request:
     note: str = ""                    # why the request was re-run, for its final error
     client_rid: str = ""              # the id its client gave (request_id is the broker's key)
     model: str = ""                   # the model it runs on: every phase goes to workers of it
+    keys: Optional[dict] = None       # its prefix keys for routing, by block size (broker/kv_index.py)
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.next_index,

@@ -15,7 +15,7 @@ import zmq
 
 from broker import protocol as p
 from broker.auth import CLIENTS, WORKERS, CurveServer, warn_exposed
-from broker.config import BrokerConfig
+from broker.config import BrokerConfig, Routing
 from broker.ratelog import RateLimitedLog
 from broker.state import FRONT, BrokerState, Out
 
@@ -90,16 +90,21 @@ class BrokerServer:
 
     def __init__(self, frontend: str = "tcp://127.0.0.1:*", backend: str = "tcp://127.0.0.1:*",
                  config: BrokerConfig = BrokerConfig(), ctx: Optional[zmq.Context] = None,
-                 curve: Optional[CurveServer] = None, minimum: Optional[dict] = None):
+                 curve: Optional[CurveServer] = None, minimum: Optional[dict] = None,
+                 routing: Routing = Routing()):
         """``minimum``: role -> workers that must be up (not draining) before a request is
         accepted (``disagg_cluster.minimal_instances``); until then Submit gets the retryable
-        NO_WORKERS. None: no minimum."""
+        NO_WORKERS. None: no minimum. ``routing``: the routers and conditional disaggregation."""
         # CURVE needs a ZAP handler of its own context: one per context, so never the shared one
         self._own_ctx = ctx is None and curve is not None
         self.ctx = ctx or (zmq.Context() if curve is not None else zmq.Context.instance())
         self.curve = curve.start(self.ctx) if curve is not None else None
-        self.state = BrokerState(config)
+        self.state = BrokerState(config, routing=routing)
         self.state.pool.minimum = dict(minimum or {})
+        log.info("routers: context servers %s, generation servers %s; conditional disaggregation %s",
+                 routing.context.type, routing.generation.type,
+                 "off" if routing.max_local_prefill_length is None
+                 else f"up to {routing.max_local_prefill_length} uncached tokens")
         self.max_message_bytes = config.max_message_bytes
         self._bad_log = RateLimitedLog(log, "malformed messages")
         self.front: Optional[zmq.Socket] = None

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 from broker import protocol as p
 from broker.client_ids import ClientIds, shown_to_client
-from broker.config import BrokerConfig
+from broker.config import BrokerConfig, Routing
 from broker.metrics import Metrics, state_gauges
 from broker.pool import Pool, Queues
 from broker.ratelog import RateLimitedLog
@@ -40,7 +40,7 @@ log = logging.getLogger("broker.state")
 
 class BrokerState:
     def __init__(self, config: BrokerConfig = BrokerConfig(), clock: Callable[[], float] = time.monotonic,
-                 rng: Optional[random.Random] = None):
+                 rng: Optional[random.Random] = None, routing: Routing = Routing()):
         self.cfg = config
         self.clock = clock
         self.rng = rng or random.Random()
@@ -49,7 +49,7 @@ class BrokerState:
         self.prefill_queue = Queues()   # QUEUED requests, per model, in arrival order
         self.decode_queue = Queues()    # KV_READY and RESUMING requests waiting for a generation worker
         self.workers: dict[bytes, Worker] = {}
-        self.pool = Pool(self.workers)   # the workers by model: selection (broker/pool.py)
+        self.pool = Pool(self.workers, routing, self.requests, clock)   # the workers by model, routers
         # Timers as heaps of (time, seq, Request), so that tick() and next_timer(), which run on
         # every turn of the server loop, cost nothing per request in flight. Entries are deleted
         # lazily: one whose request has ended (or whose lease was released or renewed) is skipped
@@ -60,7 +60,7 @@ class BrokerState:
         self.next_heartbeat = 0.0
         self.instance = f"{self.rng.getrandbits(64):016x}"   # tells clients a restart from a slow spell
         self.counters = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0,
-                         "migrated": 0,
+                         "migrated": 0, "context_skipped": 0,    # conditional disaggregation
                          # every prefill's prompt tokens, and those its worker's prefix cache held
                          "prefill_prompt_tokens": 0, "prefill_cached_tokens": 0}
         self.metrics = Metrics(lambda: state_gauges(self))
@@ -69,6 +69,7 @@ class BrokerState:
             p.Heartbeat: self._on_heartbeat, p.Disconnect: self._on_disconnect,
             p.ContextDone: self._on_context_done, p.KvPulled: self._on_kv_pulled,
             p.Tokens: self._on_tokens, p.Finished: self._on_finished, p.Failed: self._on_failed,
+            p.KvEvents: self.pool.kv_events,
         }
 
     # -----------------------------------------------------------------------------------------
@@ -157,10 +158,7 @@ class BrokerState:
                                   "(max_workers)", msg.worker_id, len(self.workers))
                 return out
             self.pool.changed()
-            self.workers[identity] = Worker(identity, msg.worker_id, msg.role, msg.model, msg.slots,
-                                            msg.kv_blocks,
-                                            dict(msg.transfer), msg.pid, msg.heartbeat_ms / 1000,
-                                            now, free_blocks=msg.kv_blocks, chat_markers=tuple(msg.chat_markers))
+            self.workers[identity] = Worker.from_ready(identity, msg, now)
             log.info("worker %s ready: role=%s model=%s slots=%d kv_blocks=%d transfer=%s",
                      msg.worker_id, msg.role, msg.model, msg.slots, msg.kv_blocks, msg.transfer)
             out.extend(self._dispatch())
@@ -221,7 +219,7 @@ class BrokerState:
             if msg.prompt_tokens:
                 req.prompt_tokens = msg.prompt_tokens
                 if req.mode == "agg":     # the prefill ran here (disaggregated: counted at ContextDone)
-                    self._count_prefill(msg.prompt_tokens, msg.cached_tokens)
+                    self._count_prefill(req, msg.prompt_tokens, msg.cached_tokens)
             if msg.cached_tokens:
                 req.cached_tokens = msg.cached_tokens
             if msg.prefill_s:
@@ -254,7 +252,7 @@ class BrokerState:
         req.context, req.worker = msg, None
         req.prompt_tokens, req.prefill_s = len(msg.prompt_token_ids), msg.prefill_s
         req.cached_tokens = msg.cached_tokens
-        self._count_prefill(req.prompt_tokens, msg.cached_tokens)
+        self._count_prefill(req, req.prompt_tokens, msg.cached_tokens)
         if msg.finish_reason is not None:     # the first token ends it: it rides in the Final
             self._outcome("finished")
             self._finish_with_tokens(req, out, msg.finish_reason, 0, [msg.first_token], msg.first_text, msg)
@@ -464,11 +462,13 @@ class BrokerState:
                 self._finish(req, out, p.Error(req.request_id, p.Code.NO_WORKERS,
                                                req.note + pool.no_worker_text(model), True))
                 continue
-            w = pool.pick(role, model)
+            g = pool.local_prefill(req) if role == "context" else None
+            w = g or pool.pick(role, model, req)
             if w is None:
                 return
             q.popleft()
-            self._send_prefill(req, w, role == "context", out)
+            self.counters["context_skipped"] += g is not None
+            self._send_prefill(req, w, role == "context" and g is None, out)
 
     def _dispatch_decodes(self, model: str, q: deque, out: list[Out]) -> None:
         decodable = "generation" in self.pool.roles(model)
@@ -488,7 +488,7 @@ class BrokerState:
                 self._finish(req, out, p.Error(rid, p.Code.NO_WORKERS, f"no generation worker of model "
                                                f"{model!r} is up to decode this request", True))
                 continue
-            w = self.pool.pick("generation", model)
+            w = self.pool.pick("generation", model, req)
             if w is None:
                 return
             q.popleft()
@@ -496,14 +496,15 @@ class BrokerState:
             req.decode_tries += 1
             self._dispatched(req, w, DECODING)
             out.append(Out(BACK, w.identity, p.Decode(rid, req.attempt, c.prompt_token_ids, c.first_token,
-                                                      c.first_text, c.kv_handle, req.sampling)))
+                                                      c.first_text, c.kv_handle, req.sampling,
+                                                      *self.pool.text_of(req))))
 
     def _resume(self, req: Request, q: deque, out: list[Out]) -> bool:
         """Dispatch a RESUMING request at the head of its decode queue to a worker of its model
         that prefills its prompt and output so far itself and goes on decoding; False to wait."""
         roles = self.pool.roles(req.model)
         role = "generation" if "generation" in roles else "both" if "both" in roles else None
-        w = self.pool.pick(role, req.model) if role else None
+        w = self.pool.pick(role, req.model, req) if role else None
         if w is None and role:
             return False
         q.popleft()
@@ -583,11 +584,10 @@ class BrokerState:
         if isinstance(final, p.Final) and final.finish_reason != p.Finish.CANCELLED:
             self.metrics.finished(self.clock(), req.received, req.t_first, req.next_index)
 
-    def _count_prefill(self, prompt_tokens: int, cached_tokens: int) -> None:
+    def _count_prefill(self, req: Request, prompt_tokens: int, cached_tokens: int) -> None:
         self.counters["prefill_prompt_tokens"] += prompt_tokens
         self.counters["prefill_cached_tokens"] += cached_tokens
-
-    # -----------------------------------------------------------------------------------------
+        self.pool.index.observe(req, prompt_tokens)
 
     def _outcome(self, outcome: str, code: Optional[str] = None) -> None:
         self.counters[outcome] += 1

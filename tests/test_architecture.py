@@ -58,7 +58,8 @@ def test_arrows_point_one_way(package, forbidden):
     assert offenders(package, forbidden) == []
 
 
-@pytest.mark.parametrize("module", ["broker/state.py", "broker/records.py", "broker/pool.py", "workers/scheduler.py",
+@pytest.mark.parametrize("module", ["broker/state.py", "broker/records.py", "broker/pool.py", "broker/routers.py",
+                                    "broker/kv_index.py", "broker/kv_keys.py", "workers/scheduler.py",
                                     "workers/sequence.py", "workers/engine/block_allocator.py",
                                     "workers/engine/prefix_cache.py", "transfer/plan.py",
                                     "broker/protocol.py", "broker/wire.py", "transfer/messages.py"])
@@ -74,3 +75,10 @@ def test_no_product_module_over_600_lines():
     long = [(os.path.relpath(f, ROOT), n) for p in PACKAGES for f in files(p)
             if (n := sum(1 for _ in open(f))) > 600]
     assert long == []
+
+
+def test_the_kv_keys_both_sides_hash_with_need_only_the_standard_library():
+    """broker/kv_keys.py is the one definition of the KV block keys, imported by the workers'
+    prefix cache and by the broker's routers: it may depend on nothing of either side."""
+    path = os.path.join(ROOT, "broker/kv_keys.py")
+    assert imports(path) <= {"__future__", "sys", "array", "hashlib", "typing"}

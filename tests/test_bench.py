@@ -236,3 +236,28 @@ def test_throughput_shared_prefix_compares_prefix_caching_on_and_off(tmp_path):
     assert hits["agg-noreuse"] == 0 and hits["agg"] == pytest.approx(64 / 72)
     assert [q["cached_tokens"] for q in rep["runs"][0]["per_request"]] == [64] * 4
     assert "agg: prefix caching on / off" in proc.stdout and "ttft_ms.p50" in rep["compare_reuse"]["agg"]["rate=inf"]
+
+
+def test_shared_prefix_with_several_system_prompts_draws_one_per_request():
+    from bench.throughput import shared_prefix
+    one = shared_prefix(5, 20, 6, 2, seed=4)
+    assert one == shared_prefix(5, 20, 6, 2, seed=4, num_prefixes=1)      # the old workload, unchanged
+    specs = shared_prefix(40, 20, 6, 2, seed=4, num_prefixes=3)
+    heads = {tuple(s.token_ids[:20]) for s in specs}
+    assert len(heads) == 3 and all(len(s.token_ids) == 26 for s in specs)
+
+
+def test_throughput_compares_routers_on_several_context_workers(tmp_path):
+    out = tmp_path / "r.json"
+    proc = _run(["-m", "bench.throughput", "--launch", "--mode", "disagg", "--model", "tiny",
+                 "--compare-routers", "round_robin,kv_cache_aware", "--context-instances", "2",
+                 "--workload", "shared-prefix", "--num-prefixes", "2", "--prefix-len", "64", "--input-len", "8",
+                 "--output-len", "2", "--num-prompts", "8", "--concurrency", "1", "--request-rate", "inf",
+                 "--warmup", "0", "--no-plot", "--out", str(out)], timeout=240)
+    rep = json.loads(out.read_text())
+    hits = {r["target"]: r["metrics"]["cache_hit_rate"] for r in rep["runs"]}
+    assert set(hits) == {"disagg-round_robin", "disagg-kv_cache_aware"}
+    # kv_cache_aware sends each prefix where it is cached: only each prefix's first request misses
+    assert hits["disagg-kv_cache_aware"] >= hits["disagg-round_robin"]
+    assert "disagg-kv_cache_aware / round_robin" in proc.stdout
+    assert "ttft_ms.p50" in rep["compare_routers"]["disagg-kv_cache_aware"]["rate=inf"]

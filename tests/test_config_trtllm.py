@@ -101,6 +101,9 @@ def test_trtllm_disagg_config_parses(tmp_path):
     assert (cfg.hostname, cfg.port, cfg.backend) == ("127.0.0.1", 8000, "pytorch")
     assert cfg.context_servers.num_instances == 1 and cfg.context_servers.urls == ("localhost:8001",)
     assert cfg.generation_servers.router == {"type": "load_balancing", "use_tokens": False}
+    # the routers take effect (broker/routers.py); conditional disaggregation is off without its section
+    r = cfg.routing
+    assert (r.context.type, r.generation.type, r.max_local_prefill_length) == ("round_robin", "load_balancing", None)
     assert cfg.min_workers == {"context": 1, "generation": 1}
     # top-level engine keys reach both groups, as in TensorRT-LLM
     assert cfg.context_servers.options["disable_overlap_scheduler"] is True
@@ -359,8 +362,10 @@ def test_every_accepted_but_ignored_disagg_key_is_logged_once_with_its_reason(tm
     path = write(tmp_path, "disagg.yaml", """\
         max_retries: 2
         context_servers:
-          router: {type: kv_cache_aware}
+          router: {type: kv_cache_aware, tokens_per_block: 32}
           urls: ["h:1"]
+        generation_servers:
+          router: {type: round_robin, use_tokens: true}
         disagg_cluster:
           cluster_uri: http://localhost:18000
           cluster_name: prod
@@ -369,13 +374,15 @@ def test_every_accepted_but_ignored_disagg_key_is_logged_once_with_its_reason(tm
         """)
     load_disagg_config(path)
     lines = _notices(caplog)
-    for key, reason in [("context_servers.router", "routing policy is not configurable"),
+    for key, reason in [("context_servers.router.tokens_per_block", "block size each worker announces"),
+                        ("generation_servers.router.use_tokens", "round_robin router has no such option"),
                         ("context_servers.urls", "urls are not used"),
                         ("disagg_cluster.cluster_uri='http://localhost:18000'", "never over HTTP"),
                         ("max_retries", "broker.max_attempts")]:
         hits = [m for m in lines if f"{path}: {key} is not supported" in m]
         assert len(hits) == 1 and reason in hits[0], (key, lines)
     assert not any("minimal_instances" in m or "cluster_name" in m for m in lines)
+    assert not any(m.endswith(".router is not supported") or "router.type" in m for m in lines)
 
 
 def test_every_accepted_but_ignored_worker_key_is_logged_once_with_its_reason(tmp_path, caplog):

@@ -298,10 +298,23 @@ def test_prompt_validation_and_kv_exhaustion_are_rejected_with_the_field_and_val
 
 
 def test_wrong_role_is_an_internal_failure():
-    r = Rig(role="generation")
+    r = Rig(role="context")
     r.send(generate("a", "hi"))
     f = r.take(p.Failed)[0]
-    assert f.code == Code.INTERNAL and f.message == "worker w1 has role generation, not both"
+    assert f.code == Code.INTERNAL and f.message == "worker w1 has role context, not both or generation"
+    r.assert_clean()
+
+
+def test_a_generation_worker_prefills_a_generate_itself():
+    """Conditional disaggregation: the broker skips the context phase and sends the generation
+    worker a Generate, which it runs as a `both` worker would."""
+    r = Rig(role="generation")
+    r.script["a"] = iter([ord("h"), ord("i"), EOS])
+    r.send(generate("a", "abc", max_tokens=10))
+    r.run_until_idle()
+    msgs = r.take()
+    assert text_of(msgs, "a") == "hi" and isinstance(msgs[-1], p.Finished)
+    assert msgs[-1].prompt_tokens == 3 and ("prefill", "a", 0, 3) in r.steps
     r.assert_clean()
 
 
@@ -370,7 +383,7 @@ def test_a_continuation_gives_back_the_text_held_for_a_stop_string():
     r.assert_clean()
 
 
-def test_a_continuation_checks_its_output_ids_and_a_plain_generate_needs_role_both():
+def test_a_continuation_checks_its_output_ids():
     r = Rig(role="generation")
     r.send(continuation("a", [1, 2], [97, 999]))
     [f] = r.take(p.Failed)
@@ -381,9 +394,6 @@ def test_a_continuation_checks_its_output_ids_and_a_plain_generate_needs_role_bo
     r.send(continuation("d", [1, 2], b"ab", chars=5))
     [f] = r.take(p.Failed)
     assert f.code == Code.INVALID_REQUEST and "output_chars=5" in f.message
-    r.send(generate("c", "abc"))
-    [f] = r.take(p.Failed)
-    assert f.code == Code.INTERNAL and "not both" in f.message
     r.assert_clean()
 
 

@@ -10,6 +10,8 @@ the allocator is all free and no lease is held.
 
 Transfer calls that must happen before blocks go back to the allocator (releasing a lease at the
 source, cancelling a pull that writes into blocks) are injected callables, called in that order.
+With prefix caching, what the cache stores and evicts goes to the broker as ``KvEvents`` in the
+outbox, after each prefill or pull and with each heartbeat (docs/architecture.md §2, Routing).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 from broker import protocol as p
+from broker.kv_keys import prompt_text, text_keys, text_ties
 from broker.protocol import Code, SamplingParams
 from workers.sequence import CONTEXT, DECODE, FULL, Sequence
 
@@ -171,6 +174,7 @@ class Scheduler:
         if now < self.next_heartbeat:
             return False
         self.next_heartbeat = now + self.heartbeat_s
+        self._publish()
         self.outbox.append(p.Heartbeat(self.allocator.num_free, len(self.leases),
                                        self.max_batch_since_heartbeat, self.draining))
         self.max_batch_since_heartbeat = 0
@@ -191,8 +195,9 @@ class Scheduler:
     def on_message(self, msg: p.Message) -> None:
         if isinstance(msg, (p.Prefill, p.Generate)):
             kind = CONTEXT if isinstance(msg, p.Prefill) else FULL
-            # a continuation (Generate with output_ids) also runs on a generation worker
-            roles = ("context",) if kind == CONTEXT else ("both", "generation") if msg.output_ids else ("both",)
+            # a generation worker also runs a Generate: a continuation (with output_ids), or a
+            # prompt it prefills itself (conditional disaggregation)
+            roles = ("context",) if kind == CONTEXT else ("both", "generation")
             if not self._role_is(roles, msg):
                 return
             try:
@@ -262,6 +267,8 @@ class Scheduler:
                                   f"{p.MAX_PROMPT_LOGPROBS} prompt tokens x (prompt_logprobs + 1)")
         seq = Sequence(msg.request_id, msg.attempt, kind, ids, params, self._max_new(ids, params),
                        bad_ids=self._bad_ids(params))
+        if self.reuse:
+            seq.prompt_text = prompt_text(msg.prompt, msg.messages)
         out = getattr(msg, "output_ids", None)
         if out:
             self._check_vocab("output_ids", out)
@@ -312,6 +319,8 @@ class Scheduler:
                        output_ids=[msg.first_token], kv_handle=dict(msg.kv_handle), bad_ids=self._bad_ids(params))
         seq.emitted_chars = len(msg.first_text)
         seq.text = msg.first_text
+        if self.reuse:
+            seq.prompt_text = prompt_text(msg.prompt, msg.messages)
         return seq
 
     def _max_new(self, ids: list, params: SamplingParams) -> int:
@@ -373,6 +382,8 @@ class Scheduler:
     def pull_done(self, key: str, seconds: float, nbytes: int) -> None:
         seq = self.pulling.pop(key, None)
         if seq is not None:
+            if self.reuse:     # the pulled prompt blocks serve later prompts too
+                self._stored(seq)
             self.outbox.append(p.KvPulled(seq.request_id, seq.attempt, seconds, nbytes))
             self.running.append(seq)
 
@@ -417,7 +428,7 @@ class Scheduler:
             self.prefilling.popleft()
             seq.prefill_s = self.clock() - seq.t_prefill_start
             if self.reuse:
-                self.allocator.store(seq.blocks, seq.prompt_ids)
+                self._stored(seq)
             if not chunk.samples:
                 self.running.append(seq)
 
@@ -429,6 +440,30 @@ class Scheduler:
             first = seq.prompt_ids[0]
             seq.prompt_logprobs = [p.Logprobs(p.TokenLogprob(first, 0.0, self.tok.token_bytes(first)))]
         seq.prompt_logprobs.extend(self._logprobs(t, e)[0] for t, e in zip(chunk.targets, entries))
+
+    def _stored(self, seq: Sequence) -> None:
+        """The prompt's KV is in its blocks: cache its full blocks, tie its text keys to them
+        (``broker/kv_keys.py``) and publish what changed to the broker."""
+        al, n = self.allocator, len(seq.prompt_ids)
+        al.store(seq.blocks, seq.prompt_ids)
+        if seq.prompt_text is not None:
+            text, chat = seq.prompt_text
+            keys = text_keys(text, chat)
+            ties = text_ties(len(keys), len(text), n, self.block_size, n // self.block_size)
+            al.tie(keys[:len(ties)], [seq.blocks[b] for b in ties])
+        self._publish()
+
+    def _publish(self) -> None:
+        """KV events: the cached-block keys stored and evicted since the last ones."""
+        if self.reuse:
+            stored, removed = self.allocator.take_events()
+            if stored or removed:
+                self.outbox.extend(p.KvEvents.of(stored, removed))
+
+    def kv_resync(self) -> None:
+        """Publish every cached key anew, the broker to forget any other (after registering)."""
+        if self.reuse:
+            self.outbox.extend(p.KvEvents.of(self.allocator.keys(), clear=True))
 
     def first_token(self, seq: Sequence, token: int, logprobs: Optional[tuple] = None) -> None:
         """``logprobs``: ``sampler.token_logprobs``'s entry for it, when the request asked."""

@@ -35,6 +35,7 @@ class Sequence:
     prefill_s: float = 0.0
     bad_ids: tuple = ()               # params.bad_words as token id sequences (the scheduler's)
     prompt_logprobs: Optional[list] = None   # wire entries per prompt token, as prefill scores them
+    prompt_text: Optional[tuple] = None   # (text, chat) of a text prompt: its keys (broker/kv_keys.py)
 
     @property
     def key(self) -> str:

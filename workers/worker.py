@@ -188,7 +188,8 @@ class Worker:
         self.sched.outbox.append(p.Ready(self.worker_id, self.role, self.model_name,
                                          self.opts.max_batch_size, self.kv.num_blocks,
                                          self.transfer_info, os.getpid(), self.opts.heartbeat_ms,
-                                         self.chat_markers))
+                                         self.chat_markers, self.kv.block_size))
+        self.sched.kv_resync()       # the broker's record of this worker starts empty
         self._flush()
         log.info("worker %s (%s, model %s) registering with %s", self.worker_id, self.role,
                  self.model_name, self.broker_addr)

@@ -2,31 +2,27 @@
 prompt stay findable by the hash of their tokens, so a later prompt with the same prefix reuses
 them and prefills only the rest.
 
-A block's hash chains its token ids to the previous block's hash (blake2b, 128 bits: the same
-in every process, so the hashes can be published as KV events), so a block matches only after
-the same whole prefix. Matched blocks are shared by reference count; a block whose last holder
-lets go stays cached, evictable, until an allocation needs it (least recently used first).
-Cached blocks are full and the prompt's own positions never come back to them: nobody writes a
-block while another request reads it. Plain Python, no torch, like ``block_allocator.py``.
+A block's hash chains its token ids to the previous block's hash (blake2b, 128 bits, defined
+in ``broker/kv_keys.py``: the same in every process, and the keys the broker routes on), so a
+block matches only after the same whole prefix. Matched blocks are shared by reference count; a
+block whose last holder lets go stays cached, evictable, until an allocation needs it (least
+recently used first; a prompt's blocks are let go last block first, so its tail is evicted
+before its head, which later prompts share more often). Cached blocks are full and the prompt's
+own positions never come back to them: nobody writes a block while another request reads it.
+
+KV events: every key that becomes findable or stops being so (a block stored, a block evicted)
+is recorded until ``take_events``, which the worker sends to the broker (``protocol.KvEvents``).
+A text prompt's text keys (``broker/kv_keys.py``) are tied to the block their text ends in
+(``tie``) and published and withdrawn with it. Plain Python, no torch, like ``block_allocator.py``.
 """
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
-from typing import Sequence
+from typing import Iterable, Sequence
+
+from broker.kv_keys import block_hashes  # noqa: F401  (re-exported: the cache's block hashes)
 
 from .block_allocator import BlockAllocator, OutOfBlocks
-
-
-def block_hashes(token_ids: Sequence[int], block_size: int, num_blocks: int) -> list[bytes]:
-    """The chained hashes of the first ``num_blocks`` full blocks of ``token_ids``."""
-    hashes, parent = [], b""
-    for i in range(num_blocks):
-        chunk = array("I", token_ids[i * block_size:(i + 1) * block_size]).tobytes()
-        parent = hashlib.blake2b(parent + chunk, digest_size=16).digest()
-        hashes.append(parent)
-    return hashes
 
 
 class CachingAllocator(BlockAllocator):
@@ -41,6 +37,9 @@ class CachingAllocator(BlockAllocator):
         self._block_of: dict[bytes, int] = {}       # hash -> cached block
         self._hash_of: dict[int, bytes] = {}        # cached block -> hash
         self._idle: OrderedDict[int, None] = OrderedDict()   # cached, held by nobody: LRU first
+        self._tied: dict[int, list] = {}            # cached block -> the text keys tied to it
+        self._text: set = set()                     # every tied text key
+        self._events: dict[bytes, bool] = {}        # key -> findable now, since take_events
         self.evictions = 0
 
     @property
@@ -60,11 +59,20 @@ class CachingAllocator(BlockAllocator):
         ids = super().allocate(fresh)
         for _ in range(n - fresh):                  # then the least recently used cached blocks
             b, _ = self._idle.popitem(last=False)
-            del self._block_of[self._hash_of.pop(b)]
+            h = self._hash_of.pop(b)
+            del self._block_of[h]
+            self._events[h] = False
+            for key in self._tied.pop(b, ()):
+                self._text.discard(key)
+                self._events[key] = False
             self._refcount[b] = 1
             self.evictions += 1
             ids.append(b)
         return ids
+
+    def free(self, block_ids: Iterable[int]) -> None:
+        # last block first: the tail of a prompt is evicted before its head (module docstring)
+        super().free(list(block_ids)[::-1])
 
     def _released(self, b: int) -> None:
         if b in self._hash_of:
@@ -106,5 +114,26 @@ class CachingAllocator(BlockAllocator):
                 continue
             self._check(b)
             self._block_of[h], self._hash_of[b] = b, h
+            self._events[h] = True
             added += 1
         return added
+
+    def tie(self, keys: Sequence[bytes], block_ids: Sequence[int]) -> None:
+        """Publish text keys, each with the cached block its text ends in (``kv_keys.text_ties``);
+        a key already tied stays with its block."""
+        for key, b in zip(keys, block_ids):
+            if key in self._text or b not in self._hash_of:
+                continue
+            self._text.add(key)
+            self._tied.setdefault(b, []).append(key)
+            self._events[key] = True
+
+    def take_events(self) -> tuple[list, list]:
+        """(keys now findable, keys no longer findable) since the last call."""
+        ev, self._events = self._events, {}
+        return [k for k, v in ev.items() if v], [k for k, v in ev.items() if not v]
+
+    def keys(self) -> list:
+        """Every key findable now (a full resync for a broker that forgot this worker)."""
+        self._events = {}
+        return [*self._block_of, *self._text]
