@@ -8,11 +8,14 @@ templated already goes as it is.
 """
 import json
 
+import numpy as np
 import pytest
+import tritonclient.http as triton
 
 from tests.harness import Deployment
 from tests.test_gateway import post, sse_events
 from tests.test_gateway_smollm2 import OPTS
+from tests.test_triton import host
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -34,6 +37,19 @@ async def test_ensemble_generate_answers_paris_and_generate_stream_streams_the_s
         status, _, text = await post(d, "/v2/models/ensemble/generate_stream", {**ASK, "stream": True})
         assert status == 200, text
         assert QUESTION + "".join(json.loads(e)["text_output"] for e in sse_events(text)) == out
+        # tritonclient.http's infer on the same BLS inputs, as KServe v2 tensors: the same answer
+        c = triton.InferenceServerClient(host(d), network_timeout=120.0)
+        try:
+            tensors = []
+            for name, arr, dt in [("text_input", np.array([[QUESTION.encode()]], dtype=object), "BYTES"),
+                                  ("max_tokens", np.array([[20]], dtype=np.int32), "INT32"),
+                                  ("bad_words", np.array([[b""]], dtype=object), "BYTES"),
+                                  ("stop_words", np.array([[b""]], dtype=object), "BYTES")]:
+                tensors.append(triton.InferInput(name, list(arr.shape), dt))
+                tensors[-1].set_data_from_numpy(arr)
+            assert c.infer("ensemble", tensors).as_numpy("text_output")[0][0].decode() == out
+        finally:
+            c.close()
 
         # templated already (its markers are in it): sent as it is, not templated twice
         status, _, text = await post(d, "/v2/models/ensemble/generate", {**ASK, "text_input": CHAT})
