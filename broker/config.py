@@ -158,7 +158,7 @@ WORKER_NOT_SUPPORTED = _reasons({
         "moe_tensor_parallel_size moe_config enable_attention_dp attention_dp_config gpus_per_node "
         "allreduce_strategy",
     "specific to TensorRT-LLM's runtime (CUDA graphs, torch.compile, autotuning, attention kernels)":
-        "backend cuda_graph_config use_cuda_graph pytorch_backend_config torch_compile_config "
+        "backend cuda_graph_config use_cuda_graph pytorch_backend_config "
         "enable_autotuner attn_backend enable_layerwise_nvtx_marker",
     "this engine never overlaps scheduling with the forward pass": "disable_overlap_scheduler",
     "prefill is always chunked here, in chunks of max_num_tokens": "enable_chunked_prefill",
@@ -198,6 +198,16 @@ DISAGG_NOT_SUPPORTED = _reasons({
     "the broker is one process; there is no coordinator and node ids are not used":
         "node_id num_workers disagg_coordinator_url",
 })
+# torch_compile_config (TensorRT-LLM's TorchCompileConfig): its presence compiles the decode step
+# (workers/engine/compiled.py); enable_fullgraph and capture_num_tokens are honoured
+TORCH_COMPILE_NOT_SUPPORTED = _reasons({
+    "CUDA graphs, user buffers and CUDA streams are TensorRT-LLM's GPU runtime; this engine "
+    "compiles the decode step with inductor only":
+        "enable_piecewise_cuda_graph enable_userbuffers max_num_streams",
+})
+# enable_inductor: false is the one value not honoured (a notice only then)
+NO_INDUCTOR = ("decode always compiles with inductor: on the CPU no other torch.compile backend "
+               "fuses the step's small ops, which is all compiling buys")
 GROUP_NOT_SUPPORTED = {
     "router": "the broker sends each request to a worker of its role with a free slot, preferring "
               "free KV blocks, then the most free slots; the routing policy is not configurable",
@@ -219,6 +229,18 @@ PositiveInt = Optional[typing.Annotated[int, Field(ge=1, le=MAX_INT)]]
 
 
 KV_DTYPES = ("auto", "float32", "bfloat16", "float16")   # auto: the model's compute dtype
+
+
+class TorchCompileSchema(Schema):
+    """TensorRT-LLM's ``torch_compile_config`` keys (``TorchCompileConfig``), with its defaults."""
+    enable_fullgraph: StrictBool = True        # one graph or an error (no silent graph breaks)
+    enable_inductor: StrictBool = True         # TensorRT-LLM defaults to false; here always inductor
+    enable_piecewise_cuda_graph: StrictBool = False
+    # the decode batch sizes compiled and run before the worker registers (TensorRT-LLM: the token
+    # counts its piecewise CUDA graphs are captured for; a decode step's tokens are its batch)
+    capture_num_tokens: Optional[list[typing.Annotated[int, Field(ge=1, le=MAX_INT)]]] = None
+    enable_userbuffers: StrictBool = True
+    max_num_streams: typing.Annotated[int, Field(ge=1, le=MAX_INT)] = 1
 
 
 class _KvKeys(Schema):
@@ -254,6 +276,8 @@ class _EngineKeys(Schema):
     max_seq_len: PositiveInt = None
     tokens_per_block: PositiveInt = None
     kv_cache_config: Optional[KvCacheSchema] = None
+    # present (even {}): the decode step runs compiled, compiled and warmed up before registering
+    torch_compile_config: Optional[TorchCompileSchema] = None
     # checked by the worker against transfer.config (the broker never imports transfer/)
     cache_transceiver_config: Optional[dict] = None
     # TensorRT-LLM's LLM-API dtype; quantization and device are ours (workers/engine/precision.py)
@@ -276,6 +300,12 @@ def engine_notices(opts: BaseModel) -> list:
     if kv is not None:
         out += [(f"kv_cache_config.{k}", KV_NOT_SUPPORTED[k]) for k in sorted(kv.model_fields_set)
                 if k in KV_NOT_SUPPORTED]
+    tc = opts.torch_compile_config
+    if tc is not None:
+        out += [(f"torch_compile_config.{k}", TORCH_COMPILE_NOT_SUPPORTED[k])
+                for k in sorted(tc.model_fields_set) if k in TORCH_COMPILE_NOT_SUPPORTED]
+        if not tc.enable_inductor:
+            out.append(("torch_compile_config.enable_inductor", NO_INDUCTOR))
     return out
 
 
