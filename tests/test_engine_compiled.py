@@ -86,6 +86,7 @@ def test_bad_torch_compile_config_names_the_key(value, expected):
         parse_options({"torch_compile_config": value}, "opts.yaml")
 
 
+@pytest.mark.timeout(600)
 def test_compiling_workers_register_after_warm_up_and_serve_as_eager_ones():
     """A generation and a `both` worker with torch_compile_config (compiled before they register)
     give the tokens an eager `both` worker gives, greedy, aggregated and disaggregated; the context
