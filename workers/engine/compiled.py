@@ -11,9 +11,9 @@ the compiled graph needs to see).
 
 Measured (``python -m bench.engine --compile both``, SmolLM2 int8, 1 thread, README): batch-1
 decode 34.9 tok/s against 26.1 eager, batch 16 and 64 8-10 % faster. The cost is compile time:
-one graph for batch 1 and one with a dynamic batch for the rest, together 30 s to over 3 minutes
-on 2 loaded cores the first time (inductor's on-disk cache makes later starts faster), which is
-why it is off by default. A worker turns it on with ``torch_compile_config`` and compiles before
+one graph for batch 1 and one with a dynamic batch for the rest, together 30 s to 7 minutes on 2
+loaded cores the first time (inductor's on-disk cache makes later starts faster), which is why it
+is off by default. A worker turns it on with ``torch_compile_config`` and compiles before
 it registers (``warm_up``): its first request pays nothing and no compile stalls its heartbeats.
 """
 from __future__ import annotations
