@@ -33,7 +33,7 @@ from bench import llamacpp
 from bench.common import machine, median, write_json
 from workers.engine.kv_cache import KVCache
 from workers.engine.loaders import DEFAULT_MODEL, load_model, smollm2_path
-from workers.engine import precision
+from workers.engine import compiled, precision
 from workers.engine.precision import weight_bytes
 from workers.engine.runner import ModelRunner
 
@@ -162,13 +162,14 @@ class Engine:
         if self.device != "cpu":
             torch.cuda.synchronize(self.device)
 
-    def warm_up(self) -> None:
-        """Also compiles a compiled engine's two graphs: batch 1 and any batch (from batch 2)."""
+    def warm_up(self) -> float:
+        """Seconds taken; a compiled engine compiles its two graphs here (batch 1 and any batch),
+        as a worker does before it registers (``compiled.warm_up``)."""
+        start = time.perf_counter()
         self.tokens_per_s(Case("prefill", min(16, self.kv.num_blocks * BLOCK_SIZE)))
-        blocks = -(-(self.history + self.steps) // BLOCK_SIZE)
-        for batch in (1, 2):
-            if batch * blocks <= self.kv.num_blocks:
-                self.tokens_per_s(Case("decode", batch))
+        self._tables(0, 0)      # a fresh allocator: every block free
+        compiled.warm_up(self.runner, self.kv.allocator, compiled.default_batch_sizes(2))
+        return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,12 +221,14 @@ def run(args) -> dict:
     bandwidth = memcpy_gbps()
     ours = {(t, n, c): [] for t in threads for n in engines for c in cases}
     theirs = {(t, c): [] for t in threads for c in cases}
+    warm_up_s = {}
     for r in range(args.rounds):
         for t in threads:
             torch.set_num_threads(t)
             for name, engine in engines.items():
-                if r == 0:
-                    engine.warm_up()
+                if r == 0 and name not in warm_up_s:
+                    warm_up_s[name] = engine.warm_up()
+                    print(f"{name}: warmed up in {warm_up_s[name]:.1f} s", file=sys.stderr, flush=True)
                 for case in cases:
                     ours[t, name, case].append(engine.tokens_per_s(case))
             if peer is not None:
@@ -248,7 +251,7 @@ def run(args) -> dict:
             row["bandwidth_bound"] = ({n: case.size * bandwidth * 1e9 / b for n, b in weights.items()}
                                       if case.kind == "decode" else None)
             rows.append(row)
-    return {"config": dict(vars(args)), "machine": machine(),
+    return {"config": dict(vars(args)), "machine": machine(), "warm_up_s": warm_up_s,
             "memcpy_GBps": bandwidth, "weight_bytes_per_step": weights, "gguf": gguf,
             "llama.cpp": {"version": peer.version if peer else None,
                           "skipped": None if peer else peer_reason},
@@ -264,7 +267,8 @@ def markdown(report: dict) -> str:
     lines = [f"{cfg['model']}; decode: {cfg['steps']} steps after {cfg['history']} positions; medians of "
              f"{cfg['rounds']} rounds; memcpy {report['memcpy_GBps']:.1f} GB/s; weights read per step: "
              f"{weights}; llama.cpp " + (f"{peer['version']}" if peer["version"] else f"skipped ({peer['skipped']})"),
-             ""]
+             "warm-up (with the compile of +compile engines): " +
+             ", ".join(f"{n} {s:.1f} s" for n, s in report["warm_up_s"].items()), ""]
     head = (["threads", "case"] + [f"{n} tok/s" for n in names] + ["llama.cpp tok/s"] +
             [f"{n} / llama.cpp" for n in names] + [f"floor {n}" for n in floors])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -285,7 +289,7 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m, tiny, a .gguf file or a HF directory")
     ap.add_argument("--gguf", default=None, help="the GGUF llama.cpp runs (default: the model's own file)")
-    ap.add_argument("--configs", default="float32:none,float32:int8",
+    ap.add_argument("--configs", default="float32:int8",
                     help="DTYPE:QUANTIZATION pairs, comma-separated; ones this tree cannot load are skipped")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (llama.cpp stays on the CPU)")
     ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
@@ -294,9 +298,10 @@ def main(argv=None) -> None:
     ap.add_argument("--history", type=int, default=128, help="cached positions per sequence before decode")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per measurement")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (ours and llama.cpp alternate); medians reported")
-    ap.add_argument("--compile", default="no", choices=("no", "yes", "both"),
-                    help="decode through torch.compile (ModelRunner(compile_decode=True)); both: each "
-                         "configuration eager and compiled (+compile), compiling at its warm-up")
+    ap.add_argument("--compile", default="both", choices=("no", "yes", "both"),
+                    help="decode through torch.compile (ModelRunner(compile_decode=True), the worker's "
+                         "torch_compile_config); both: each configuration eager and compiled (+compile) "
+                         "side by side, compiling at its warm-up")
     ap.add_argument("--json", default=None, help="write the report here")
     llamacpp.add_arguments(ap)
     args = ap.parse_args(argv)

@@ -25,7 +25,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, Val
 from pydantic_core import ArgsKwargs
 
 from broker.config_notices import (DISAGG_NOT_SUPPORTED, GROUP_NOT_SUPPORTED, KV_NOT_SUPPORTED,
-                                   WORKER_NOT_SUPPORTED, log_not_supported)
+                                   NO_INDUCTOR, TORCH_COMPILE_NOT_SUPPORTED, WORKER_NOT_SUPPORTED,
+                                   log_not_supported)
 from broker.discovery import ClusterSettings
 
 log = logging.getLogger("broker.config")
@@ -155,6 +156,18 @@ PositiveInt = Optional[typing.Annotated[int, Field(ge=1, le=MAX_INT)]]
 KV_DTYPES = ("auto", "float32", "bfloat16", "float16")   # auto: the model's compute dtype
 
 
+class TorchCompileSchema(Schema):
+    """TensorRT-LLM's ``torch_compile_config`` keys (``TorchCompileConfig``), with its defaults."""
+    enable_fullgraph: StrictBool = True        # one graph or an error (no silent graph breaks)
+    enable_inductor: StrictBool = True         # TensorRT-LLM defaults to false; here always inductor
+    enable_piecewise_cuda_graph: StrictBool = False
+    # the decode batch sizes compiled and run before the worker registers (TensorRT-LLM: the token
+    # counts its piecewise CUDA graphs are captured for; a decode step's tokens are its batch)
+    capture_num_tokens: Optional[list[typing.Annotated[int, Field(ge=1, le=MAX_INT)]]] = None
+    enable_userbuffers: StrictBool = True
+    max_num_streams: typing.Annotated[int, Field(ge=1, le=MAX_INT)] = 1
+
+
 class _KvKeys(Schema):
     max_tokens: PositiveInt = None
     tokens_per_block: PositiveInt = None
@@ -188,6 +201,8 @@ class _EngineKeys(Schema):
     max_seq_len: PositiveInt = None
     tokens_per_block: PositiveInt = None
     kv_cache_config: Optional[KvCacheSchema] = None
+    # present (even {}): the decode step runs compiled, compiled and warmed up before registering
+    torch_compile_config: Optional[TorchCompileSchema] = None
     # checked by the worker against transfer.config (the broker never imports transfer/)
     cache_transceiver_config: Optional[dict] = None
     # TensorRT-LLM's LLM-API dtype; quantization and device are ours (workers/engine/precision.py)
@@ -210,6 +225,12 @@ def engine_notices(opts: BaseModel) -> list:
     if kv is not None:
         out += [(f"kv_cache_config.{k}", KV_NOT_SUPPORTED[k]) for k in sorted(kv.model_fields_set)
                 if k in KV_NOT_SUPPORTED]
+    tc = opts.torch_compile_config
+    if tc is not None:
+        out += [(f"torch_compile_config.{k}", TORCH_COMPILE_NOT_SUPPORTED[k])
+                for k in sorted(tc.model_fields_set) if k in TORCH_COMPILE_NOT_SUPPORTED]
+        if not tc.enable_inductor:
+            out.append(("torch_compile_config.enable_inductor", NO_INDUCTOR))
     return out
 
 

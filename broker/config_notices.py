@@ -20,7 +20,7 @@ WORKER_NOT_SUPPORTED = _reasons({
         "moe_tensor_parallel_size moe_config enable_attention_dp attention_dp_config gpus_per_node "
         "allreduce_strategy",
     "specific to TensorRT-LLM's runtime (CUDA graphs, torch.compile, autotuning, attention kernels)":
-        "backend cuda_graph_config use_cuda_graph pytorch_backend_config torch_compile_config "
+        "backend cuda_graph_config use_cuda_graph pytorch_backend_config "
         "enable_autotuner attn_backend enable_layerwise_nvtx_marker",
     "this engine never overlaps scheduling with the forward pass": "disable_overlap_scheduler",
     "prefill is always chunked here, in chunks of max_num_tokens": "enable_chunked_prefill",
@@ -59,6 +59,16 @@ DISAGG_NOT_SUPPORTED = _reasons({
     "the broker is one process; there is no coordinator and node ids are not used":
         "node_id num_workers disagg_coordinator_url",
 })
+# torch_compile_config (TensorRT-LLM's TorchCompileConfig): its presence compiles the decode step
+# (workers/engine/compiled.py); enable_fullgraph and capture_num_tokens are honoured
+TORCH_COMPILE_NOT_SUPPORTED = _reasons({
+    "CUDA graphs, user buffers and CUDA streams are TensorRT-LLM's GPU runtime; this engine "
+    "compiles the decode step with inductor only":
+        "enable_piecewise_cuda_graph enable_userbuffers max_num_streams",
+})
+# enable_inductor: false is the one value not honoured (a notice only then)
+NO_INDUCTOR = ("decode always compiles with inductor: on the CPU no other torch.compile backend "
+               "fuses the step's small ops, which is all compiling buys")
 GROUP_NOT_SUPPORTED = {
     "urls": "broker launch starts num_instances workers on this host and each registers with the "
             "broker itself; urls are not used",

@@ -23,6 +23,13 @@ log = logging.getLogger("workers.options")
 
 
 @dataclass(frozen=True)
+class TorchCompile:
+    """``torch_compile_config``: the decode step through ``torch.compile`` (workers/engine/compiled.py)."""
+    fullgraph: bool = True              # enable_fullgraph
+    batch_sizes: tuple[int, ...] = ()   # capture_num_tokens, warmed up before registering; () = default
+
+
+@dataclass(frozen=True)
 class WorkerOptions:
     max_batch_size: int = 64           # concurrent requests (the broker's slot credits)
     max_num_tokens: int = 512          # prefill chunk: heartbeats and decodes run between chunks
@@ -37,6 +44,7 @@ class WorkerOptions:
     block_reuse: bool = True           # kv_cache_config.enable_block_reuse: prefix caching
     cache_transceiver: CacheTransceiverConfig = field(default_factory=CacheTransceiverConfig)
     num_threads: int = 1               # torch threads; one per worker is fastest on small machines
+    torch_compile: Optional[TorchCompile] = None   # torch_compile_config; None: eager decode
     heartbeat_ms: int = 1000
     broker_timeout_ms: int = 5000      # silence from the broker before reconnecting
     source: str = "<defaults>"
@@ -104,6 +112,16 @@ def parse_options(raw: Optional[dict], source: str = "<dict>") -> WorkerOptions:
         kw["kv_dtype"] = kv.dtype
     if kv is not None and kv.enable_block_reuse is not None:
         kw["block_reuse"] = kv.enable_block_reuse
+    tc = opts.torch_compile_config
+    if tc is not None:
+        sizes = tuple(sorted(set(tc.capture_num_tokens or ())))
+        batch = kw.get("max_batch_size", WorkerOptions.max_batch_size)
+        if sizes and sizes[-1] > batch:
+            where, prefix = at("torch_compile_config")
+            raise ConfigError(f"{where}: {prefix}torch_compile_config.capture_num_tokens="
+                              f"{list(tc.capture_num_tokens)}: {sizes[-1]} is above max_batch_size={batch}, "
+                              "and a decode step never holds more sequences than that")
+        kw["torch_compile"] = TorchCompile(tc.enable_fullgraph, sizes)
     result = WorkerOptions(**kw, tokens_per_block=block, cache_transceiver=ctc, source=source)
     if result.kv_max_tokens is not None and result.kv_max_tokens < block:
         where, prefix = at("kv_cache_config")

@@ -28,6 +28,7 @@ import zmq
 
 from broker import protocol as p
 from broker.auth import PEERS, CurveClient, CurveServer, warn_exposed
+from broker.config import log_not_supported
 from broker.protocol import Code
 from broker.ratelog import RateLimitedLog
 from transfer.base import KvLayout, TransferError, TransferTimeout
@@ -116,7 +117,7 @@ class Worker:
                         "pool holds kv_cache_config.max_tokens tokens", options.kv_gpu_fraction)
         self.kv = KVCache(cfg, num_blocks, options.tokens_per_block, kv_dtype,
                           device=self.precision.device, block_reuse=options.block_reuse)
-        self.runner = ModelRunner(self.model, self.kv)
+        self.runner = self._runner(options)
         layout = KvLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                           str(self.kv.pool.dtype).replace("torch.", ""), options.tokens_per_block)
         self.source = self.sink = None
@@ -161,6 +162,26 @@ class Worker:
         self._drain_asked: Optional[str] = None    # why, once asked (set from a signal handler)
         self.drain_acked = False     # the broker's Drain came: nothing new will be dispatched here
         self.drain_deadline = float("inf")
+
+    def _runner(self, options: WorkerOptions) -> ModelRunner:
+        """The model runner; with ``torch_compile_config`` its decode step compiled and run once at
+        each warm-up batch size here, before the worker registers, so no request waits for a
+        compile and no compile outlasts a heartbeat interval of a registered worker."""
+        tc = options.torch_compile
+        if tc is not None and self.role == "context":
+            log_not_supported(options.source, "torch_compile_config",
+                              "a context worker only prefills; the compiled step is the decode step", log)
+            tc = None
+        if tc is None:
+            return ModelRunner(self.model, self.kv)
+        from workers.engine import compiled
+        runner = ModelRunner(self.model, self.kv, compile_decode=True, fullgraph=tc.fullgraph)
+        sizes = tc.batch_sizes or compiled.default_batch_sizes(options.max_batch_size)
+        log.info("torch_compile_config: compiling the decode step for batch sizes %s before "
+                 "registering (30 s to minutes on a small CPU)", ", ".join(map(str, sizes)))
+        took = compiled.warm_up(runner, self.kv.allocator, sizes, lambda line: log.info("%s", line))
+        log.info("compiled decode step ready in %.1f s", took)
+        return runner
 
     # -----------------------------------------------------------------------------------------
     # connection

@@ -11,15 +11,18 @@ the compiled graph needs to see).
 
 Measured (``python -m bench.engine --compile both``, SmolLM2 int8, 1 thread, README): batch-1
 decode 34.9 tok/s against 26.1 eager, batch 16 and 64 8-10 % faster. The cost is compile time:
-one graph for batch 1 and one with a dynamic batch for the rest, together 30 s to over 3 minutes
-on 2 loaded cores the first time (inductor's on-disk cache makes later starts faster), which is
-why it is off by default and not yet a worker option (a worker would have to compile before it
-takes requests, or its first decode would stall its heartbeats).
+one graph for batch 1 and one with a dynamic batch for the rest, together 30 s to 7 minutes on 2
+loaded cores the first time (inductor's on-disk cache makes later starts faster), which is why it
+is off by default. A worker turns it on with ``torch_compile_config`` and compiles before
+it registers (``warm_up``): its first request pays nothing and no compile stalls its heartbeats.
 """
 from __future__ import annotations
 
 import threading
+import time
 import weakref
+from typing import Callable, Optional, Sequence
+
 import torch
 
 from .model import Attend, LlamaModel
@@ -61,7 +64,8 @@ def register(module) -> int:
 class CompiledModel:
     """``model``'s forward and LM head as one compiled function of (token ids, positions)."""
 
-    def __init__(self, model: LlamaModel) -> None:
+    def __init__(self, model: LlamaModel, fullgraph: bool = True) -> None:
+        """``fullgraph``: a graph break is an error instead of a silent split into pieces."""
         for module in model.modules():
             if hasattr(module, "kernel") and getattr(module, "handle", None) is None:
                 module.handle = register(module)
@@ -69,7 +73,7 @@ class CompiledModel:
 
         def forward(token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return model.logits(model(token_ids, positions, _opaque_attend)).float()
-        self._forward = torch.compile(forward)
+        self._forward = torch.compile(forward, fullgraph=fullgraph)
 
     def __call__(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """Logits [T, vocab] (float32), as ``model.logits(model(token_ids, positions, attend))``."""
@@ -79,3 +83,33 @@ class CompiledModel:
             return self._forward(token_ids, positions)
         finally:
             _context.attend = None
+
+
+def default_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The decode batch sizes a worker warms up: 1 and 2 compile the two graphs (batch 1 and any
+    batch, which torch.compile makes dynamic at the second size it sees), ``max_batch`` checks the
+    widest step runs without recompiling."""
+    return tuple(sorted({1, min(2, max_batch), max_batch}))
+
+
+def warm_up(runner, allocator, batch_sizes: Sequence[int],
+            say: Optional[Callable[[str], None]] = None) -> float:
+    """One decode step at each of ``batch_sizes`` (fewer where ``allocator`` lacks a block per
+    sequence), so the compiled step is compiled before any request needs it. Each sequence is one
+    token at position 0 in a block of its own, freed afterwards; what it writes there is
+    overwritten before anyone reads it. Returns the seconds taken."""
+    start = time.monotonic()
+    sizes = sorted({min(b, allocator.num_free) for b in batch_sizes} - {0})
+    tables = [allocator.allocate(1) for _ in range(max(sizes, default=0))]
+    try:
+        for i, b in enumerate(sizes):
+            if say is not None:
+                say(f"compiling the decode step: batch {b} ({i + 1} of {len(sizes)})")
+            step = time.monotonic()
+            runner.decode([0] * b, [0] * b, tables[:b])
+            if say is not None:
+                say(f"decode step at batch {b} ready in {time.monotonic() - step:.1f} s")
+    finally:
+        for table in tables:
+            allocator.free(table)
+    return time.monotonic() - start

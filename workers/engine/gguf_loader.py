@@ -1,5 +1,6 @@
-"""Loads a llama or qwen2 GGUF file: config from its metadata, weights dequantized to fp32, and
-the tokenizer rebuilt from its fields. Reads the file only; never writes or downloads."""
+"""Loads a llama or qwen2 GGUF file: config from its metadata, weights dequantized to fp32 (for
+int8 serving, Q8_0 projections stay int8 blocks: q8.py), and the tokenizer rebuilt from its fields.
+Reads the file only; never writes or downloads."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ from . import rope
 from .config import ModelConfig
 from .gguf_file import GGUFFile, dequantize
 from .model import LlamaModel
+from .q8 import Q8Linear, read_blocks
 from .tokenizer import HFTokenizer, tokenizer_from_gguf
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
@@ -137,20 +139,35 @@ def read_config(reader: GGUFFile, path: str) -> tuple[str, ModelConfig]:
     return arch, _config(reader, arch, path)
 
 
-def load_gguf(path: str) -> tuple[LlamaModel, HFTokenizer]:
+def load_gguf(path: str, keep_q8: bool = False) -> tuple[LlamaModel, HFTokenizer]:
+    """``keep_q8``: the layers' Q8_0 projection weights stay int8 blocks (``q8.Q8Linear``) instead
+    of becoming float32, for int8 serving; the embedding, the head and the norms are float32."""
+    import gguf
+
     reader = GGUFFile(path)
     arch, cfg = read_config(reader, path)
-    state = {}
+    state, blocks = {}, {}
     for t in reader.tensors:
         name = _param_name(t.name)
         if name is None:
             continue   # rope_freqs: read by _config into the RoPE divisors, not a weight
-        w = dequantize(t)
-        # llama.cpp permutes Q/K only for the llama architecture; qwen2 is stored as in HF.
+        heads = None   # llama.cpp permutes Q/K rows only for the llama architecture; qwen2 is as in HF
         if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
-            w = unpermute_rope_rows(w, cfg.num_heads)
+            heads = cfg.num_heads
         elif arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
-            w = unpermute_rope_rows(w, cfg.num_kv_heads)
+            heads = cfg.num_kv_heads
+        if keep_q8 and t.tensor_type == gguf.GGMLQuantizationType.Q8_0 and name.startswith("layers."):
+            cols, rows = t.shape
+            values, scales = read_blocks(t.data, rows, cols)
+            if heads is not None:   # a row permutation: each row's blocks move with it
+                values, scales = (torch.from_numpy(unpermute_rope_rows(x.numpy(), heads).copy())
+                                  for x in (values, scales))
+            blocks[name] = (values, scales)
+            state[name] = torch.empty(rows, cols, device="meta")    # replaced below
+            continue
+        w = dequantize(t)
+        if heads is not None:
+            w = unpermute_rope_rows(w, heads)
         if not (w.flags.writeable and w.flags.c_contiguous):   # F32 tensors view the mmap
             w = np.ascontiguousarray(w).copy()
         state[name] = torch.from_numpy(w)
@@ -158,4 +175,8 @@ def load_gguf(path: str) -> tuple[LlamaModel, HFTokenizer]:
         model = LlamaModel.from_state_dict(cfg, state)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    for name, (values, scales) in blocks.items():
+        owner, _, attr = name[: -len(".weight")].rpartition(".")
+        parent = model.get_submodule(owner)
+        setattr(parent, attr, Q8Linear(values, scales, getattr(parent, attr).bias))
     return model, tokenizer_from_gguf(reader)

@@ -38,7 +38,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, seed: int = 0, dtype: Optional[str]
         return _load(spec, seed)
     from .precision import prepare, resolve
     precision = resolve(dtype or "auto", quantization or "auto", device or "auto")
-    model, tok = _load(spec, seed)
+    model, tok = _load(spec, seed, keep_q8=precision.quantization == "int8")
     return prepare(model, precision, tok), tok
 
 
@@ -58,13 +58,14 @@ def model_source(spec: str) -> tuple[str, str]:
                      "or a directory with config.json, *.safetensors and tokenizer.json")
 
 
-def _load(spec: str, seed: int) -> tuple[LlamaModel, Tokenizer]:
+def _load(spec: str, seed: int, keep_q8: bool = False) -> tuple[LlamaModel, Tokenizer]:
+    """``keep_q8``: a GGUF's Q8_0 projections stay in their blocks (q8.py), for int8."""
     kind, path = model_source(spec)
     if kind == "tiny":
         from .tiny import tiny_model
         return tiny_model(int(spec[5:]) if spec != "tiny" else seed)
     if kind == "gguf":
         from .gguf_loader import load_gguf
-        return load_gguf(path)
+        return load_gguf(path, keep_q8)
     from .hf_loader import load_hf_dir
     return load_hf_dir(path)

@@ -72,6 +72,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _fused(*parts: nn.Linear) -> nn.Linear:
     """One linear layer whose output is the concatenation of ``parts``' outputs."""
+    concat = getattr(parts[0], "concat", None)
+    if concat is not None:      # weights kept as loaded (Q8_0 blocks, q8.py) fuse themselves
+        return concat(parts)
     weight = torch.cat([p.weight for p in parts])
     biases = [p.bias for p in parts]
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import LlamaModel
+from .q8 import Q8Linear
 from .quant import Fp16Linear, Int8Linear, int8_available
 from .smooth import CALIBRATION_TEXT, CALIBRATION_TOKENS, smooth
 from .tokenizer import Tokenizer
@@ -115,7 +116,9 @@ def prepare(model: LlamaModel, precision: Precision, tokenizer: Tokenizer) -> Ll
     return model
 
 
-def _int8(linear: torch.nn.Linear) -> Int8Linear:
+def _int8(linear: torch.nn.Module) -> Int8Linear:
+    if isinstance(linear, Q8Linear):    # requantized from its blocks, never a float matrix
+        return Int8Linear(linear.int8_rows(), linear.bias)
     return Int8Linear(linear.weight, linear.bias)
 
 

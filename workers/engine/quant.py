@@ -90,14 +90,17 @@ class Int8Linear(nn.Module):
     """``y = x @ W.T + b`` with W in int8 (per-channel scales, ``WEIGHT_MAX``) and x quantized
     per row to uint8."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                 bias: torch.Tensor | None = None) -> None:
+        """``weight``: a float matrix [N, K], or one already quantized per row: (int8 values
+        [N, K], float32 scales [N]) as ``quantize_rows`` makes them (Q8_0 blocks: q8.py)."""
         super().__init__()
         if not int8_available():
             raise RuntimeError("quantization=int8 needs torch's fbgemm/x86 quantized kernels, "
                                f"which this torch build ({torch.__version__}) lacks; use "
                                "quantization: none")
-        n, k = weight.shape
-        q, scales = quantize_rows(weight)
+        q, scales = weight if isinstance(weight, tuple) else quantize_rows(weight)
+        n, k = q.shape
         q = torch.cat([q, q.new_zeros(n, _PIN)], dim=1)
         with warnings.catch_warnings():   # quantized tensors are deprecated, the kernel is not
             warnings.simplefilter("ignore")

@@ -38,8 +38,10 @@ DECODE_GROUP_BYTES = 1 << 20
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCache, compile_decode: bool = False) -> None:
-        """``compile_decode``: run decode steps through ``torch.compile`` (``compiled.py``)."""
+    def __init__(self, model: LlamaModel, kv: KVCache, compile_decode: bool = False,
+                 fullgraph: bool = True) -> None:
+        """``compile_decode``: run decode steps through ``torch.compile`` (``compiled.py``; with
+        ``fullgraph`` a graph break is an error)."""
         cfg, kcfg = model.cfg, kv.cfg
         got = (kcfg.num_layers, kcfg.num_kv_heads, kcfg.head_dim)
         want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
@@ -62,7 +64,7 @@ class ModelRunner:
         self._compiled = None
         if compile_decode:
             from .compiled import CompiledModel     # imports torch's compiler stack: only when asked
-            self._compiled = CompiledModel(model)
+            self._compiled = CompiledModel(model, fullgraph)
 
     def _check_table(self, block_table: Sequence[int], length: int) -> None:
         need = self.kv.blocks_for(length)

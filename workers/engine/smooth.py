@@ -90,21 +90,33 @@ def smooth(model: LlamaModel, token_ids: list[int], alpha: float = ALPHA) -> Non
         qkv = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
         s = _factors(peaks[f"{i}.qkv"], *qkv, alpha=alpha)
         layer.input_layernorm.weight.div_(s)
-        for w in qkv:
-            w.mul_(s)
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            _scale(proj, mul_cols=s)
         s = _factors(peaks[f"{i}.gate_up"], mlp.gate_proj.weight, mlp.up_proj.weight, alpha=alpha)
         layer.post_attention_layernorm.weight.div_(s)
-        mlp.gate_proj.weight.mul_(s)
-        mlp.up_proj.weight.mul_(s)
+        _scale(mlp.gate_proj, mul_cols=s)
+        _scale(mlp.up_proj, mul_cols=s)
         s = _factors(peaks[f"{i}.down"], mlp.down_proj.weight, alpha=alpha)
-        mlp.up_proj.weight.div_(s[:, None])
-        mlp.down_proj.weight.mul_(s)
+        _scale(mlp.up_proj, div_rows=s)
+        _scale(mlp.down_proj, mul_cols=s)
         # o_proj input channel (head h, d) comes from V channel (kv head of h, d): one factor
         # per KV channel, the largest its query heads want.
         group = attn.num_heads // attn.num_kv_heads
         s = _factors(peaks[f"{i}.o"], attn.o_proj.weight, alpha=alpha)
         s = s.view(attn.num_kv_heads, group, attn.head_dim).amax(1)
-        attn.v_proj.weight.div_(s.reshape(-1, 1))
+        _scale(attn.v_proj, div_rows=s.reshape(-1))
         if attn.v_proj.bias is not None:
             attn.v_proj.bias.div_(s.reshape(-1))
-        attn.o_proj.weight.mul_(s.unsqueeze(1).expand(-1, group, -1).reshape(-1))
+        _scale(attn.o_proj, mul_cols=s.unsqueeze(1).expand(-1, group, -1).reshape(-1))
+
+
+def _scale(linear, mul_cols=None, div_rows=None) -> None:
+    """``linear``'s weight columns times ``mul_cols``, its rows over ``div_rows``; Q8_0 blocks
+    (q8.py) keep the factors beside them."""
+    if hasattr(linear, "scale_"):
+        linear.scale_(mul_cols, div_rows)
+        return
+    if mul_cols is not None:
+        linear.weight.mul_(mul_cols)
+    if div_rows is not None:
+        linear.weight.div_(div_rows[:, None])
