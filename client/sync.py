@@ -93,32 +93,29 @@ class Client:
     def ping(self, timeout: float = 5.0, metrics: bool = False) -> dict:
         """Round trip to the broker; returns its ``Pong.stats`` (with ``metrics``, also the
         Prometheus text under "prometheus"). Raises ``BrokerUnavailable``."""
-        self._check_open()
-        timeout = check_timeout(timeout, timeout)
-        deadline = time.monotonic() + timeout
-        nonce = random.getrandbits(62)
-        self._send(Ping(nonce, metrics).encode(), timeout)
-        pong = self._receive(lambda m: isinstance(m, Pong) and m.nonce == nonce, deadline)
-        if pong is None:
-            raise BrokerUnavailable(f"no answer from the broker at {self.address} to ping "
-                                    f"within {timeout:g} s")
-        return dict(pong.stats)
+        return dict(self._round_trip(lambda nonce: Ping(nonce, metrics), timeout, "ping").stats)
 
     def drain_worker(self, worker_id: str, timeout: float = 5.0) -> int:
         """Ask the broker to drain the worker(s) registered as ``worker_id`` (``worker drain
         --worker-id``): it dispatches nothing more to them, and each finishes what it holds, then
         leaves. Returns how many registered workers have that id (0: none). Raises
         ``BrokerUnavailable``."""
+        pong = self._round_trip(lambda nonce: DrainWorker(worker_id, nonce), timeout, f"drain {worker_id!r}")
+        return int(pong.stats.get("draining", 0))
+
+    def _round_trip(self, make, timeout: float, what: str) -> Pong:
+        """Send ``make(nonce)`` and wait for the ``Pong`` with that nonce; raises
+        ``BrokerUnavailable`` naming ``what`` after ``timeout`` s."""
         self._check_open()
         timeout = check_timeout(timeout, timeout)
         deadline = time.monotonic() + timeout
         nonce = random.getrandbits(62)
-        self._send(DrainWorker(worker_id, nonce).encode(), timeout)
+        self._send(make(nonce).encode(), timeout)
         pong = self._receive(lambda m: isinstance(m, Pong) and m.nonce == nonce, deadline)
         if pong is None:
-            raise BrokerUnavailable(f"no answer from the broker at {self.address} to drain "
-                                    f"{worker_id!r} within {timeout:g} s")
-        return int(pong.stats.get("draining", 0))
+            raise BrokerUnavailable(f"no answer from the broker at {self.address} to {what} "
+                                    f"within {timeout:g} s")
+        return pong
 
     def close(self) -> None:
         """Close the socket and context at once (linger 0); in-flight requests are abandoned."""
