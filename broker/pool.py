@@ -22,7 +22,6 @@ from typing import Callable, Optional
 from broker import protocol as p
 from broker.config import Routing
 from broker.kv_index import KvIndex
-from broker.kv_keys import prompt_text
 from broker.records import Request, Worker
 from broker.routers import make_router
 
@@ -134,7 +133,8 @@ class Pool:
         """The (prompt, messages) a Decode carries so that the generation worker publishes the
         text keys of what it pulls: only where routing reads them."""
         s = req.submit
-        return (s.prompt, s.messages) if self.gen_text and prompt_text(s.prompt, s.messages) else (None, None)
+        text = s.prompt is not None or s.messages is not None     # as kv_keys.prompt_text, unbuilt
+        return (s.prompt, s.messages) if self.gen_text and text else (None, None)
 
     def short_of(self) -> str:
         """Why the workers up fall short of ``minimum`` (role -> count: TensorRT-LLM's
@@ -156,17 +156,15 @@ class Queues(dict):
     while a request waits, and holds at most a queue per model with requests waiting (each a
     model up when the request was accepted)."""
 
+    def __missing__(self, model: str) -> deque:
+        q = self[model] = deque()
+        return q
+
     def append(self, model: str, key: str) -> None:
-        q = self.get(model)
-        if q is None:
-            q = self[model] = deque()
-        q.append(key)
+        self[model].append(key)
 
     def appendleft(self, model: str, key: str) -> None:
-        q = self.get(model)
-        if q is None:
-            q = self[model] = deque()
-        q.appendleft(key)
+        self[model].appendleft(key)
 
     def waiting(self) -> int:
         """The requests waiting, over every model."""

@@ -73,9 +73,12 @@ IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "
            "safety_identifier")
 
 
+_ALL_OFF = {**OFF_VALUES, **CHAT_OFF_VALUES}
+
+
 def _off(v: Any, info: ValidationInfo) -> Any:
     if v is not None and not any(v == o and isinstance(v, bool) == isinstance(o, bool)
-                                 for o in {**OFF_VALUES, **CHAT_OFF_VALUES}[info.field_name]):
+                                 for o in _ALL_OFF[info.field_name]):
         raise _refuse("unsupported_value", f"{info.field_name}={json.dumps(v)[:60]} is not supported by this "
                                            f"server{_OFF_HINT.get(info.field_name, '')}")
     return v

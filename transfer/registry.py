@@ -87,9 +87,7 @@ def create_source(cfg: CacheTransceiverConfig, pool: torch.Tensor, layout: KvLay
     the peers' keys it admits)."""
     cfg.check_block_size(layout.block_size)
     kw = {"curve": curve} if curve is not None else {}
-    if advertise:
-        kw["advertise"] = advertise
-    source = _module(cfg, host, advertise).make_source(cfg, pool, layout, host=host, **kw)
+    source = _module(cfg, host, advertise).make_source(cfg, pool, layout, host=host, advertise=advertise or None, **kw)
     source.worker_id = worker_id
     return source
 

@@ -92,6 +92,8 @@ class Worker:
         if served_model_name is not None and not 0 < len(served_model_name) <= p.MAX_ID_CHARS:
             raise ValueError(f"invalid --served-model-name={served_model_name[:80]!r}: expected 1-"
                              f"{p.MAX_ID_CHARS} characters")
+        if not drain_timeout > 0:     # checked before the model loads (and compiles)
+            raise ValueError(f"invalid --drain-timeout={drain_timeout!r}: expected seconds > 0")
         if curve is not None and role == "context" and not peers:
             raise ValueError("a context worker with --curve-key needs --curve-peers: the public keys "
                              "of the generation workers its KV channel admits")
@@ -156,8 +158,6 @@ class Worker:
         self._reconnect_gap = options.heartbeat_ms / 1000   # at most one reconnect per interval
         self.discovery = None      # a broker.discovery.WorkerLink: where the broker is now (etcd)
         # draining (SIGTERM, `worker drain`): no new work, finish what is held, then leave
-        if not drain_timeout > 0:
-            raise ValueError(f"invalid --drain-timeout={drain_timeout!r}: expected seconds > 0")
         self.drain_timeout = drain_timeout
         self._drain_asked: Optional[str] = None    # why, once asked (set from a signal handler)
         self.drain_acked = False     # the broker's Drain came: nothing new will be dispatched here

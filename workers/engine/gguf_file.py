@@ -89,11 +89,16 @@ class GGUFFile:
         return self._scalar(vtype)
 
 
+def q8_0_split(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 blocks [..., 34] (an fp16 scale, then 32 int8 values) as (float32 scales [..., 1],
+    int8 values [..., 32], a view)."""
+    d = blocks[..., :2].copy().view(np.float16).astype(np.float32)
+    return d, blocks[..., 2:].view(np.int8)
+
+
 def _dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
-    blocks = raw.reshape(-1, 34)
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-    q = blocks[:, 2:].view(np.int8).astype(np.float32)
-    return d * q
+    d, q = q8_0_split(raw.reshape(-1, 34))
+    return d * q.astype(np.float32)
 
 
 def _dequantize_q4(raw: np.ndarray, with_min: bool) -> np.ndarray:

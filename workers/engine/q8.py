@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gguf_file import q8_0_split
 from .quant import quantize_rows
 
 BLOCK = 32            # values per Q8_0 block
@@ -30,10 +31,9 @@ CHUNK_ROWS = 256      # rows dequantized at once by int8_rows
 def read_blocks(raw: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A Q8_0 tensor's bytes [rows, cols / 32 * 34] as (int8 values [rows, cols], float32 block
     scales [rows, cols / 32]), copied out of the file's memory map."""
-    blocks = np.asarray(raw).reshape(rows, cols // BLOCK, BLOCK_BYTES)
-    scales = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
-    values = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, cols)
-    return torch.from_numpy(values.copy()), torch.from_numpy(scales)
+    scales, values = q8_0_split(np.asarray(raw).reshape(rows, cols // BLOCK, BLOCK_BYTES))
+    # the values' slice of each block is never contiguous: this copies them out of the map once
+    return torch.from_numpy(np.ascontiguousarray(values).reshape(rows, cols)), torch.from_numpy(scales[:, :, 0])
 
 
 class Q8Linear(nn.Module):
