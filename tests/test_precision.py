@@ -1,5 +1,9 @@
 """Weights and dtypes: the int8 linear layer, smoothing, fusion, and how dtype / quantization /
 device settings resolve (workers/engine/quant.py, smooth.py, precision.py)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -8,7 +12,7 @@ from workers.engine.kv_cache import KVCache, pool_blocks
 from workers.engine.loaders import load_model
 from workers.engine.model import causal_attention
 from workers.engine.precision import Precision, prepare, resolve, weight_bytes
-from workers.engine.quant import Int8Linear, quantize_rows
+from workers.engine.quant import Int8Linear, quantize_rows, weight_max
 from workers.engine.runner import ModelRunner
 from workers.engine.smooth import smooth
 from workers.engine.tiny import tiny_model
@@ -35,7 +39,7 @@ def test_int8_linear_is_close_to_the_float_product():
     err = (got - want).norm(dim=1) / want.norm(dim=1)
     assert err.max() < 0.05, err
     q, scales = quantize_rows(w)
-    assert q.abs().max() <= 63 and (q.float() * scales[:, None] - w).abs().max() <= scales.max() / 2 + 1e-6
+    assert q.abs().max() == weight_max() and (q.float() * scales[:, None] - w).abs().max() <= scales.max() / 2 + 1e-6
 
 
 def test_int8_linear_rows_do_not_depend_on_their_batch():
@@ -83,10 +87,45 @@ def test_half_precision_model_runs_paged(dtype, kv):
     assert step.shape == (1, model.cfg.vocab_size) and torch.isfinite(step).all()
 
 
-def test_auto_resolves_to_fp16_weights_and_float32_compute_on_the_cpu():
+# In a fresh process, under fbgemm's instruction set ISA ("" for its own choice): the weight
+# range its probe picks, what auto resolves to, and the relative error of a worst-case int8 row
+# (every input at the top of its range, every weight at the top of the picked range).
+PROBE = """
+import torch
+from workers.engine.precision import resolve
+from workers.engine.quant import Int8Linear, weight_max
+w = torch.ones(8, 256)
+w[1::2] = -1.0
+x = torch.ones(3, 256)
+want = torch.nn.functional.linear(x, w)
+err = ((Int8Linear(w)(x) - want).abs().max() / want.abs().max()).item()
+print(weight_max(), resolve().quantization, err)
+"""
+
+
+def probe(isa: str) -> tuple[int, str, float]:
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": isa, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert out.returncode == 0, out.stderr
+    top, quant, err = out.stdout.split()
+    return int(top), quant, float(err)
+
+
+def test_weight_range_follows_the_kernel_and_auto_picks_int8_only_where_it_is_exact():
+    """fbgemm's AVX2 kernel saturates int16 sums of 8-bit products: there weights get 7 bits and
+    auto picks fp16 weights; where its kernel is exact (VNNI) they get 8 bits and auto picks int8.
+    Either way a worst-case row comes out right (a saturated one is off by about half)."""
+    top, quant, err = probe("AVX2")
+    assert (top, quant) == (63, "fp16") and err < 0.02, (top, quant, err)
+    top, quant, err = probe("")
+    assert (top, quant) in ((63, "fp16"), (127, "int8")) and err < 0.02, (top, quant, err)
+
+
+def test_auto_resolves_to_float32_compute_with_fbgemm_weights_on_the_cpu():
     if torch.cuda.is_available():
         pytest.skip("CUDA is present: auto picks the GPU there")
-    assert resolve() == Precision("float32", "fp16", "cpu")
+    assert resolve() == Precision("float32", "int8" if weight_max() == 127 else "fp16", "cpu")
     assert resolve(quantization="int8") == Precision("float32", "int8", "cpu")
     assert resolve("bfloat16") == Precision("bfloat16", "none", "cpu")
     assert resolve(quantization="none") == Precision("float32", "none", "cpu")

@@ -5,12 +5,15 @@ Loaders always build the model in float32 on the CPU; ``prepare`` then fuses its
 quantizes or casts it, and moves it. The defaults follow measurement on this project's machines
 (``python -m bench.engine``, ``python -m bench.perplexity``):
 
-* on the CPU, float32 compute with fp16 weights (fbgemm): lossless (perplexity +0.02 %) and 2x
-  (batch 1) to 1.1x (batch 64) faster than float32 weights. ``int8`` is 1.07x (batch 1) to 1.25x
-  (batch 16-64) faster again but costs 2.6 % perplexity and flips near-ties: SmolLM2's greedy
-  answer to "What is the capital of France?", where float32's two best first tokens are 0.08
-  logits apart, becomes "L'Etoile, la Cite". The default stays lossless; int8 is one option away
-  for throughput. bf16/fp16 compute is tens of times slower than fp32 on CPUs without AMX.
+* on the CPU, float32 compute with int8 weights (fbgemm, smoothed, per-row scales: quant.py)
+  where fbgemm multiplies 8-bit weights exactly (AVX512-VNNI and later): 1.3x (batch 1) to 1.4x
+  (batch 16-64) faster than fp16 weights, perplexity +1.5 % over float32, and SmolLM2's greedy
+  answers unchanged on the test prompts. On CPUs whose kernel saturates (AVX2) int8 needs 7-bit
+  weights, which cost 2.9 % perplexity and flip near-ties (SmolLM2's greedy answer to "What is
+  the capital of France?", where float32's two best first tokens are 0.08 logits apart, becomes
+  "L'Etoile, la Cite"), so there the default is fp16 weights: lossless (+0.02 %) and 2x (batch 1)
+  to 1.1x (batch 64) faster than float32 weights. bf16/fp16 compute is tens of times slower than
+  fp32 on CPUs without AMX.
 * on a GPU, bfloat16 (float16 where the GPU lacks bf16) and no fbgemm formats.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from .model import LlamaModel
 from .q8 import Q8Linear
-from .quant import Fp16Linear, Int8Linear, int8_available
+from .quant import Fp16Linear, Int8Linear, int8_available, weight_max
 from .smooth import CALIBRATION_TEXT, CALIBRATION_TOKENS, smooth
 from .tokenizer import Tokenizer
 
@@ -74,7 +77,8 @@ def resolve(dtype: str = "auto", quantization: str = "auto", device: str = "auto
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
     if quantization == "auto":
-        quantization = "fp16" if not on_gpu and dtype == "float32" and int8_available() else "none"
+        quantization = ("none" if on_gpu or dtype != "float32" or not int8_available()
+                        else "int8" if weight_max() == 127 else "fp16")
     if quantization in ("int8", "fp16"):
         q = quantization
         if on_gpu:

@@ -2,8 +2,8 @@
 the way.
 
 Q8_0 stores a matrix [N, K] as blocks of 32 int8 values along K, one fp16 scale a block. The int8
-layers (``quant.Int8Linear``) want one scale per output row, 7-bit values (``WEIGHT_MAX``: fbgemm's
-AVX2 kernel saturates on 8-bit weights) and smoothing's per-column factors folded in (smooth.py),
+layers (``quant.Int8Linear``) want one scale per output row, values in ``quant.weight_max()`` (7 bits
+where fbgemm's kernel saturates on 8) and smoothing's per-column factors folded in (smooth.py),
 so the blocks cannot go to the kernel as they are; and fbgemm has no per-block scales (a matmul per
 block of 32 columns would be 18 small matmuls per layer where there is one now). ``Q8Linear`` holds
 the blocks as loaded, 1.06 bytes a weight against float32's 4, with smoothing's column and row

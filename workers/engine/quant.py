@@ -46,17 +46,41 @@ def int8_available() -> bool:
             and any(e in engines for e in ("x86", "fbgemm")))
 
 
-# Weights use 7 bits (|q| <= 63) and activations the full 8: fbgemm's AVX2 kernel sums pairs of
-# uint8 x int8 products in int16, and 2 * 255 * 63 fits where 2 * 255 * 127 would saturate. On
-# SmolLM2 this split measured 4 % lower perplexity than 8-bit weights with 7-bit activations.
-WEIGHT_MAX = 63
+# Activations use the full 8 bits. Weights use 8 (|q| <= 127) where fbgemm's kernel multiplies
+# them exactly, and 7 (|q| <= 63) where it does not: its AVX2 kernel sums pairs of uint8 x int8
+# products in int16, where 2 * 255 * 63 fits and 2 * 255 * 127 saturates; its AVX512-VNNI kernel
+# accumulates in int32 and never saturates. ``weight_max`` measures which one this CPU runs.
+# SmolLM2's int8 perplexity over float32 on the shipped text (``python -m bench.perplexity``):
+# 1.5 % with 8-bit weights, 2.9 % with 7-bit ones (and 7-bit activations with 8-bit weights
+# measured 4 % worse than 7-bit weights).
+_weight_max: list[int] = []
+
+
+def weight_max() -> int:
+    """127 where fbgemm's int8 product of this CPU is exact at full-range 8-bit weights, else 63.
+    Measured once per process: a worst-case row (every input at the top of its range, every
+    weight at 127) against the float product; a saturating kernel is off by about half."""
+    if not _weight_max:
+        k = 64
+        q = torch.full((2, k + _PIN), 127, dtype=torch.int8)
+        q[:, k:] = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            packed = torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
+                q, torch.ones(2, dtype=torch.double), torch.zeros(2, dtype=torch.long), 0), None)
+        x = torch.ones(1, k + _PIN)
+        x[0, k + 1:] = torch.tensor([-1.0] + [0.0] * (_PIN - 2))
+        got = torch.ops.quantized.linear_dynamic(x, packed, False)[0, 0].item()
+        _weight_max.append(127 if abs(got - 127 * k) <= 0.02 * 127 * k else 63)
+    return _weight_max[0]
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel weights: (int8 weight [N, K], float32 scales [N])."""
     w = weight.detach().float()
-    scales = (w.abs().amax(dim=1) / WEIGHT_MAX).clamp_min(1e-12)
-    q = torch.round(w / scales[:, None]).clamp_(-WEIGHT_MAX, WEIGHT_MAX).to(torch.int8)
+    top = weight_max()
+    scales = (w.abs().amax(dim=1) / top).clamp_min(1e-12)
+    q = torch.round(w / scales[:, None]).clamp_(-top, top).to(torch.int8)
     return q, scales
 
 
@@ -87,7 +111,7 @@ def _pinned_rows(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ W.T + b`` with W in int8 (per-channel scales, ``WEIGHT_MAX``) and x quantized
+    """``y = x @ W.T + b`` with W in int8 (per-channel scales, ``weight_max()``) and x quantized
     per row to uint8."""
 
     def __init__(self, weight: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
