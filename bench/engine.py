@@ -10,7 +10,8 @@ For each (dtype, quantization) configuration and thread count (``--threads 1,2``
 
 llama.cpp runs the same cases on the same GGUF with the same threads (``llama-bench`` for prefill
 and batch-1 decode at depth ``--history``; ``llama-batched-bench -pps`` for B > 1), alternating
-with ours in every round; medians of ``--rounds`` are reported. The floor: the bytes of weights a
+with ours in every round, one thread count after the other (compiled engines are compiled for
+each); medians of ``--rounds`` are reported. The floor: the bytes of weights a
 decode step reads (all of them but the embedding rows; the tied LM head reads the whole
 embedding) over the bandwidth of a numpy memcpy of a 256 MiB buffer measured in the same run, as
 tokens/s at batch B (B * bandwidth / bytes): nothing that reads its weights from memory once per
@@ -200,35 +201,41 @@ def run(args) -> dict:
     threads = [int(t) for t in args.threads.split(",")]
     cases = ([Case("decode", int(b)) for b in args.batches.split(",")] +
              [Case("prefill", int(n)) for n in args.prefill.split(",") if n])
-    engines, weights = {}, {}
+    models, weights = {}, {}
     for config in configs:
         loaded = try_load(args.model, config, args.device)
         if loaded is not None:
-            name = config_name(config)
-            if args.compile != "yes":
-                engines[name] = Engine(loaded[0], cases, args.history, args.steps)
-                weights[name] = weight_bytes(loaded[0])
-            if args.compile != "no":
-                shared = engines[name].kv if name in engines else None
-                engines[name + "+compile"] = Engine(loaded[0], cases, args.history, args.steps, True, shared)
-                weights.setdefault(name, weight_bytes(loaded[0]))
-    if not engines:
+            models[config_name(config)] = loaded[0]
+            weights[config_name(config)] = weight_bytes(loaded[0])
+    if not models:
         raise SystemExit(f"no configuration of {args.configs!r} loads")
+    names = [name + suffix for name in models
+             for suffix, wanted in (("", args.compile != "yes"), ("+compile", args.compile != "no")) if wanted]
     gguf = gguf_of(args.model, args.gguf)
     peer, peer_reason = llamacpp.peer_from_args(args, gguf)
     if gguf is not None:
         weights["gguf"] = gguf_weight_bytes(gguf)
     bandwidth = memcpy_gbps()
-    ours = {(t, n, c): [] for t in threads for n in engines for c in cases}
+    ours = {(t, n, c): [] for t in threads for n in names for c in cases}
     theirs = {(t, c): [] for t in threads for c in cases}
     warm_up_s = {}
-    for r in range(args.rounds):
-        for t in threads:
-            torch.set_num_threads(t)
+    # One thread count at a time, its rounds alternating ours and llama.cpp: inductor fixes the
+    # thread count of its compiled loops at compile time, so the compiled engines are compiled
+    # anew for each thread count (as a worker compiles with its own num_threads).
+    for t in threads:
+        torch.set_num_threads(t)
+        torch._dynamo.reset()
+        engines = {}
+        for name in names:
+            base = name.removesuffix("+compile")
+            compile_decode = base != name       # shares its eager twin's KV pool where there is one
+            shared = engines[base].kv if compile_decode and base in engines else None
+            engines[name] = Engine(models[base], cases, args.history, args.steps, compile_decode, shared)
+            key = f"{name}, {t} thread(s)"
+            warm_up_s[key] = engines[name].warm_up()
+            print(f"{key}: warmed up in {warm_up_s[key]:.1f} s", file=sys.stderr, flush=True)
+        for r in range(args.rounds):
             for name, engine in engines.items():
-                if r == 0 and name not in warm_up_s:
-                    warm_up_s[name] = engine.warm_up()
-                    print(f"{name}: warmed up in {warm_up_s[name]:.1f} s", file=sys.stderr, flush=True)
                 for case in cases:
                     ours[t, name, case].append(engine.tokens_per_s(case))
             if peer is not None:
@@ -238,14 +245,15 @@ def run(args) -> dict:
                 except llamacpp.LlamaCppError as e:
                     peer, peer_reason = None, str(e)
                     print(f"llama.cpp: skipped ({peer_reason})", flush=True)
-            print(f"round {r + 1}/{args.rounds}, {t} thread(s) done", file=sys.stderr, flush=True)
+            print(f"{t} thread(s): round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        del engines
     rows = []
     for t in threads:
         for case in cases:
             peer_tps = median(theirs[t, case])
             row = {"threads": t, "case": case.name, "kind": case.kind, "size": case.size,
-                   "ours": {n: median(ours[t, n, case]) for n in engines},
-                   "ours_rounds": {n: ours[t, n, case] for n in engines},
+                   "ours": {n: median(ours[t, n, case]) for n in names},
+                   "ours_rounds": {n: ours[t, n, case] for n in names},
                    "llama.cpp": peer_tps, "llama.cpp_rounds": theirs[t, case]}
             row["ratio"] = {n: (v / peer_tps if peer_tps else None) for n, v in row["ours"].items()}
             row["bandwidth_bound"] = ({n: case.size * bandwidth * 1e9 / b for n, b in weights.items()}
