@@ -73,4 +73,7 @@ fi
 if ! has ip; then                  # the multi-host test's network namespaces
     need "the multi-host test" iproute2
 fi
+if ! has c++; then                 # the CPU paged decode kernel and torch.compile build C++
+    need "the CPU decode kernels" g++
+fi
 echo "==> done: .venv is ready"

@@ -1,6 +1,8 @@
-"""Micro-benchmark of paged attention: this tree's ``ModelRunner`` against the runner of another
-git revision (``--baseline``, loaded from git into this tree's ``workers.engine`` package, so both
-share the model and the KV pool), alternating the two, medians of several rounds.
+"""Micro-benchmark of paged attention: this tree's ``ModelRunner`` against a baseline, alternating
+the two, medians of several rounds. The baseline (``--baseline``) is ``copy``, this tree's runner
+with its paged decode kernel off (``paged_kernel.py``: each decode step then copies every
+sequence's history per layer), or the runner of another git revision, loaded from git into this
+tree's ``workers.engine`` package, so both share the model and the KV pool.
 
 Cases: one decode step at batch 1, 16 and 64 with histories of about ``--history`` positions
 (lengths spread by +-4 so the padding mask is exercised), and a prefill of ``--prefill`` tokens.
@@ -8,7 +10,7 @@ It also reports the time inside the model's ``attend`` callbacks (cache write, g
 everything the runner does per layer), timed around each call, and the largest difference between
 the two runners' logits. The histories' K/V are random: a step's time does not depend on them.
 
-    python -m bench.engine_attention --baseline 6245e5d --threads 1
+    python -m bench.engine_attention [--baseline copy|REVISION] [--kv-dtype bfloat16] --threads 1
 """
 from __future__ import annotations
 
@@ -61,8 +63,11 @@ def timed(runner, method: str, args) -> tuple[float, float, torch.Tensor]:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.engine_attention", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--baseline", default="6245e5d",
-                    help="git revision of the runner to compare with (6245e5d: the runner before the grouped decode)")
+    ap.add_argument("--baseline", default="copy",
+                    help="copy (this runner without its paged decode kernel) or a git revision of the "
+                         "runner (6245e5d: before the grouped decode)")
+    ap.add_argument("--kv-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="the KV pool's dtype")
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny, a .gguf file or a HF directory")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--batches", default="1,16,64", help="decode batch sizes, comma-separated")
@@ -75,17 +80,20 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     block_size = 16
     need = max(max(batches) * (args.history + 8), args.prefill) // block_size + max(batches) + 1
-    kv = KVCache(model.cfg, need, block_size)
+    kv = KVCache(model.cfg, need, block_size, dtype=getattr(torch, args.kv_dtype))
     kv.pool.normal_(0, 1)    # stands in for a prefill of every history
-    runners = {"baseline": module_at(args.baseline, "workers/engine/runner.py").ModelRunner(model, kv), "this tree": ModelRunner(model, kv)}
+    baseline = (ModelRunner(model, kv, paged_kernel_on=False) if args.baseline == "copy" else
+                module_at(args.baseline, "workers/engine/runner.py").ModelRunner(model, kv))
+    runners = {"baseline": baseline, "this tree": ModelRunner(model, kv)}
     for runner in runners.values():
         runner.model = AttendTimer(model)
     cases = [(f"decode b={b}", "decode", decode_case(kv, b, args.history)) for b in batches]
     kv.allocator = type(kv.allocator)(kv.num_blocks)
     ids = torch.randint(0, model.cfg.vocab_size, (args.prefill,)).tolist()
     cases.append((f"prefill {args.prefill}", "prefill", (ids, kv.allocator.allocate(kv.blocks_for(args.prefill)))))
-    print(f"{args.model}, {args.threads} thread(s), medians of {args.rounds} alternating rounds, "
-          f"baseline = runner at {args.baseline}")
+    print(f"{args.model}, {args.threads} thread(s), KV {args.kv_dtype}, medians of {args.rounds} "
+          f"alternating rounds, baseline = " + ("the copy path" if args.baseline == "copy" else
+                                                f"runner at {args.baseline}"))
     print(f"{'case':<14} {'step ms base':>12} {'this':>7} {'speedup':>8} {'attention ms base':>18} "
           f"{'this':>6} {'share base':>10} {'this':>5} {'max |dlogit|':>13}")
     for name, method, case_args in cases:

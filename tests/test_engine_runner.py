@@ -19,8 +19,22 @@ def reference_logits(ids):
         return MODEL.logits(hidden)
 
 
-def runner(num_blocks=32, block_size=4):
-    return ModelRunner(MODEL, KVCache(MODEL.cfg, num_blocks, block_size))
+KERNEL = {"on": True}
+
+
+@pytest.fixture(autouse=True, params=["paged kernel", "copy path"])
+def decode_path(request):
+    """Every test runs with the CPU paged decode kernel (paged_kernel.py) and with the copy path."""
+    KERNEL["on"] = request.param == "paged kernel"
+    yield
+    KERNEL["on"] = True
+
+
+def runner(num_blocks=32, block_size=4, dtype=torch.float32):
+    r = ModelRunner(MODEL, KVCache(MODEL.cfg, num_blocks, block_size, dtype=dtype),
+                    paged_kernel_on=KERNEL["on"])
+    assert (r._kernel is not None) == KERNEL["on"]
+    return r
 
 
 def prompt(n, seed=0):
@@ -109,7 +123,7 @@ def test_a_block_table_too_short_is_an_error():
 
 def test_a_bf16_cache_stays_close_to_fp32():
     ids = prompt(12, seed=4)
-    half = ModelRunner(MODEL, KVCache(MODEL.cfg, 8, 4, dtype=torch.bfloat16))
+    half = runner(8, 4, dtype=torch.bfloat16)
     assert half.kv.block_nbytes == MODEL.cfg.kv_bytes_per_token(torch.bfloat16) * 4
     half.prefill(ids[:-1], [3, 1, 5])
     out = half.decode([ids[-1]], [11], [[3, 1, 5]])[0]
@@ -142,6 +156,7 @@ def test_decode_groups_fit_the_byte_budget_and_cover_the_batch(monkeypatch):
 def test_batched_decode_in_groups_equals_single_decodes(monkeypatch, group_positions):
     """Every grouping gives the same logits: one sequence a group, (4, 10) then (7,), the whole batch."""
     import workers.engine.runner as runner_module
+    KERNEL["on"] = False          # groups are the copy path's
     per_position = 2 * MODEL.cfg.num_kv_heads * MODEL.cfg.head_dim * 4
     monkeypatch.setattr(runner_module, "DECODE_GROUP_BYTES", group_positions * per_position)
     test_batched_decode_equals_single_decodes()

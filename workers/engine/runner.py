@@ -9,13 +9,14 @@ K/V, then attend.
   so it sees exactly what a later reader of the pool sees) and reads nothing back.
 * A chunked prefill (``start_pos > 0``) gathers its table's blocks once per layer and attends
   causally to the cached prefix plus itself.
-* A decode step attends in groups of sequences whose gathered K/V fit in the CPU's cache
-  (``DECODE_GROUP_BYTES``): each group's copy is read back while still cached, instead of the
-  whole batch's history being copied out to memory and read in again (attention of a batch-64
-  SmolLM2 step about 25 % faster on a 32 MiB-L3 EPYC: ``python -m bench.engine_attention``).
-  The pool's block-major layout puts other layers between two blocks of one layer, so even a
-  run of consecutive blocks is not one strided view over positions: some copy is unavoidable
-  without a custom kernel.
+* A decode step on the CPU reads each sequence's K/V straight from the pool through its block
+  table (``paged_kernel.py``, a small C++ kernel compiled on first use): no copy at all.
+* Elsewhere (a GPU, or where that kernel cannot be built) a decode step attends in groups of
+  sequences whose gathered K/V fit in the CPU's cache (``DECODE_GROUP_BYTES``): each group's copy
+  is read back while still cached, instead of the whole batch's history being copied out to
+  memory and read in again. The pool's block-major layout puts other layers between two blocks
+  of one layer, so a run of consecutive blocks is not one strided view over positions: without
+  a kernel of its own, some copy is unavoidable.
 
 It never allocates or frees blocks (the caller owns block tables) and never samples.
 """
@@ -26,6 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import paged_kernel
 from .kv_cache import KVCache
 from .model import LlamaModel
 
@@ -39,9 +41,10 @@ DECODE_GROUP_BYTES = 1 << 20
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, compile_decode: bool = False,
-                 fullgraph: bool = True) -> None:
+                 fullgraph: bool = True, paged_kernel_on: bool = True) -> None:
         """``compile_decode``: run decode steps through ``torch.compile`` (``compiled.py``; with
-        ``fullgraph`` a graph break is an error)."""
+        ``fullgraph`` a graph break is an error). ``paged_kernel_on``: decode with the paged
+        kernel where it runs (the CPU, with a compiler); off, always the copy path."""
         cfg, kcfg = model.cfg, kv.cfg
         got = (kcfg.num_layers, kcfg.num_kv_heads, kcfg.head_dim)
         want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
@@ -61,6 +64,8 @@ class ModelRunner:
         if model.norm.weight.device != self.device:
             raise ValueError(f"model on {model.norm.weight.device} and KV cache on {self.device}: "
                              "they must share a device")
+        self._kernel = (paged_kernel.kernel() if paged_kernel_on and self.device.type == "cpu"
+                        and kv.pool.dtype in paged_kernel.KINDS else None)
         self._compiled = None
         if compile_decode:
             from .compiled import CompiledModel     # imports torch's compiler stack: only when asked
@@ -155,6 +160,15 @@ class ModelRunner:
                               dtype=torch.long, device=dev)
         slots = pos % bs
         kv_heads = self.cfg.num_kv_heads
+        if self._kernel is not None:
+            tables_t, _, _ = self._decode_group(block_tables, lengths, mask=False)
+            lengths_t = torch.tensor(lengths, dtype=torch.long)
+
+            def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                self._write(layer, blocks, slots, k, v)
+                return paged_kernel.decode_attention(self._kernel, q, self.k_pools[layer], self.v_pools[layer],
+                                                     tables_t, lengths_t, lengths).reshape(b, -1)
+            return self._decode(tokens, pos, attend)
         groups = [self._decode_group(block_tables[lo:hi], lengths[lo:hi]) + (lo, hi)
                   for lo, hi in self._decode_groups(lengths)]
 
@@ -174,7 +188,10 @@ class ModelRunner:
                 out[lo:hi] = att.reshape(hi - lo, -1)
             return out
 
-        ids = torch.tensor(list(tokens), dtype=torch.long, device=dev)
+        return self._decode(tokens, pos, attend)
+
+    def _decode(self, tokens: Sequence[int], pos: torch.Tensor, attend) -> torch.Tensor:
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
         if self._compiled is not None:
             return self._compiled(ids, pos, attend)
         return self.model.logits(self.model(ids, pos, attend)).float()
@@ -193,10 +210,10 @@ class ModelRunner:
         groups.append((lo, len(lengths)))
         return groups
 
-    def _decode_group(self, block_tables: Sequence[Sequence[int]], lengths: Sequence[int]
-                      ) -> tuple[torch.Tensor, int, Optional[torch.Tensor]]:
+    def _decode_group(self, block_tables: Sequence[Sequence[int]], lengths: Sequence[int],
+                      mask: bool = True) -> tuple[torch.Tensor, int, Optional[torch.Tensor]]:
         """Block tables [B, n] padded to the group's longest, that length, and the padding mask
-        (None when every sequence has the same length)."""
+        (None when every sequence has the same length, or not ``mask``)."""
         longest = max(lengths)
         n_blocks = self.kv.blocks_for(longest)
         rows = []
@@ -204,9 +221,9 @@ class ModelRunner:
             used = list(table[: self.kv.blocks_for(length)])
             # Pad with a block the sequence owns: its padding positions are masked anyway.
             rows.append(used + [used[0]] * (n_blocks - len(used)))
-        mask = None
-        if min(lengths) != longest:
+        pad = None
+        if mask and min(lengths) != longest:
             lens = torch.tensor(list(lengths), dtype=torch.long, device=self.device)
-            mask = (torch.arange(longest, device=self.device).unsqueeze(0)
-                    < lens.unsqueeze(1))[:, None, None, :]
-        return torch.tensor(rows, dtype=torch.long, device=self.device), longest, mask
+            pad = (torch.arange(longest, device=self.device).unsqueeze(0)
+                   < lens.unsqueeze(1))[:, None, None, :]
+        return torch.tensor(rows, dtype=torch.long, device=self.device), longest, pad
