@@ -77,7 +77,9 @@ async def test_many_resuming_async_requests_share_one_rate_limited_etcd_lookup(m
         async def rest(stream, first) -> str:
             return first.text + "".join([chunk.text async for chunk in stream])
         reading = asyncio.gather(*(rest(s, f) for s, f in zip(streams, firsts)))
+        deadline = time.monotonic() + 20
         while len([t for t in etcd.calls if t >= since]) < 4:       # several lookups find it gone
+            assert time.monotonic() < deadline, f"the clients stopped looking up: {etcd.calls}"
             await asyncio.sleep(0.05)
         etcd.address = new.address                    # then a new broker on another port
         texts = await reading
