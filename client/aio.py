@@ -22,6 +22,7 @@ import zmq.asyncio
 from broker.protocol import MAX_MESSAGE_BYTES, Accepted, Cancel, Message, Ping, Pong, ProtocolError, decode_all
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
+from .follow import Follow, move
 from .liveness import Liveness
 from .request import Chunk, Completion, RequestState, StreamBase, broker_address, check_timeout, prepare_submit
 
@@ -53,8 +54,8 @@ class AsyncClient:
         etcd server the broker of ``cluster_name`` registered in (``--disagg-cluster-uri``); its
         frontend is read from there (waiting up to ``discovery_timeout`` s for one, blocking), and
         read again whenever the broker stops answering, to follow a broker restarted elsewhere."""
-        self.etcd = address if address.startswith("etcd://") else None
-        self.cluster_name = cluster_name
+        self._etcd = Follow(address if address.startswith("etcd://") else None, cluster_name)
+        self._following: Optional[asyncio.Future] = None  # the etcd lookup running, if one is
         address = broker_address(address, cluster_name, discovery_timeout)
         self.address = address
         self.resume = resume
@@ -210,7 +211,7 @@ class AsyncClient:
             left = deadline - time.monotonic()
             if left <= 0 or rid not in self._queues:
                 raise error
-            await self._follow()
+            await self._follow(left)
             try:
                 await self.ping(timeout=min(self._live.window, left))
                 break
@@ -301,25 +302,34 @@ class AsyncClient:
                             self.address, live.window, len(waiting))
                 self._lose(waiting, live.error)
                 live.start_waiting(now)       # a fresh window for what comes next
-                await self._follow()
+                await self._follow(live.window)
             elif live.ping_due(now):
                 self._send(Ping().encode())
             await asyncio.sleep(live.next_check(now))
 
-    async def _follow(self) -> None:
-        """With an etcd:// address: connect to where the broker's key points now, if it moved."""
-        if self.etcd is None:
-            return
-        try:      # etcd is asked over blocking HTTP: off the event loop
-            address = await asyncio.get_running_loop().run_in_executor(
-                None, broker_address, self.etcd, self.cluster_name, 0.0)
-        except ClientError:
-            return       # etcd away or no broker registered now: keep the address we have
-        if address != self.address and not self.closed:
-            log.warning("etcd names a new broker frontend %s (was %s); connecting there", address, self.address)
-            self._sock.disconnect(self.address)
-            self._sock.connect(address)
-            self.address = address
+    async def _follow(self, timeout: float) -> None:
+        """With an etcd:// address: connect to where the broker's key points now, if it moved.
+        One lookup at a time, off the event loop (etcd is asked over blocking HTTP), at most every
+        ``FOLLOW_EVERY_S`` (client/follow.py); a caller finding one running waits for it, up to
+        ``timeout`` s (it goes on under etcd's own call deadline)."""
+        if self._etcd.start(time.monotonic()):
+            self._following = asyncio.get_running_loop().run_in_executor(None, self._etcd.lookup)
+            self._following.add_done_callback(self._followed)    # runs before any waiter resumes
+        if self._following is not None and not self._following.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._following), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _followed(self, lookup: asyncio.Future) -> None:
+        """The lookup ended (on the event loop): move if etcd names another frontend."""
+        failed = lookup.cancelled() or lookup.exception() is not None
+        if failed and not lookup.cancelled():
+            log.warning("etcd lookup of the broker failed: %r", lookup.exception())
+        found = None if failed else lookup.result()
+        new = self._etcd.end(time.monotonic(), found, self.address)
+        if new is not None and not self.closed:
+            self.address = move(self._sock, self.address, new)
 
     def _lose(self, rids: list, error) -> None:
         """These requests are lost with their broker: each fails when its caller reads it."""

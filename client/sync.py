@@ -22,6 +22,7 @@ from broker.protocol import (MAX_MESSAGE_BYTES, Accepted, Cancel, DrainWorker, M
                              decode_all)
 
 from .errors import BrokerUnavailable, ClientError, RequestTimeout
+from .follow import Follow, move
 from .liveness import Liveness
 from .request import Chunk, Completion, RequestState, StreamBase, broker_address, check_timeout, prepare_submit
 
@@ -38,8 +39,7 @@ class Client:
                  resume: bool = False, curve: Any = None, cluster_name: str = "default",
                  discovery_timeout: float = 10.0) -> None:
         """The arguments mean what they mean for ``AsyncClient`` (client/aio.py)."""
-        self.etcd = address if address.startswith("etcd://") else None
-        self.cluster_name = cluster_name
+        self._etcd = Follow(address if address.startswith("etcd://") else None, cluster_name)
         address = broker_address(address, cluster_name, discovery_timeout)
         self.address = address
         self.resume = resume
@@ -238,18 +238,17 @@ class Client:
             self._send(self._deferred.pop(0), timeout, quiet=True)
 
     def _follow(self) -> None:
-        """With an etcd:// address: connect to where the broker's key points now, if it moved."""
-        if self.etcd is None:
+        """With an etcd:// address: connect to where the broker's key points now, if it moved
+        (looked up at most every ``FOLLOW_EVERY_S``, client/follow.py)."""
+        if not self._etcd.start(time.monotonic()):
             return
+        found = None
         try:
-            address = broker_address(self.etcd, self.cluster_name, 0.0)
-        except ClientError:
-            return       # etcd away or no broker registered now: keep the address we have
-        if address != self.address:
-            log.warning("etcd names a new broker frontend %s (was %s); connecting there", address, self.address)
-            self._sock.disconnect(self.address)
-            self._sock.connect(address)
-            self.address = address
+            found = self._etcd.lookup()
+        finally:
+            new = self._etcd.end(time.monotonic(), found, self.address)
+        if new is not None:
+            self.address = move(self._sock, self.address, new)
 
     def _lose(self, rids: list, error: Callable[[str, str], BrokerUnavailable]) -> None:
         """These requests are lost with their broker: each fails when its caller reads it."""
