@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.metadata
 import json
 import logging
@@ -45,7 +46,6 @@ from broker.protocol import Code
 
 from .aio import AsyncClient
 from .httpguard import GuardedRunner, read_body
-from .request import broker_address
 from .errors import BrokerUnavailable, ClientError, RequestFailed, RequestTimeout
 from .openai_models import (ChatCompletionRequest, CompletionRequest, HttpError, ModelCard, ModelList,
                             parse_request, shown)
@@ -190,13 +190,16 @@ class Gateway:
 
     async def start(self) -> None:
         """Bind (port 0 picks a free port; ``self.port`` then holds the chosen one)."""
-        if self.broker.startswith("etcd://"):     # find the broker off the loop (blocking HTTP)
-            frontend = await asyncio.get_running_loop().run_in_executor(
-                None, broker_address, self.broker, self.cluster_name, self.discovery_timeout)
-            log.info("broker of cluster %r in etcd %s: %s", self.cluster_name, self.broker, frontend)
-        self.client = AsyncClient(self.broker, timeout=self.request_timeout, curve=self.curve,
-                                  liveness=self.broker_liveness, cluster_name=self.cluster_name,
-                                  discovery_timeout=self.discovery_timeout)
+        connect = functools.partial(AsyncClient, self.broker, timeout=self.request_timeout, curve=self.curve,
+                                    liveness=self.broker_liveness, cluster_name=self.cluster_name,
+                                    discovery_timeout=self.discovery_timeout)
+        if self.broker.startswith("etcd://"):
+            # the client finds the broker there as it is made (blocking HTTP, up to discovery_timeout
+            # s): in a thread, once; its zmq.asyncio socket takes this loop at its first use
+            self.client = await asyncio.get_running_loop().run_in_executor(None, connect)
+            log.info("broker of cluster %r in etcd %s: %s", self.cluster_name, self.broker, self.client.address)
+        else:
+            self.client = connect()
         self.runner = GuardedRunner(self.app(), handler_cancellation=True, access_log=None,
                                     read_timeout=self.read_timeout, max_connections=self.max_connections)
         await self.runner.setup()

@@ -4,6 +4,7 @@
 the tiny model (one context and one generation worker: the KV moves), and the pure parts alone."""
 import asyncio
 import json
+import time
 
 import aiohttp
 import pytest
@@ -349,3 +350,43 @@ def test_smollm2_announces_the_chatml_markers_its_template_writes():
     assert tok.chat_markers() == ("<|im_start|>", "<|im_end|>")
     tok.chat_template = None                  # a base model: nothing to template with
     assert tok.chat_markers() == ()
+
+
+# -- an etcd:// broker ----------------------------------------------------------------------------
+
+async def test_an_etcd_broker_is_looked_up_once_off_the_event_loop(monkeypatch):
+    """The gateway's client finds the broker in etcd (blocking HTTP, up to discovery_timeout):
+    once, in a thread, so the loop goes on meanwhile; none there is a clear BrokerUnavailable."""
+    import client.request
+    from client.errors import BrokerUnavailable
+    asked, found = [], ["tcp://127.0.0.1:9"]
+
+    def find_broker(uri, cluster, which, timeout):
+        asked.append((uri, cluster, which, timeout))
+        time.sleep(0.3)                  # etcd answering slowly: the loop must not wait on it
+        if not found:
+            raise LookupError(f"no broker of cluster {cluster!r} in etcd {uri} within {timeout:g} s")
+        return found[0]
+    monkeypatch.setattr(client.request, "find_broker", find_broker)
+
+    async def ticks(n):
+        for _ in range(n):
+            await asyncio.sleep(0.01)
+
+    for found_one in (True, False):
+        found[:] = ["tcp://127.0.0.1:9"] if found_one else []
+        asked.clear()
+        gw = Gateway("etcd://127.0.0.1:2379", port=0, cluster_name="c1", discovery_timeout=7)
+        ticker = asyncio.ensure_future(ticks(10))       # 0.1 s of ticks: done within the 0.3 s lookup
+        try:
+            if found_one:
+                await gw.start()
+                assert gw.client.address == "tcp://127.0.0.1:9"
+            else:
+                with pytest.raises(BrokerUnavailable, match="no broker of cluster 'c1' in etcd"):
+                    await gw.start()
+            assert ticker.done(), "the event loop waited on etcd"
+        finally:
+            ticker.cancel()
+            await gw.close()
+        assert asked == [("etcd://127.0.0.1:2379", "c1", "frontend", 7)]
