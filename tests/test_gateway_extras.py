@@ -203,7 +203,8 @@ async def test_an_x_request_id_in_flight_never_collides_at_the_broker(path, firs
         answers = await asyncio.gather(held, send("same", batch), send("same", batch))
     finally:
         await runner.cleanup()
-    assert [(s, shown) for s, shown, _ in answers] == [(200, "same-1"), (200, "same"), (200, "same")], (answers, client.ids)
+    assert [(s, shown) for s, shown, _ in answers] == [(200, "same-1"), (200, "same"), (200, "same")], \
+        (answers, client.ids)
     assert len(client.ids) == len(set(client.ids)) == 5, client.ids
     if path.startswith("/v1"):
         assert [json.loads(t)["id"] for _, _, t in answers] == ["cmpl-same-1", "cmpl-same", "cmpl-same"]
