@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.metadata
 import json
 import logging
@@ -45,7 +46,6 @@ from broker.protocol import Code
 
 from .aio import AsyncClient
 from .httpguard import GuardedRunner, read_body
-from .request import broker_address
 from .errors import BrokerUnavailable, ClientError, RequestFailed, RequestTimeout
 from .openai_models import (ChatCompletionRequest, CompletionRequest, HttpError, ModelCard, ModelList,
                             parse_request, shown)
@@ -70,7 +70,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
 # where the middleware leaves a request's id and arrival time (typed keys where aiohttp has them)
 _KEY = getattr(web, "RequestKey", lambda name, _type: name)
-RID, ARRIVAL = _KEY("request_id", str), _KEY("arrival", float)
+RID, ARRIVAL, HELD = _KEY("request_id", str), _KEY("arrival", float), _KEY("broker_ids", list)
 
 
 def error_response(e: HttpError) -> web.Response:
@@ -163,6 +163,7 @@ class Gateway:
         self.read_timeout, self.max_connections = read_timeout, max_connections
         self.broker_liveness = broker_liveness
         self.client: Optional[AsyncClient] = None
+        self._held: set = set()              # the broker ids of the requests in flight here (request_ids)
         self.runner: Optional[web.AppRunner] = None
         self.created = int(time.time())
 
@@ -189,13 +190,16 @@ class Gateway:
 
     async def start(self) -> None:
         """Bind (port 0 picks a free port; ``self.port`` then holds the chosen one)."""
-        if self.broker.startswith("etcd://"):     # find the broker off the loop (blocking HTTP)
-            frontend = await asyncio.get_running_loop().run_in_executor(
-                None, broker_address, self.broker, self.cluster_name, self.discovery_timeout)
-            log.info("broker of cluster %r in etcd %s: %s", self.cluster_name, self.broker, frontend)
-        self.client = AsyncClient(self.broker, timeout=self.request_timeout, curve=self.curve,
-                                  liveness=self.broker_liveness, cluster_name=self.cluster_name,
-                                  discovery_timeout=self.discovery_timeout)
+        connect = functools.partial(AsyncClient, self.broker, timeout=self.request_timeout, curve=self.curve,
+                                    liveness=self.broker_liveness, cluster_name=self.cluster_name,
+                                    discovery_timeout=self.discovery_timeout)
+        if self.broker.startswith("etcd://"):
+            # the client finds the broker there as it is made (blocking HTTP, up to discovery_timeout
+            # s): in a thread, once; its zmq.asyncio socket takes this loop at its first use
+            self.client = await asyncio.get_running_loop().run_in_executor(None, connect)
+            log.info("broker of cluster %r in etcd %s: %s", self.cluster_name, self.broker, self.client.address)
+        else:
+            self.client = connect()
         self.runner = GuardedRunner(self.app(), handler_cancellation=True, access_log=None,
                                     read_timeout=self.read_timeout, max_connections=self.max_connections)
         await self.runner.setup()
@@ -233,7 +237,10 @@ class Gateway:
             return error_response(HttpError(400, msg, REQUEST_ID_HEADER, "invalid_value"))
         request[RID] = given if given is not None else uuid.uuid4().hex
         request[ARRIVAL] = time.monotonic()       # for /perf_metrics
-        return await handler(request)
+        try:
+            return await handler(request)
+        finally:                                  # its broker ids (request_ids) are free again
+            self._held.difference_update(request.get(HELD, ()))
 
     @web.middleware
     async def _api_key(self, request: web.Request, handler) -> web.StreamResponse:
@@ -285,11 +292,23 @@ class Gateway:
                             None, "invalid_json")
         return body
 
-    def request_ids(self, request: web.Request, prefix: str) -> tuple[str, str]:
-        """(the id a response shows, the id its broker request gets): ``PREFIX-REQUEST_ID``, the
-        second with a random suffix while another request of the same id is in flight."""
+    def request_ids(self, request: web.Request, prefix: str, count: int = 1) -> tuple[str, list]:
+        """(the id a response shows, the ids of its ``count`` broker requests): ``PREFIX-REQUEST_ID``
+        and ``[PREFIX-REQUEST_ID]``, or for ``count`` > 1 (a Triton batch's rows, OpenAI's choices)
+        ``[PREFIX-REQUEST_ID-i ...]``. While any of those is held by another request here (the
+        same X-Request-Id again, or ``ID-1`` beside a batch of ``ID``), the broker ids get a
+        random suffix before their ``-i``; the id shown stays the client's. They are held until the
+        request's handler returns (``_request_id``)."""
         rid = f"{prefix}-{request[RID]}"
-        return rid, (rid if not self.client.in_flight(rid) else f"{rid}-{uuid.uuid4().hex[:12]}")
+
+        def ids(base: str) -> list:
+            return [base] if count == 1 else [f"{base}-{i}" for i in range(count)]
+        keys = ids(rid)
+        if not self._held.isdisjoint(keys):
+            keys = ids(f"{rid}-{uuid.uuid4().hex[:12]}")
+        self._held.update(keys)
+        request[HELD] = [*request.get(HELD, ()), *keys]
+        return rid, keys
 
     def record(self, request: web.Request, rid: str, submitted: float, c) -> None:
         """A finished request's timings (``c``: its ``client.request.Completion``, or None), for

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -30,7 +29,7 @@ log = logging.getLogger("gateway")
 class _Answer:
     """What every chunk or body of one answer shares."""
     rid: str                 # the id the answer shows
-    key: str                 # its broker request id (a choice's: KEY-i)
+    keys: list               # its choices' broker request ids
     obj: str
     created: int
     model: str
@@ -50,16 +49,13 @@ async def serve(gw, request: web.Request, prefix: str, obj: str, names: tuple, r
     """Answer an OpenAI (chat) completion ``req`` on ``gw`` (a ``Gateway``), with ``sampling``
     its ``AsyncClient`` arguments; ``names``: the model shown and the one sent to the broker."""
     model, route = names
-    rid, key = gw.request_ids(request, prefix)
+    n, runs = req.choices
+    rid, keys = gw.request_ids(request, prefix, runs)      # a choice's: KEY-i
     created, submitted = int(time.time()), time.monotonic()
     inputs, input_field = req.inputs(), "messages" if chat else "prompt"
-    n, runs = req.choices
     shown_logprobs = "logprobs" in sampling
     if runs > n and not shown_logprobs:
         sampling = dict(sampling, logprobs=0)        # best_of ranks the samples by them
-    if runs > 1 and gw.client.in_flight(f"{key}-0"):     # the same X-Request-Id, with n > 1, in flight
-        key = f"{key}-{uuid.uuid4().hex[:12]}"
-    keys = [key] if runs == 1 else [f"{key}-{i}" for i in range(runs)]
     calls = [{**inputs, **sampling, **({} if seed is None else {"seed": seed}), "model": route,
               "request_id": k, "timeout": gw.request_timeout}
              for k, seed in zip(keys, choice_seeds(sampling.get("seed"), runs))]
@@ -71,9 +67,9 @@ async def serve(gw, request: web.Request, prefix: str, obj: str, names: tuple, r
         for i, c in enumerate(done):
             gw.record(request, rid if runs == 1 else f"{rid}-{i}", submitted, c)
 
-    answer = _Answer(rid, key, obj, created, model, chat, echo, record)
+    answer = _Answer(rid, keys, obj, created, model, chat, echo, record)
     async with contextlib.AsyncExitStack() as held:
-        try:   # each submitted at once (nothing awaited between): its id is in flight for the next request
+        try:   # each submitted at once (nothing awaited between)
             streams = [await held.enter_async_context(gw.client.stream(**kw)) for kw in calls]
             if req.stream:
                 return await _stream(request, answer, req, streams, input_field)
@@ -142,7 +138,8 @@ async def _stream(request: web.Request, a: _Answer, req, streams: list, input_fi
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
     except (ConnectionError, RuntimeError) as e:   # the client went away: the streams cancel
-        log.info("client of %s disconnected mid-stream (%s); cancelling it", a.key, type(e).__name__)
+        log.info("client of %s disconnected mid-stream (%s); cancelling it", ", ".join(a.keys),
+                 type(e).__name__)
     finally:
         for t in pumps:
             t.cancel()

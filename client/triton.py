@@ -136,9 +136,10 @@ class TritonApi:
 
     # -- inference --------------------------------------------------------------------------------
 
-    def _rid(self, request: web.Request) -> str:
-        """The broker request id: ``triton-`` and the request's X-Request-Id (or a new id)."""
-        return self.gw.request_ids(request, "triton")[1]
+    def _rids(self, request: web.Request, rows: int = 1) -> list:
+        """The broker request ids of a request's ``rows``: ``triton-`` and its X-Request-Id (or a
+        new id), and ``-i`` for each row of a batch (``Gateway.request_ids``)."""
+        return self.gw.request_ids(request, "triton", rows)[1]
 
     async def _chat(self, route: Optional[str]) -> Optional[tuple]:
         """The chat markers of the model ``route`` runs on (the broker's default for None), for
@@ -175,7 +176,7 @@ class TritonApi:
         if req.stream:
             raise HttpError(400, "stream=true answers with several responses: use "
                                  f"/v2/models/{name}/generate_stream", "stream", "unsupported_value")
-        text, lps = await self._run(request, req, route, await self._chat(route), self._rid(request))
+        text, lps = await self._run(request, req, route, await self._chat(route), self._rids(request)[0])
         return web.json_response({"model_name": name, "model_version": VERSION, **req.outputs(text, lps)})
 
     @triton_errors
@@ -183,13 +184,13 @@ class TritonApi:
         name, route, req = await self._request(request)
         head = {"model_name": name, "model_version": VERSION}
         if not req.stream:      # as the BLS without `stream`: one response with the whole answer
-            text, lps = await self._run(request, req, route, await self._chat(route), self._rid(request))
+            text, lps = await self._run(request, req, route, await self._chat(route), self._rids(request)[0])
             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await resp.prepare(request)
             await resp.write(_event({**head, **req.outputs(text, lps)}))
             await resp.write_eof()
             return resp
-        rid, submitted = self._rid(request), time.monotonic()
+        rid, submitted = self._rids(request)[0], time.monotonic()
         stream = self.gw.client.stream(**req.inputs(await self._chat(route)), request_id=rid,
                                        timeout=self.gw.request_timeout, model=route, **req.sampling)
         async with stream:
@@ -225,9 +226,8 @@ class TritonApi:
                             "stream", "unsupported_value")
         wanted, binary = _requested_outputs(head)
         markers = await self._chat(route)
-        rid = self._rid(request)
-        answers = await gather_all(self._run(request, r, route, markers, rid if len(reqs) == 1 else f"{rid}-{i}")
-                                   for i, r in enumerate(reqs))      # one row failed: stop the others
+        answers = await gather_all(self._run(request, r, route, markers, rid)    # one row failed: stop the others
+                                   for r, rid in zip(reqs, self._rids(request, len(reqs))))
         reply = {"model_name": name, "model_version": VERSION}
         if isinstance(head.get("id"), str):
             reply["id"] = head["id"]

@@ -4,10 +4,12 @@
 the tiny model (one context and one generation worker: the KV moves), and the pure parts alone."""
 import asyncio
 import json
+import time
 
 import aiohttp
 import pytest
 import torch
+from aiohttp import web
 from multidict import CIMultiDict
 
 from broker import protocol as p
@@ -15,7 +17,10 @@ from broker.config import BrokerConfig, ConfigError, parse_disagg_config
 from broker.protocol import SamplingParams
 from broker.state import FRONT, BrokerState
 from client import Client
+from client.errors import RequestFailed
+from client.gateway import Gateway
 from client.perf_metrics import PerfMetrics
+from client.request import Chunk, Completion
 from client.triton_bls import bls_request, json_values
 from tests.test_broker_state import FakeClock, context_done, of, ready, submit
 from tests.test_gateway import dep, post, sse_events  # noqa: F401  (dep: the same deployment fixture)
@@ -104,6 +109,105 @@ async def test_a_bad_x_request_id_is_a_400_naming_the_header(dep, bad):
     status, _, text = await request(dep, "POST", "/v2/models/ensemble/generate",
                                     {"text_input": PROMPT, "max_tokens": 2}, {"X-Request-Id": "a b"})
     assert status == 400 and "X-Request-Id" in json.loads(text)["error"]     # Triton's error shape
+
+
+class HoldingClient:
+    """A stand-in for the gateway's ``AsyncClient`` that holds every request until ``total`` are
+    in flight at once, and refuses an id already in flight as the broker does."""
+
+    def __init__(self, total):
+        self.total, self.live, self.ids = total, set(), []
+        self.full = asyncio.Event()
+
+    def in_flight(self, rid):
+        return rid in self.live
+
+    def _take(self, rid):
+        if rid in self.live:
+            raise RequestFailed(p.Code.DUPLICATE_REQUEST, f"request id {rid!r} is already in flight")
+        self.live.add(rid)
+        self.ids.append(rid)
+        if len(self.live) == self.total:
+            self.full.set()
+
+    async def _hold(self):
+        await asyncio.wait_for(self.full.wait(), 10)
+
+    async def generate(self, *, request_id, **kw):             # Triton's rows
+        self._take(request_id)
+        try:
+            await self._hold()
+        finally:
+            self.live.discard(request_id)
+        return Completion(request_id, "ok", [1], "stop")
+
+    def stream(self, *, request_id, **kw):                      # OpenAI's choices
+        self._take(request_id)
+        return HeldStream(self, request_id)
+
+
+class HeldStream:
+    def __init__(self, client, rid):
+        self.client, self.rid, self.completion = client, rid, None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.client.live.discard(self.rid)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.completion is not None:
+            raise StopAsyncIteration
+        await self.client._hold()
+        self.completion = Completion(self.rid, "ok", [1], "stop")
+        return Chunk(self.rid, 0, [1], "ok")
+
+
+def infer_rows(n):
+    return {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [n, 1], "data": [PROMPT] * n},
+                       {"name": "max_tokens", "datatype": "INT32", "shape": [n, 1], "data": [[2]] * n}]}
+
+
+@pytest.mark.parametrize("path,first,batch", [
+    ("/v2/models/ensemble/generate", {"text_input": PROMPT, "max_tokens": 2}, infer_rows(2)),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 2}, {"prompt": PROMPT, "max_tokens": 2, "n": 2})])
+async def test_an_x_request_id_in_flight_never_collides_at_the_broker(path, first, batch):
+    """The same X-Request-Id while in flight (a Triton batch's rows and OpenAI's choices go to the
+    broker as ID-i; here ``same-1`` is one such id already in flight): every request runs, with
+    distinct broker ids, and every answer shows the id it was given."""
+    client = HoldingClient(total=5)
+    gw = Gateway("tcp://127.0.0.1:9", triton_chat_template="off")     # off: no look at the workers
+    gw.client = client
+    runner = web.AppRunner(gw.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    async def send(rid, body):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+            async with s.post(url + (path.replace("generate", "infer") if "inputs" in body else path),
+                              json=body, headers={"X-Request-Id": rid}) as r:
+                return r.status, r.headers["X-Request-Id"], await r.text()
+
+    try:
+        held = asyncio.ensure_future(send("same-1", first))
+        for _ in range(300):                 # until it is in flight
+            if client.live:
+                break
+            await asyncio.sleep(0.01)
+        answers = await asyncio.gather(held, send("same", batch), send("same", batch))
+    finally:
+        await runner.cleanup()
+    assert [(s, shown) for s, shown, _ in answers] == [(200, "same-1"), (200, "same"), (200, "same")], \
+        (answers, client.ids)
+    assert len(client.ids) == len(set(client.ids)) == 5, client.ids
+    if path.startswith("/v1"):
+        assert [json.loads(t)["id"] for _, _, t in answers] == ["cmpl-same-1", "cmpl-same", "cmpl-same"]
 
 
 # -- /perf_metrics and /version -------------------------------------------------------------------
@@ -247,3 +351,43 @@ def test_smollm2_announces_the_chatml_markers_its_template_writes():
     assert tok.chat_markers() == ("<|im_start|>", "<|im_end|>")
     tok.chat_template = None                  # a base model: nothing to template with
     assert tok.chat_markers() == ()
+
+
+# -- an etcd:// broker ----------------------------------------------------------------------------
+
+async def test_an_etcd_broker_is_looked_up_once_off_the_event_loop(monkeypatch):
+    """The gateway's client finds the broker in etcd (blocking HTTP, up to discovery_timeout):
+    once, in a thread, so the loop goes on meanwhile; none there is a clear BrokerUnavailable."""
+    import client.request
+    from client.errors import BrokerUnavailable
+    asked, found = [], ["tcp://127.0.0.1:9"]
+
+    def find_broker(uri, cluster, which, timeout):
+        asked.append((uri, cluster, which, timeout))
+        time.sleep(0.3)                  # etcd answering slowly: the loop must not wait on it
+        if not found:
+            raise LookupError(f"no broker of cluster {cluster!r} in etcd {uri} within {timeout:g} s")
+        return found[0]
+    monkeypatch.setattr(client.request, "find_broker", find_broker)
+
+    async def ticks(n):
+        for _ in range(n):
+            await asyncio.sleep(0.01)
+
+    for found_one in (True, False):
+        found[:] = ["tcp://127.0.0.1:9"] if found_one else []
+        asked.clear()
+        gw = Gateway("etcd://127.0.0.1:2379", port=0, cluster_name="c1", discovery_timeout=7)
+        ticker = asyncio.ensure_future(ticks(10))       # 0.1 s of ticks: done within the 0.3 s lookup
+        try:
+            if found_one:
+                await gw.start()
+                assert gw.client.address == "tcp://127.0.0.1:9"
+            else:
+                with pytest.raises(BrokerUnavailable, match="no broker of cluster 'c1' in etcd"):
+                    await gw.start()
+            assert ticker.done(), "the event loop waited on etcd"
+        finally:
+            ticker.cancel()
+            await gw.close()
+        assert asked == [("etcd://127.0.0.1:2379", "c1", "frontend", 7)]

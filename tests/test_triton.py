@@ -1,6 +1,7 @@
 """Triton's KServe v2 API on the gateway (client/triton.py): generate, generate_stream, infer
 (through tritonclient.http), health and metadata, the BLS model aliases, refusals of inputs the
 engine cannot honour, and the nv_trt_llm_* metric families; on real processes with the tiny model."""
+import asyncio
 import json
 import struct
 
@@ -8,6 +9,7 @@ import aiohttp
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from multidict import CIMultiDict
 from tritonclient.utils import InferenceServerException
 
 from client import Client
@@ -304,9 +306,6 @@ async def test_an_error_after_the_stream_started_is_one_error_event():
         def stream(self, **kw):
             return Stream()
 
-        def in_flight(self, request_id):
-            return False
-
     gw = Gateway("tcp://127.0.0.1:9", triton_chat_template="off")     # off: no look at the workers
     gw.client = FakeClient()
     runner = web.AppRunner(gw.app())
@@ -337,6 +336,21 @@ async def test_a_failing_row_fails_the_infer_batch_and_stops_the_others(dep):
         {"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": [PROMPT]},
         {"name": "max_tokens", "datatype": "INT32", "shape": [1, 2], "data": [[4, 5]]}]})
     assert status == 400 and "max_tokens" in json.loads(text)["error"], text
+
+
+async def test_two_batches_with_the_same_x_request_id_at_once_both_run(dep, want):
+    """Their rows go to the broker as triton-ID-i: the second batch's get a suffix there."""
+    body = {"inputs": [
+        {"name": "text_input", "datatype": "BYTES", "shape": [2, 1], "data": [PROMPT, PROMPT]},
+        {"name": "max_tokens", "datatype": "INT32", "shape": [2, 1], "data": [[8], [8]]}]}
+    both = await asyncio.gather(*(post(dep, "/v2/models/ensemble/infer", body,
+                                       headers={"Content-Type": "application/json", "X-Request-Id": "batch"})
+                                  for _ in range(2)))
+    for status, headers, text in both:
+        assert status == 200 and CIMultiDict(headers)["X-Request-Id"] == "batch", text   # names in any case
+        out = {o["name"]: o for o in json.loads(text)["outputs"]}["text_output"]
+        assert [t.endswith(want.text) for t in out["data"]] == [True, True], out
+    dep.wait_idle()
 
 
 @pytest.mark.parametrize("body,needle", [
