@@ -89,21 +89,27 @@ def test_a_row_is_bit_identical_alone_in_any_batch_and_across_thread_splits(monk
         torch.set_num_threads(threads)
 
 
-def test_splits_cover_the_batch_with_balanced_positions():
-    assert paged_kernel._splits([10, 10, 10, 10], 2) == [(0, 2), (2, 4)]
-    assert paged_kernel._splits([100, 1, 1, 1], 2) == [(0, 1), (1, 4)]
-    assert paged_kernel._splits([5], 4) == [(0, 1)]
-    spans = paged_kernel._splits(list(range(1, 40)), 3)
-    assert len(spans) == 3 and spans[0][0] == 0 and spans[-1][1] == 39
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-
-
 def test_pool_views_of_another_layout_are_refused():
     kv, q, tables, lengths = case(torch.float32)
     with pytest.raises(ValueError, match="must be contiguous"):
         paged_kernel.decode_attention(kernel(), q, kv.pool[:, 0, 0].transpose(1, 2),
                                       kv.pool[:, 0, 1].transpose(1, 2), tables,
                                       torch.tensor(lengths), lengths)
+
+
+def test_tables_the_kernel_would_read_outside_the_pool_with_are_refused():
+    kv, q, tables, lengths = case(torch.float32)
+    paged_kernel.check_tables(tables, lengths, kv.num_blocks, kv.block_size)
+    bad = tables.clone()
+    bad[2, 0] = kv.num_blocks
+    with pytest.raises(ValueError, match="outside the pool"):
+        paged_kernel.check_tables(bad, lengths, kv.num_blocks, kv.block_size)
+    bad[2, 0] = -1
+    with pytest.raises(ValueError, match="outside the pool"):
+        paged_kernel.check_tables(bad, lengths, kv.num_blocks, kv.block_size)
+    with pytest.raises(ValueError, match="lengths"):
+        paged_kernel.check_tables(tables, [*lengths[:-1], tables.shape[1] * kv.block_size + 1],
+                                  kv.num_blocks, kv.block_size)
 
 
 PROBE = """

@@ -12,8 +12,10 @@ all 30 SmolLM2 layers, 1 thread (``python -m bench.engine_attention``): 2.1x at 
 
 It is compiled on first use with the machine's C++ compiler (``$CXX``, else ``c++``;
 ``-O3 -march=native``) into ``$DSRV_KERNEL_CACHE`` (default ``~/.cache/dsrv/kernels``), keyed by
-the source, the flags, the compiler and the CPU, and loaded with ctypes, whose calls release the
-GIL: with more than one torch thread, large steps split their sequences across threads. Where it
+the source, the flags, the compiler and the CPU, and loaded with ctypes. With more than one torch
+thread, large steps split their sequences across torch's own OpenMP threads: the kernel's
+libgomp.so.1 is the one torch loaded (a second thread pool measured slower than one thread, its
+threads and torch's spinning for the same cores). Where it
 cannot be built (no compiler, another architecture) the runner keeps the copy path and says so
 once; ``DSRV_PAGED_KERNEL=0`` turns it off.
 """
@@ -28,7 +30,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,17 +38,15 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 BUILD_TIMEOUT_S = 300
 # Positions a step attends to in all, above which its sequences are split across torch's
-# threads (below it a thread hand-off costs more than it saves).
+# threads (below it waking them costs more than it saves).
 PARALLEL_POSITIONS = 2048
-CALL_TIMEOUT_S = 600      # a thread's share of one layer: never near it
 
 _lock = threading.Lock()
 _loaded: list = []        # [] not tried yet; [None] unavailable; [the C function]
-_pool: list = []          # [ThreadPoolExecutor, its size]
 
 
 def cache_dir() -> Path:
@@ -110,8 +109,8 @@ def kernel() -> Optional[Callable]:
                     fn = ctypes.CDLL(str(build())).dsrv_paged_decode
                     p, i = ctypes.c_void_p, ctypes.c_int64
                     fn.restype = ctypes.c_int
-                    fn.argtypes = [ctypes.c_int, p, p, p, p, i, p, i, p, i, i, i, i,
-                                   ctypes.c_float, i, i]
+                    fn.argtypes = [ctypes.c_int, p, p, p, p, i, p, i, p, i, i, i, i, i,
+                                   ctypes.c_float, ctypes.c_int]
                 except (RuntimeError, OSError, AttributeError) as e:
                     log.warning("paged decode kernel unavailable (%s): decode copies each "
                                 "sequence's history per layer instead", e)
@@ -120,27 +119,16 @@ def kernel() -> Optional[Callable]:
         return _loaded[0]
 
 
-def _threads(n: int) -> Optional[ThreadPoolExecutor]:
-    with _lock:
-        if not _pool or _pool[1] != n:
-            if _pool:
-                _pool[0].shutdown(wait=False)
-                _pool.clear()
-            _pool.extend([ThreadPoolExecutor(n - 1, thread_name_prefix="paged-attn"), n])
-        return _pool[0]
-
-
-def _splits(lengths: list[int], parts: int) -> list[tuple[int, int]]:
-    """``parts`` consecutive ranges of the batch with about equal positions each."""
-    total, bounds, acc, lo = sum(lengths), [], 0, 0
-    for i, length in enumerate(lengths):
-        acc += length
-        if acc * parts >= total * (len(bounds) + 1) and i + 1 < len(lengths):
-            bounds.append((lo, i + 1))
-            lo = i + 1
-            if len(bounds) == parts - 1:
-                break
-    return bounds + [(lo, len(lengths))]
+def check_tables(tables: torch.Tensor, lengths: list[int], num_blocks: int, block_size: int) -> None:
+    """The kernel reads raw memory: every block id of ``tables`` [B, n] must be a pool block and
+    every length fit its row, or a ValueError says which (once per step, not per layer)."""
+    if tables.dtype != torch.long or tables.dim() != 2 or tables.shape[0] != len(lengths):
+        raise ValueError(f"block tables {tuple(tables.shape)} {tables.dtype}: expected int64 "
+                         f"[{len(lengths)}, n]")
+    if tables.numel() and not 0 <= int(tables.min()) <= int(tables.max()) < num_blocks:
+        raise ValueError(f"block tables hold ids outside the pool's 0..{num_blocks - 1}")
+    if lengths and not 0 < min(lengths) <= max(lengths) <= tables.shape[1] * block_size:
+        raise ValueError(f"lengths {min(lengths)}..{max(lengths)}: expected 1..{tables.shape[1] * block_size}")
 
 
 def decode_attention(fn: Callable, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -148,8 +136,8 @@ def decode_attention(fn: Callable, q: torch.Tensor, k_pool: torch.Tensor, v_pool
                      ) -> torch.Tensor:
     """Attention of one decode step's queries ``q`` [B, heads, head_dim] over a layer's pool
     views ``k_pool``/``v_pool`` [num_blocks, block_size, kv_heads, head_dim] (each block's slice
-    contiguous) through ``tables`` [B, n] (int64) to ``lengths`` [B] (int64) positions; the
-    caller has checked every table covers its length. Returns [B, heads, head_dim] in q's dtype."""
+    contiguous) through ``tables`` [B, n] (int64) to ``lengths`` [B] (int64) positions, which
+    ``check_tables`` has passed. Returns [B, heads, head_dim] in q's dtype."""
     b, heads, dim = q.shape
     _, bs, kv_heads, _ = k_pool.shape
     if k_pool.stride()[1:] != (kv_heads * dim, dim, 1) or v_pool.stride() != k_pool.stride():
@@ -157,16 +145,9 @@ def decode_attention(fn: Callable, q: torch.Tensor, k_pool: torch.Tensor, v_pool
                          "each block's [block_size, kv_heads, head_dim] must be contiguous")
     qf = q.float().contiguous()
     out = torch.empty_like(qf)
-    args = (KINDS[k_pool.dtype], out.data_ptr(), qf.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(),
-            k_pool.stride(0), tables.data_ptr(), tables.shape[1], lengths.data_ptr(), kv_heads,
-            heads // kv_heads, dim, bs, dim ** -0.5)
-    threads = min(torch.get_num_threads(), b)
-    if threads > 1 and sum(lengths_list) >= PARALLEL_POSITIONS:
-        first, *rest = _splits(lengths_list, threads)
-        futures = [_threads(threads).submit(fn, *args, lo, hi) for lo, hi in rest]
-        codes = [fn(*args, *first)] + [f.result(timeout=CALL_TIMEOUT_S) for f in futures]
-    else:
-        codes = [fn(*args, 0, b)]
-    if any(codes):
+    threads = torch.get_num_threads() if sum(lengths_list) >= PARALLEL_POSITIONS else 1
+    if fn(KINDS[k_pool.dtype], out.data_ptr(), qf.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(),
+          k_pool.stride(0), tables.data_ptr(), tables.shape[1], lengths.data_ptr(), b, kv_heads,
+          heads // kv_heads, dim, bs, dim ** -0.5, threads):
         raise ValueError(f"paged decode kernel: pool dtype {k_pool.dtype} not supported")
     return out if q.dtype == torch.float32 else out.to(q.dtype)

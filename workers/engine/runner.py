@@ -162,6 +162,7 @@ class ModelRunner:
         kv_heads = self.cfg.num_kv_heads
         if self._kernel is not None:
             tables_t, _, _ = self._decode_group(block_tables, lengths, mask=False)
+            paged_kernel.check_tables(tables_t, lengths, self.kv.num_blocks, bs)
             lengths_t = torch.tensor(lengths, dtype=torch.long)
 
             def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
