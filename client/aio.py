@@ -212,6 +212,9 @@ class AsyncClient:
             if left <= 0 or rid not in self._queues:
                 raise error
             await self._follow(left)
+            left = deadline - time.monotonic()      # the lookup may have taken some of it
+            if left <= 0:
+                raise error
             try:
                 await self.ping(timeout=min(self._live.window, left))
                 break
@@ -313,12 +316,16 @@ class AsyncClient:
         ``FOLLOW_EVERY_S`` (client/follow.py); a caller finding one running waits for it, up to
         ``timeout`` s (it goes on under etcd's own call deadline)."""
         if self._etcd.start(time.monotonic()):
-            self._following = asyncio.get_running_loop().run_in_executor(None, self._etcd.lookup)
+            try:
+                self._following = asyncio.get_running_loop().run_in_executor(None, self._etcd.lookup)
+            except RuntimeError:          # the loop's executor is shut down: no lookup ran
+                self._etcd.end(time.monotonic(), None, self.address)
+                return
             self._following.add_done_callback(self._followed)    # runs before any waiter resumes
         if self._following is not None and not self._following.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self._following), timeout)
-            except asyncio.TimeoutError:
+            except Exception:          # its end is handled (and logged) by _followed
                 pass
 
     def _followed(self, lookup: asyncio.Future) -> None:

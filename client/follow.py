@@ -50,6 +50,9 @@ class Follow:
             return broker_address(self.etcd, self.cluster_name, 0.0)
         except ClientError:
             return None
+        except Exception as e:     # an answer of a shape discovery did not expect: keep our address
+            log.warning("etcd lookup of the broker failed: %r", e)
+            return None
 
     def end(self, now: float, found: Optional[str], current: str) -> Optional[str]:
         """The lookup ``start`` allowed found ``found``: the address to move to, if it moved."""

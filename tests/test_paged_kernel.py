@@ -58,8 +58,8 @@ def reference(kv, q, tables, lengths, layer):
 
 
 def attend(kv, q, tables, lengths, layer):
-    return paged_kernel.decode_attention(kernel(), q, kv.pool[:, layer, 0], kv.pool[:, layer, 1],
-                                         tables, torch.tensor(lengths, dtype=torch.long), lengths)
+    step = paged_kernel.Step(tables, lengths, kv.num_blocks, kv.block_size)
+    return paged_kernel.decode_attention(kernel(), q, kv.pool[:, layer, 0], kv.pool[:, layer, 1], step)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -89,27 +89,32 @@ def test_a_row_is_bit_identical_alone_in_any_batch_and_across_thread_splits(monk
         torch.set_num_threads(threads)
 
 
-def test_pool_views_of_another_layout_are_refused():
+def test_what_the_kernel_would_read_wrongly_is_refused():
+    """It reads raw memory: tables outside the pool, lengths past a row's blocks, queries or pools
+    that do not fit the step, and pool views of another layout are ValueErrors, never reads."""
     kv, q, tables, lengths = case(torch.float32)
-    with pytest.raises(ValueError, match="must be contiguous"):
-        paged_kernel.decode_attention(kernel(), q, kv.pool[:, 0, 0].transpose(1, 2),
-                                      kv.pool[:, 0, 1].transpose(1, 2), tables,
-                                      torch.tensor(lengths), lengths)
-
-
-def test_tables_the_kernel_would_read_outside_the_pool_with_are_refused():
-    kv, q, tables, lengths = case(torch.float32)
-    paged_kernel.check_tables(tables, lengths, kv.num_blocks, kv.block_size)
-    bad = tables.clone()
-    bad[2, 0] = kv.num_blocks
-    with pytest.raises(ValueError, match="outside the pool"):
-        paged_kernel.check_tables(bad, lengths, kv.num_blocks, kv.block_size)
-    bad[2, 0] = -1
-    with pytest.raises(ValueError, match="outside the pool"):
-        paged_kernel.check_tables(bad, lengths, kv.num_blocks, kv.block_size)
+    n, bs = kv.num_blocks, kv.block_size
+    step = paged_kernel.Step(tables, lengths, n, bs)
+    for bad_id in (n, -1):
+        bad = tables.clone()
+        bad[2, 0] = bad_id
+        with pytest.raises(ValueError, match="outside the pool"):
+            paged_kernel.Step(bad, lengths, n, bs)
     with pytest.raises(ValueError, match="lengths"):
-        paged_kernel.check_tables(tables, [*lengths[:-1], tables.shape[1] * kv.block_size + 1],
-                                  kv.num_blocks, kv.block_size)
+        paged_kernel.Step(tables, [*lengths[:-1], tables.shape[1] * bs + 1], n, bs)
+    with pytest.raises(ValueError, match="expected int64"):
+        paged_kernel.Step(tables.int(), lengths, n, bs)
+    k, v = kv.pool[:, 0, 0], kv.pool[:, 0, 1]
+    with pytest.raises(ValueError, match="do not fit"):             # one query short of the tables
+        paged_kernel.decode_attention(kernel(), q[:-1], k, v, step)
+    with pytest.raises(ValueError, match="do not fit"):             # a pool the step was not checked for
+        paged_kernel.decode_attention(kernel(), q, k[:-1], v[:-1], step)
+    with pytest.raises(ValueError, match="do not fit"):
+        paged_kernel.decode_attention(kernel(), q, k, v.to(torch.bfloat16), step)
+    nb, _, kvh, dim = k.shape
+    other = torch.zeros(nb, kvh, bs, dim).transpose(1, 2)         # the same shape, heads-major blocks
+    with pytest.raises(ValueError, match="must be contiguous"):
+        paged_kernel.decode_attention(kernel(), q, other, other, step)
 
 
 PROBE = """
@@ -158,3 +163,14 @@ def test_workers_building_at_once_each_load_a_whole_kernel(tmp_path):
     assert all("kernel True logits (1, 258)" in o for o, _ in outs)
     assert [f.name for f in tmp_path.iterdir()] == [next(tmp_path.iterdir()).name]
     assert next(tmp_path.iterdir()).name.startswith("paged_attention-")
+
+
+def test_a_cached_kernel_that_does_not_load_is_built_anew(tmp_path):
+    out, _ = probe(tmp_path)
+    assert "kernel True" in out
+    (built,) = tmp_path.iterdir()
+    assert built.stat().st_mode & 0o777 == 0o755       # loadable by every user of a shared cache
+    built.write_bytes(b"not a shared object")
+    out, err = probe(tmp_path)
+    assert "kernel True logits (1, 258)" in out, err
+    assert built.read_bytes()[:4] == b"\x7fELF"

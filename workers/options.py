@@ -37,7 +37,7 @@ class WorkerOptions:
     tokens_per_block: int = 16
     kv_max_tokens: Optional[int] = None   # kv_cache_config.max_tokens: KV pool size in tokens (16384)
     dtype: str = "auto"                # compute dtype: float32 on the CPU, bf16/fp16 on a GPU
-    quantization: str = "auto"         # fp16 weights on the CPU (workers/engine/precision.py)
+    quantization: str = "auto"         # CPU: int8 where 8-bit weights are exact, else fp16 (precision.py)
     device: str = "auto"               # cuda:0 where CUDA is present, else cpu
     kv_gpu_fraction: Optional[float] = None   # kv_cache_config.free_gpu_memory_fraction (GPU only)
     kv_dtype: str = "auto"             # kv_cache_config.dtype; auto: the model's compute dtype

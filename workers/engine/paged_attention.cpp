@@ -10,6 +10,7 @@
 // sequence's positions are read once each, for all its heads. Softmax is computed online one
 // block at a time (running maximum and sum per head), in float32 whatever the pool stores. Each
 // sequence is computed by one thread, whatever the split, so its row is the same in any batch.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

@@ -45,6 +45,8 @@ class Precision:
 
     def describe(self) -> str:
         quant = "" if self.quantization == "none" else f" {self.quantization} weights"
+        if self.quantization == "int8":     # 8-bit or 7-bit: a mixed cluster may hold both
+            quant += f" ({8 if weight_max() == 127 else 7}-bit)"
         return f"{self.dtype}{quant} on {self.device}"
 
 

@@ -27,6 +27,7 @@ which lose nothing measurable. Its activations stay float32, so its rows are bat
 """
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
 
@@ -34,6 +35,8 @@ import torch
 from torch import nn
 
 from .model import compiling
+
+log = logging.getLogger(__name__)
 
 # Input columns appended to pin the quantization range (fbgemm likes K a multiple of 4).
 _PIN = 4
@@ -59,20 +62,31 @@ _weight_max: list[int] = []
 def weight_max() -> int:
     """127 where fbgemm's int8 product of this CPU is exact at full-range 8-bit weights, else 63.
     Measured once per process: a worst-case row (every input at the top of its range, every
-    weight at 127) against the float product; a saturating kernel is off by about half."""
+    weight at 127) against the float product; a saturating kernel is off by far more."""
     if not _weight_max:
-        k = 64
-        q = torch.full((2, k + _PIN), 127, dtype=torch.int8)
-        q[:, k:] = 0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            packed = torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
-                q, torch.ones(2, dtype=torch.double), torch.zeros(2, dtype=torch.long), 0), None)
-        x = torch.ones(1, k + _PIN)
-        x[0, k + 1:] = torch.tensor([-1.0] + [0.0] * (_PIN - 2))
-        got = torch.ops.quantized.linear_dynamic(x, packed, False)[0, 0].item()
-        _weight_max.append(127 if abs(got - 127 * k) <= 0.02 * 127 * k else 63)
+        try:
+            _weight_max.append(_probe())
+        except (RuntimeError, ValueError) as e:      # an engine without these ops: be safe
+            log.warning("int8 kernel probe failed (%s): int8 weights get 7 bits", e)
+            _weight_max.append(63)
     return _weight_max[0]
+
+
+def _probe() -> int:
+    """fbgemm's result for a row of k inputs at +1 (pinned to [-1, 1], so quantized to the top
+    of the uint8 range) times weights of 127: 127 * k where exact; a kernel that saturates its
+    int16 pair sums returns about 64."""
+    k = 64
+    q = torch.full((2, k + _PIN), 127, dtype=torch.int8)
+    q[:, k:] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        packed = torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
+            q, torch.ones(2, dtype=torch.double), torch.zeros(2, dtype=torch.long), 0), None)
+    x = torch.ones(1, k + _PIN)
+    x[0, k + 1:] = torch.tensor([-1.0] + [0.0] * (_PIN - 2))
+    got = torch.ops.quantized.linear_dynamic(x, packed, False)[0, 0].item()
+    return 127 if abs(got - 127 * k) <= 0.02 * 127 * k else 63
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +138,9 @@ class Int8Linear(nn.Module):
                                f"which this torch build ({torch.__version__}) lacks; use "
                                "quantization: none")
         q, scales = weight if isinstance(weight, tuple) else quantize_rows(weight)
+        if isinstance(weight, tuple) and int(q.abs().max()) > weight_max():
+            raise ValueError(f"int8 weights up to {int(q.abs().max())}: this CPU's kernel takes at most "
+                             f"{weight_max()} (quant.weight_max); make them with quantize_rows")
         n, k = q.shape
         q = torch.cat([q, q.new_zeros(n, _PIN)], dim=1)
         with warnings.catch_warnings():   # quantized tensors are deprecated, the kernel is not

@@ -161,14 +161,13 @@ class ModelRunner:
         slots = pos % bs
         kv_heads = self.cfg.num_kv_heads
         if self._kernel is not None:
-            tables_t, _, _ = self._decode_group(block_tables, lengths, mask=False)
-            paged_kernel.check_tables(tables_t, lengths, self.kv.num_blocks, bs)
-            lengths_t = torch.tensor(lengths, dtype=torch.long)
+            step = paged_kernel.Step(self._decode_group(block_tables, lengths, mask=False)[0],
+                                     lengths, self.kv.num_blocks, bs)
 
             def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 self._write(layer, blocks, slots, k, v)
                 return paged_kernel.decode_attention(self._kernel, q, self.k_pools[layer], self.v_pools[layer],
-                                                     tables_t, lengths_t, lengths).reshape(b, -1)
+                                                     step).reshape(b, -1)
             return self._decode(tokens, pos, attend)
         groups = [self._decode_group(block_tables[lo:hi], lengths[lo:hi]) + (lo, hi)
                   for lo, hi in self._decode_groups(lengths)]
