@@ -163,6 +163,7 @@ class Gateway:
         self.read_timeout, self.max_connections = read_timeout, max_connections
         self.broker_liveness = broker_liveness
         self.client: Optional[AsyncClient] = None
+        self._making: Optional[asyncio.Future] = None    # the client being made in a thread (etcd://)
         self._held: set = set()              # the broker ids of the requests in flight here (request_ids)
         self.runner: Optional[web.AppRunner] = None
         self.created = int(time.time())
@@ -196,7 +197,9 @@ class Gateway:
         if self.broker.startswith("etcd://"):
             # the client finds the broker there as it is made (blocking HTTP, up to discovery_timeout
             # s): in a thread, once; its zmq.asyncio socket takes this loop at its first use
-            self.client = await asyncio.get_running_loop().run_in_executor(None, connect)
+            self._making = asyncio.get_running_loop().run_in_executor(None, connect)
+            # cancelled meanwhile, the client is still made: close() waits for it and closes it
+            self.client = await asyncio.shield(self._making)
             log.info("broker of cluster %r in etcd %s: %s", self.cluster_name, self.broker, self.client.address)
         else:
             self.client = connect()
@@ -218,6 +221,12 @@ class Gateway:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self.client is None and self._making is not None:    # start() cancelled mid-lookup
+            try:
+                self.client = await asyncio.wait_for(asyncio.shield(self._making), self.discovery_timeout + 5)
+            except Exception:        # no client was made (or none in time): nothing to close
+                pass
+        self._making = None
         if self.client is not None:
             await self.client.close()
             self.client = None

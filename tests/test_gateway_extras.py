@@ -391,3 +391,31 @@ async def test_an_etcd_broker_is_looked_up_once_off_the_event_loop(monkeypatch):
             ticker.cancel()
             await gw.close()
         assert asked == [("etcd://127.0.0.1:2379", "c1", "frontend", 7)]
+
+
+async def test_a_start_cancelled_during_the_etcd_lookup_leaves_no_client_open(monkeypatch):
+    """The client is made in a thread; a start() cancelled meanwhile (shutdown during a slow
+    lookup) must not leave the client that thread goes on to make open: close() closes it."""
+    import client.gateway
+    import client.request
+    made = []
+
+    class Recorded(client.gateway.AsyncClient):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    def find_broker(uri, cluster, which, timeout):
+        time.sleep(0.3)
+        return "tcp://127.0.0.1:9"
+    monkeypatch.setattr(client.request, "find_broker", find_broker)
+    monkeypatch.setattr(client.gateway, "AsyncClient", Recorded)
+    gw = Gateway("etcd://127.0.0.1:2379", port=0, cluster_name="c1", discovery_timeout=7)
+    starting = asyncio.ensure_future(gw.start())
+    await asyncio.sleep(0.05)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert not made                  # still looking up
+    await gw.close()
+    assert len(made) == 1 and made[0].closed and gw.client is None
