@@ -137,9 +137,11 @@ class TritonApi:
     # -- inference --------------------------------------------------------------------------------
 
     def _rids(self, request: web.Request, rows: int = 1) -> list:
-        """The broker request ids of a request's ``rows``: ``triton-`` and its X-Request-Id (or a
-        new id), and ``-i`` for each row of a batch (``Gateway.request_ids``)."""
-        return self.gw.request_ids(request, "triton", rows)[1]
+        """(the id /perf_metrics shows, the broker request id) of each of a request's ``rows``:
+        ``triton-`` and its X-Request-Id (or a new id), and ``-i`` for each row of a batch; the
+        broker's id has a suffix where another request holds the same (``Gateway.request_ids``)."""
+        shown, keys = self.gw.request_ids(request, "triton", rows)
+        return [(shown if rows == 1 else f"{shown}-{i}", key) for i, key in enumerate(keys)]
 
     async def _chat(self, route: Optional[str]) -> Optional[tuple]:
         """The chat markers of the model ``route`` runs on (the broker's default for None), for
@@ -154,16 +156,16 @@ class TritonApi:
         return () if mode == "on" else markers or None
 
     async def _run(self, request: web.Request, req: BlsRequest, route: Optional[str], markers: Optional[tuple],
-                   rid: str) -> tuple[str, list]:
+                   ids: tuple) -> tuple[str, list]:
         """One request to its end on model ``route`` through the gateway's client: (answer,
-        its tokens' log-probabilities)."""
+        its tokens' log-probabilities); ``ids``: (shown, broker) as ``_rids`` makes them."""
         submitted = time.monotonic()
         try:
-            c = await self.gw.client.generate(**req.inputs(markers), request_id=rid,
+            c = await self.gw.client.generate(**req.inputs(markers), request_id=ids[1],
                                               timeout=self.gw.request_timeout, model=route, **req.sampling)
         except ClientError as e:
             raise _failure(e) from None
-        self.gw.record(request, rid, submitted, c)
+        self.gw.record(request, ids[0], submitted, c)
         return c.text, token_log_probs(c)
 
     async def _request(self, request: web.Request) -> tuple[str, Optional[str], BlsRequest]:
@@ -190,7 +192,7 @@ class TritonApi:
             await resp.write(_event({**head, **req.outputs(text, lps)}))
             await resp.write_eof()
             return resp
-        rid, submitted = self._rids(request)[0], time.monotonic()
+        (shown, rid), submitted = self._rids(request)[0], time.monotonic()
         stream = self.gw.client.stream(**req.inputs(await self._chat(route)), request_id=rid,
                                        timeout=self.gw.request_timeout, model=route, **req.sampling)
         async with stream:
@@ -208,7 +210,7 @@ class TritonApi:
                         cum += sum(lps)
                 except ClientError as e:
                     await resp.write(_event({"error": _failure(e).message}))
-                self.gw.record(request, rid, submitted, stream.completion)
+                self.gw.record(request, shown, submitted, stream.completion)
                 await resp.write_eof()
             except (ConnectionError, RuntimeError) as e:   # the client went away: `async with` cancels
                 log.info("client of %s disconnected mid-stream (%s); cancelling it", rid, type(e).__name__)
@@ -226,8 +228,8 @@ class TritonApi:
                             "stream", "unsupported_value")
         wanted, binary = _requested_outputs(head)
         markers = await self._chat(route)
-        answers = await gather_all(self._run(request, r, route, markers, rid)    # one row failed: stop the others
-                                   for r, rid in zip(reqs, self._rids(request, len(reqs))))
+        answers = await gather_all(self._run(request, r, route, markers, ids)    # one row failed: stop the others
+                                   for r, ids in zip(reqs, self._rids(request, len(reqs))))
         reply = {"model_name": name, "model_version": VERSION}
         if isinstance(head.get("id"), str):
             reply["id"] = head["id"]

@@ -208,6 +208,10 @@ async def test_an_x_request_id_in_flight_never_collides_at_the_broker(path, firs
     assert len(client.ids) == len(set(client.ids)) == 5, client.ids
     if path.startswith("/v1"):
         assert [json.loads(t)["id"] for _, _, t in answers] == ["cmpl-same-1", "cmpl-same", "cmpl-same"]
+    # /perf_metrics shows the ids the client gave (a row's or choice's -i), never a broker suffix
+    shown = sorted(e["request_id"] for e in gw.perf.drain())
+    prefix = "triton" if "generate" in path else "cmpl"
+    assert shown == sorted([f"{prefix}-same-1"] + [f"{prefix}-same-{i}" for i in (0, 1) for _ in range(2)]), shown
 
 
 # -- /perf_metrics and /version -------------------------------------------------------------------
