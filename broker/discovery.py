@@ -92,16 +92,31 @@ class Etcd:
         self.endpoint, self.timeout = endpoint, timeout
 
     def call(self, path: str, body: dict) -> dict:
+        """etcd's JSON answer, or an EtcdError saying why there is none within ``timeout`` s in
+        all. urllib's own timeout bounds each socket operation but neither the name lookup of an
+        ``etcd://HOSTNAME`` nor an answer trickling in, so the call runs in a thread of its own
+        and is given up (that thread left to end on its own) at the deadline."""
         req = urllib.request.Request(f"http://{self.endpoint}/v3/{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                raw = r.read(MAX_ANSWER_BYTES + 1)
-        except urllib.error.HTTPError as e:
-            detail = e.read(4096).decode(errors="replace")
-            raise EtcdError(f"etcd {self.endpoint} /v3/{path}: HTTP {e.code}: {detail}") from None
-        except (OSError, ValueError) as e:      # refused, timed out, reset
-            raise EtcdError(f"etcd {self.endpoint} /v3/{path}: {e}") from None
+        got: list = []
+
+        def fetch() -> None:
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    got.append(r.read(MAX_ANSWER_BYTES + 1))
+            except urllib.error.HTTPError as e:
+                detail = e.read(4096).decode(errors="replace")
+                got.append(EtcdError(f"etcd {self.endpoint} /v3/{path}: HTTP {e.code}: {detail}"))
+            except (OSError, ValueError) as e:      # refused, timed out, reset, no such host
+                got.append(EtcdError(f"etcd {self.endpoint} /v3/{path}: {e}"))
+        caller = threading.Thread(target=fetch, name="etcd-call", daemon=True)
+        caller.start()
+        caller.join(self.timeout)
+        if not got:
+            raise EtcdError(f"etcd {self.endpoint} /v3/{path}: no answer within {self.timeout:g} s")
+        raw = got[0]
+        if isinstance(raw, EtcdError):
+            raise raw
         if len(raw) > MAX_ANSWER_BYTES:
             raise EtcdError(f"etcd {self.endpoint} /v3/{path}: answer over {MAX_ANSWER_BYTES} bytes")
         try:

@@ -407,3 +407,46 @@ def test_clients_and_the_gateway_find_the_broker_through_etcd_and_follow_a_resta
         wait(children, gateway_follows, "the gateway serving through the new broker", timeout=30)
     finally:
         sync.close()
+
+
+def test_an_etcd_call_keeps_its_deadline_through_a_slow_name_lookup_and_a_trickling_answer(monkeypatch):
+    """urllib's timeout bounds each socket operation, not a name lookup nor the whole answer:
+    the call gives up at its own deadline either way."""
+    import socket as socket_module
+
+    real = socket_module.getaddrinfo
+
+    def slow_lookup(host, *args, **kwargs):
+        if host == "slow-dns.test":
+            time.sleep(3)
+        return real(host, *args, **kwargs)
+    monkeypatch.setattr(socket_module, "getaddrinfo", slow_lookup)
+    start = time.monotonic()
+    with pytest.raises(EtcdError, match="no answer within 0.4 s"):
+        Etcd("slow-dns.test:2379", timeout=0.4).call("kv/range", {"key": "eA=="})
+    assert time.monotonic() - start < 1.5
+
+    server = socket_module.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    stop = threading.Event()
+
+    def trickle():          # an HTTP answer one byte at a time, each within urllib's timeout
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}":
+                if stop.wait(0.2):
+                    return
+                conn.sendall(bytes([byte]))
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(EtcdError, match="no answer within 0.6 s"):
+            Etcd(f"127.0.0.1:{server.getsockname()[1]}", timeout=0.6).call("kv/range", {})
+        assert time.monotonic() - start < 2.0
+    finally:
+        stop.set()
+        t.join(5)
+        server.close()
