@@ -19,6 +19,7 @@ torch, no zmq: workers import this before loading anything heavy.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import math
@@ -109,6 +110,8 @@ class Etcd:
                 got.append(EtcdError(f"etcd {self.endpoint} /v3/{path}: HTTP {e.code}: {detail}"))
             except (OSError, ValueError) as e:      # refused, timed out, reset, no such host
                 got.append(EtcdError(f"etcd {self.endpoint} /v3/{path}: {e}"))
+            except http.client.HTTPException as e:
+                got.append(EtcdError(f"etcd {self.endpoint} /v3/{path}: not an HTTP answer ({e!r})"))
         caller = threading.Thread(target=fetch, name="etcd-call", daemon=True)
         caller.start()
         caller.join(self.timeout)

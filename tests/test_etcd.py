@@ -414,6 +414,8 @@ def test_an_etcd_call_keeps_its_deadline_through_a_slow_name_lookup_and_a_trickl
     the call gives up at its own deadline either way."""
     import socket as socket_module
 
+    failed = []                                # whatever a given-up call's thread met afterwards
+    monkeypatch.setattr(threading, "excepthook", failed.append)
     real = socket_module.getaddrinfo
 
     def slow_lookup(host, *args, **kwargs):
@@ -450,3 +452,6 @@ def test_an_etcd_call_keeps_its_deadline_through_a_slow_name_lookup_and_a_trickl
         stop.set()
         t.join(5)
         server.close()
+    for left in [x for x in threading.enumerate() if x.name == "etcd-call"]:
+        left.join(5)                           # the given-up calls end on their own, quietly
+    assert not failed, [f.exc_value for f in failed]
