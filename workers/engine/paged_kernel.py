@@ -15,9 +15,9 @@ It is compiled on first use with the machine's C++ compiler (``$CXX``, else ``c+
 the source, the flags, the compiler and the CPU, and loaded with ctypes. With more than one torch
 thread, large steps split their sequences across torch's own OpenMP threads: the kernel's
 libgomp.so.1 is the one torch loaded (a second thread pool measured slower than one thread, its
-threads and torch's spinning for the same cores). Where it
-cannot be built (no compiler, another architecture) the runner keeps the copy path and says so
-once; ``DSRV_PAGED_KERNEL=0`` turns it off.
+threads and torch's spinning for the same cores). Where it cannot be built (no compiler,
+another architecture) the runner keeps the copy path and says so once; ``DSRV_PAGED_KERNEL=0``
+turns it off.
 """
 from __future__ import annotations
 
@@ -111,11 +111,6 @@ def _load(path: Path) -> Callable:
     return fn
 
 
-def _unavailable(e: Exception) -> None:
-    log.warning("paged decode kernel unavailable (%s): decode copies each sequence's history per "
-                "layer instead", e)
-
-
 def kernel() -> Optional[Callable]:
     """The loaded C function, or None (logged once, with the reason) where it is turned off or
     cannot be built."""
@@ -127,14 +122,13 @@ def kernel() -> Optional[Callable]:
                          "sequence's history per layer")
             else:
                 try:
-                    fn = _load(build())
-                except OSError:       # a cached file this process cannot load: build it anew
                     try:
+                        fn = _load(build())
+                    except OSError:       # a cached file this process cannot load: build it anew
                         fn = _load(build(rebuild=True))
-                    except (RuntimeError, OSError, AttributeError) as e:
-                        fn = _unavailable(e)
-                except (RuntimeError, AttributeError) as e:
-                    fn = _unavailable(e)
+                except (RuntimeError, OSError, AttributeError) as e:
+                    log.warning("paged decode kernel unavailable (%s): decode copies each "
+                                "sequence's history per layer instead", e)
             _loaded.append(fn)
         return _loaded[0]
 

@@ -27,6 +27,7 @@ which lose nothing measurable. Its activations stay float32, so its rows are bat
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import warnings
@@ -56,37 +57,33 @@ def int8_available() -> bool:
 # SmolLM2's int8 perplexity over float32 on the shipped text (``python -m bench.perplexity``):
 # 1.5 % with 8-bit weights, 2.9 % with 7-bit ones (and 7-bit activations with 8-bit weights
 # measured 4 % worse than 7-bit weights).
-_weight_max: list[int] = []
 
 
+@functools.cache
 def weight_max() -> int:
     """127 where fbgemm's int8 product of this CPU is exact at full-range 8-bit weights, else 63.
-    Measured once per process: a worst-case row (every input at the top of its range, every
-    weight at 127) against the float product; a saturating kernel is off by far more."""
-    if not _weight_max:
-        try:
-            _weight_max.append(_probe())
-        except (RuntimeError, ValueError) as e:      # an engine without these ops: be safe
-            log.warning("int8 kernel probe failed (%s): int8 weights get 7 bits", e)
-            _weight_max.append(63)
-    return _weight_max[0]
-
-
-def _probe() -> int:
-    """fbgemm's result for a row of k inputs at +1 (pinned to [-1, 1], so quantized to the top
-    of the uint8 range) times weights of 127: 127 * k where exact; a kernel that saturates its
-    int16 pair sums returns about 64."""
+    Measured once per process: inputs at the top of their range times weights of 127 should give
+    127 per input; a kernel that saturates its int16 pair sums returns about 1 per input."""
     k = 64
-    q = torch.full((2, k + _PIN), 127, dtype=torch.int8)
-    q[:, k:] = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        packed = torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
-            q, torch.ones(2, dtype=torch.double), torch.zeros(2, dtype=torch.long), 0), None)
-    x = torch.ones(1, k + _PIN)
-    x[0, k + 1:] = torch.tensor([-1.0] + [0.0] * (_PIN - 2))
-    got = torch.ops.quantized.linear_dynamic(x, packed, False)[0, 0].item()
+    try:
+        packed = _pack(torch.full((2, k), 127, dtype=torch.int8), torch.ones(2))
+        pinned = torch.cat([torch.ones(1, k), _PINS], dim=1)
+        got = torch.ops.quantized.linear_dynamic(pinned, packed, False)[0, 0].item()
+    except (RuntimeError, ValueError) as e:      # an engine without these ops: be safe
+        log.warning("int8 kernel probe failed (%s): int8 weights get 7 bits", e)
+        return 63
     return 127 if abs(got - 127 * k) <= 0.02 * 127 * k else 63
+
+
+def _pack(q: torch.Tensor, scales: torch.Tensor):
+    """fbgemm's packed form of int8 weights ``q`` [N, K] with per-row ``scales`` [N], with
+    ``_PIN`` zero columns for the pinned inputs."""
+    n = q.shape[0]
+    q = torch.cat([q, q.new_zeros(n, _PIN)], dim=1)
+    with warnings.catch_warnings():   # quantized tensors are deprecated, the kernel is not
+        warnings.simplefilter("ignore")
+        return torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
+            q, scales.double(), torch.zeros(n, dtype=torch.long), 0), None)
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,12 +139,7 @@ class Int8Linear(nn.Module):
             raise ValueError(f"int8 weights up to {int(q.abs().max())}: this CPU's kernel takes at most "
                              f"{weight_max()} (quant.weight_max); make them with quantize_rows")
         n, k = q.shape
-        q = torch.cat([q, q.new_zeros(n, _PIN)], dim=1)
-        with warnings.catch_warnings():   # quantized tensors are deprecated, the kernel is not
-            warnings.simplefilter("ignore")
-            qweight = torch._make_per_channel_quantized_tensor(
-                q, scales.double(), torch.zeros(n, dtype=torch.long), 0)
-            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self._packed = _pack(q, scales)
         self.in_features, self.out_features = k, n
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
                                                            requires_grad=False)
