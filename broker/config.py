@@ -234,10 +234,11 @@ def engine_notices(opts: BaseModel) -> list:
     return out
 
 
-ROUTERS = ("round_robin", "load_balancing", "kv_cache_aware")    # TensorRT-LLM's names
+# TensorRT-LLM's router names, each with the options it reads
+ROUTER_OPTIONS = {"round_robin": (), "load_balancing": ("use_tokens",), "kv_cache_aware": ("max_batch_size",)}
+ROUTERS = tuple(ROUTER_OPTIONS)
 # with no router section (why: docs/architecture.md §2, Routing; README, Benchmarks)
 DEFAULT_ROUTERS = {"context_servers": "kv_cache_aware", "generation_servers": "load_balancing"}
-ROUTER_OPTIONS = {"round_robin": (), "load_balancing": ("use_tokens",), "kv_cache_aware": ("max_batch_size",)}
 ROUTER_NOT_SUPPORTED = {   # options TensorRT-LLM's routers read that ours need not
     "tokens_per_block": "the broker hashes a prompt with the block size each worker announces",
     "custom_tokenizer": "the broker never tokenizes (docs/architecture.md §2, Routing)"}
@@ -248,7 +249,7 @@ class RouterSchema(BaseModel):
     ``load_balancing`` (fewest active requests, or prompt tokens with ``use_tokens``) or
     ``kv_cache_aware`` (longest cached prefix against load, ``max_batch_size`` scaling the load)."""
     model_config = ConfigDict(extra="allow", strict=True)    # router options differ by type
-    type: Literal["round_robin", "load_balancing", "kv_cache_aware"] = "round_robin"
+    type: Literal[ROUTERS] = "round_robin"
     use_tokens: StrictBool = False
     max_batch_size: Optional[typing.Annotated[int, Field(ge=1, le=MAX_INT)]] = None
     tokens_per_block: Optional[typing.Annotated[int, Field(ge=1, le=MAX_INT)]] = None
@@ -257,7 +258,7 @@ class RouterSchema(BaseModel):
 @dataclass(frozen=True)
 class RouterSettings:
     """A role's worker selection (``broker/routers.py``)."""
-    type: str = "kv_cache_aware"
+    type: str = DEFAULT_ROUTERS["context_servers"]
     use_tokens: bool = False                  # load_balancing: load is prompt tokens in flight
     max_batch_size: Optional[int] = None      # kv_cache_aware: requests that make a worker "full"
                                               # (None: each worker's own max_batch_size, its slots)

@@ -260,17 +260,23 @@ def find_broker(uri: str, cluster_name: str = "default", which: str = "frontend"
     etcd, key = Etcd(target), broker_key(cluster_name)
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            value, error = etcd.get_json(key), ""
-        except EtcdError as e:
-            value, error = None, f": {e}"
-        address = value.get(which) if value else None
-        if isinstance(address, str) and address.startswith("tcp://"):
+        address, error = _published(etcd, key, which)
+        if address is not None:
             return address
         if time.monotonic() >= deadline:
             raise LookupError(f"no broker registered in etcd {target} under {key} (cluster {cluster_name!r})"
-                              + (f" after {timeout:g} s" if timeout > 0 else "") + error)
+                              + (f" after {timeout:g} s" if timeout > 0 else "") + (f": {error}" if error else ""))
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+
+def _published(etcd: Etcd, key: str, which: str) -> tuple[Optional[str], Optional[str]]:
+    """(the ``which`` tcp:// address the broker's ``key`` names, or None; etcd's error, or None)."""
+    try:
+        value = etcd.get_json(key)
+    except EtcdError as e:
+        return None, str(e)
+    address = value.get(which) if value else None
+    return (address if isinstance(address, str) and address.startswith("tcp://") else None), None
 
 
 class WorkerLink:
@@ -290,14 +296,8 @@ class WorkerLink:
                                  on_tick=self._read)
 
     def _read(self) -> None:
-        try:
-            value = self.etcd.get_json(self._key)
-        except EtcdError as e:
-            self.error = str(e)
-            return          # keep the address we have: the broker may well be fine
-        self.error = None
-        backend = value.get("backend") if value else None
-        if isinstance(backend, str) and backend.startswith("tcp://") and backend != self.address:
+        backend, self.error = _published(self.etcd, self._key, "backend")
+        if backend is not None and backend != self.address:   # on an error: keep the address we have
             log.info("broker of cluster %r in etcd: %s", self.settings.cluster_name, backend)
             self.address = backend
 

@@ -17,7 +17,8 @@ import logging
 from typing import Callable, Optional
 
 from broker import protocol as p
-from broker.kv_keys import MAX_REQUEST_KEYS, TEXT_CHUNK, packed_block_hashes, prompt_text, text_keys
+from broker.kv_keys import (MAX_REQUEST_KEYS, TEXT_CHUNK, chat_chars, packed_block_hashes, prompt_text,
+                            text_keys)
 from broker.ratelog import RateLimitedLog
 from broker.records import Request, Worker
 
@@ -95,7 +96,7 @@ class KvIndex:
             return None
         if s.prompt is not None:
             return len(s.prompt)
-        return sum(len(m.get("role", "")) + len(m.get("content", "")) + 2 for m in s.messages)
+        return chat_chars(s.messages)
 
     def prompt_tokens(self, req: Request) -> int:
         """The request's prompt length in tokens: exact for token ids, else estimated."""

@@ -56,6 +56,11 @@ def chat_text(messages: Sequence[dict]) -> str:
     return "".join(f"{m.get('role', '')}\x1f{m.get('content', '')}\x1e" for m in messages)
 
 
+def chat_chars(messages: Sequence[dict]) -> int:
+    """``len(chat_text(messages))`` without building the string (the routers count it per pick)."""
+    return sum(len(m.get("role", "")) + len(m.get("content", "")) + 2 for m in messages)
+
+
 def prompt_text(prompt: Optional[str], messages: Optional[Sequence[dict]]) -> Optional[tuple]:
     """``(text, chat)`` of a request sent as text or as messages; None for token ids."""
     if prompt is not None:

@@ -91,9 +91,10 @@ class BrokerState:
                 stats["prometheus"] = self.metrics.render()
             out.append(Out(FRONT, identity, p.Pong(msg.nonce, stats)))
         elif isinstance(msg, p.DrainWorker):     # `worker drain --worker-id`: answered with a Pong
-            n = sum(self._drain(w, out, "asked by a client") for w in self.workers.values()
-                    if w.worker_id == msg.worker_id)
-            out.append(Out(FRONT, identity, p.Pong(msg.nonce, {"worker_id": msg.worker_id, "draining": n})))
+            named = [w for w in self.workers.values() if w.worker_id == msg.worker_id]
+            for w in named:
+                self._drain(w, out, "asked by a client")
+            out.append(Out(FRONT, identity, p.Pong(msg.nonce, {"worker_id": msg.worker_id, "draining": len(named)})))
         else:
             out.append(Out(FRONT, identity, p.Error("", p.Code.PROTOCOL,
                                                     f"{type(msg).__name__} is not a client command")))
@@ -185,14 +186,13 @@ class BrokerState:
         if msg.draining:
             self._drain(w, out, "it is shutting down")
 
-    def _drain(self, w: Worker, out: list[Out], why: str) -> bool:
+    def _drain(self, w: Worker, out: list[Out], why: str) -> None:
         """No more work for ``w`` (no credits now); its Drain follows the last work sent to it."""
         if not w.draining:
             w.draining = True
             log.info("worker %s (%s, pid %d) draining (%s): %d running, %d KV leases", w.worker_id,
                      w.role, w.pid, why, len(w.inflight), len(w.leases))
         out.append(Out(BACK, w.identity, p.Drain(why)))
-        return True
 
     def _on_disconnect(self, w: Worker, msg: p.Disconnect, out: list[Out]) -> None:
         self._expire(w, out, f"disconnected ({msg.reason})" if msg.reason else "disconnected")

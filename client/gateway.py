@@ -338,9 +338,10 @@ class Gateway:
         none, runs on the broker's default model (broker/pool.py); any other name is a 404."""
         if name is None:
             return (self.models[0] if self.models else "default"), None
-        if name not in self.known_models or (name not in self.worker_models
-                                             and time.monotonic() - self._served_at > 1.0):
-            await self._served()     # a new name, or a configured one a worker may announce by now
+        if name not in self.known_models:
+            await self._served()     # a new name
+        elif name not in self.worker_models:
+            await self.served_if_stale()     # a configured one a worker may announce by now
         if name in self.worker_models:
             return name, name
         if name not in self.known_models:
@@ -348,6 +349,12 @@ class Gateway:
         return name, None
 
     # -- routes -----------------------------------------------------------------------------------
+
+    async def served_if_stale(self, max_age: float = 1.0) -> None:
+        """Look at the workers again (``_served``) if the last look is older than ``max_age`` s:
+        workers, their models and the default may have changed since."""
+        if time.monotonic() - self._served_at > max_age:
+            await self._served()
 
     async def _served(self) -> list:
         """The configured models, then those of the registered workers, in order (remembered)."""

@@ -148,12 +148,10 @@ class TritonApi:
         ``BlsRequest.inputs``: None when text_input goes as it is (``--triton-chat-template``
         off, or auto and the model ships no template), () when always templated (on)."""
         mode = self.gw.triton_chat_template
-        if mode == "off":
-            return None
-        if time.monotonic() - self.gw._served_at > 1.0:     # workers (and the default) may change
-            await self.gw._served()
-        markers = self.gw.chat_markers.get(route or self.gw.default_model, ())
-        return () if mode == "on" else markers or None
+        if mode != "auto":
+            return None if mode == "off" else ()
+        await self.gw.served_if_stale()
+        return self.gw.chat_markers.get(route or self.gw.default_model) or None
 
     async def _run(self, request: web.Request, req: BlsRequest, route: Optional[str], markers: Optional[tuple],
                    ids: tuple) -> tuple[str, list]:

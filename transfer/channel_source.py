@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 import zmq
 
-from broker.addresses import advertised
+from broker.addresses import advertised, join
 from broker.ratelog import RateLimitedLog
 
 from .base import (KvLayout, KvSource, Registration, Registrations, TransferError, make_handle,
@@ -89,9 +89,9 @@ class ChannelSource(KvSource, SourceLink):
         self._curve = curve.start(self._ctx) if curve is not None else None
         self._ipv6 = ":" in host
         self._router = self._make_router()
-        self._router.bind(f"tcp://[{host}]:*" if self._ipv6 else f"tcp://{host}:*")
-        self._bound = self.bound = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.endpoint = advertised(self._bound, advertise)
+        self._router.bind(join("tcp", host, "*"))
+        self.bound = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = advertised(self.bound, advertise)
         self.curve_key = curve.pair.public.decode() if curve is not None else ""
         self._regs = Registrations(layout, self._pool.shape[0], self._timeout_s, _Registration)
         self._lock = self._regs.lock
@@ -180,7 +180,7 @@ class ChannelSource(KvSource, SourceLink):
         while True:
             fresh = self._make_router()
             try:
-                fresh.bind(self._bound)
+                fresh.bind(self.bound)
                 break
             except zmq.ZMQError as exc:          # the old listener closes asynchronously
                 fresh.close(linger=0)
