@@ -122,8 +122,8 @@ def test_a_kv_source_bound_to_every_interface_advertises_the_given_host():
     src = create_source(CacheTransceiverConfig(backend="ZMQ"), fill_pool(lay, 4, 1), lay,
                         host="0.0.0.0", advertise="10.0.0.2")
     try:
-        port = src._bound.rsplit(":", 1)[1]
-        assert src._bound.startswith("tcp://0.0.0.0:") and src.endpoint == f"tcp://10.0.0.2:{port}"
+        port = src.bound.rsplit(":", 1)[1]
+        assert src.bound.startswith("tcp://0.0.0.0:") and src.endpoint == f"tcp://10.0.0.2:{port}"
         assert src.register("t", [0], 4)["endpoint"] == src.endpoint
     finally:
         src.close()
